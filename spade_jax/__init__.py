@@ -24,8 +24,8 @@ _EXPORTS = {
     "BACKBONES": "spade_jax.backbones",
     "Backbone": "spade_jax.backbones",
     "load_backbone": "spade_jax.backbones",
-    "preprocess": "spade_jax.preprocess",
-    "preprocess_masks": "spade_jax.preprocess",
+    "preprocess": "spade_jax.preprocessing",
+    "preprocess_masks": "spade_jax.preprocessing",
     # Distance kernels and nearest-neighbour search.
     "Metric": "spade_jax.distances",
     "METRICS": "spade_jax.distances",
@@ -72,6 +72,6 @@ if TYPE_CHECKING:  # Static type checkers see the real imports.
   from spade_jax.detector import Spade, SpadeConfig, SpadeIndex, load_index, save_index
   from spade_jax.distances import METRICS, Metric, register_metric
   from spade_jax.neighbors import knn
-  from spade_jax.preprocess import preprocess, preprocess_masks
+  from spade_jax.preprocessing import preprocess, preprocess_masks
   from spade_jax.scoring import image_scores, pixel_scores
   from spade_jax.sharding import ShardedGallery, shard_gallery

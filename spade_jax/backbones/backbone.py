@@ -58,7 +58,7 @@ class Backbone:
     """Validated, jit-compiled forward pass.
 
     Args:
-      images: [N, H, W, 3] float32, normalized (see spade_jax.preprocess).
+      images: [N, H, W, 3] float32, normalized (see spade_jax.preprocessing).
       features: optional subset of `self.features` to return.
 
     Returns:
@@ -73,7 +73,7 @@ class Backbone:
     if shape[-1] != 3:
       raise ValueError(f"images must have 3 channels last (NHWC), got shape {tuple(shape)}")
     if np.dtype(dtype) != np.float32:
-      raise ValueError(f"images must be float32 (use spade_jax.preprocess), got {dtype}")
+      raise ValueError(f"images must be float32 (use spade_jax.preprocessing), got {dtype}")
     if min(shape[:3]) < 1:
       raise ValueError(f"images must be non-empty, got shape {tuple(shape)}")
     if features is not None:

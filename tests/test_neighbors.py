@@ -1,0 +1,245 @@
+"""knn vs a brute-force float64 NumPy reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import spade_jax
+from spade_jax import neighbors
+
+# Tolerance: the returned distances are recomputed directly (sum of squared
+# differences in float32) from float32 inputs, so their relative error is a few
+# float32 ulps times sqrt(D) (pairwise summation), far below 1e-5 for D <= 64. The
+# matmul proxy only chooses *which* neighbours; it is accurate to ~eps * (|q|^2 + |g|^2),
+# so neighbours whose reference distances are closer than GAP may legitimately swap:
+# indices are compared exactly only where the reference has no such near-tie.
+RTOL, ATOL = 1e-5, 1e-6
+GAP = 1e-4
+
+
+def _ref_dist(q, g, metric):
+  q = np.asarray(q, np.float64)
+  g = np.asarray(g, np.float64)
+  if metric == "cosine":
+    qn = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-300)
+    gn = g / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-300)
+    return 0.5 * ((qn[:, None, :] - gn[None, :, :]) ** 2).sum(-1)
+  sq = ((q[:, None, :] - g[None, :, :]) ** 2).sum(-1)
+  return np.sqrt(sq) if metric == "l2" else sq
+
+
+def _ref_knn(q, g, k, metric):
+  """Brute force: sort by (distance, index)."""
+  d = _ref_dist(q, g, metric)
+  cols = np.broadcast_to(np.arange(g.shape[0]), d.shape)
+  order = np.lexsort((cols, d), axis=1)[:, :k]
+  return np.take_along_axis(d, order, 1), order, d
+
+
+def _check(q, g, k, metric, chunk_size=None, exact_ties=False, query_block=None):
+  dist, idx = spade_jax.knn(q, g, k, metric, chunk_size=chunk_size, query_block=query_block)
+  dist, idx = np.asarray(dist), np.asarray(idx)
+  ref_d, ref_i, full = _ref_knn(q, g, k, metric)
+  assert dist.shape == idx.shape == (q.shape[0], k)
+  assert dist.dtype == np.float32 and idx.dtype == np.int32
+  # The k smallest distances, ascending, and the returned indices really are at
+  # those distances.
+  np.testing.assert_allclose(dist, ref_d, rtol=RTOL, atol=ATOL)
+  np.testing.assert_allclose(np.take_along_axis(full, idx, 1), ref_d, rtol=RTOL, atol=ATOL)
+  assert (np.diff(dist, axis=1) >= 0).all()
+  for row in idx:
+    assert len(set(row.tolist())) == k
+  if exact_ties:
+    np.testing.assert_array_equal(idx, ref_i)
+    return
+  # Indices must match wherever the reference distance is separated from every other
+  # gallery distance of that row by more than GAP (relative).
+  srt = np.sort(full, axis=1)
+  for r in range(q.shape[0]):
+    for j in range(k):
+      others = np.delete(srt[r], j)
+      if np.all(np.abs(others - srt[r, j]) > GAP * max(1.0, srt[r, j])):
+        assert idx[r, j] == ref_i[r, j], (r, j)
+
+
+@pytest.mark.parametrize("q_rows,m_rows,dim,k,chunk,metric", [
+    (5, 37, 8, 1, 10, "l2"),            # k = 1 fast path, tail of 7.
+    (5, 37, 8, 1, 10, "cosine"),
+    (5, 37, 8, 3, 10, "l2"),            # k > 1, chunk 10: whole-block top_k.
+    (5, 37, 8, 3, 10, "sqeuclidean"),
+    (4, 37, 8, 37, 10, "l2"),           # k = M > chunk.
+    (4, 37, 8, 37, 10, "cosine"),
+    (3, 20, 1, 4, 6, "l2"),             # D = 1.
+    (3, 20, 1, 1, 6, "sqeuclidean"),
+    (6, 50, 16, 12, 7, "l2"),           # tail of 1.
+    (6, 150, 4, 3, 64, "l2"),           # Grouped selection (groups of 32), tail 22.
+    (6, 150, 4, 1, 64, "cosine"),
+    (3, 100, 4, 40, 48, "sqeuclidean"), # k > number of groups (48 = 3 groups of 16).
+    (9, 96, 3, 7, 96, "l2"),            # One chunk, 3 groups of 32, k > groups.
+    (1, 1, 3, 1, None, "l2"),           # single gallery row.
+    (7, 64, 5, 8, 64, "cosine"),        # one chunk.
+    (2, 9, 4, 9, 1, "l2"),              # chunk of one row.
+])
+def test_knn_fixed_shapes(q_rows, m_rows, dim, k, chunk, metric):
+  rng = np.random.default_rng(q_rows * 1000 + m_rows)
+  q = rng.standard_normal((q_rows, dim)).astype(np.float32)
+  g = rng.standard_normal((m_rows, dim)).astype(np.float32)
+  _check(q, g, k, metric, chunk)
+
+
+@pytest.mark.parametrize("k,chunk,metric", [
+    (1, 4, "l2"), (2, 3, "l2"), (5, 16, "sqeuclidean"), (11, 4, "l2"), (1, 16, "sqeuclidean"),
+    (1, 32, "l2"), (4, 32, "l2"), (9, 64, "sqeuclidean")])
+def test_knn_ties_lower_index_wins(k, chunk, metric):
+  # Small integers: every proxy and distance is exact in float32, so ties are real
+  # ties and the order must be exactly (distance, index), across chunk borders and
+  # column groups too.
+  rng = np.random.default_rng(k * 10 + chunk)
+  g = rng.integers(-2, 3, size=(101, 3)).astype(np.float32)
+  g[[10, 21, 40, 77]] = g[2]
+  q = np.concatenate([g[[2, 5]], rng.integers(-2, 3, size=(4, 3))]).astype(np.float32)
+  _check(q, g, k, metric, chunk, exact_ties=True)
+
+
+def test_knn_real_valued_duplicates_keep_index_order():
+  rng = np.random.default_rng(7)
+  g = rng.standard_normal((30, 6)).astype(np.float32)
+  g[[9, 17, 25]] = g[3]
+  q = g[[3]] + np.float32(1e-3)
+  for k, chunk in ((1, 8), (4, 8), (4, 30), (10, 7)):
+    dist, idx = spade_jax.knn(q, g, k, chunk_size=chunk)
+    np.testing.assert_array_equal(np.asarray(idx)[0, :min(k, 4)], [3, 9, 17, 25][:k])
+
+
+def test_knn_near_duplicates_exact_distances():
+  # Queries within 1e-4 of a gallery row: the matmul form |q|^2 + |g|^2 - 2 q.g has
+  # an error ~1e-6 on a squared distance of ~1e-8, the direct recompute does not.
+  rng = np.random.default_rng(8)
+  g = (rng.standard_normal((200, 32)) * 3 + 5).astype(np.float32)
+  q = g[[4, 50, 199]] + (1e-4 * rng.standard_normal((3, 32))).astype(np.float32)
+  for metric in ("l2", "sqeuclidean"):
+    dist, idx = spade_jax.knn(q, g, 2, metric, chunk_size=64)
+    ref_d, ref_i, _ = _ref_knn(q, g, 2, metric)
+    np.testing.assert_array_equal(idx, ref_i)
+    np.testing.assert_allclose(dist[:, 0], ref_d[:, 0], rtol=1e-4)
+    assert (np.asarray(dist[:, 0]) > 0).all()
+
+
+def test_knn_zero_distance_and_clamp():
+  g = np.array([[1e3, -1e3], [0.0, 0.0], [1e3 + 1, -1e3]], np.float32)
+  dist, idx = spade_jax.knn(g, g, 1, "sqeuclidean")
+  np.testing.assert_array_equal(idx[:, 0], [0, 1, 2])
+  np.testing.assert_array_equal(dist[:, 0], [0.0, 0.0, 0.0])
+
+
+def test_knn_cosine_zero_vector():
+  g = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]], np.float32)
+  q = np.array([[0.0, 0.0], [3.0, 0.0]], np.float32)
+  dist, idx = spade_jax.knn(q, g, 3, "cosine")
+  np.testing.assert_allclose(dist[0], [1.0, 1.0, 1.0], atol=1e-6)
+  np.testing.assert_array_equal(idx[0], [0, 1, 2])
+  np.testing.assert_allclose(dist[1], [0.0, 1.0, 1.0], atol=1e-6)
+  np.testing.assert_array_equal(idx[1], [1, 0, 2])
+
+
+def test_knn_jit_cache():
+  rng = np.random.default_rng(9)
+  q = rng.standard_normal((40, 8)).astype(np.float32)
+  g = rng.standard_normal((300, 8)).astype(np.float32)
+  _check(q, g, 6, "l2", chunk_size=32, query_block=16)
+  before = neighbors._knn_jit._cache_size()  # pylint: disable=protected-access
+  spade_jax.knn(q + 1, g, 6, "l2", chunk_size=32, query_block=16)
+  assert neighbors._knn_jit._cache_size() == before  # pylint: disable=protected-access
+
+
+def test_knn_vmaps_and_jits():
+  rng = np.random.default_rng(10)
+  q = rng.standard_normal((3, 4, 5)).astype(np.float32)
+  g = rng.standard_normal((3, 17, 5)).astype(np.float32)
+  d, i = jax.vmap(lambda a, b: spade_jax.knn(a, b, 3, chunk_size=5))(q, g)
+  d2, i2 = jax.jit(lambda a, b: spade_jax.knn(a, b, 3, chunk_size=5))(q[1], g[1])
+  for b in range(3):
+    ref_d, ref_i, _ = _ref_knn(q[b], g[b], 3, "l2")
+    np.testing.assert_allclose(d[b], ref_d, rtol=RTOL, atol=ATOL)
+    np.testing.assert_array_equal(i[b], ref_i)
+  np.testing.assert_array_equal(i2, i[1])
+
+
+def test_local_knn_validity_mask_and_merge():
+  # The building blocks of the sharded search: masked shards + merge == one search.
+  rng = np.random.default_rng(11)
+  q = rng.standard_normal((5, 4)).astype(np.float32)
+  g = rng.standard_normal((23, 4)).astype(np.float32)
+  metric = spade_jax.METRICS["l2"]
+  ref_d, ref_i, _ = _ref_knn(q, g, 6, "l2")
+  padded = np.concatenate([g, np.zeros((1, 4), np.float32)])  # 24 = 2 shards of 12.
+  valid = np.arange(24) < 23
+
+  @jax.jit
+  def two_shards(q, padded, valid):
+    parts = [neighbors.local_knn(q, padded[s:s + 12], 6, metric, 5, valid=valid[s:s + 12],
+                                 index_offset=s) for s in (0, 12)]
+    return neighbors.merge_topk(*parts[0], *parts[1], 6)
+
+  d, i = two_shards(q, padded, valid)
+  np.testing.assert_allclose(d, ref_d, rtol=RTOL, atol=ATOL)
+  np.testing.assert_array_equal(i, ref_i)
+  # A shard with fewer valid rows than k pads with (+inf, -1).
+  d, i = jax.jit(lambda q, g, v: neighbors.local_knn(q, g, 13, metric, 5, valid=v,
+                                                    index_offset=12))(q, padded[12:], valid[12:])
+  assert np.isinf(d[:, -1]).all() and (np.asarray(i[:, -1]) == -1).all()
+  assert np.isfinite(d[:, :11]).all() and (np.asarray(i[:, :11]) >= 12).all()
+
+
+@settings(max_examples=25, deadline=None)
+@given(q_rows=st.integers(1, 9), m_rows=st.integers(1, 150), dim=st.integers(1, 6),
+       k_frac=st.floats(0, 1), chunk=st.sampled_from([1, 3, 7, 8, 16, 32, 45, 64]),
+       query_block=st.integers(1, 6),
+       metric=st.sampled_from(["l2", "sqeuclidean", "cosine"]),
+       integer_valued=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_knn_property(q_rows, m_rows, dim, k_frac, chunk, query_block, metric,
+                      integer_valued, seed):
+  rng = np.random.default_rng(seed)
+  k = 1 + int(k_frac * (m_rows - 1))
+  if integer_valued:
+    g = rng.integers(-2, 3, size=(m_rows, dim)).astype(np.float32)
+    q = rng.integers(-2, 3, size=(q_rows, dim)).astype(np.float32)
+  else:
+    g = rng.standard_normal((m_rows, dim)).astype(np.float32)
+    q = rng.standard_normal((q_rows, dim)).astype(np.float32)
+    g[rng.integers(0, m_rows, m_rows // 3)] = g[0]  # Duplicated rows.
+  if metric == "cosine":  # Zero rows: distance 1 by convention, a 0/0 in the reference.
+    g[np.all(g == 0, axis=1)] = 1.0
+    q[np.all(q == 0, axis=1)] = 1.0
+  _check(q, g, k, metric, chunk, exact_ties=integer_valued and metric != "cosine",
+         query_block=query_block)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda q, g: spade_jax.knn(q, g, 0), "k must be in"),
+    (lambda q, g: spade_jax.knn(q, g, 8), r"k must be in \[1, 7\]"),
+    (lambda q, g: spade_jax.knn(q, g[:0], 1), "gallery is empty"),
+    (lambda q, g: spade_jax.knn(q, g[:, :2], 1), "feature size mismatch"),
+    (lambda q, g: spade_jax.knn(q[0], g, 1), r"queries must be \[Q, D\]"),
+    (lambda q, g: spade_jax.knn(q * np.nan, g, 1), "queries contains NaN"),
+    (lambda q, g: spade_jax.knn(q, jnp.asarray(g).at[3, 1].set(jnp.inf), 1),
+     "gallery contains NaN or Inf"),
+    (lambda q, g: spade_jax.knn(q, g, 1, "manhattan"), "metric must be one of"),
+    (lambda q, g: spade_jax.knn(q, g, 1, chunk_size=0), "chunk_size"),
+    (lambda q, g: spade_jax.knn(q, g, 1, query_block=-2), "query_block"),
+    (lambda q, g: spade_jax.knn(q, g, 1.5), "k must be an int"),
+])
+def test_knn_bad_input(call, match):
+  rng = np.random.default_rng(12)
+  with pytest.raises(ValueError, match=match):
+    call(rng.standard_normal((2, 3)).astype(np.float32),
+         rng.standard_normal((7, 3)).astype(np.float32))
+
+
+def test_knn_skip_finite_check():
+  q = np.ones((1, 2), np.float32)
+  g = np.array([[np.nan, 0.0], [1.0, 1.0]], np.float32)
+  _, idx = spade_jax.knn(q, g, 1, check_finite_inputs=False)  # No error, no check.
+  assert idx.shape == (1, 1)

@@ -1,0 +1,169 @@
+"""Image and pixel scores vs an independent float64 NumPy reference of the equations."""
+
+import numpy as np
+import pytest
+
+from spade_jax import scoring
+
+# Distances are recomputed exactly (difference form) in float32 from float32 features
+# of magnitude ~1; the float64 reference then agrees to a few float32 ulps of the
+# distance; bilinear averaging adds a few more roundings.
+RTOL, ATOL = 1e-5, 1e-5
+
+
+def _bilinear_ref(x, out_h, out_w):
+  """torch align_corners=False bilinear of [h, w, ...] written from the definition."""
+  h, w = x.shape[:2]
+  out = np.zeros((out_h, out_w) + x.shape[2:], np.float64)
+  for oy in range(out_h):
+    sy = max((oy + 0.5) * h / out_h - 0.5, 0.0)
+    y0 = min(int(np.floor(sy)), h - 1)
+    y1 = min(y0 + 1, h - 1)
+    ly = sy - y0
+    for ox in range(out_w):
+      sx = max((ox + 0.5) * w / out_w - 0.5, 0.0)
+      x0 = min(int(np.floor(sx)), w - 1)
+      x1 = min(x0 + 1, w - 1)
+      lx = sx - x0
+      out[oy, ox] = ((1 - ly) * ((1 - lx) * x[y0, x0] + lx * x[y0, x1]) +
+                     ly * ((1 - lx) * x[y1, x0] + lx * x[y1, x1]))
+  return out
+
+
+def _dist_ref(a, b, metric):
+  """[P, D], [G, D] -> [P, G] float64 distances."""
+  a = a.astype(np.float64)
+  b = b.astype(np.float64)
+  if metric == "cosine":
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return 1.0 - a @ b.T
+  sq = ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
+  return np.sqrt(sq) if metric == "l2" else sq
+
+
+def _pixel_ref(test, train, nbrs, kappa, combine, metric):
+  levels = list(test)
+  grid = max((test[l].shape[1:3] for l in levels), key=lambda s: s[0] * s[1])
+  out = []
+  for i in range(nbrs.shape[0]):
+    if combine == "cat":
+      up = lambda f: _bilinear_ref(f, *grid) if f.shape[:2] != grid else f.astype(np.float64)
+      q = np.concatenate([up(test[l][i]) for l in levels], -1).reshape(-1, sum(
+          test[l].shape[-1] for l in levels))
+      g = np.concatenate([np.concatenate([up(train[l][j]) for l in levels], -1)
+                          .reshape(q.shape[0], -1) for j in nbrs[i]])
+      d = np.sort(_dist_ref(q, g, metric), axis=1)[:, :kappa].mean(1)
+      out.append(d.reshape(grid))
+    else:
+      maps = []
+      for l in levels:
+        h, w, c = test[l].shape[1:]
+        g = np.concatenate([train[l][j].reshape(-1, c) for j in nbrs[i]])
+        d = np.sort(_dist_ref(test[l][i].reshape(-1, c), g, metric), axis=1)
+        maps.append(_bilinear_ref(d[:, :kappa].mean(1).reshape(h, w), *grid))
+      out.append(np.mean(maps, 0))
+  return np.stack(out)
+
+
+def _pyramid(rng, n, sizes=((8, 8, 4), (4, 4, 6), (2, 2, 5))):
+  return {f"layer{i + 1}": rng.standard_normal((n,) + s).astype(np.float32)
+          for i, s in enumerate(sizes)}
+
+
+@pytest.mark.parametrize("metric", ["l2", "sqeuclidean", "cosine"])
+@pytest.mark.parametrize("k,num_neighbors", [(1, None), (3, None), (2, 5), (7, 7)])
+def test_image_scores_match_reference(metric, k, num_neighbors):
+  rng = np.random.default_rng(0)
+  test = rng.standard_normal((6, 16)).astype(np.float32)
+  train = rng.standard_normal((9, 16)).astype(np.float32)
+  scores, idx = scoring.image_scores(test, train, k, metric, num_neighbors=num_neighbors)
+  ref = _dist_ref(test, train, metric)
+  order = np.argsort(ref, axis=1, kind="stable")
+  np.testing.assert_allclose(scores, np.sort(ref, 1)[:, :k].mean(1), rtol=RTOL, atol=ATOL)
+  np.testing.assert_array_equal(idx, order[:, :num_neighbors or k])
+
+
+@pytest.mark.parametrize("combine", ["ensemble", "cat"])
+@pytest.mark.parametrize("kappa,chunk,batch,metric", [
+    (1, None, 1, "l2"), (3, 2, 2, "l2"), (1, 3, 3, "sqeuclidean"), (2, 1, 1, "cosine")])
+def test_pixel_scores_match_reference(combine, kappa, chunk, batch, metric):
+  rng = np.random.default_rng(1)
+  test, train = _pyramid(rng, 3), _pyramid(rng, 7)
+  # K = 5 images, chunk sizes 2 and 3 leave a tail; nbrs need not be sorted.
+  nbrs = np.stack([rng.permutation(7)[:5] for _ in range(3)]).astype(np.int32)
+  got = scoring.pixel_scores(test, train, nbrs, kappa=kappa, combine=combine,
+                             metric=metric, images_per_chunk=chunk, test_batch_size=batch)
+  ref = _pixel_ref(test, train, nbrs, kappa, combine, metric)
+  assert got.shape == (3, 8, 8)
+  np.testing.assert_allclose(got, ref, rtol=RTOL, atol=ATOL)
+
+
+def test_pixel_scores_single_level_non_square():
+  rng = np.random.default_rng(2)
+  test = {"a": rng.standard_normal((2, 3, 5, 4)).astype(np.float32)}
+  train = {"a": rng.standard_normal((4, 3, 5, 4)).astype(np.float32)}
+  nbrs = np.array([[0, 1], [3, 2]], np.int32)
+  for combine in ("ensemble", "cat"):
+    got = scoring.pixel_scores(test, train, nbrs, combine=combine)
+    np.testing.assert_allclose(got, _pixel_ref(test, train, nbrs, 1, combine, "l2"),
+                               rtol=RTOL, atol=ATOL)
+
+
+def test_pixel_score_of_training_image_is_zero():
+  # A test image equal to a training image is at distance 0 from itself everywhere.
+  rng = np.random.default_rng(3)
+  train = _pyramid(rng, 4)
+  test = {l: f[2:3] for l, f in train.items()}
+  got = scoring.pixel_scores(test, train, np.array([[2, 0]], np.int32), combine="cat")
+  np.testing.assert_allclose(got, 0.0, atol=1e-6)
+
+
+def _errors_case():
+  rng = np.random.default_rng(4)
+  return _pyramid(rng, 2), _pyramid(rng, 3), np.array([[0, 1], [2, 1]], np.int32)
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda te, tr, nb: (te, tr, np.zeros((2, 4), np.int32)), "K=4"),
+    (lambda te, tr, nb: (te, {l: f[:0] for l, f in tr.items()}, nb[:, :0]), "empty"),
+    (lambda te, tr, nb: (te, {}, nb), "empty training set"),
+    (lambda te, tr, nb: (te, {**tr, "layer2": tr["layer2"][..., :3]}, nb), "differ"),
+    (lambda te, tr, nb: (te, {"layer1": tr["layer1"]}, nb), "levels"),
+    (lambda te, tr, nb: (te, tr, nb + 5), r"\[0, 3\)"),
+    (lambda te, tr, nb: (te, tr, nb[:1]), "neighbor_indices"),
+    (lambda te, tr, nb: ({**te, "layer3": te["layer3"] * np.nan}, tr, nb), "NaN"),
+    (lambda te, tr, nb: (te, {**tr, "layer1": tr["layer1"] * np.inf}, nb), "NaN or Inf"),
+])
+def test_pixel_scores_bad_input(mutate, match):
+  te, tr, nb = mutate(*_errors_case())
+  with pytest.raises(ValueError, match=match):
+    scoring.pixel_scores(te, tr, nb)
+
+
+def test_pixel_scores_bad_kappa_and_combine():
+  te, tr, nb = _errors_case()
+  with pytest.raises(ValueError, match="kappa"):
+    scoring.pixel_scores(te, tr, nb, kappa=2 * 2 * 2 + 1)  # > K * smallest level.
+  with pytest.raises(ValueError, match="combine"):
+    scoring.pixel_scores(te, tr, nb, combine="sum")
+
+
+@pytest.mark.parametrize("k,match", [(4, "k must be"), (0, "k must be")])
+def test_image_scores_bad_k(k, match):
+  rng = np.random.default_rng(5)
+  with pytest.raises(ValueError, match=match):
+    scoring.image_scores(rng.standard_normal((2, 3)), rng.standard_normal((3, 3)), k)
+
+
+def test_image_scores_bad_input():
+  rng = np.random.default_rng(6)
+  a = rng.standard_normal((2, 3)).astype(np.float32)
+  with pytest.raises(ValueError, match="empty"):
+    scoring.image_scores(a, np.zeros((0, 3), np.float32), 1)
+  with pytest.raises(ValueError, match="mismatch"):
+    scoring.image_scores(a, np.zeros((4, 5), np.float32), 1)
+  with pytest.raises(ValueError, match="test_pool contains NaN"):
+    scoring.image_scores(a * np.nan, a, 1)
+  with pytest.raises(ValueError, match="num_neighbors"):
+    scoring.image_scores(a, a, 1, num_neighbors=3)
