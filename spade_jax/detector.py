@@ -10,6 +10,12 @@ pyramid levels of the training images. `score` does, per batch of test images: t
 image kNN (one search gives both the k_image_score neighbours of the image score and
 the k_images nearest images of the pixel gallery), the pixel scores, then the anomaly
 maps (bilinear upsampling to the crop size, Gaussian blur).
+
+With a mesh (`fit(..., mesh=mesh)`, or one set with jax.set_mesh) the index holds
+galleries sharded over the mesh axis `axis` (spade_jax.shard_gallery) and scoring
+searches them where they lie; the numbers are the single-device ones. `extract`,
+`fit_features` and `score_features` split fit / score at the features, for runs
+where each process computes the features of its share of the images.
 """
 
 from __future__ import annotations
@@ -32,8 +38,10 @@ from safetensors import safe_open
 from spade_jax import anomaly_map
 from spade_jax import distances
 from spade_jax import scoring
+from spade_jax import sharding
 
 Array = jax.Array
+Mesh = jax.sharding.Mesh
 INDEX_FORMAT = "spade_jax.SpadeIndex"
 INDEX_VERSION = "1"
 
@@ -108,8 +116,10 @@ class SpadeIndex:
   """A fitted SPADE gallery: a pytree of the training features + static metadata.
 
   Attributes:
-    train_pool: [M, D_pool] float32 pooled features of the M training images.
-    train_features: level -> [M, h_l, w_l, C_l] float32 pyramid features.
+    train_pool: [M, D_pool] float32 pooled features of the M training images (or a
+      spade_jax.ShardedGallery of them).
+    train_features: level -> [M, h_l, w_l, C_l] float32 pyramid features (or
+      ShardedGallery's on the same mesh).
     backbone_name: the backbone that produced them (static).
     feature_config: canonical JSON of backbone, layers, resize, crop (static); an index
       is valid for any scoring settings (k_images, kappa, combine, sigma, metric) but
@@ -127,7 +137,28 @@ class SpadeIndex:
 
   @property
   def num_images(self) -> int:
+    if isinstance(self.train_pool, sharding.ShardedGallery):
+      return self.train_pool.size
     return int(self.train_pool.shape[0])
+
+  @property
+  def is_sharded(self) -> bool:
+    return isinstance(self.train_pool, sharding.ShardedGallery)
+
+
+def shard_index(index: SpadeIndex, mesh: Mesh | None = None, axis: str = "data") -> SpadeIndex:
+  """`index` with its galleries sharded over `mesh`'s `axis` (spade_jax.shard_gallery)."""
+  mesh = sharding.resolve_mesh(mesh, axis)
+  return index.replace(train_pool=sharding.shard_gallery(index.train_pool, mesh, axis),
+                       train_features=sharding.shard_gallery(index.train_features, mesh,
+                                                             axis))
+
+
+def _mesh_or_none(mesh: Mesh | None, axis: str) -> Mesh | None:
+  """`mesh`, else the one set with jax.set_mesh, else None (one device); checks `axis`."""
+  if mesh is None and jax.sharding.get_mesh().empty:
+    return None
+  return sharding.resolve_mesh(mesh, axis)
 
 
 def _check_compatible(index: SpadeIndex, backbone_name: str, config: SpadeConfig,
@@ -191,52 +222,163 @@ class Spade:
         raise ValueError(f"backbone {self.backbone.name!r} returned no {missing}")
       yield out["pool"], {l: out[l] for l in self.config.layers}
 
-  def fit(self, train_images: np.ndarray | Sequence[np.ndarray]) -> SpadeIndex:
+  def _features(self, images, what: str) -> tuple[Array, dict[str, Array]]:
+    """All images' (pool [N, D], {level: [N, h, w, C]}) float32, on the default device."""
+    pools, feats = [], {l: [] for l in self.config.layers}
+    for pool, levels in self._batches(images, what):
+      pools.append(pool)
+      for l in self.config.layers:
+        feats[l].append(levels[l])
+    return (jnp.concatenate(pools).astype(jnp.float32),
+            {l: jnp.concatenate(v).astype(jnp.float32) for l, v in feats.items()})
+
+  def extract(self, images: np.ndarray | Sequence[np.ndarray]
+              ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Backbone features of images, on the host.
+
+    Args:
+      images: [N, H, W, 3] uint8 (or a list of [H, W, 3]).
+
+    Returns:
+      (pool [N, D] float32, {level: [N, h, w, C] float32}), NumPy.
+    """
+    pool, feats = self._features(images, "images")
+    return np.asarray(pool), {l: np.asarray(v) for l, v in feats.items()}
+
+  def fit_features(self, train_pool: Any, train_features: dict[str, Any], *,
+                   mesh: Mesh | None = None, axis: str = "data",
+                   process_local: bool = False) -> SpadeIndex:
+    """A SpadeIndex from training features (e.g. from `extract`).
+
+    Args:
+      train_pool: [M, D] pooled features.
+      train_features: {level: [M, h, w, C]} for the config's layers.
+      mesh: shard the galleries over this mesh's `axis`; None: the mesh set with
+        jax.set_mesh, else no sharding.
+      axis: the mesh axis that splits the training images.
+      process_local: several processes: the features are this process's share
+        (see spade_jax.shard_gallery); needs a mesh.
+
+    Returns:
+      SpadeIndex (its galleries are ShardedGallery's when there is a mesh).
+    """
+    missing = [l for l in self.config.layers if l not in train_features]
+    if missing:
+      raise ValueError(f"train_features has no levels {missing}")
+    mesh = _mesh_or_none(mesh, axis)
+    feats = {l: train_features[l] for l in self.config.layers}
+    if mesh is None:
+      if process_local:
+        raise ValueError("process_local=True needs a mesh (pass mesh=...)")
+      pool = jnp.asarray(train_pool, jnp.float32)
+      feats = {l: jnp.asarray(v, jnp.float32) for l, v in feats.items()}
+    else:
+      pool = sharding.shard_gallery(np.asarray(train_pool, np.float32) if process_local
+                                    else train_pool, mesh, axis, process_local=process_local)
+      feats = sharding.shard_gallery(
+          {l: np.asarray(v, np.float32) if process_local else v for l, v in feats.items()},
+          mesh, axis, process_local=process_local)
+    index = SpadeIndex(train_pool=pool, train_features=feats,
+                       backbone_name=self.backbone.name, feature_config=self.feature_config)
+    _check_k(self.config, index.num_images)
+    return index
+
+  def fit(self, train_images: np.ndarray | Sequence[np.ndarray], *, mesh: Mesh | None = None,
+          axis: str = "data") -> SpadeIndex:
     """Extracts the training features.
 
     Args:
       train_images: [M, H, W, 3] uint8 normal images (or a list of [H, W, 3]).
+      mesh: shard the galleries over this jax.sharding.Mesh's `axis` (other mesh axes
+        spread the test images); None: the mesh set with jax.set_mesh, else one device.
+      axis: the mesh axis that splits the training images.
 
     Returns:
       SpadeIndex with M images.
     """
-    pools, feats = [], {l: [] for l in self.config.layers}
-    for pool, levels in self._batches(train_images, "train_images"):
-      pools.append(pool)
-      for l in self.config.layers:
-        feats[l].append(levels[l])
-    index = SpadeIndex(
-        train_pool=jnp.concatenate(pools).astype(jnp.float32),
-        train_features={l: jnp.concatenate(v).astype(jnp.float32) for l, v in feats.items()},
-        backbone_name=self.backbone.name, feature_config=self.feature_config)
-    _check_k(self.config, index.num_images)
-    return index
+    mesh = _mesh_or_none(mesh, axis)  # Checked before the backbone runs.
+    pool, feats = self._features(train_images, "train_images")
+    return self.fit_features(pool, feats, mesh=mesh, axis=axis)
 
-  def score(self, index: SpadeIndex, images: np.ndarray | Sequence[np.ndarray]
-            ) -> tuple[np.ndarray, np.ndarray]:
+  def _prepare_index(self, index: SpadeIndex, mesh: Mesh | None, axis: str) -> SpadeIndex:
+    if not isinstance(index, SpadeIndex):
+      raise ValueError(f"index must be a SpadeIndex, got {type(index).__name__}")
+    _check_compatible(index, self.backbone.name, self.config, "Spade.score")
+    _check_k(self.config, index.num_images)
+    if index.is_sharded:
+      if mesh is not None and mesh != index.train_pool.mesh:
+        raise ValueError("Spade.score: the index is sharded over another mesh than `mesh`; "
+                         "refit, or pass mesh=None")
+      return index
+    mesh = _mesh_or_none(mesh, axis)
+    return index if mesh is None else shard_index(index, mesh, axis)
+
+  def _score_batch(self, index: SpadeIndex, pool: Any, levels: dict[str, Any]
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    cfg = self.config
+    scores, nbrs = scoring.image_scores(pool, index.train_pool, cfg.k_image_score,
+                                        cfg.metric, num_neighbors=cfg.k_images)
+    score_maps = scoring.pixel_scores(levels, index.train_features, nbrs, kappa=cfg.kappa,
+                                      combine=cfg.combine, metric=cfg.metric)
+    # Sharded scoring returns replicated maps: blur one local copy, not one per device
+    # (under jax.set_mesh, jit wants mesh arrays or host ones: a host copy, it is small).
+    if jax.sharding.get_mesh().empty:
+      score_maps = sharding.to_local(score_maps)
+    else:
+      score_maps = np.asarray(sharding.to_local(score_maps))
+    maps = anomaly_map.anomaly_maps(score_maps, (cfg.crop, cfg.crop), sigma=cfg.sigma)
+    return np.asarray(sharding.to_local(scores)), np.asarray(maps)
+
+  def score(self, index: SpadeIndex, images: np.ndarray | Sequence[np.ndarray], *,
+            mesh: Mesh | None = None, axis: str = "data") -> tuple[np.ndarray, np.ndarray]:
     """Image scores and anomaly maps of test images.
 
     Args:
       index: from fit / load_index, for this backbone and feature config.
       images: [N, H, W, 3] uint8 (or a list of [H, W, 3]).
+      mesh: an unsharded index is sharded over this mesh's `axis` first (None: the mesh
+        set with jax.set_mesh, else one device); a sharded index uses its own mesh.
+      axis: the mesh axis that splits the training images.
 
     Returns:
       (scores [N] float32, anomaly maps [N, crop, crop] float32), NumPy.
     """
-    if not isinstance(index, SpadeIndex):
-      raise ValueError(f"index must be a SpadeIndex, got {type(index).__name__}")
-    _check_compatible(index, self.backbone.name, self.config, "Spade.score")
-    cfg = self.config
-    _check_k(cfg, index.num_images)
+    index = self._prepare_index(index, mesh, axis)
     all_scores, all_maps = [], []
     for pool, levels in self._batches(images, "images"):
-      scores, nbrs = scoring.image_scores(pool, index.train_pool, cfg.k_image_score,
-                                          cfg.metric, num_neighbors=cfg.k_images)
-      score_maps = scoring.pixel_scores(levels, index.train_features, nbrs, kappa=cfg.kappa,
-                                        combine=cfg.combine, metric=cfg.metric)
-      maps = anomaly_map.anomaly_maps(score_maps, (cfg.crop, cfg.crop), sigma=cfg.sigma)
-      all_scores.append(np.asarray(scores))
-      all_maps.append(np.asarray(maps))
+      scores, maps = self._score_batch(index, pool, levels)
+      all_scores.append(scores)
+      all_maps.append(maps)
+    return np.concatenate(all_scores), np.concatenate(all_maps)
+
+  def score_features(self, index: SpadeIndex, pool: Any, features: dict[str, Any], *,
+                     mesh: Mesh | None = None, axis: str = "data"
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """`score` from test features (e.g. from `extract`), config.batch_size at a time.
+
+    Args:
+      index: as in `score`.
+      pool: [N, D] pooled test features.
+      features: {level: [N, h, w, C]} for the config's layers.
+      mesh, axis: as in `score`.
+
+    Returns:
+      (scores [N] float32, anomaly maps [N, crop, crop] float32), NumPy.
+    """
+    index = self._prepare_index(index, mesh, axis)
+    missing = [l for l in self.config.layers if l not in features]
+    if missing:
+      raise ValueError(f"features has no levels {missing}")
+    count = int(np.shape(pool)[0])
+    if count == 0:
+      raise ValueError("pool holds 0 test images")
+    all_scores, all_maps = [], []
+    for start in range(0, count, self.config.batch_size):
+      batch = slice(start, start + self.config.batch_size)
+      scores, maps = self._score_batch(
+          index, pool[batch], {l: features[l][batch] for l in self.config.layers})
+      all_scores.append(scores)
+      all_maps.append(maps)
     return np.concatenate(all_scores), np.concatenate(all_maps)
 
 
@@ -247,6 +389,11 @@ class Spade:
 def _save_file(tensors: dict[str, np.ndarray], path: str, metadata: dict[str, str]) -> None:
   """The actual writer (a seam for tests that simulate an interrupted write)."""
   safetensors_numpy.save_file(tensors, path, metadata=metadata)
+
+
+def _host(x: Any) -> np.ndarray:
+  """NumPy copy of a gallery; a ShardedGallery without its padding rows."""
+  return x.to_numpy() if isinstance(x, sharding.ShardedGallery) else np.asarray(x)
 
 
 def save_index(path: str | os.PathLike, index: SpadeIndex) -> None:
@@ -265,8 +412,8 @@ def save_index(path: str | os.PathLike, index: SpadeIndex) -> None:
   folder = path.parent
   if not folder.is_dir():
     raise ValueError(f"cannot save index to {path}: folder {folder} does not exist")
-  tensors = {"pool": np.asarray(index.train_pool)}
-  tensors.update({f"features/{l}": np.asarray(v) for l, v in index.train_features.items()})
+  tensors = {"pool": _host(index.train_pool)}
+  tensors.update({f"features/{l}": _host(v) for l, v in index.train_features.items()})
   metadata = {"format": INDEX_FORMAT, "version": INDEX_VERSION,
               "backbone": index.backbone_name, "feature_config": index.feature_config,
               "levels": json.dumps(list(index.train_features))}

@@ -34,6 +34,7 @@ from jax import lax
 import numpy as np
 
 from spade_jax import distances
+from spade_jax import sharding
 
 Array = jax.Array
 ChunkFn = Callable[[Array], tuple[Array, Array | None]]
@@ -378,9 +379,13 @@ def knn(queries: Array, gallery: Array, k: int, metric: str | distances.Metric =
   Memory is O(Q * k + query_block * chunk_size); the [Q, M] distance matrix is never
   formed. jit-compiled once per (shapes, k, metric, chunk_size, query_block); vmappable.
 
+  A gallery sharded over a mesh axis (a spade_jax.ShardedGallery, or a jax.Array split
+  along axis 0 with a NamedSharding) is searched where it lies (sharded_search.py); the
+  results equal the single-device ones and come back replicated on the mesh.
+
   Args:
     queries: [Q, D] float.
-    gallery: [M, D] float.
+    gallery: [M, D] float, or a sharded gallery.
     k: neighbours per query, 1 <= k <= M.
     metric: a name in spade_jax.METRICS ("l2", "sqeuclidean", "cosine") or a Metric.
     chunk_size: gallery rows per chunk (None: tuned default, see default_blocks).
@@ -394,8 +399,15 @@ def knn(queries: Array, gallery: Array, k: int, metric: str | distances.Metric =
 
   Raises:
     ValueError: bad shapes, k outside [1, M], an empty gallery, unknown metric, a bad
-      chunk_size / query_block, NaN/Inf in the inputs.
+      chunk_size / query_block, NaN/Inf in the inputs, a gallery sharded along another
+      axis than axis 0.
   """
+  sharded = sharding.as_sharded(gallery)
+  if sharded is not None:
+    from spade_jax import sharded_search  # pylint: disable=import-outside-toplevel
+    return sharded_search.knn(queries, sharded, k, metric, chunk_size=chunk_size,
+                              query_block=query_block,
+                              check_finite_inputs=check_finite_inputs)
   validate_knn_args(queries, gallery, k)
   m = distances.get_metric(metric)
   _positive_int_or_none("chunk_size", chunk_size)

@@ -35,6 +35,7 @@ import numpy as np
 from spade_jax import anomaly_map
 from spade_jax import distances
 from spade_jax import neighbors
+from spade_jax import sharding
 
 Array = jax.Array
 COMBINE_MODES = ("ensemble", "cat")
@@ -61,7 +62,9 @@ def image_scores(test_pool: Array, train_pool: Array, k: int,
 
   Args:
     test_pool: [N, D] float pooled features of the test images.
-    train_pool: [M, D] float pooled features of the training images.
+    train_pool: [M, D] float pooled features of the training images, or a sharded
+      gallery (ShardedGallery / jax.Array split along axis 0): then searched where it
+      lies, same results, replicated on its mesh.
     k: neighbours averaged into the score, 1 <= k <= M.
     metric: name or Metric.
     num_neighbors: how many nearest training images to return (SPADE's K for the
@@ -71,6 +74,9 @@ def image_scores(test_pool: Array, train_pool: Array, k: int,
   Returns:
     (scores [N] float32, neighbor indices [N, num_neighbors] int32, nearest first).
   """
+  sharded = sharding.as_sharded(train_pool, "train_pool")
+  if sharded is not None:
+    train_pool = sharded
   neighbors.validate_knn_args(test_pool, train_pool, k, queries_name="test_pool",
                               gallery_name="train_pool")
   num_neighbors = k if num_neighbors is None else num_neighbors
@@ -78,6 +84,11 @@ def image_scores(test_pool: Array, train_pool: Array, k: int,
       or not 1 <= num_neighbors <= train_pool.shape[0]:
     raise ValueError(f"num_neighbors must be an int in [1, {train_pool.shape[0]}] (the "
                      f"number of training images), got {num_neighbors!r}")
+  if sharded is not None:
+    from spade_jax import sharded_search  # pylint: disable=import-outside-toplevel
+    return sharded_search.image_scores(test_pool, sharded, k, metric,
+                                       num_neighbors=num_neighbors,
+                                       check_finite_inputs=check_finite_inputs)
   m = distances.get_metric(metric)
   if check_finite_inputs:
     neighbors.check_finite("test_pool", test_pool)
@@ -296,7 +307,10 @@ def pixel_scores(test_features: Mapping[str, Array], train_features: Mapping[str
 
   Args:
     test_features: level -> [N, h_l, w_l, C_l] float pyramid features of test images.
-    train_features: level -> [M, h_l, w_l, C_l] float, the same levels.
+    train_features: level -> [M, h_l, w_l, C_l] float, the same levels; or every level
+      a sharded gallery on one mesh (spade_jax.shard_gallery(dict)): each device then
+      scores against the neighbours it holds, the gallery never moves (see
+      sharded_scoring.py); same results, replicated on the mesh.
     neighbor_indices: [N, K] int, the K nearest training images of each test image
       (from image_scores(..., num_neighbors=K)).
     kappa: nearest gallery features averaged per position (paper: 1).
@@ -310,6 +324,10 @@ def pixel_scores(test_features: Mapping[str, Array], train_features: Mapping[str
   Returns:
     [N, H0, W0] float32 score maps, (H0, W0) = the finest level's grid.
   """
+  sharded = (sharding.resolve_levels(train_features, "train_features")
+             if isinstance(train_features, Mapping) and train_features else None)
+  if sharded is not None:
+    train_features = sharded
   levels, grid, n, _, k = _validate_pixel_args(test_features, train_features,
                                                neighbor_indices, kappa, combine)
   m = distances.get_metric(metric)
@@ -320,7 +338,8 @@ def pixel_scores(test_features: Mapping[str, Array], train_features: Mapping[str
   if check_finite_inputs:
     for level in levels:
       neighbors.check_finite(f"test_features[{level!r}]", test_features[level])
-      neighbors.check_finite(f"train_features[{level!r}]", train_features[level])
+      neighbors.check_finite(f"train_features[{level!r}]",
+                             sharding.data_of(train_features[level]))
   if combine == "cat":
     sizes = [grid[0] * grid[1]]
   else:
@@ -333,6 +352,12 @@ def pixel_scores(test_features: Mapping[str, Array], train_features: Mapping[str
     b = min(b, k)
     chunks.append(b)
     query_blocks.append(neighbors.default_query_block(p, b * p))
+  if sharded is not None:
+    from spade_jax import sharded_scoring  # pylint: disable=import-outside-toplevel
+    return sharded_scoring.pixel_scores(
+        test_features, sharded, neighbor_indices, levels=levels, grid=grid,
+        kappa=int(kappa), combine=combine, metric=m, images_per_chunk=tuple(chunks),
+        query_blocks=tuple(query_blocks), test_batch_size=int(min(test_batch_size, n)))
   return _pixel_scores_jit(
       {level: test_features[level] for level in levels},
       {level: train_features[level] for level in levels},

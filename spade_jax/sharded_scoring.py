@@ -1,0 +1,201 @@
+"""SPADE pixel scores against training features sharded over a mesh axis.
+
+The gallery of a test image is every position of its K nearest training images. Those
+images live on the devices that hold their rows, and the features never move: each
+device along the gallery axis
+
+1. keeps the neighbours it holds (a stable compaction of the K-list, so their order is
+   kept) and streams only those, a few images per chunk, for as many chunks as it
+   needs (a dynamic trip count: a device holding none of them does no search);
+2. gives each candidate the index it has in the single-device gallery
+   (rank in the K-list * positions + position) and recomputes its exact distance;
+3. all_gathers its [positions, kappa] candidates over the axis; every device merges
+   them in (distance, index) order and averages the kappa best.
+
+So the result equals scoring.pixel_scores on one device. Test images are spread over
+the other mesh axes (padded to a multiple, sliced off). Both combine modes ("ensemble",
+"cat") follow scoring._pixel_scores_one step by step.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import PartitionSpec as P
+import numpy as np
+
+from spade_jax import distances
+from spade_jax import neighbors
+from spade_jax import scoring
+from spade_jax import sharded_search
+from spade_jax import sharding
+from spade_jax.sharding import ShardedGallery
+
+Array = jax.Array
+# The single-device kernel's resizing helpers, shared so both paths resize alike.
+_resize_rows = scoring._resize_rows  # pylint: disable=protected-access
+_resize_at = scoring._resize_at  # pylint: disable=protected-access
+
+
+def _held_stream(queries: Array, nbrs: Array, offset: Array, shard_rows: int,
+                 rows_of: Callable[[Array], Array], rows_at: Callable[[Array, Array], Array],
+                 positions: int, images_per_chunk: int, kappa: int, axis: str,
+                 metric: distances.Metric, query_block: int | None) -> Array:
+  """Scores [Q] of queries against the K-image gallery, of which this device holds some.
+
+  Args:
+    queries: [Q, D] raw query features of one test image.
+    nbrs: [K] int32 global training-image ids (single-device gallery row r is position
+      r % positions of image nbrs[r // positions]).
+    offset: this shard's first global row.
+    shard_rows: rows per shard.
+    rows_of: local image ids [B] -> [B * positions, D] raw rows.
+    rows_at: (local images [...], positions [...]) -> [..., D] raw rows.
+    positions: rows per image.
+    images_per_chunk: B.
+    kappa: neighbours averaged.
+    axis: the gallery mesh axis (candidates are merged over it).
+    metric: the Metric.
+    query_block: queries per proxy block.
+
+  Returns:
+    [Q] float32 mean distance to the kappa nearest rows (same on every device).
+  """
+  num_images = nbrs.shape[0]
+  b = min(images_per_chunk, num_images)
+  local = nbrs - offset
+  held = (local >= 0) & (local < shard_rows)
+  # Held neighbours first, in K-list order: slot order is then rank order, so the
+  # streaming's tie-break on slots equals the single-device tie-break on rows.
+  order = jnp.argsort(~held, stable=True).astype(jnp.int32)
+  slots = -(-num_images // b) * b
+  order = jnp.pad(order, (0, slots - num_images))
+  slot_ids = jnp.clip(local[order], 0, shard_rows - 1)
+  count = jnp.sum(held.astype(jnp.int32))
+  slot_ok = jnp.arange(slots) < count
+
+  q = metric.prepare(queries.astype(jnp.float32))
+  q_emb = metric.embed_queries(q)
+  init = (jnp.full((q.shape[0], kappa), jnp.inf, jnp.float32),
+          jnp.full((q.shape[0], kappa), -1, jnp.int32))
+
+  def body(j, carry):
+    start = j * b
+
+    def chunk(_):
+      ids = lax.dynamic_slice_in_dim(slot_ids, start, b)
+      ok = jnp.repeat(lax.dynamic_slice_in_dim(slot_ok, start, b), positions)
+      return metric.prepare(rows_of(ids).astype(jnp.float32)), ok
+
+    return neighbors.stream_topk(q_emb, chunk, 1, b * positions, kappa, metric, carry=carry,
+                                 first_index=start * positions, query_block=query_block)
+
+  proxies, slot_rows = lax.fori_loop(0, (count + b - 1) // b, body, init)
+
+  def gather_rows(i):
+    return metric.prepare(rows_at(slot_ids[i // positions], i % positions).astype(jnp.float32))
+
+  dist, slot_rows = neighbors.exact_recompute(q, proxies, slot_rows, gather_rows, metric)
+  s = jnp.maximum(slot_rows, 0)
+  rows = jnp.where(slot_rows >= 0, order[s // positions] * positions + s % positions, -1)
+  dist, _ = sharded_search.merge_gathered(dist, rows, axis, kappa)
+  return jnp.mean(dist, axis=1)
+
+
+def _pixel_scores_one(test: dict[str, Array], train: dict[str, Array], nbrs: Array,
+                      offset: Array, *, shard_rows: int, axis: str, levels: tuple[str, ...],
+                      grid: tuple[int, int], kappa: int, combine: str,
+                      metric: distances.Metric, images_per_chunk: tuple[int, ...],
+                      query_blocks: tuple[int, ...]) -> Array:
+  """Score map [H0, W0] of one test image; train[level]: this device's [R/A, h, w, C]."""
+  stream = functools.partial(_held_stream, offset=offset, shard_rows=shard_rows,
+                             kappa=kappa, axis=axis, metric=metric)
+  if combine == "ensemble":
+    maps = []
+    for level, b, qb in zip(levels, images_per_chunk, query_blocks):
+      h, w, c = test[level].shape
+      feats = train[level]
+      flat = feats.reshape(feats.shape[0], h * w, c)
+      scores = stream(
+          test[level].reshape(h * w, c), nbrs,
+          rows_of=lambda ids, flat=flat, c=c: flat[ids].reshape(-1, c),
+          rows_at=lambda img, pos, flat=flat: flat[img, pos],
+          positions=h * w, images_per_chunk=b, query_block=qb)
+      maps.append(_resize_rows(scores.reshape(1, h, w, 1), grid)[0, ..., 0])
+    return jnp.mean(jnp.stack(maps), axis=0)
+
+  positions = grid[0] * grid[1]
+  queries = jnp.concatenate(
+      [_resize_rows(test[level][None].astype(jnp.float32), grid)[0] for level in levels],
+      axis=-1).reshape(positions, -1)
+
+  def rows_of(ids):
+    parts = [_resize_rows(train[level][ids].astype(jnp.float32), grid) for level in levels]
+    return jnp.concatenate(parts, axis=-1).reshape(ids.shape[0] * positions, -1)
+
+  def rows_at(img, pos):
+    return jnp.concatenate([_resize_at(train[level], img, pos, grid) for level in levels],
+                           axis=-1)
+
+  scores = stream(queries, nbrs, rows_of=rows_of, rows_at=rows_at, positions=positions,
+                  images_per_chunk=images_per_chunk[0], query_block=query_blocks[0])
+  return scores.reshape(grid)
+
+
+@functools.partial(jax.jit, static_argnames=("levels", "grid", "kappa", "combine", "metric",
+                                             "images_per_chunk", "query_blocks",
+                                             "test_batch_size"))
+def _pixel_scores_jit(test, train, nbrs, *, levels, grid, kappa, combine, metric,
+                      images_per_chunk, query_blocks, test_batch_size):
+  first = train[levels[0]]
+  mesh, axis, shard_rows = first.mesh, first.axis, first.shard_rows
+  spec, ways = sharded_search.query_spec(mesh, axis)
+  num_test = nbrs.shape[0]
+  test = {l: sharding.constrain(sharded_search.pad_rows(test[l], ways), mesh, spec)
+          for l in levels}
+  nbrs = sharding.constrain(sharded_search.pad_rows(nbrs.astype(jnp.int32), ways), mesh, spec)
+
+  def local(test, train, nbrs):
+    offset = lax.axis_index(axis) * shard_rows
+    one = functools.partial(_pixel_scores_one, offset=offset, shard_rows=shard_rows,
+                            axis=axis, levels=levels, grid=grid, kappa=kappa,
+                            combine=combine, metric=metric,
+                            images_per_chunk=images_per_chunk, query_blocks=query_blocks)
+    return lax.map(lambda xs: one(xs[0], train, xs[1]), (test, nbrs),
+                   batch_size=min(test_batch_size, nbrs.shape[0]))
+
+  maps = jax.shard_map(local, mesh=mesh, in_specs=(spec, P(axis), spec), out_specs=spec,
+                       check_vma=False)(test, {l: train[l].data for l in levels}, nbrs)
+  return sharding.constrain(maps, mesh, P())[:num_test]
+
+
+def pixel_scores(test_features: Mapping[str, Array],
+                 train_features: Mapping[str, ShardedGallery], neighbor_indices: Array, *,
+                 levels: tuple[str, ...], grid: tuple[int, int], kappa: int, combine: str,
+                 metric: distances.Metric, images_per_chunk: tuple[int, ...],
+                 query_blocks: tuple[int, ...], test_batch_size: int) -> Array:
+  """scoring.pixel_scores on sharded train features (arguments validated by the caller).
+
+  Args:
+    test_features: level -> [N, h, w, C] (host or any device; replicated onto the mesh).
+    train_features: level -> ShardedGallery [M, h, w, C], all on one mesh / axis / layout.
+    neighbor_indices: [N, K] int global training-image rows.
+    levels, grid, kappa, combine, metric, images_per_chunk, query_blocks,
+      test_batch_size: as resolved by scoring.pixel_scores.
+
+  Returns:
+    [N, H0, W0] float32 score maps, replicated on the mesh.
+  """
+  mesh = next(iter(train_features.values())).mesh
+  test = {l: sharding.place_replicated(test_features[l], mesh) for l in levels}
+  if not isinstance(neighbor_indices, jax.Array):
+    neighbor_indices = np.asarray(neighbor_indices, np.int32)
+  nbrs = sharding.place_replicated(neighbor_indices, mesh)
+  return _pixel_scores_jit(test, {l: train_features[l] for l in levels}, nbrs, levels=levels,
+                           grid=grid, kappa=kappa, combine=combine, metric=metric,
+                           images_per_chunk=images_per_chunk, query_blocks=query_blocks,
+                           test_batch_size=test_batch_size)
