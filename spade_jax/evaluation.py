@@ -1,0 +1,358 @@
+"""The MVTec-style evaluation loop behind experiments/evaluate.py.
+
+Host-side orchestration only: read a category, fit SPADE on its normal training
+images, score its test images, compute the official metrics, write heatmaps and
+results.json. The script that calls this stays a thin flags -> kwargs layer.
+
+results.json layout (a contract; fractions in [0, 1]):
+  {"config": {...},
+   "categories": {"<name>": {"image_auroc": f, "pixel_auroc": f, "au_pro": f,
+                             "n_train": i, "n_test": i, "seconds": f}, ...},
+   "mean": {"image_auroc": f, "pixel_auroc": f, "au_pro": f}}
+
+A rerun with the same config skips the categories already in results.json, which
+is rewritten atomically after every category, so an interrupted run loses at most
+the category it was working on.
+
+Several processes (after distributed.initialize): process p reads the training and
+test images p::P of a category and computes their features; the training features
+form one gallery sharded over every device of every process (a 1-D mesh "data"); the
+test features, masks and labels are gathered on every process, which all score every
+test image through the sharded search (the collectives need them all). Process 0
+alone writes results.json and the heatmaps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from spade_jax.detector import SpadeConfig
+
+_DEFAULT = SpadeConfig()
+METRIC_NAMES = ("image_auroc", "pixel_auroc", "au_pro")
+RESULTS_FILE = "results.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """Everything that determines the numbers of an evaluation run."""
+  data_dir: str
+  backbone: str = "efficientnet_lite0"
+  weights: str | None = "imagenet"
+  k_images: int = _DEFAULT.k_images
+  k_image_score: int = _DEFAULT.k_image_score
+  kappa: int = _DEFAULT.kappa
+  layers: tuple[str, ...] = _DEFAULT.layers
+  combine: str = _DEFAULT.combine
+  sigma: float = _DEFAULT.sigma
+  metric: str = _DEFAULT.metric
+  resize: int = _DEFAULT.resize
+  crop: int = _DEFAULT.crop
+
+  def spade_config(self, batch_size: int) -> SpadeConfig:
+    return SpadeConfig(k_images=self.k_images, k_image_score=self.k_image_score,
+                       kappa=self.kappa, layers=tuple(self.layers), combine=self.combine,
+                       sigma=self.sigma, metric=self.metric, resize=self.resize,
+                       crop=self.crop, batch_size=batch_size)
+
+  def to_json(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    d["layers"] = list(self.layers)
+    return d
+
+
+def _write_json_atomic(path: pathlib.Path, obj: Any) -> None:
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "w") as f:
+      json.dump(obj, f, indent=2, sort_keys=False)
+      f.write("\n")
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def mean_metrics(categories: dict[str, dict[str, Any]]) -> dict[str, float]:
+  """Unweighted mean over categories, as in the paper's tables."""
+  if not categories:
+    return {}
+  return {m: float(np.mean([c[m] for c in categories.values()])) for m in METRIC_NAMES}
+
+
+def load_results(output_dir: str | os.PathLike[str], config: EvalConfig) -> dict[str, Any]:
+  """Reads <output_dir>/results.json for resuming; a fresh dict if there is none.
+
+  Raises:
+    ValueError: the file was written with another config (its numbers would
+      not be comparable; use another output_dir).
+  """
+  path = pathlib.Path(output_dir) / RESULTS_FILE
+  fresh = {"config": config.to_json(), "categories": {}, "mean": {}}
+  if not path.exists():
+    return fresh
+  try:
+    results = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path} is not valid JSON ({e}); move it away to start over.") from e
+  if results.get("config") != config.to_json():
+    raise ValueError(
+        f"{path} was written with another config:\n  {results.get('config')}\n"
+        f"this run's config is:\n  {config.to_json()}\n"
+        "Use another --output_dir (or delete the file) to evaluate this config.")
+  results.setdefault("categories", {})
+  return results
+
+
+def format_table(results: dict[str, Any]) -> str:
+  """Markdown table of per-category and mean metrics, in percent."""
+  lines = ["| category | image AUROC | pixel AUROC | AU-PRO | train | test | seconds |",
+           "|---|---|---|---|---|---|---|"]
+  for name, c in sorted(results["categories"].items()):
+    lines.append(f"| {name} | {100 * c['image_auroc']:.1f} | {100 * c['pixel_auroc']:.1f} | "
+                 f"{100 * c['au_pro']:.1f} | {c['n_train']} | {c['n_test']} | {c['seconds']:.1f} |")
+  mean = results.get("mean") or {}
+  if mean:
+    lines.append(f"| **mean** | {100 * mean['image_auroc']:.1f} | {100 * mean['pixel_auroc']:.1f} | "
+                 f"{100 * mean['au_pro']:.1f} | | | |")
+  return "\n".join(lines)
+
+
+def _heatmap_indices(labels: np.ndarray, defects: Sequence[str], count: int) -> list[int]:
+  """A few test images to draw: one per defect type first, then more anomalies, then good."""
+  chosen, seen = [], set()
+  for i, (label, defect) in enumerate(zip(labels, defects)):
+    if label and defect not in seen:
+      chosen.append(i)
+      seen.add(defect)
+  rest = [i for i in np.argsort(-labels, kind="stable") if i not in chosen]
+  return (chosen + [int(i) for i in rest])[:count]
+
+
+def _uint8_view(images_uint8: np.ndarray, resize: int, crop: int) -> np.ndarray:
+  """The resized, centre-cropped images as uint8, i.e. what the maps are aligned to."""
+  from spade_jax import preprocessing as pp  # pylint: disable=import-outside-toplevel
+  x = pp.preprocess(images_uint8, resize=resize, crop=crop)
+  x = x * np.asarray(pp.IMAGENET_STD, np.float32) + np.asarray(pp.IMAGENET_MEAN, np.float32)
+  return np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)
+
+
+def _category_result(scores: np.ndarray, maps: np.ndarray, masks: np.ndarray,
+                     labels: np.ndarray, n_train: int) -> dict[str, Any]:
+  """The metrics of one category (host NumPy)."""
+  from spade_jax import metrics  # pylint: disable=import-outside-toplevel
+  return {
+      "image_auroc": float(metrics.image_auroc(labels, scores)),
+      "pixel_auroc": float(metrics.pixel_auroc(masks, maps)),
+      "au_pro": float(metrics.au_pro(masks, maps)),
+      "n_train": int(n_train),
+      "n_test": int(len(labels)),
+  }
+
+
+def _write_heatmaps(heatmap_dir: pathlib.Path | None, num_heatmaps: int,
+                    images_of: Callable[[list[int]], np.ndarray], labels: np.ndarray,
+                    defects: Sequence[str], paths: Sequence[str], masks: np.ndarray,
+                    maps: np.ndarray, *, resize: int, crop: int) -> None:
+  """A few heatmap PNGs; images_of(indices) -> those test images [n, H, W, 3] uint8."""
+  from spade_jax import visualize  # pylint: disable=import-outside-toplevel
+  if heatmap_dir is None or num_heatmaps <= 0:
+    return
+  heatmap_dir.mkdir(parents=True, exist_ok=True)
+  picks = _heatmap_indices(labels, defects, num_heatmaps)
+  views = _uint8_view(images_of(picks), resize, crop)
+  vmax = float(np.max(maps))
+  vmin = float(np.min(maps))
+  for view, i in zip(views, picks):
+    name = pathlib.Path(paths[i]).with_suffix("").as_posix().replace("/", "_")
+    visualize.save_heatmap_png(heatmap_dir / f"{name}.png", view, masks[i], maps[i],
+                               vmin=vmin, vmax=vmax)
+
+
+def evaluate_category(spade, category_data, *, crop: int, resize: int,
+                      heatmap_dir: pathlib.Path | None, num_heatmaps: int,
+                      log: Callable[[str], None], mesh=None) -> dict[str, Any]:
+  """Fits on one category's normal images, scores its test set, returns its metrics."""
+  from spade_jax.preprocessing import preprocess_masks  # pylint: disable=import-outside-toplevel
+  start = time.perf_counter()
+  data = category_data
+  log(f"  fit on {len(data.train_images)} normal images")
+  index = spade.fit(data.train_images) if mesh is None else spade.fit(data.train_images,
+                                                                        mesh=mesh)
+  log(f"  score {len(data.test_images)} test images")
+  scores, maps = spade.score(index, data.test_images)
+  masks = preprocess_masks(data.test_masks, resize=resize, crop=crop)
+  labels = np.asarray(data.test_labels)
+  result = _category_result(scores, maps, masks, labels, len(data.train_images))
+  _write_heatmaps(heatmap_dir, num_heatmaps, lambda picks: data.test_images[picks], labels,
+                  data.test_defects, data.test_paths, masks, maps, resize=resize, crop=crop)
+  result["seconds"] = float(time.perf_counter() - start)
+  return result
+
+
+def evaluate_category_multiprocess(spade, data_dir: pathlib.Path, name: str, mesh, *,
+                                   crop: int, resize: int,
+                                   heatmap_dir: pathlib.Path | None, num_heatmaps: int,
+                                   log: Callable[[str], None]) -> dict[str, Any]:
+  """evaluate_category as one of several processes; every process returns the result.
+
+  Process p reads the images p::P; see the module docstring for the data flow.
+  """
+  from spade_jax import distributed  # pylint: disable=import-outside-toplevel
+  from spade_jax.data import mvtec  # pylint: disable=import-outside-toplevel
+  from spade_jax.preprocessing import preprocess_masks  # pylint: disable=import-outside-toplevel
+  start = time.perf_counter()
+  files = mvtec.scan_category(data_dir, name)
+  _, count = distributed.process_index_and_count()
+  if min(len(files.train), len(files.test)) < count:
+    raise ValueError(f"{name}: {len(files.train)} train / {len(files.test)} test images "
+                     f"cannot be shared by {count} processes (need >= 1 each)")
+  train_files, test_items = distributed.share(files.train), distributed.share(files.test)
+  log(f"  fit on {len(files.train)} normal images ({len(train_files)} read here)")
+  train = mvtec.stack_split([mvtec.read_rgb(f) for f in train_files],
+                            [files.relative(f) for f in train_files], f"{name} train")
+  pool, features = spade.extract(train)
+  index = spade.fit_features(pool, features, mesh=mesh, process_local=True)
+  log(f"  score {len(files.test)} test images ({len(test_items)} read here)")
+  examples = [mvtec.read_test_example(item) for item in test_items]
+  test_paths = [files.relative(item.path) for item in test_items]
+  test = mvtec.stack_split([image for image, _ in examples], test_paths, f"{name} test")
+  local_masks = mvtec.stack_split([mask for _, mask in examples], test_paths,
+                                  f"{name} test masks")
+  n_test = len(files.test)
+  pool, features = spade.extract(test)
+  pool = distributed.gather_shares(pool, n_test)
+  features = {l: distributed.gather_shares(v, n_test) for l, v in features.items()}
+  masks = distributed.gather_shares(preprocess_masks(local_masks, resize=resize, crop=crop),
+                                    n_test)
+  scores, maps = spade.score_features(index, pool, features)
+  labels = np.array([int(t.defect != mvtec.GOOD) for t in files.test], np.int32)
+  result = _category_result(scores, maps, masks, labels, len(files.train))
+  if jax_process_index() == 0:
+    all_paths = [files.relative(t.path) for t in files.test]
+    _write_heatmaps(
+        heatmap_dir, num_heatmaps,
+        lambda picks: np.stack([mvtec.read_test_example(files.test[i])[0] for i in picks]),
+        labels, [t.defect for t in files.test], all_paths, masks, maps, resize=resize,
+        crop=crop)
+  result["seconds"] = float(time.perf_counter() - start)
+  return result
+
+
+def jax_process_index() -> int:
+  """This process's index (0 without jax.distributed)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  return jax.process_index()
+
+
+def _categories_done(results: dict[str, Any] | None, todo: Sequence[str]) -> list[bool]:
+  """Which of `todo` process 0's results.json already has, on every process.
+
+  Raises:
+    ValueError: on processes > 0 when process 0 could not read its results.json.
+  """
+  from spade_jax import distributed  # pylint: disable=import-outside-toplevel
+  flags = np.zeros(len(todo) + 1, np.int32)
+  if results is not None:
+    flags[0] = 1
+    flags[1:] = [name in results["categories"] for name in todo]
+  flags = distributed.broadcast_from_first(flags)
+  if not flags[0]:
+    raise ValueError("process 0 refused its output_dir (see its error)")
+  return [bool(f) for f in flags[1:]]
+
+
+def evaluate(config: EvalConfig, *, output_dir: str | os.PathLike[str],
+             categories: Sequence[str] | None = None, batch_size: int = 8,
+             num_heatmaps: int = 4, mesh=None,
+             log: Callable[[str], None] = print) -> dict[str, Any]:
+  """Runs SPADE on every category of config.data_dir and writes results.json.
+
+  Args:
+    config: what determines the numbers (data, backbone, SPADE settings).
+    output_dir: where results.json and heatmaps/<category>/*.png go (created).
+    categories: names to evaluate; None means every category found.
+    batch_size: images per backbone call (does not change the numbers).
+    num_heatmaps: heatmap PNGs per category.
+    mesh: optional jax.sharding.Mesh with an axis "data" for sharded galleries (see
+      Spade.fit). Several processes (jax.distributed initialised): None means a 1-D
+      mesh "data" over every device of every process.
+    log: progress sink.
+
+  Returns:
+    The results dict, as written to <output_dir>/results.json (several processes:
+    process 0 writes it; every process returns the categories it ran).
+  """
+  # Imports here keep `--help` and config errors fast.
+  import jax  # pylint: disable=import-outside-toplevel
+  import spade_jax  # pylint: disable=import-outside-toplevel
+  from spade_jax.data import mvtec  # pylint: disable=import-outside-toplevel
+
+  multiprocess = jax.process_count() > 1
+  writer = jax.process_index() == 0
+  data_dir = pathlib.Path(config.data_dir)
+  found = mvtec.list_categories(data_dir)
+  if categories:
+    unknown = sorted(set(categories) - set(found))
+    if unknown:
+      raise ValueError(f"categories {unknown} are not in {data_dir}; found {found}")
+    todo = list(categories)
+  else:
+    todo = found
+  out = pathlib.Path(output_dir)
+  fresh = {"config": config.to_json(), "categories": {}, "mean": {}}
+  if writer:
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+      results = load_results(out, config)
+    except ValueError:
+      if multiprocess:
+        _categories_done(None, todo)  # Tell the other processes, then fail here too.
+      raise
+  else:
+    results = fresh
+  done = _categories_done(results, todo) if multiprocess else [
+      name in results["categories"] for name in todo]
+  spade_config = config.spade_config(batch_size)  # Validates the settings early.
+  backbone = spade_jax.load_backbone(config.backbone, weights=config.weights)
+  spade = spade_jax.Spade(backbone, spade_config)
+  if multiprocess and mesh is None:
+    mesh = jax.make_mesh((jax.device_count(),), ("data",))
+  for n, name in enumerate(todo, 1):
+    if done[n - 1]:
+      log(f"[{n}/{len(todo)}] {name}: already in {out / RESULTS_FILE}, skipped")
+      continue
+    log(f"[{n}/{len(todo)}] {name}: loading")
+    heatmap_dir = out / "heatmaps" / name
+    if multiprocess:
+      result = evaluate_category_multiprocess(
+          spade, data_dir, name, mesh, crop=config.crop, resize=config.resize,
+          heatmap_dir=heatmap_dir, num_heatmaps=num_heatmaps, log=log)
+    else:
+      data = mvtec.load_category(data_dir, name)
+      kwargs = {} if mesh is None else {"mesh": mesh}
+      result = evaluate_category(spade, data, crop=config.crop, resize=config.resize,
+                                 heatmap_dir=heatmap_dir, num_heatmaps=num_heatmaps, log=log,
+                                 **kwargs)
+    results["categories"][name] = result
+    results["mean"] = mean_metrics(results["categories"])
+    if writer:
+      _write_json_atomic(out / RESULTS_FILE, results)
+    log(f"[{n}/{len(todo)}] {name}: image AUROC {result['image_auroc']:.3f}, pixel AUROC "
+        f"{result['pixel_auroc']:.3f}, AU-PRO {result['au_pro']:.3f} ({result['seconds']:.1f} s)")
+  results["mean"] = mean_metrics(results["categories"])
+  if writer:
+    _write_json_atomic(out / RESULTS_FILE, results)
+  return results
