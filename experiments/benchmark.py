@@ -1,0 +1,130 @@
+r"""spade_jax performance suite: prints Markdown tables and writes a JSON file.
+
+  python experiments/benchmark.py                              # whole suite (4-7 min, 2 CPUs)
+  python experiments/benchmark.py --sections=knn,memory --output_md=/tmp/bench.md
+
+Sections (see BENCHMARKS.md for what each figure means):
+  backbone   images/s of resnet50 / wide_resnet50_2 / efficientnet_lite0, batch 8, 224^2
+  knn        spade_jax.knn GFLOP/s on the K=50 layer1 shape vs NumPy and jnp.dot matmul
+  pixel      seconds per test image of pixel scoring + anomaly maps (WRN50-2 shapes, K=50)
+  scaling    weak scaling of knn on a sharded gallery over 1, 2, 4, 8 fake CPU devices
+  memory     scoring working set (peak RSS - RSS with inputs) as the gallery grows 8x
+  precision  bfloat16 distances and lax.approx_min_k: speed and accuracy vs exact search
+"""
+
+from collections.abc import Sequence
+import json
+import pathlib
+import sys
+
+from absl import app
+from absl import flags
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import bench_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_SECTIONS = flags.DEFINE_list("sections", list(bench_lib.SECTIONS),
+                              f"Sections to run, from {', '.join(bench_lib.SECTIONS)}.")
+_OUTPUT_JSON = flags.DEFINE_string("output_json", "results/benchmark.json",
+                                   "Where the full results (JSON) go.")
+_OUTPUT_MD = flags.DEFINE_string("output_md", None, "Also write the Markdown tables here.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per figure (median); the "
+                                "first, compiling call is excluded.")
+# backbone
+_BACKBONES = flags.DEFINE_list("backbones", ["resnet50", "wide_resnet50_2",
+                                             "efficientnet_lite0"], "Backbones to time.")
+_BACKBONE_BATCH = flags.DEFINE_integer("backbone_batch", 8, "Images per forward pass.")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Input / anomaly-map side.")
+# knn (the K = 50 layer1 gallery of wide_resnet50_2: 50 * 56 * 56 rows of 256)
+_KNN_QUERIES = flags.DEFINE_integer("knn_queries", 3136, "Q: query rows (56 * 56).")
+_KNN_GALLERY = flags.DEFINE_integer("knn_gallery", 156800, "M: gallery rows (50 * 56 * 56).")
+_KNN_DIM = flags.DEFINE_integer("knn_dim", 256, "D: feature size.")
+_KNN_K = flags.DEFINE_integer("knn_k", 1, "Neighbours (SPADE's kappa = 1).")
+_KNN_REPEATS = flags.DEFINE_integer("knn_repeats", 5, "Timed rounds of the knn section "
+                                    "(knn, jnp.dot and NumPy take turns each round).")
+_REF_CHUNKS = flags.DEFINE_list("knn_ref_chunks", None, "Gallery rows per matmul block of "
+                                "the NumPy / jnp.dot references (best is reported). "
+                                "Default: knn's own chunk and 8192.")
+# pixel
+_PIXEL_K = flags.DEFINE_integer("pixel_k_images", 50, "K: training images in the gallery.")
+_PIXEL_TEST = flags.DEFINE_integer("pixel_num_test", 1, "Test images per scoring call.")
+_PIXEL_GRID = flags.DEFINE_integer("pixel_grid", 56, "layer1 side; layer2/3 are /2, /4.")
+_PIXEL_CHANNELS = flags.DEFINE_list("pixel_channels", ["256", "512", "1024"],
+                                    "Channels of layer1, layer2, layer3.")
+_PIXEL_COMBINE = flags.DEFINE_list("pixel_combine", ["ensemble", "cat"], "Combine modes.")
+_PIXEL_REPEATS = flags.DEFINE_integer("pixel_repeats", 2, "Timed calls per combine mode.")
+# scaling
+_SCALING_DEVICES = flags.DEFINE_list("scaling_devices", ["1", "2", "4", "8"],
+                                     "Fake CPU device counts (one subprocess each).")
+_SCALING_ROWS = flags.DEFINE_integer("scaling_rows_per_device", 19600,
+                                     "Gallery rows per device (weak scaling).")
+# memory
+_MEMORY_KINDS = flags.DEFINE_list(
+    "memory_kinds", list(bench_lib.MEMORY_KINDS), "What is scored as the gallery grows: "
+    "knn (gallery rows), pixel (training images in the memory bank, K fixed), pixel_k "
+    "(K, the per-test-image gallery).")
+_MEMORY_SCALES = flags.DEFINE_list("memory_scales", ["1", "2", "4", "8"],
+                                   "Gallery sizes, in multiples of the base size.")
+_MEMORY_ROWS = flags.DEFINE_integer("memory_knn_rows", 19600, "knn gallery rows at scale 1.")
+_MEMORY_K = flags.DEFINE_integer("memory_pixel_k_images", 6,
+                                 "K for pixel; K at scale 1 for pixel_k.")
+_MEMORY_TRAIN = flags.DEFINE_integer("memory_pixel_train_images", 25,
+                                     "Training images at scale 1 for pixel.")
+# precision
+_PRECISION_GALLERY = flags.DEFINE_integer("precision_gallery", 156800, "Gallery rows.")
+_PRECISION_K = flags.DEFINE_integer("precision_k", 1, "Neighbours (recall@k).")
+_RECALL_TARGET = flags.DEFINE_float("approx_recall_target", 0.95,
+                                    "lax.approx_min_k recall_target.")
+
+
+def _ints(values: Sequence[str]) -> list[int]:
+  return [int(v) for v in values]
+
+
+def section_kwargs() -> dict[str, dict]:
+  """Flags -> keyword arguments of each selected bench_lib section."""
+  repeats = _REPEATS.value
+  knn_shape = {"queries": _KNN_QUERIES.value, "dim": _KNN_DIM.value}
+  pyramid = {"grid": _PIXEL_GRID.value, "channels": _ints(_PIXEL_CHANNELS.value)}
+  every = {
+      "backbone": {"names": _BACKBONES.value, "batch": _BACKBONE_BATCH.value,
+                   "image_size": _IMAGE_SIZE.value, "repeats": repeats},
+      "knn": {**knn_shape, "gallery": _KNN_GALLERY.value, "k": _KNN_K.value,
+              "repeats": _KNN_REPEATS.value,
+              "ref_chunks": _ints(_REF_CHUNKS.value) if _REF_CHUNKS.value else None},
+      "pixel": {**pyramid, "k_images": _PIXEL_K.value, "num_test": _PIXEL_TEST.value,
+                "combine_modes": _PIXEL_COMBINE.value, "repeats": _PIXEL_REPEATS.value,
+                "image_size": _IMAGE_SIZE.value},
+      "scaling": {**knn_shape, "device_counts": _ints(_SCALING_DEVICES.value),
+                  "rows_per_device": _SCALING_ROWS.value, "k": _KNN_K.value,
+                  "repeats": repeats},
+      "memory": {**knn_shape, **pyramid, "kinds": _MEMORY_KINDS.value,
+                 "scales": _ints(_MEMORY_SCALES.value), "rows": _MEMORY_ROWS.value,
+                 "k_images": _MEMORY_K.value, "train_images": _MEMORY_TRAIN.value},
+      "precision": {**knn_shape, "gallery": _PRECISION_GALLERY.value,
+                    "k": _PRECISION_K.value, "repeats": repeats,
+                    "recall_target": _RECALL_TARGET.value},
+  }
+  unknown = sorted(set(_SECTIONS.value) - set(every))
+  if unknown:
+    raise app.UsageError(f"unknown --sections {unknown}; valid: {', '.join(every)}")
+  return {name: every[name] for name in _SECTIONS.value}
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  results = bench_lib.run_suite(section_kwargs())
+  table = bench_lib.markdown(results)
+  print(table)
+  json_path = pathlib.Path(_OUTPUT_JSON.value)
+  json_path.parent.mkdir(parents=True, exist_ok=True)
+  json_path.write_text(json.dumps(results, indent=1) + "\n")
+  print(f"wrote {_OUTPUT_JSON.value}")
+  if _OUTPUT_MD.value:
+    pathlib.Path(_OUTPUT_MD.value).write_text(table)
+    print(f"wrote {_OUTPUT_MD.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)

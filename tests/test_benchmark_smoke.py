@@ -1,0 +1,74 @@
+"""Smoke test of the performance suite (experiments/benchmark.py): every section runs
+at tiny sizes and produces its JSON keys. No timing is asserted (see BENCHMARKS.md)."""
+
+import json
+import pathlib
+import sys
+
+import pytest
+
+from spade_jax import distances
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "experiments"))
+import bench_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_TINY_QUERIES = {"queries": 24, "dim": 8}
+_TINY_PYRAMID = {"grid": 8, "channels": [4, 8, 16]}
+TINY = {
+    "backbone": {"names": ["resnet18"], "batch": 1, "image_size": 32, "repeats": 1},
+    "knn": {**_TINY_QUERIES, "gallery": 300, "k": 1, "repeats": 1, "ref_chunks": [128]},
+    "pixel": {**_TINY_PYRAMID, "k_images": 3, "num_test": 2,
+              "combine_modes": ["ensemble", "cat"], "repeats": 1, "image_size": 16},
+    "scaling": {**_TINY_QUERIES, "device_counts": [1, 2], "rows_per_device": 37, "k": 1,
+                "repeats": 1},
+    "memory": {**_TINY_QUERIES, **_TINY_PYRAMID, "kinds": ["knn"], "scales": [1, 2],
+               "rows": 200, "k_images": 2, "train_images": 4},
+    "precision": {**_TINY_QUERIES, "gallery": 301, "k": 3, "repeats": 1,
+                  "recall_target": 0.95},
+}
+
+
+@pytest.fixture(name="results", scope="module")
+def _results():
+  with pytest.MonkeyPatch.context() as mp:
+    # The precision section registers two bf16 metrics; keep the registry as it was.
+    mp.setattr(distances, "METRICS", dict(distances.METRICS))
+    return bench_lib.run_suite(TINY, log=lambda _: None)
+
+
+def test_every_section_runs(results):
+  assert list(results["sections"]) == list(bench_lib.SECTIONS)
+  for name, res in results["sections"].items():
+    assert not str(res.get("status", "")).startswith("error"), (name, res.get("status"))
+  json.dumps(results)  # JSON-serialisable.
+  for key in ("device_kind", "jax", "cpu_count"):
+    assert key in results["machine"]
+
+
+def test_section_keys(results):
+  sections = results["sections"]
+  assert {"images_per_s", "median_s"} <= set(sections["backbone"]["rows"][0])
+  knn = sections["knn"]
+  assert {"knn", "jax_dot", "numpy", "knn_vs_jax_dot", "knn_vs_numpy"} <= set(knn)
+  assert {"gflops", "blas", "chunk"} <= set(knn["numpy"])
+  assert [r["combine"] for r in sections["pixel"]["rows"]] == ["ensemble", "cat"]
+  assert "s_per_image" in sections["pixel"]["rows"][0]
+  memory = sections["memory"]
+  assert {"working_set_bytes", "inputs_rss_bytes"} <= set(memory["rows"][0])
+  assert "working_set_ratio" in memory["ratios"]["knn"]
+  precision = {r["variant"]: r for r in sections["precision"]["rows"]}
+  assert set(precision) == {"exact_f32", "bf16_matmul", "bf16_inputs", "approx_min_k"}
+  assert precision["exact_f32"]["recall_at_k"] == 1.0
+  scaling = sections["scaling"]
+  if scaling["status"] == "ok":
+    assert {"efficiency", "sharded_over_unsharded", "indices_match"} <= set(scaling["rows"][1])
+    assert all(r["indices_match"] == 1.0 for r in scaling["rows"])
+  else:  # spade_jax.sharding not there yet: reported, not crashed.
+    assert scaling["status"] == "unavailable: spade_jax.sharding missing", [
+        r.get("status") for r in scaling["rows"]]
+
+
+def test_markdown_has_every_section(results):
+  text = bench_lib.markdown(results)
+  for title in ("Backbone", "kNN", "Pixel", "scaling", "memory", "Precision"):
+    assert title in text
