@@ -30,7 +30,7 @@ import os
 import pathlib
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -92,25 +92,32 @@ def mean_metrics(categories: dict[str, dict[str, Any]]) -> dict[str, float]:
   return {m: float(np.mean([c[m] for c in categories.values()])) for m in METRIC_NAMES}
 
 
-def load_results(output_dir: str | os.PathLike[str], config: EvalConfig) -> dict[str, Any]:
+def load_results(output_dir: str | os.PathLike[str], config: EvalConfig,
+                 extra_config: dict[str, Any] | None = None) -> dict[str, Any]:
   """Reads <output_dir>/results.json for resuming; a fresh dict if there is none.
+
+  Args:
+    output_dir: the run's output folder.
+    config: this run's config.
+    extra_config: further settings recorded under "config" (e.g. a data set's own).
 
   Raises:
     ValueError: the file was written with another config (its numbers would
       not be comparable; use another output_dir).
   """
   path = pathlib.Path(output_dir) / RESULTS_FILE
-  fresh = {"config": config.to_json(), "categories": {}, "mean": {}}
+  config_json = {**config.to_json(), **(extra_config or {})}
+  fresh = {"config": config_json, "categories": {}, "mean": {}}
   if not path.exists():
     return fresh
   try:
     results = json.loads(path.read_text())
   except json.JSONDecodeError as e:
     raise ValueError(f"{path} is not valid JSON ({e}); move it away to start over.") from e
-  if results.get("config") != config.to_json():
+  if results.get("config") != config_json:
     raise ValueError(
         f"{path} was written with another config:\n  {results.get('config')}\n"
-        f"this run's config is:\n  {config.to_json()}\n"
+        f"this run's config is:\n  {config_json}\n"
         "Use another --output_dir (or delete the file) to evaluate this config.")
   results.setdefault("categories", {})
   return results
@@ -354,5 +361,39 @@ def evaluate(config: EvalConfig, *, output_dir: str | os.PathLike[str],
         f"{result['pixel_auroc']:.3f}, AU-PRO {result['au_pro']:.3f} ({result['seconds']:.1f} s)")
   results["mean"] = mean_metrics(results["categories"])
   if writer:
+    _write_json_atomic(out / RESULTS_FILE, results)
+  return results
+
+
+def evaluate_loaded(config: EvalConfig, datasets: Mapping[str, Any], *,
+                    output_dir: str | os.PathLike[str], batch_size: int = 8,
+                    num_heatmaps: int = 4, mesh=None, log: Callable[[str], None] = print,
+                    extra_config: dict[str, Any] | None = None) -> dict[str, Any]:
+  """evaluate() for data sets already read (e.g. STC), in one process.
+
+  Args:
+    config: the settings; config.data_dir is only recorded.
+    datasets: name -> spade_jax.data.mvtec.CategoryData.
+    output_dir, batch_size, num_heatmaps, mesh, log: as for evaluate().
+    extra_config: further settings recorded in results.json's "config".
+
+  Returns:
+    The results dict, in evaluate()'s results.json layout (resumable the same way).
+  """
+  import spade_jax  # pylint: disable=import-outside-toplevel
+  out = pathlib.Path(output_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  results = load_results(out, config, extra_config)
+  spade = spade_jax.Spade(spade_jax.load_backbone(config.backbone, weights=config.weights),
+                          config.spade_config(batch_size))
+  for name, data in datasets.items():
+    if name in results["categories"]:
+      log(f"{name}: already in {out / RESULTS_FILE}, skipped")
+      continue
+    results["categories"][name] = evaluate_category(
+        spade, data, crop=config.crop, resize=config.resize,
+        heatmap_dir=out / "heatmaps" / name, num_heatmaps=num_heatmaps, log=log,
+        **({} if mesh is None else {"mesh": mesh}))
+    results["mean"] = mean_metrics(results["categories"])
     _write_json_atomic(out / RESULTS_FILE, results)
   return results

@@ -142,3 +142,25 @@ def test_script_end_to_end(tiny_benchmark, tmp_path):
   results = json.loads((tmp_path / "results.json").read_text())
   _check_contract(results, ["brick"])
   assert results["config"]["resize"] == 96 and results["config"]["k_images"] == 4
+
+
+def test_stc_script_end_to_end(tmp_path):
+  from stc_fixtures import make_stc_tree  # pylint: disable=import-outside-toplevel
+  root = make_stc_tree(tmp_path / "stc")
+  out = tmp_path / "out"
+  proc = subprocess.run(
+      [sys.executable, str(REPO / "experiments" / "evaluate_stc.py"), f"--data_dir={root}",
+       "--backbone=efficientnet_lite0", "--size=64", "--num_heatmaps=1",
+       f"--output_dir={out}"],
+      capture_output=True, text=True, timeout=300,
+      env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  results = json.loads((out / "results.json").read_text())
+  _check_contract(results, ["stc"])
+  config = results["config"]
+  # The paper's STC settings are the defaults: K = 1, kappa = 1, 256 -> here 64, 1:5.
+  assert (config["k_images"], config["kappa"], config["frame_step"]) == (1, 1, 5)
+  assert config["dataset"] == "stc" and config["resize"] == config["crop"] == 64
+  assert results["categories"]["stc"]["n_train"] == 5  # 12 and 7 frames, every 5th.
+  assert results["categories"]["stc"]["n_test"] == 8
+  assert "| stc |" in proc.stdout
