@@ -29,12 +29,13 @@ import os
 import pathlib
 import pickle
 import struct
-import tempfile
 import zipfile
 from typing import Any, BinaryIO, Mapping
 
 import ml_dtypes
 import numpy as np
+
+from spade_jax import atomic
 
 PathLike = str | os.PathLike
 
@@ -354,19 +355,6 @@ def sniff_format(path: PathLike) -> str:
   return "unknown"
 
 
-def publish(tmp: PathLike, dest: PathLike) -> None:
-  """Gives a finished temp file the usual permissions and renames it to `dest`.
-
-  mkstemp creates files readable by the owner only; the final file should get
-  what a plain open() would give (0o666 minus the umask). os.replace is atomic
-  on one filesystem, so readers see the old file or the new one, never half.
-  """
-  umask = os.umask(0)
-  os.umask(umask)
-  os.chmod(tmp, 0o666 & ~umask)
-  os.replace(tmp, dest)
-
-
 def save_converted(path: PathLike, arrays: Mapping[str, np.ndarray],
                    metadata: Mapping[str, str] | None = None) -> pathlib.Path:
   """Writes {name: array} as .safetensors or .npz (by suffix), atomically.
@@ -389,18 +377,12 @@ def save_converted(path: PathLike, arrays: Mapping[str, np.ndarray],
       raise ValueError(f"{name}: cannot store dtype {array.dtype} in converted weights")
   meta = json.dumps(dict(metadata or {}), sort_keys=True)
   path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      if suffix == ".safetensors":
-        import safetensors.numpy  # pylint: disable=g-import-not-at-top
-        f.write(safetensors.numpy.save(arrays, metadata={_SAFETENSORS_META_KEY: meta}))
-      else:
-        np.savez(f, allow_pickle=False, **arrays, **{_NPZ_META_KEY: np.array(meta)})
-    publish(tmp, path)
-  except BaseException:
-    pathlib.Path(tmp).unlink(missing_ok=True)
-    raise
+  with atomic.atomic_path(path) as tmp, open(tmp, "wb") as f:
+    if suffix == ".safetensors":
+      import safetensors.numpy  # pylint: disable=g-import-not-at-top
+      f.write(safetensors.numpy.save(arrays, metadata={_SAFETENSORS_META_KEY: meta}))
+    else:
+      np.savez(f, allow_pickle=False, **arrays, **{_NPZ_META_KEY: np.array(meta)})
   return path
 
 

@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import pathlib
-import tempfile
 from typing import Any, Sequence
 
 from flax import struct
@@ -36,6 +35,7 @@ from safetensors import numpy as safetensors_numpy
 from safetensors import safe_open
 
 from spade_jax import anomaly_map
+from spade_jax import atomic
 from spade_jax import distances
 from spade_jax import scoring
 from spade_jax import sharding
@@ -417,17 +417,8 @@ def save_index(path: str | os.PathLike, index: SpadeIndex) -> None:
   metadata = {"format": INDEX_FORMAT, "version": INDEX_VERSION,
               "backbone": index.backbone_name, "feature_config": index.feature_config,
               "levels": json.dumps(list(index.train_features))}
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-  os.close(fd)
-  try:
-    _save_file(tensors, tmp, metadata)
-    with open(tmp, "rb") as f:
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  with atomic.atomic_path(path) as tmp:
+    _save_file(tensors, str(tmp), metadata)
 
 
 def load_index(path: str | os.PathLike,

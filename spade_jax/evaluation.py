@@ -28,13 +28,13 @@ import dataclasses
 import json
 import os
 import pathlib
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from spade_jax import atomic
 from spade_jax.detector import SpadeConfig
 
 _DEFAULT = SpadeConfig()
@@ -71,18 +71,8 @@ class EvalConfig:
 
 
 def _write_json_atomic(path: pathlib.Path, obj: Any) -> None:
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(obj, f, indent=2, sort_keys=False)
-      f.write("\n")
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  with atomic.atomic_path(path) as tmp:
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
 
 
 def mean_metrics(categories: dict[str, dict[str, Any]]) -> dict[str, float]:

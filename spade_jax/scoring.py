@@ -25,7 +25,7 @@ Combining the pyramid levels (layer1..3), both published ways:
 from __future__ import annotations
 
 import functools
-from typing import Mapping
+from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -186,24 +186,28 @@ def _stream_images(queries: Array, nbrs: Array, rows_of, rows_at, positions: int
   return jnp.mean(dist, axis=1)
 
 
-def _pixel_scores_one(test: dict[str, Array], train: dict[str, Array], nbrs: Array, *,
-                      levels: tuple[str, ...], grid: tuple[int, int], kappa: int,
-                      combine: str, metric: distances.Metric,
-                      images_per_chunk: tuple[int, ...],
-                      query_blocks: tuple[int, ...]) -> Array:
-  """Score map [H0, W0] of one test image (test[level]: [h, w, C]; nbrs: [K])."""
+def pyramid_scores(test: dict[str, Array], train: dict[str, Array], nbrs: Array, *,
+                   levels: tuple[str, ...], grid: tuple[int, int], combine: str,
+                   images_per_chunk: tuple[int, ...], query_blocks: tuple[int, ...],
+                   stream: Callable[..., Array]) -> Array:
+  """Score map [H0, W0] of one test image (test[level]: [h, w, C]; nbrs: [K]).
+
+  The combine logic of SPADE, shared by the single-device and the sharded paths;
+  `stream(queries [P, C], nbrs, *, rows_of, rows_at, positions, images_per_chunk,
+  query_block) -> [P]` is the search of the positions of the K images (the sharded
+  one searches only the images a device holds and merges over the mesh).
+  """
   if combine == "ensemble":
     maps = []
     for level, b, qb in zip(levels, images_per_chunk, query_blocks):
       h, w, c = test[level].shape
       feats = train[level]
       flat = feats.reshape(feats.shape[0], h * w, c)
-      scores = _stream_images(
+      scores = stream(
           test[level].reshape(h * w, c), nbrs,
           rows_of=lambda ids, flat=flat, c=c: flat[ids].reshape(-1, c),
           rows_at=lambda img, pos, flat=flat: flat[img, pos],
-          positions=h * w, images_per_chunk=b, kappa=kappa, metric=metric,
-          query_block=qb)
+          positions=h * w, images_per_chunk=b, query_block=qb)
       maps.append(_resize_rows(scores.reshape(1, h, w, 1), grid)[0, ..., 0])
     return jnp.mean(jnp.stack(maps), axis=0)
 
@@ -221,9 +225,25 @@ def _pixel_scores_one(test: dict[str, Array], train: dict[str, Array], nbrs: Arr
     return jnp.concatenate([_resize_at(train[level], img, pos, grid) for level in levels],
                            axis=-1)
 
-  scores = _stream_images(queries, nbrs, rows_of, rows_at, positions, images_per_chunk[0],
-                          kappa, metric, query_blocks[0])
+  scores = stream(queries, nbrs, rows_of=rows_of, rows_at=rows_at, positions=positions,
+                  images_per_chunk=images_per_chunk[0], query_block=query_blocks[0])
   return scores.reshape(grid)
+
+
+def _pixel_scores_one(test: dict[str, Array], train: dict[str, Array], nbrs: Array, *,
+                      levels: tuple[str, ...], grid: tuple[int, int], kappa: int,
+                      combine: str, metric: distances.Metric,
+                      images_per_chunk: tuple[int, ...],
+                      query_blocks: tuple[int, ...]) -> Array:
+  """Score map [H0, W0] of one test image, all K images on this device."""
+
+  def stream(queries, nbrs, *, rows_of, rows_at, positions, images_per_chunk, query_block):
+    return _stream_images(queries, nbrs, rows_of, rows_at, positions, images_per_chunk,
+                          kappa, metric, query_block)
+
+  return pyramid_scores(test, train, nbrs, levels=levels, grid=grid, combine=combine,
+                        images_per_chunk=images_per_chunk, query_blocks=query_blocks,
+                        stream=stream)
 
 
 @functools.partial(jax.jit, static_argnames=("levels", "grid", "kappa", "combine", "metric",

@@ -14,7 +14,7 @@ device along the gallery axis
 
 So the result equals scoring.pixel_scores on one device. Test images are spread over
 the other mesh axes (padded to a multiple, sliced off). Both combine modes ("ensemble",
-"cat") follow scoring._pixel_scores_one step by step.
+"cat") are scoring.pyramid_scores itself, with this module's search plugged in.
 """
 
 from __future__ import annotations
@@ -36,9 +36,6 @@ from spade_jax import sharding
 from spade_jax.sharding import ShardedGallery
 
 Array = jax.Array
-# The single-device kernel's resizing helpers, shared so both paths resize alike.
-_resize_rows = scoring._resize_rows  # pylint: disable=protected-access
-_resize_at = scoring._resize_at  # pylint: disable=protected-access
 
 
 def _held_stream(queries: Array, nbrs: Array, offset: Array, shard_rows: int,
@@ -114,36 +111,9 @@ def _pixel_scores_one(test: dict[str, Array], train: dict[str, Array], nbrs: Arr
   """Score map [H0, W0] of one test image; train[level]: this device's [R/A, h, w, C]."""
   stream = functools.partial(_held_stream, offset=offset, shard_rows=shard_rows,
                              kappa=kappa, axis=axis, metric=metric)
-  if combine == "ensemble":
-    maps = []
-    for level, b, qb in zip(levels, images_per_chunk, query_blocks):
-      h, w, c = test[level].shape
-      feats = train[level]
-      flat = feats.reshape(feats.shape[0], h * w, c)
-      scores = stream(
-          test[level].reshape(h * w, c), nbrs,
-          rows_of=lambda ids, flat=flat, c=c: flat[ids].reshape(-1, c),
-          rows_at=lambda img, pos, flat=flat: flat[img, pos],
-          positions=h * w, images_per_chunk=b, query_block=qb)
-      maps.append(_resize_rows(scores.reshape(1, h, w, 1), grid)[0, ..., 0])
-    return jnp.mean(jnp.stack(maps), axis=0)
-
-  positions = grid[0] * grid[1]
-  queries = jnp.concatenate(
-      [_resize_rows(test[level][None].astype(jnp.float32), grid)[0] for level in levels],
-      axis=-1).reshape(positions, -1)
-
-  def rows_of(ids):
-    parts = [_resize_rows(train[level][ids].astype(jnp.float32), grid) for level in levels]
-    return jnp.concatenate(parts, axis=-1).reshape(ids.shape[0] * positions, -1)
-
-  def rows_at(img, pos):
-    return jnp.concatenate([_resize_at(train[level], img, pos, grid) for level in levels],
-                           axis=-1)
-
-  scores = stream(queries, nbrs, rows_of=rows_of, rows_at=rows_at, positions=positions,
-                  images_per_chunk=images_per_chunk[0], query_block=query_blocks[0])
-  return scores.reshape(grid)
+  return scoring.pyramid_scores(test, train, nbrs, levels=levels, grid=grid, combine=combine,
+                                images_per_chunk=images_per_chunk, query_blocks=query_blocks,
+                                stream=stream)
 
 
 @functools.partial(jax.jit, static_argnames=("levels", "grid", "kappa", "combine", "metric",

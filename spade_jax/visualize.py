@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import os
 import pathlib
-import tempfile
 
 import numpy as np
 import PIL.Image
 from scipy import ndimage
+
+from spade_jax import atomic
 
 CONTOUR_RGB = (255, 0, 0)
 _GAP = 4  # White pixels between panels.
@@ -106,13 +107,6 @@ def save_heatmap_png(path: str | os.PathLike, image: np.ndarray, mask: np.ndarra
   figure = render_heatmap(image, mask, anomaly_map, vmin=vmin, vmax=vmax, alpha=alpha)
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      PIL.Image.fromarray(figure).save(f, format="png")
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  with atomic.atomic_path(path) as tmp:
+    PIL.Image.fromarray(figure).save(tmp, format="png")
   return path

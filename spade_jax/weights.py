@@ -21,7 +21,7 @@ import urllib.error
 import urllib.request
 
 from spade_jax import paths
-from spade_jax.checkpoint import publish
+from spade_jax.atomic import publish
 
 _TORCHVISION = "https://download.pytorch.org/models/"
 
