@@ -27,6 +27,7 @@ import os
 import pathlib
 from typing import Any, Sequence
 
+from absl import logging
 from flax import struct
 import jax
 import jax.numpy as jnp
@@ -220,6 +221,9 @@ class Spade:
       missing = [l for l in (*self.config.layers, "pool") if l not in out]
       if missing:
         raise ValueError(f"backbone {self.backbone.name!r} returned no {missing}")
+      # Progress on long extractions (e.g. thousands of STC frames), at most every 10 s.
+      logging.log_every_n_seconds(logging.INFO, "%s: features of %d / %d images", 10, what,
+                                  min(start + step, count), count)
       yield out["pool"], {l: out[l] for l in self.config.layers}
 
   def _features(self, images, what: str) -> tuple[Array, dict[str, Array]]:
