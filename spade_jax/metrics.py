@@ -43,6 +43,29 @@ def _as_scores(scores, name: str) -> np.ndarray:
   return scores
 
 
+def _sort_with_payload(scores: np.ndarray, payload: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Sorts flat scores ascending and carries a payload along: (sorted scores, payload).
+
+  float32 scores with a payload < 2**32 take a fast path: the score's bits are mapped
+  to an order-preserving uint32 key and packed with the payload into one uint64, so a
+  plain np.sort (several times faster than np.argsort on ~1e8 pixels) does the work.
+  Order among equal scores is unspecified: callers group ties by float equality on
+  the sorted scores (so -0.0 and +0.0, adjacent in key order, are one group). Other
+  dtypes (float64 has no room for a payload) use argsort.
+  """
+  if scores.dtype == np.float32 and (payload.size == 0 or int(payload.max()) < 2**32):
+    bits = scores.view(np.uint32)
+    negative = (bits >> np.uint32(31)).astype(bool)
+    key = np.where(negative, ~bits, bits | np.uint32(0x80000000)).astype(np.uint64)
+    packed = np.sort((key << np.uint64(32)) | payload.astype(np.uint64))
+    key = (packed >> np.uint64(32)).astype(np.uint32)
+    negative = ~(key >> np.uint32(31)).astype(bool)
+    bits = np.where(negative, ~key, key & np.uint32(0x7FFFFFFF))
+    return bits.view(np.float32), (packed & np.uint64(0xFFFFFFFF)).astype(payload.dtype)
+  order = np.argsort(scores)
+  return scores[order], payload[order]
+
+
 def _roc_auc(labels: np.ndarray, scores: np.ndarray, what: str) -> float:
   """AUROC of flat bool labels vs flat scores via average ranks (ties count 1/2)."""
   num_pos = int(labels.sum())
@@ -50,14 +73,13 @@ def _roc_auc(labels: np.ndarray, scores: np.ndarray, what: str) -> float:
   if num_pos == 0 or num_neg == 0:
     raise ValueError(f"{what} needs both anomalous and normal samples; got {num_pos} "
                      f"anomalous and {num_neg} normal")
-  order = np.argsort(scores)  # Ties are grouped below: stability is moot.
-  sorted_scores = scores[order]
+  sorted_scores, sorted_labels = _sort_with_payload(scores, labels.astype(np.uint8))
   # Average rank (1-based) of each group of equal scores.
   starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
   ends = np.r_[starts[1:], sorted_scores.size]
   group_rank = 0.5 * (starts + 1 + ends)
   group_of = np.repeat(np.arange(starts.size), ends - starts)
-  pos_rank_sum = group_rank[group_of][labels[order]].sum(dtype=np.float64)
+  pos_rank_sum = group_rank[group_of][sorted_labels.astype(bool)].sum(dtype=np.float64)
   u = pos_rank_sum - num_pos * (num_pos + 1) / 2.0
   return float(u / (num_pos * num_neg))
 
@@ -138,9 +160,8 @@ def pro_curve(masks, maps) -> tuple[np.ndarray, np.ndarray]:
   pixel_weight[0] = 0.0
 
   scores = maps.ravel()
-  order = np.argsort(scores)[::-1]  # Ties are grouped below: stability is moot.
-  ids = region_ids.ravel()[order]
-  sorted_scores = scores[order]
+  sorted_scores, ids = _sort_with_payload(scores, region_ids.ravel())
+  sorted_scores, ids = sorted_scores[::-1], ids[::-1]  # Descending score order.
   fps = np.cumsum(ids == 0, dtype=np.float64)
   overlap = np.cumsum(pixel_weight[ids])
   # One point per threshold: keep the last pixel of each run of equal scores.

@@ -137,3 +137,18 @@ def test_bad_input(call, match):
   masks = _random_masks(rng, 2, 6, 6)
   with pytest.raises(ValueError, match=match):
     call(masks, rng.random(masks.shape))
+
+
+def test_float32_fast_sort_matches_argsort_path_with_ties_and_signed_zeros():
+  rng = np.random.default_rng(7)
+  masks = np.zeros((3, 20, 20), bool)
+  masks[0, 2:6, 3:9] = masks[1, 10:12, 10:18] = masks[2, 15:19, 1:4] = True
+  maps = np.round(rng.normal(size=masks.shape) * 4 + masks * 3).astype(np.float32)
+  maps[0, 2, 3:9] = -0.0  # Inside a region: -0.0 and +0.0 are one threshold.
+  maps[0, 1, :6] = 0.0  # Outside.
+  maps[1, 0, :4] = -np.float32(3.5)
+  assert maps.dtype == np.float32
+  reference = roc_auc_score(masks.ravel(), maps.ravel().astype(np.float64))
+  assert metrics.pixel_auroc(masks, maps) == pytest.approx(reference, abs=1e-12)
+  assert metrics.au_pro(masks, maps) == pytest.approx(
+      metrics.au_pro(masks, maps.astype(np.float64)), abs=1e-12)
