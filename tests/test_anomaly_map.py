@@ -6,26 +6,12 @@ from scipy import ndimage
 
 import spade_jax
 from spade_jax import anomaly_map
+import numpy_reference as reference
 
 
 def _bilinear_ref(x, out_h, out_w):
-  """[N, h, w] float64, one output pixel at a time from torch's definition:
-  src = (dst + 0.5) * in / out - 0.5, clamped at 0; lerp floor / floor + 1 (edge)."""
-  n, h, w = x.shape
-  out = np.zeros((n, out_h, out_w))
-  for oy in range(out_h):
-    sy = max((oy + 0.5) * h / out_h - 0.5, 0.0)
-    y0 = min(int(sy), h - 1)
-    y1 = y0 + 1 if y0 < h - 1 else y0
-    ly = sy - y0
-    for ox in range(out_w):
-      sx = max((ox + 0.5) * w / out_w - 0.5, 0.0)
-      x0 = min(int(sx), w - 1)
-      x1 = x0 + 1 if x0 < w - 1 else x0
-      lx = sx - x0
-      out[:, oy, ox] = ((1 - ly) * (1 - lx) * x[:, y0, x0] + (1 - ly) * lx * x[:, y0, x1] +
-                        ly * (1 - lx) * x[:, y1, x0] + ly * lx * x[:, y1, x1])
-  return out
+  """[N, h, w] -> [N, out_h, out_w] float64 through the shared reference."""
+  return np.moveaxis(reference.bilinear(np.moveaxis(x, 0, -1), out_h, out_w), -1, 0)
 
 
 def test_upsample_hand_case():

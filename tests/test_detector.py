@@ -9,8 +9,8 @@ from scipy import ndimage
 import spade_jax
 from spade_jax import detector
 from spade_fake_backbone import FakeBackbone
+import numpy_reference as reference
 from test_anomaly_map import _bilinear_ref
-from test_scoring import _dist_ref, _pixel_ref
 
 CONFIG = spade_jax.SpadeConfig(k_images=3, k_image_score=2, resize=72, crop=64,
                                batch_size=3, layers=("layer1", "layer2", "layer3"))
@@ -65,11 +65,11 @@ def test_score_matches_numpy_reference(fitted, combine):
   from spade_jax.preprocessing import preprocess  # pylint: disable=import-outside-toplevel
   feats = spade.backbone(preprocess(test, resize=72, crop=64))
   feats = {k: np.asarray(v) for k, v in feats.items()}
-  d = _dist_ref(feats["pool"], np.asarray(index.train_pool), "l2")
+  d = reference.distances(feats["pool"], np.asarray(index.train_pool), "l2")
   order = np.argsort(d, axis=1, kind="stable")
   np.testing.assert_allclose(scores, np.sort(d, 1)[:, :2].mean(1), rtol=1e-5, atol=1e-5)
   levels = CONFIG.layers
-  score_maps = _pixel_ref({l: feats[l] for l in levels},
+  score_maps = reference.pixel_scores({l: feats[l] for l in levels},
                           {l: np.asarray(index.train_features[l]) for l in levels},
                           order[:, :3], 1, combine, "l2")
   ref = np.stack([ndimage.gaussian_filter(m, 4.0, mode="reflect", truncate=4.0)

@@ -4,66 +4,12 @@ import numpy as np
 import pytest
 
 from spade_jax import scoring
+import numpy_reference as reference
 
 # Distances are recomputed exactly (difference form) in float32 from float32 features
 # of magnitude ~1; the float64 reference then agrees to a few float32 ulps of the
 # distance; bilinear averaging adds a few more roundings.
 RTOL, ATOL = 1e-5, 1e-5
-
-
-def _bilinear_ref(x, out_h, out_w):
-  """torch align_corners=False bilinear of [h, w, ...] written from the definition."""
-  h, w = x.shape[:2]
-  out = np.zeros((out_h, out_w) + x.shape[2:], np.float64)
-  for oy in range(out_h):
-    sy = max((oy + 0.5) * h / out_h - 0.5, 0.0)
-    y0 = min(int(np.floor(sy)), h - 1)
-    y1 = min(y0 + 1, h - 1)
-    ly = sy - y0
-    for ox in range(out_w):
-      sx = max((ox + 0.5) * w / out_w - 0.5, 0.0)
-      x0 = min(int(np.floor(sx)), w - 1)
-      x1 = min(x0 + 1, w - 1)
-      lx = sx - x0
-      out[oy, ox] = ((1 - ly) * ((1 - lx) * x[y0, x0] + lx * x[y0, x1]) +
-                     ly * ((1 - lx) * x[y1, x0] + lx * x[y1, x1]))
-  return out
-
-
-def _dist_ref(a, b, metric):
-  """[P, D], [G, D] -> [P, G] float64 distances."""
-  a = a.astype(np.float64)
-  b = b.astype(np.float64)
-  if metric == "cosine":
-    a = a / np.linalg.norm(a, axis=1, keepdims=True)
-    b = b / np.linalg.norm(b, axis=1, keepdims=True)
-    return 1.0 - a @ b.T
-  sq = ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
-  return np.sqrt(sq) if metric == "l2" else sq
-
-
-def _pixel_ref(test, train, nbrs, kappa, combine, metric):
-  levels = list(test)
-  grid = max((test[l].shape[1:3] for l in levels), key=lambda s: s[0] * s[1])
-  out = []
-  for i in range(nbrs.shape[0]):
-    if combine == "cat":
-      up = lambda f: _bilinear_ref(f, *grid) if f.shape[:2] != grid else f.astype(np.float64)
-      q = np.concatenate([up(test[l][i]) for l in levels], -1).reshape(-1, sum(
-          test[l].shape[-1] for l in levels))
-      g = np.concatenate([np.concatenate([up(train[l][j]) for l in levels], -1)
-                          .reshape(q.shape[0], -1) for j in nbrs[i]])
-      d = np.sort(_dist_ref(q, g, metric), axis=1)[:, :kappa].mean(1)
-      out.append(d.reshape(grid))
-    else:
-      maps = []
-      for l in levels:
-        h, w, c = test[l].shape[1:]
-        g = np.concatenate([train[l][j].reshape(-1, c) for j in nbrs[i]])
-        d = np.sort(_dist_ref(test[l][i].reshape(-1, c), g, metric), axis=1)
-        maps.append(_bilinear_ref(d[:, :kappa].mean(1).reshape(h, w), *grid))
-      out.append(np.mean(maps, 0))
-  return np.stack(out)
 
 
 def _pyramid(rng, n, sizes=((8, 8, 4), (4, 4, 6), (2, 2, 5))):
@@ -78,7 +24,7 @@ def test_image_scores_match_reference(metric, k, num_neighbors):
   test = rng.standard_normal((6, 16)).astype(np.float32)
   train = rng.standard_normal((9, 16)).astype(np.float32)
   scores, idx = scoring.image_scores(test, train, k, metric, num_neighbors=num_neighbors)
-  ref = _dist_ref(test, train, metric)
+  ref = reference.distances(test, train, metric)
   order = np.argsort(ref, axis=1, kind="stable")
   np.testing.assert_allclose(scores, np.sort(ref, 1)[:, :k].mean(1), rtol=RTOL, atol=ATOL)
   np.testing.assert_array_equal(idx, order[:, :num_neighbors or k])
@@ -94,7 +40,7 @@ def test_pixel_scores_match_reference(combine, kappa, chunk, batch, metric):
   nbrs = np.stack([rng.permutation(7)[:5] for _ in range(3)]).astype(np.int32)
   got = scoring.pixel_scores(test, train, nbrs, kappa=kappa, combine=combine,
                              metric=metric, images_per_chunk=chunk, test_batch_size=batch)
-  ref = _pixel_ref(test, train, nbrs, kappa, combine, metric)
+  ref = reference.pixel_scores(test, train, nbrs, kappa, combine, metric)
   assert got.shape == (3, 8, 8)
   np.testing.assert_allclose(got, ref, rtol=RTOL, atol=ATOL)
 
@@ -106,7 +52,7 @@ def test_pixel_scores_single_level_non_square():
   nbrs = np.array([[0, 1], [3, 2]], np.int32)
   for combine in ("ensemble", "cat"):
     got = scoring.pixel_scores(test, train, nbrs, combine=combine)
-    np.testing.assert_allclose(got, _pixel_ref(test, train, nbrs, 1, combine, "l2"),
+    np.testing.assert_allclose(got, reference.pixel_scores(test, train, nbrs, 1, combine, "l2"),
                                rtol=RTOL, atol=ATOL)
 
 
