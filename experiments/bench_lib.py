@@ -44,6 +44,7 @@ if str(_REPO_ROOT) not in sys.path:  # Run from a checkout without `pip install 
   sys.path.insert(0, str(_REPO_ROOT))
 
 import spade_jax  # pylint: disable=g-import-not-at-top
+from spade_jax import cpu_kernel  # pylint: disable=g-import-not-at-top
 from spade_jax import distances  # pylint: disable=g-import-not-at-top
 from spade_jax import neighbors  # pylint: disable=g-import-not-at-top
 
@@ -139,10 +140,12 @@ def _git_head() -> str | None:
 
 
 def _library_digest() -> str:
-  """sha256 (12 hex) of spade_jax/**/*.py as measured (the tree may be uncommitted)."""
+  """sha256 (12 hex) of spade_jax/**/*.py and *.cc as measured (the tree may be
+  uncommitted)."""
   import hashlib  # pylint: disable=import-outside-toplevel
   digest = hashlib.sha256()
-  for path in sorted((_REPO_ROOT / "spade_jax").rglob("*.py")):
+  root = _REPO_ROOT / "spade_jax"
+  for path in sorted([*root.rglob("*.py"), *root.rglob("*.cc")]):
     digest.update(path.read_bytes())
   return digest.hexdigest()[:12]
 
@@ -324,14 +327,37 @@ class NumpyMatmul:
     self.close()
 
 
-def knn_blocking(queries: int, gallery: int) -> dict[str, int | None]:
+def knn_blocking(queries: int, gallery: int) -> dict[str, Any]:
   """knn's default blocking for this shape, for the report (its API has changed before)."""
+  out: dict[str, Any] = {"chunk": None, "query_block": None}
   if hasattr(neighbors, "default_blocks"):
     chunk, query_block = neighbors.default_blocks(queries, gallery)
-    return {"chunk": int(chunk), "query_block": int(query_block)}
-  if hasattr(neighbors, "default_chunk_size"):
-    return {"chunk": int(neighbors.default_chunk_size(queries, gallery)), "query_block": None}
-  return {"chunk": None, "query_block": None}
+    out = {"chunk": int(chunk), "query_block": int(query_block)}
+  elif hasattr(neighbors, "default_chunk_size"):
+    out["chunk"] = int(neighbors.default_chunk_size(queries, gallery))
+  return out
+
+
+def cpu_kernel_info() -> dict[str, Any]:
+  """Whether knn's default ("auto") path runs the CPU kernel here, and its blocking."""
+  used = jax.default_backend() == "cpu" and cpu_kernel.available()
+  return {"cpu_kernel": used, "why_not": "" if used else (
+      cpu_kernel.unavailable_reason() or f"backend is {jax.default_backend()}"),
+          "kernel_query_block": cpu_kernel.QUERY_BLOCK, "kernel_sub_chunk": cpu_kernel.SUB_CHUNK}
+
+
+@functools.partial(jax.jit, static_argnames=("k", "query_block", "sub_chunk"))
+def kernel_search(q: jax.Array, g: jax.Array, *, k: int, query_block: int,
+                  sub_chunk: int) -> tuple[jax.Array, jax.Array]:
+  """knn's CPU-kernel search (as in neighbors.local_knn, L2) with explicit sgemm blocks;
+  for the blocking sweep only (proxies, no exact recompute)."""
+  metric = distances.L2
+  bank, extra = cpu_kernel.gallery_parts(metric, g)
+  best = (jnp.full((q.shape[0], k), jnp.inf, jnp.float32),
+          jnp.full((q.shape[0], k), -1, jnp.int32))
+  return cpu_kernel.topk(metric.embed_queries(q), bank[None], extra[None],
+                         jnp.zeros((1,), jnp.int32), *best, query_block=query_block,
+                         sub_chunk=sub_chunk)
 
 
 def _rate(timing: dict[str, Any], flops: float, **extra) -> dict[str, Any]:
@@ -340,34 +366,52 @@ def _rate(timing: dict[str, Any], flops: float, **extra) -> dict[str, Any]:
 
 
 def knn_section(queries: int, gallery: int, dim: int, k: int, repeats: int,
-                ref_chunks: Sequence[int] | None = None) -> dict[str, Any]:
+                ref_chunks: Sequence[int] | None = None,
+                kernel_blocks: Sequence[tuple[int, int]] = ()) -> dict[str, Any]:
   """spade_jax.knn GFLOP/s vs NumPy's and jnp.dot's matmul rate, same shapes, same run.
 
-  The three take turns, so a load change on a shared machine hits all of them.
+  knn runs twice: its default path (the CPU kernel, when it is built and the backend is
+  CPU) and kernel="xla". kernel_blocks: (query_block, sub_chunk) pairs of the CPU
+  kernel to time as well (kernel_search). All of them take turns, so a load change on
+  a shared machine hits all of them.
   """
   q, g = random_normal(1, (queries, dim)), random_normal(2, (gallery, dim))
   flops = 2.0 * queries * gallery * dim
   blocking = knn_blocking(queries, gallery)
+  kernel = cpu_kernel_info()
   chunks = sorted({min(c, gallery) for c in (ref_chunks or (blocking["chunk"] or 2048, 8192))})
+  sweep = [(qb, sc) for qb, sc in kernel_blocks if kernel["cpu_kernel"]]
   with NumpyMatmul(queries=queries, gallery=gallery, dim=dim, chunks=chunks,
                    seed_queries=1, seed_gallery=2) as ref:
-    fns = {"knn": lambda: spade_jax.knn(q, g, k, check_finite_inputs=False)}
+    fns = {"knn": lambda: spade_jax.knn(q, g, k, check_finite_inputs=False),
+           "knn_xla": lambda: spade_jax.knn(q, g, k, check_finite_inputs=False,
+                                            kernel="xla")}
     fns.update({f"jax_dot/{c}": functools.partial(jax_dot_pass, q, g, c) for c in chunks})
     fns.update({f"numpy/{c}": functools.partial(ref.run, c) for c in chunks})
+    fns.update({f"kernel/{qb}x{sc}": functools.partial(
+        kernel_search, q, g, k=k, query_block=qb, sub_chunk=sc) for qb, sc in sweep})
     timings = time_interleaved(fns, repeats)
     blas = ref.info
-  knn = _rate(timings["knn"], flops, **blocking)
+  knn = _rate(timings["knn"], flops, **blocking, **kernel)
+  knn_xla = _rate(timings["knn_xla"], flops, **blocking)
   dots = [_rate(timings[f"jax_dot/{c}"], flops, chunk=c) for c in chunks]
   nps = [_rate(timings[f"numpy/{c}"], flops, chunk=c) for c in chunks]
   jax_dot = max(dots, key=lambda d: d["gflops"])
   numpy_ref = {**max(nps, key=lambda d: d["gflops"]), **blas}
+  swept = [_rate(timings[f"kernel/{qb}x{sc}"], flops, query_block=qb, sub_chunk=sc)
+           for qb, sc in sweep]
+  for row in swept:
+    row["vs_numpy"] = row["gflops"] / numpy_ref["gflops"]
   return {"queries": queries, "gallery": gallery, "dim": dim, "k": k, "flops": flops,
-          "knn": knn, "jax_dot": jax_dot, "numpy": numpy_ref, "jax_dot_all": dots,
-          "numpy_all": nps, "parent_blas_env": {n: os.environ.get(n) for n in _BLAS_ENV_UNSET},
+          "knn": knn, "knn_xla": knn_xla, "jax_dot": jax_dot, "numpy": numpy_ref,
+          "jax_dot_all": dots, "numpy_all": nps, "kernel_blocks": swept,
+          "parent_blas_env": {n: os.environ.get(n) for n in _BLAS_ENV_UNSET},
           "target": KNN_TARGET,
           "knn_vs_numpy": knn["gflops"] / numpy_ref["gflops"],
           "knn_vs_numpy_best": knn["gflops_best"] / numpy_ref["gflops_best"],
           "knn_vs_jax_dot": knn["gflops"] / jax_dot["gflops"],
+          "knn_xla_vs_numpy": knn_xla["gflops"] / numpy_ref["gflops"],
+          "knn_xla_vs_jax_dot": knn_xla["gflops"] / jax_dot["gflops"],
           "jax_dot_vs_numpy": jax_dot["gflops"] / numpy_ref["gflops"],
           "meets_target": knn["gflops"] / numpy_ref["gflops"] >= KNN_TARGET,
           "meets_target_best": knn["gflops_best"] / numpy_ref["gflops_best"] >= KNN_TARGET}
@@ -841,12 +885,24 @@ def _md_backbone(r):
 def _md_knn(r):
   knn, dot, ref = r["knn"], r["jax_dot"], r["numpy"]
   qb = f" x {knn['query_block']} queries" if knn.get("query_block") else ""
-  rows = [["spade_jax.knn", f"{knn['chunk']}{qb}", _f(knn["median_s"]), _f(knn["gflops"]),
-           _f(knn["gflops_best"]), _f(r["knn_vs_numpy"]), _f(r["knn_vs_jax_dot"])],
-          ["jnp.dot in chunks (jit)", dot["chunk"], _f(dot["median_s"]), _f(dot["gflops"]),
-           _f(dot["gflops_best"]), _f(r["jax_dot_vs_numpy"]), "1"],
-          ["NumPy q @ g.T in chunks", ref["chunk"], _f(ref["median_s"]), _f(ref["gflops"]),
-           _f(ref["gflops_best"]), "1", _f(1 / r["jax_dot_vs_numpy"])]]
+  knn_xla = r.get("knn_xla")
+  if knn.get("cpu_kernel"):
+    name = "spade_jax.knn (CPU kernel)"
+    block = (f"whole gallery; sgemm blocks {knn['kernel_query_block']} queries x "
+             f"{knn['kernel_sub_chunk']} rows")
+  else:
+    name = "spade_jax.knn" + (f" (no CPU kernel: {knn['why_not']})" if "why_not" in knn else "")
+    block = f"{knn['chunk']}{qb}"
+  rows = [[name, block, _f(knn["median_s"]), _f(knn["gflops"]), _f(knn["gflops_best"]),
+           _f(r["knn_vs_numpy"]), _f(r["knn_vs_jax_dot"])]]
+  if knn_xla:
+    rows.append(['spade_jax.knn kernel="xla"', f"{knn_xla['chunk']}{qb}",
+                 _f(knn_xla["median_s"]), _f(knn_xla["gflops"]), _f(knn_xla["gflops_best"]),
+                 _f(r["knn_xla_vs_numpy"]), _f(r["knn_xla_vs_jax_dot"])])
+  rows += [["jnp.dot in chunks (jit)", dot["chunk"], _f(dot["median_s"]), _f(dot["gflops"]),
+            _f(dot["gflops_best"]), _f(r["jax_dot_vs_numpy"]), "1"],
+           ["NumPy q @ g.T in chunks", ref["chunk"], _f(ref["median_s"]), _f(ref["gflops"]),
+            _f(ref["gflops_best"]), "1", _f(1 / r["jax_dot_vs_numpy"])]]
   blas = ref["blas"]
   if isinstance(blas, list):
     blas = ", ".join(f"{b['internal_api']} {b['version']}, kernel {b['architecture']}, "
@@ -860,6 +916,14 @@ def _md_knn(r):
                f"{r['knn_vs_numpy_best']:.2f} from the best run of each; target >= "
                f"{r['target']}: {'met' if r['meets_target'] else 'NOT met'} (median), "
                f"{'met' if r['meets_target_best'] else 'NOT met'} (best).")
+  if r.get("kernel_blocks"):
+    lines += ["", "CPU kernel blocking (kernel_search: the kernel's stream alone, no exact "
+              "recompute; same run):", ""]
+    lines += _table(["queries per sgemm", "gallery rows per sgemm", "block MiB",
+                     "GFLOP/s (median)", "/ NumPy"],
+                    [[b["query_block"], b["sub_chunk"],
+                      _f(b["query_block"] * b["sub_chunk"] * 4 / _MIB, 2), _f(b["gflops"]),
+                      _f(b["vs_numpy"])] for b in r["kernel_blocks"]])
   return lines
 
 

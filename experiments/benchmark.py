@@ -42,6 +42,9 @@ _KNN_DIM = flags.DEFINE_integer("knn_dim", 256, "D: feature size.")
 _KNN_K = flags.DEFINE_integer("knn_k", 1, "Neighbours (SPADE's kappa = 1).")
 _KNN_REPEATS = flags.DEFINE_integer("knn_repeats", 5, "Timed rounds of the knn section "
                                     "(knn, jnp.dot and NumPy take turns each round).")
+_KERNEL_BLOCKS = flags.DEFINE_list(
+    "knn_kernel_blocks", ["256x2048", "512x512", "512x1024", "1024x256", "1568x256"],
+    "QUERIESxROWS sgemm blocks of the CPU kernel to time beside knn (empty: none).")
 _REF_CHUNKS = flags.DEFINE_list("knn_ref_chunks", None, "Gallery rows per matmul block of "
                                 "the NumPy / jnp.dot references (best is reported). "
                                 "Default: knn's own chunk and 8192.")
@@ -81,6 +84,14 @@ def _ints(values: Sequence[str]) -> list[int]:
   return [int(v) for v in values]
 
 
+def _pair(value: str) -> tuple[int, int]:
+  try:
+    a, b = value.lower().split("x")
+    return int(a), int(b)
+  except ValueError as e:
+    raise app.UsageError(f"expected QUERIESxROWS (e.g. 512x512), got {value!r}") from e
+
+
 def section_kwargs() -> dict[str, dict]:
   """Flags -> keyword arguments of each selected bench_lib section."""
   repeats = _REPEATS.value
@@ -91,7 +102,8 @@ def section_kwargs() -> dict[str, dict]:
                    "image_size": _IMAGE_SIZE.value, "repeats": repeats},
       "knn": {**knn_shape, "gallery": _KNN_GALLERY.value, "k": _KNN_K.value,
               "repeats": _KNN_REPEATS.value,
-              "ref_chunks": _ints(_REF_CHUNKS.value) if _REF_CHUNKS.value else None},
+              "ref_chunks": _ints(_REF_CHUNKS.value) if _REF_CHUNKS.value else None,
+              "kernel_blocks": [_pair(b) for b in _KERNEL_BLOCKS.value]},
       "pixel": {**pyramid, "k_images": _PIXEL_K.value, "num_test": _PIXEL_TEST.value,
                 "combine_modes": _PIXEL_COMBINE.value, "repeats": _PIXEL_REPEATS.value,
                 "image_size": _IMAGE_SIZE.value},

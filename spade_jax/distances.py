@@ -16,7 +16,8 @@ A Metric says how to compare feature vectors in the two forms the search needs:
 
 A new kernel (e.g. a kernelised distance through an explicit feature map) is a new
 Metric: write `prepare`, `embed_queries`, `embed_gallery`, `finalize`, `exact` and
-call `register_metric`. Everything here is written for plain arrays and is traced
+call `register_metric` (optionally `gallery_extra`, when the gallery embedding is the
+rows plus a few extra columns, as for L2). Everything here is written for plain arrays and is traced
 inside the callers' jit; nothing here calls jit itself.
 """
 
@@ -54,6 +55,11 @@ class Metric:
     finalize: (proxy [Q, k], prepared queries [Q, D']) -> distances [Q, k]; turns a
       proxy into an (approximate) distance, e.g. add |q|^2, clamp at 0, sqrt.
     exact: (x [D'], y [D']) -> scalar distance, computed directly (no cancellation).
+    gallery_extra: optional. prepared rows [C, D'] -> [C, X] such that
+      embed_gallery(g) == concatenate([g, gallery_extra(g)], -1): the gallery embedding
+      is the prepared rows plus X extra columns (X may be 0). Then the CPU kernel
+      (cpu_kernel.py) reads the rows in place instead of materialising embeddings.
+      None (the default) is always correct: embed_gallery is then used as it is.
   """
   name: str
   prepare: Callable[[Array], Array]
@@ -61,6 +67,7 @@ class Metric:
   embed_gallery: Callable[[Array], Array]
   finalize: Callable[[Array, Array], Array]
   exact: Callable[[Array, Array], Array]
+  gallery_extra: Callable[[Array], Array] | None = None
 
   def pairwise(self, query_embeddings: Array, gallery_embeddings: Array) -> Array:
     """[Q, E] x [C, E] -> proxy [Q, C] float32 (one matmul)."""
@@ -91,6 +98,11 @@ def _l2_embed_gallery(g: Array) -> Array:
   """[g, |g|^2], so that e_q . e_g = |g|^2 - 2 q.g = |q - g|^2 - |q|^2."""
   g = g.astype(jnp.float32)
   return jnp.concatenate([g, _squared_norms(g)], axis=-1)
+
+
+def _no_extra(g: Array) -> Array:
+  """[N, D] -> [N, 0]: the embedding is the rows themselves."""
+  return jnp.zeros(g.shape[:-1] + (0,), jnp.float32)
 
 
 def _sqeuclidean_finalize(proxy: Array, q: Array) -> Array:
@@ -186,9 +198,9 @@ def pairwise_distances(queries: Array, gallery: Array, metric: str | Metric = "l
 
 
 L2 = register_metric(Metric("l2", _identity, _l2_embed_queries, _l2_embed_gallery,
-                            _l2_finalize, _l2_exact))
+                            _l2_finalize, _l2_exact, gallery_extra=_squared_norms))
 SQEUCLIDEAN = register_metric(Metric("sqeuclidean", _identity, _l2_embed_queries,
                                      _l2_embed_gallery, _sqeuclidean_finalize,
-                                     _sqeuclidean_exact))
+                                     _sqeuclidean_exact, gallery_extra=_squared_norms))
 COSINE = register_metric(Metric("cosine", _unit_rows, _negate, _identity, _cosine_finalize,
-                                _cosine_exact))
+                                _cosine_exact, gallery_extra=_no_extra))

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
+from spade_jax import cpu_kernel
 from spade_jax import distances
 from spade_jax import sharding
 
@@ -48,6 +49,9 @@ _BLOCK_ELEMENTS = 6144 * 400
 _BIG_INDEX = np.iinfo(np.int32).max
 # The selection first reduces groups of this many consecutive columns.
 _GROUP = 32
+# knn / stream_topk `kernel` values: "auto" uses the CPU kernel (cpu_kernel.py) on CPU
+# lowerings when it is available and XLA everywhere else; "xla" always uses XLA.
+KERNELS = ("auto", "xla")
 
 
 def _near_divisor(total: int, target: int, multiple: int) -> int:
@@ -201,7 +205,7 @@ def _blocked(num: int, block: int, fn: Callable[[Array, int], Any], state: Any) 
 def stream_topk(query_embeddings: Array, chunk_fn: ChunkFn, num_chunks: int,
                 chunk_size: int, k: int, metric: distances.Metric,
                 carry: tuple[Array, Array] | None = None, first_index: int = 0,
-                query_block: int | None = None) -> tuple[Array, Array]:
+                query_block: int | None = None, kernel: str = "auto") -> tuple[Array, Array]:
   """Running top-k of the Metric proxy over `num_chunks` equal gallery chunks.
 
   Each gallery chunk is embedded once and compared with the queries `query_block`
@@ -218,7 +222,8 @@ def stream_topk(query_embeddings: Array, chunk_fn: ChunkFn, num_chunks: int,
     metric: the Metric.
     carry: running ([Q, k] proxies, [Q, k] indices) from earlier chunks, or None.
     first_index: gallery index of chunk 0's first row.
-    query_block: queries per proxy block; None = all.
+    query_block: queries per proxy block of the XLA path; None = all.
+    kernel: "auto" (the CPU kernel on CPU when available) or "xla" (see KERNELS).
 
   Returns:
     ([Q, k] proxies ascending, [Q, k] int32 gallery indices); slots never filled hold
@@ -250,17 +255,42 @@ def stream_topk(query_embeddings: Array, chunk_fn: ChunkFn, num_chunks: int,
     return (lax.dynamic_update_slice_in_dim(all_v, best_v, start, 0),
             lax.dynamic_update_slice_in_dim(all_i, best_i, start, 0))
 
+  use_cpu_kernel = _cpu_kernel_enabled(kernel)
+
   def body(j, state):
     rows, valid = chunk_fn(j)
-    rows = _pad_depth(metric.embed_gallery(rows))
     offset = first_index + j * chunk_size
-    return _blocked(q, query_block,
-                    lambda start, size, st: update(rows, valid, offset, start, size, st),
-                    state)
+
+    def with_xla(st):
+      emb = _pad_depth(metric.embed_gallery(rows))
+      return _blocked(q, query_block,
+                      lambda start, size, s: update(emb, valid, offset, start, size, s), st)
+
+    def with_cpu_kernel(st):
+      bank, extra = cpu_kernel.gallery_parts(metric, rows)
+      return cpu_kernel.topk(query_embeddings, bank[None], extra[None],
+                             jnp.zeros((1,), jnp.int32), *st,
+                             valid=None if valid is None else valid[None], offset=offset)
+
+    if not use_cpu_kernel:
+      return with_xla(state)
+    # Only the branch for the platform being compiled for is lowered.
+    return lax.platform_dependent(state, cpu=with_cpu_kernel, default=with_xla)
 
   if num_chunks == 1:
     return body(jnp.int32(0), carry)
   return lax.fori_loop(0, num_chunks, body, carry)
+
+
+def _check_kernel(kernel: str) -> str:
+  if kernel not in KERNELS:
+    raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+  return kernel
+
+
+def _cpu_kernel_enabled(kernel: str) -> bool:
+  """Whether CPU lowerings should use the CPU kernel (see KERNELS)."""
+  return _check_kernel(kernel) == "auto" and cpu_kernel.available()
 
 
 def exact_recompute(queries: Array, proxies: Array, idx: Array,
@@ -275,7 +305,7 @@ def exact_recompute(queries: Array, proxies: Array, idx: Array,
 
 def local_knn(queries: Array, gallery: Array, k: int, metric: distances.Metric,
               chunk_size: int, valid: Array | None = None, index_offset: int | Array = 0,
-              query_block: int | None = None) -> tuple[Array, Array]:
+              query_block: int | None = None, kernel: str = "auto") -> tuple[Array, Array]:
   """Exact kNN of one gallery block (not jitted; the caller's jit/vmap/shard_map wraps it).
 
   Args:
@@ -287,7 +317,8 @@ def local_knn(queries: Array, gallery: Array, k: int, metric: distances.Metric,
     chunk_size: gallery rows per chunk; a last partial chunk is handled separately.
     valid: optional [M] bool; False rows (padding) are never returned.
     index_offset: added to the returned indices (a shard's first global row).
-    query_block: queries per proxy block (None = all at once).
+    query_block: queries per proxy block of the XLA path (None = all at once).
+    kernel: "auto" or "xla" (see KERNELS).
 
   Returns:
     (distances [Q, k] float32 ascending, indices [Q, k] int32), ties by lower index.
@@ -299,31 +330,48 @@ def local_knn(queries: Array, gallery: Array, k: int, metric: distances.Metric,
   chunk_size = min(chunk_size, m_rows)
   num_full, tail = divmod(m_rows, chunk_size)
 
-  def full_chunk(j):
-    start = j * chunk_size
-    rows = lax.dynamic_slice_in_dim(g, start, chunk_size)
-    ok = None if valid is None else lax.dynamic_slice_in_dim(valid, start, chunk_size)
-    return rows, ok
+  def with_xla():
+    def full_chunk(j):
+      start = j * chunk_size
+      rows = lax.dynamic_slice_in_dim(g, start, chunk_size)
+      ok = None if valid is None else lax.dynamic_slice_in_dim(valid, start, chunk_size)
+      return rows, ok
 
-  proxies, idx = stream_topk(q_emb, full_chunk, num_full, chunk_size, k, metric,
-                             query_block=query_block)
-  if tail:
-    # The tail is one more (smaller, static-shape) chunk: nothing is dropped and no
-    # padded copy of the gallery is made.
-    start = num_full * chunk_size
-    tail_valid = None if valid is None else valid[start:]
-    proxies, idx = stream_topk(q_emb, lambda j: (g[start:], tail_valid), 1, tail, k,
-                               metric, carry=(proxies, idx), first_index=start,
-                               query_block=query_block)
+    proxies, idx = stream_topk(q_emb, full_chunk, num_full, chunk_size, k, metric,
+                               query_block=query_block, kernel="xla")
+    if tail:
+      # The tail is one more (smaller, static-shape) chunk: nothing is dropped and no
+      # padded copy of the gallery is made.
+      start = num_full * chunk_size
+      tail_valid = None if valid is None else valid[start:]
+      proxies, idx = stream_topk(q_emb, lambda j: (g[start:], tail_valid), 1, tail, k,
+                                 metric, carry=(proxies, idx), first_index=start,
+                                 query_block=query_block, kernel="xla")
+    return proxies, idx
+
+  def with_cpu_kernel():
+    # One call for the whole gallery, read in place (the kernel blocks it itself).
+    bank, extra = cpu_kernel.gallery_parts(metric, g)
+    empty = (jnp.full((q.shape[0], k), jnp.inf, jnp.float32),
+             jnp.full((q.shape[0], k), -1, jnp.int32))
+    return cpu_kernel.topk(q_emb, bank[None], extra[None], jnp.zeros((1,), jnp.int32),
+                           *empty, valid=None if valid is None else valid[None])
+
+  if _cpu_kernel_enabled(kernel):
+    proxies, idx = lax.platform_dependent(cpu=with_cpu_kernel, default=with_xla)
+  else:
+    proxies, idx = with_xla()
   dist, idx = exact_recompute(q, proxies, idx, lambda i: g[i], metric)
   idx = jnp.where(idx >= 0, idx + index_offset, -1)
   return dist, idx.astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "metric", "chunk_size", "query_block"))
+@functools.partial(jax.jit,
+                   static_argnames=("k", "metric", "chunk_size", "query_block", "kernel"))
 def _knn_jit(queries: Array, gallery: Array, *, k: int, metric: distances.Metric,
-             chunk_size: int, query_block: int) -> tuple[Array, Array]:
-  return local_knn(queries, gallery, k, metric, chunk_size, query_block=query_block)
+             chunk_size: int, query_block: int, kernel: str) -> tuple[Array, Array]:
+  return local_knn(queries, gallery, k, metric, chunk_size, query_block=query_block,
+                   kernel=kernel)
 
 
 @jax.jit
@@ -373,7 +421,7 @@ def _positive_int_or_none(name: str, value) -> None:
 
 def knn(queries: Array, gallery: Array, k: int, metric: str | distances.Metric = "l2", *,
         chunk_size: int | None = None, query_block: int | None = None,
-        check_finite_inputs: bool = True) -> tuple[Array, Array]:
+        check_finite_inputs: bool = True, kernel: str = "auto") -> tuple[Array, Array]:
   """Exact k nearest gallery rows of each query, streamed over the gallery.
 
   Memory is O(Q * k + query_block * chunk_size); the [Q, M] distance matrix is never
@@ -392,6 +440,8 @@ def knn(queries: Array, gallery: Array, k: int, metric: str | distances.Metric =
     query_block: queries compared with a chunk at a time (None: tuned default).
     check_finite_inputs: check for NaN/Inf (one device reduction per input). Pass False
       when the inputs are known to be finite to skip it.
+    kernel: "auto": on CPU, each gallery chunk goes through spade_jax's sgemm-based
+      kernel (cpu_kernel.py) when it is built; XLA elsewhere. "xla": XLA only.
 
   Returns:
     (distances [Q, k] float32 ascending, indices [Q, k] int32); equal distances are
@@ -400,16 +450,17 @@ def knn(queries: Array, gallery: Array, k: int, metric: str | distances.Metric =
   Raises:
     ValueError: bad shapes, k outside [1, M], an empty gallery, unknown metric, a bad
       chunk_size / query_block, NaN/Inf in the inputs, a gallery sharded along another
-      axis than axis 0.
+      axis than axis 0, an unknown kernel.
   """
   sharded = sharding.as_sharded(gallery)
   if sharded is not None:
     from spade_jax import sharded_search  # pylint: disable=import-outside-toplevel
     return sharded_search.knn(queries, sharded, k, metric, chunk_size=chunk_size,
                               query_block=query_block,
-                              check_finite_inputs=check_finite_inputs)
+                              check_finite_inputs=check_finite_inputs, kernel=kernel)
   validate_knn_args(queries, gallery, k)
   m = distances.get_metric(metric)
+  _check_kernel(kernel)
   _positive_int_or_none("chunk_size", chunk_size)
   _positive_int_or_none("query_block", query_block)
   default_chunk, _ = default_blocks(queries.shape[0], gallery.shape[0])
@@ -421,4 +472,4 @@ def knn(queries: Array, gallery: Array, k: int, metric: str | distances.Metric =
     check_finite("queries", queries)
     check_finite("gallery", gallery)
   return _knn_jit(queries, gallery, k=int(k), metric=m, chunk_size=chunk_size,
-                  query_block=max(1, query_block))
+                  query_block=max(1, query_block), kernel=kernel)

@@ -56,7 +56,7 @@ def merge_gathered(dist: Array, idx: Array, axis: str, k: int) -> tuple[Array, A
 
 
 def _search(queries: Array, gallery: ShardedGallery, k: int, metric: distances.Metric,
-            chunk_size: int, query_block: int) -> tuple[Array, Array]:
+            chunk_size: int, query_block: int, kernel: str = "auto") -> tuple[Array, Array]:
   """([Q, k] distances, [Q, k] global indices), replicated on the mesh (traced)."""
   mesh, axis = gallery.mesh, gallery.axis
   spec, ways = query_spec(mesh, axis)
@@ -67,7 +67,8 @@ def _search(queries: Array, gallery: ShardedGallery, k: int, metric: distances.M
   def local(q, g, valid):
     offset = lax.axis_index(axis) * rows
     dist, idx = neighbors.local_knn(q, g, min(k, rows), metric, chunk_size, valid=valid,
-                                    index_offset=offset, query_block=query_block)
+                                    index_offset=offset, query_block=query_block,
+                                    kernel=kernel)
     if rows < k:  # Fewer rows than k on a shard: fill with empty candidates.
       dist = jnp.pad(dist, ((0, 0), (0, k - rows)), constant_values=jnp.inf)
       idx = jnp.pad(idx, ((0, 0), (0, k - rows)), constant_values=-1)
@@ -81,9 +82,10 @@ def _search(queries: Array, gallery: ShardedGallery, k: int, metric: distances.M
   return dist, idx
 
 
-@functools.partial(jax.jit, static_argnames=("k", "metric", "chunk_size", "query_block"))
-def _knn_jit(queries, gallery, *, k, metric, chunk_size, query_block):
-  return _search(queries, gallery, k, metric, chunk_size, query_block)
+@functools.partial(jax.jit,
+                   static_argnames=("k", "metric", "chunk_size", "query_block", "kernel"))
+def _knn_jit(queries, gallery, *, k, metric, chunk_size, query_block, kernel):
+  return _search(queries, gallery, k, metric, chunk_size, query_block, kernel)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "num_neighbors", "metric", "chunk_size",
@@ -115,13 +117,13 @@ def _check_valid_rows(name: str, value: int, gallery: ShardedGallery) -> None:
 def knn(queries: Array, gallery: ShardedGallery, k: int,
         metric: str | distances.Metric = "l2", *, chunk_size: int | None = None,
         query_block: int | None = None,
-        check_finite_inputs: bool = True) -> tuple[Array, Array]:
+        check_finite_inputs: bool = True, kernel: str = "auto") -> tuple[Array, Array]:
   """spade_jax.knn on a sharded gallery (same arguments and results).
 
   Args:
     queries: [Q, D] float (host or any device; replicated onto the mesh).
     gallery: ShardedGallery of M rows [M, D].
-    k, metric, chunk_size, query_block, check_finite_inputs: as spade_jax.knn;
+    k, metric, chunk_size, query_block, check_finite_inputs, kernel: as spade_jax.knn;
       chunk_size / query_block apply per device.
 
   Returns:
@@ -131,6 +133,7 @@ def knn(queries: Array, gallery: ShardedGallery, k: int,
   neighbors.validate_knn_args(queries, gallery, k)
   _check_valid_rows("k", k, gallery)
   m = distances.get_metric(metric)
+  neighbors._check_kernel(kernel)  # pylint: disable=protected-access
   neighbors._positive_int_or_none("chunk_size", chunk_size)  # pylint: disable=protected-access
   neighbors._positive_int_or_none("query_block", query_block)  # pylint: disable=protected-access
   if check_finite_inputs:
@@ -138,7 +141,8 @@ def knn(queries: Array, gallery: ShardedGallery, k: int,
     neighbors.check_finite("gallery", gallery.data)
   chunk, block = _blocks(queries.shape[0], gallery, chunk_size, query_block)
   queries = sharding.place_replicated(queries, gallery.mesh)
-  return _knn_jit(queries, gallery, k=int(k), metric=m, chunk_size=chunk, query_block=block)
+  return _knn_jit(queries, gallery, k=int(k), metric=m, chunk_size=chunk, query_block=block,
+                  kernel=kernel)
 
 
 def image_scores(test_pool: Array, train_pool: ShardedGallery, k: int,

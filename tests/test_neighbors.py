@@ -17,6 +17,9 @@ from spade_jax import neighbors
 # indices are compared exactly only where the reference has no such near-tie.
 RTOL, ATOL = 1e-5, 1e-6
 GAP = 1e-4
+# Both search paths: "auto" runs the CPU kernel (cpu_kernel.py) on this CPU backend when
+# it is built (tests/test_cpu_kernel.py checks it is in CI), "xla" the pure-XLA path.
+KERNELS = pytest.mark.parametrize("kernel", neighbors.KERNELS)
 
 
 def _ref_dist(q, g, metric):
@@ -38,8 +41,10 @@ def _ref_knn(q, g, k, metric):
   return np.take_along_axis(d, order, 1), order, d
 
 
-def _check(q, g, k, metric, chunk_size=None, exact_ties=False, query_block=None):
-  dist, idx = spade_jax.knn(q, g, k, metric, chunk_size=chunk_size, query_block=query_block)
+def _check(q, g, k, metric, chunk_size=None, exact_ties=False, query_block=None,
+           kernel="auto"):
+  dist, idx = spade_jax.knn(q, g, k, metric, chunk_size=chunk_size, query_block=query_block,
+                            kernel=kernel)
   dist, idx = np.asarray(dist), np.asarray(idx)
   ref_d, ref_i, full = _ref_knn(q, g, k, metric)
   assert dist.shape == idx.shape == (q.shape[0], k)
@@ -82,17 +87,19 @@ def _check(q, g, k, metric, chunk_size=None, exact_ties=False, query_block=None)
     (7, 64, 5, 8, 64, "cosine"),        # one chunk.
     (2, 9, 4, 9, 1, "l2"),              # chunk of one row.
 ])
-def test_knn_fixed_shapes(q_rows, m_rows, dim, k, chunk, metric):
+@KERNELS
+def test_knn_fixed_shapes(q_rows, m_rows, dim, k, chunk, metric, kernel):
   rng = np.random.default_rng(q_rows * 1000 + m_rows)
   q = rng.standard_normal((q_rows, dim)).astype(np.float32)
   g = rng.standard_normal((m_rows, dim)).astype(np.float32)
-  _check(q, g, k, metric, chunk)
+  _check(q, g, k, metric, chunk, kernel=kernel)
 
 
 @pytest.mark.parametrize("k,chunk,metric", [
     (1, 4, "l2"), (2, 3, "l2"), (5, 16, "sqeuclidean"), (11, 4, "l2"), (1, 16, "sqeuclidean"),
     (1, 32, "l2"), (4, 32, "l2"), (9, 64, "sqeuclidean")])
-def test_knn_ties_lower_index_wins(k, chunk, metric):
+@KERNELS
+def test_knn_ties_lower_index_wins(k, chunk, metric, kernel):
   # Small integers: every proxy and distance is exact in float32, so ties are real
   # ties and the order must be exactly (distance, index), across chunk borders and
   # column groups too.
@@ -100,44 +107,48 @@ def test_knn_ties_lower_index_wins(k, chunk, metric):
   g = rng.integers(-2, 3, size=(101, 3)).astype(np.float32)
   g[[10, 21, 40, 77]] = g[2]
   q = np.concatenate([g[[2, 5]], rng.integers(-2, 3, size=(4, 3))]).astype(np.float32)
-  _check(q, g, k, metric, chunk, exact_ties=True)
+  _check(q, g, k, metric, chunk, exact_ties=True, kernel=kernel)
 
 
-def test_knn_real_valued_duplicates_keep_index_order():
+@KERNELS
+def test_knn_real_valued_duplicates_keep_index_order(kernel):
   rng = np.random.default_rng(7)
   g = rng.standard_normal((30, 6)).astype(np.float32)
   g[[9, 17, 25]] = g[3]
   q = g[[3]] + np.float32(1e-3)
   for k, chunk in ((1, 8), (4, 8), (4, 30), (10, 7)):
-    dist, idx = spade_jax.knn(q, g, k, chunk_size=chunk)
+    dist, idx = spade_jax.knn(q, g, k, chunk_size=chunk, kernel=kernel)
     np.testing.assert_array_equal(np.asarray(idx)[0, :min(k, 4)], [3, 9, 17, 25][:k])
 
 
-def test_knn_near_duplicates_exact_distances():
+@KERNELS
+def test_knn_near_duplicates_exact_distances(kernel):
   # Queries within 1e-4 of a gallery row: the matmul form |q|^2 + |g|^2 - 2 q.g has
   # an error ~1e-6 on a squared distance of ~1e-8, the direct recompute does not.
   rng = np.random.default_rng(8)
   g = (rng.standard_normal((200, 32)) * 3 + 5).astype(np.float32)
   q = g[[4, 50, 199]] + (1e-4 * rng.standard_normal((3, 32))).astype(np.float32)
   for metric in ("l2", "sqeuclidean"):
-    dist, idx = spade_jax.knn(q, g, 2, metric, chunk_size=64)
+    dist, idx = spade_jax.knn(q, g, 2, metric, chunk_size=64, kernel=kernel)
     ref_d, ref_i, _ = _ref_knn(q, g, 2, metric)
     np.testing.assert_array_equal(idx, ref_i)
     np.testing.assert_allclose(dist[:, 0], ref_d[:, 0], rtol=1e-4)
     assert (np.asarray(dist[:, 0]) > 0).all()
 
 
-def test_knn_zero_distance_and_clamp():
+@KERNELS
+def test_knn_zero_distance_and_clamp(kernel):
   g = np.array([[1e3, -1e3], [0.0, 0.0], [1e3 + 1, -1e3]], np.float32)
-  dist, idx = spade_jax.knn(g, g, 1, "sqeuclidean")
+  dist, idx = spade_jax.knn(g, g, 1, "sqeuclidean", kernel=kernel)
   np.testing.assert_array_equal(idx[:, 0], [0, 1, 2])
   np.testing.assert_array_equal(dist[:, 0], [0.0, 0.0, 0.0])
 
 
-def test_knn_cosine_zero_vector():
+@KERNELS
+def test_knn_cosine_zero_vector(kernel):
   g = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]], np.float32)
   q = np.array([[0.0, 0.0], [3.0, 0.0]], np.float32)
-  dist, idx = spade_jax.knn(q, g, 3, "cosine")
+  dist, idx = spade_jax.knn(q, g, 3, "cosine", kernel=kernel)
   np.testing.assert_allclose(dist[0], [1.0, 1.0, 1.0], atol=1e-6)
   np.testing.assert_array_equal(idx[0], [0, 1, 2])
   np.testing.assert_allclose(dist[1], [0.0, 1.0, 1.0], atol=1e-6)
@@ -154,12 +165,13 @@ def test_knn_jit_cache():
   assert neighbors._knn_jit._cache_size() == before  # pylint: disable=protected-access
 
 
-def test_knn_vmaps_and_jits():
+@KERNELS
+def test_knn_vmaps_and_jits(kernel):
   rng = np.random.default_rng(10)
   q = rng.standard_normal((3, 4, 5)).astype(np.float32)
   g = rng.standard_normal((3, 17, 5)).astype(np.float32)
-  d, i = jax.vmap(lambda a, b: spade_jax.knn(a, b, 3, chunk_size=5))(q, g)
-  d2, i2 = jax.jit(lambda a, b: spade_jax.knn(a, b, 3, chunk_size=5))(q[1], g[1])
+  d, i = jax.vmap(lambda a, b: spade_jax.knn(a, b, 3, chunk_size=5, kernel=kernel))(q, g)
+  d2, i2 = jax.jit(lambda a, b: spade_jax.knn(a, b, 3, chunk_size=5, kernel=kernel))(q[1], g[1])
   for b in range(3):
     ref_d, ref_i, _ = _ref_knn(q[b], g[b], 3, "l2")
     np.testing.assert_allclose(d[b], ref_d, rtol=RTOL, atol=ATOL)
@@ -167,7 +179,8 @@ def test_knn_vmaps_and_jits():
   np.testing.assert_array_equal(i2, i[1])
 
 
-def test_local_knn_validity_mask_and_merge():
+@KERNELS
+def test_local_knn_validity_mask_and_merge(kernel):
   # The building blocks of the sharded search: masked shards + merge == one search.
   rng = np.random.default_rng(11)
   q = rng.standard_normal((5, 4)).astype(np.float32)
@@ -180,7 +193,7 @@ def test_local_knn_validity_mask_and_merge():
   @jax.jit
   def two_shards(q, padded, valid):
     parts = [neighbors.local_knn(q, padded[s:s + 12], 6, metric, 5, valid=valid[s:s + 12],
-                                 index_offset=s) for s in (0, 12)]
+                                 index_offset=s, kernel=kernel) for s in (0, 12)]
     return neighbors.merge_topk(*parts[0], *parts[1], 6)
 
   d, i = two_shards(q, padded, valid)
@@ -188,7 +201,8 @@ def test_local_knn_validity_mask_and_merge():
   np.testing.assert_array_equal(i, ref_i)
   # A shard with fewer valid rows than k pads with (+inf, -1).
   d, i = jax.jit(lambda q, g, v: neighbors.local_knn(q, g, 13, metric, 5, valid=v,
-                                                    index_offset=12))(q, padded[12:], valid[12:])
+                                                    index_offset=12, kernel=kernel))(
+                                                        q, padded[12:], valid[12:])
   assert np.isinf(d[:, -1]).all() and (np.asarray(i[:, -1]) == -1).all()
   assert np.isfinite(d[:, :11]).all() and (np.asarray(i[:, :11]) >= 12).all()
 
@@ -199,8 +213,9 @@ def test_local_knn_validity_mask_and_merge():
        query_block=st.integers(1, 6),
        metric=st.sampled_from(["l2", "sqeuclidean", "cosine"]),
        integer_valued=st.booleans(), seed=st.integers(0, 2**31 - 1))
+@KERNELS
 def test_knn_property(q_rows, m_rows, dim, k_frac, chunk, query_block, metric,
-                      integer_valued, seed):
+                      integer_valued, seed, kernel):
   rng = np.random.default_rng(seed)
   k = 1 + int(k_frac * (m_rows - 1))
   if integer_valued:
@@ -214,7 +229,7 @@ def test_knn_property(q_rows, m_rows, dim, k_frac, chunk, query_block, metric,
     g[np.all(g == 0, axis=1)] = 1.0
     q[np.all(q == 0, axis=1)] = 1.0
   _check(q, g, k, metric, chunk, exact_ties=integer_valued and metric != "cosine",
-         query_block=query_block)
+         query_block=query_block, kernel=kernel)
 
 
 @pytest.mark.parametrize("call,match", [
@@ -230,6 +245,7 @@ def test_knn_property(q_rows, m_rows, dim, k_frac, chunk, query_block, metric,
     (lambda q, g: spade_jax.knn(q, g, 1, chunk_size=0), "chunk_size"),
     (lambda q, g: spade_jax.knn(q, g, 1, query_block=-2), "query_block"),
     (lambda q, g: spade_jax.knn(q, g, 1.5), "k must be an int"),
+    (lambda q, g: spade_jax.knn(q, g, 1, kernel="blas"), "kernel must be one of"),
 ])
 def test_knn_bad_input(call, match):
   rng = np.random.default_rng(12)

@@ -1,0 +1,132 @@
+"""The CPU kNN kernel: a gallery merged into a running top-k, at sgemm speed.
+
+On CPU the streamed search is one big matmul, and XLA:CPU's matmul reaches only about
+half of an optimised BLAS sgemm (BENCHMARKS.md). `spade_jax/csrc/knn_cpu.cc` is an
+XLA FFI custom call that computes each proxy block with the sgemm SciPy ships
+(`scipy.linalg.cython_blas`, OpenBLAS in SciPy's wheels) a cache-sized block at a
+time, one block per core, and selects from the block while it is in cache. It is
+built by setup.py when a C++17 compiler is available; without it, or with
+SPADE_JAX_CPU_KERNEL=0 in the environment, the search runs in XLA alone. Results are
+the same either way up to the proxies' rounding (the reported distances are
+recomputed exactly in both).
+
+`neighbors.local_knn` (one call for the whole gallery, read in place) and
+`neighbors.stream_topk` (one call per gathered chunk, e.g. the K images of pixel
+scoring) call `topk` through `lax.platform_dependent`, so only CPU lowerings use it;
+GPU and TPU lowerings never see the custom call.
+
+While a search runs, SciPy's OpenBLAS is set to one thread (our threads run one
+single-threaded sgemm per core instead); its setting is restored when the last
+search finishes, and is also how many threads the kernel uses.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spade_jax import distances
+
+Array = jax.Array
+
+TARGET = "spade_topk_f32"
+ENV_SWITCH = "SPADE_JAX_CPU_KERNEL"
+
+# Queries and gallery rows per sgemm block: a [512, 512] float32 block is 1 MiB, so it
+# is still in L2 when the selection reads it; bigger blocks gain little sgemm speed
+# (BENCHMARKS.md, "kNN blocking").
+QUERY_BLOCK = 512
+SUB_CHUNK = 512
+
+
+def _sgemm_address() -> int:
+  """Address of SciPy's Fortran sgemm (from its documented Cython BLAS capsule)."""
+  from scipy.linalg import cython_blas  # pylint: disable=import-outside-toplevel
+  capsule = cython_blas.__pyx_capi__["sgemm"]  # pylint: disable=no-member
+  get_name = ctypes.pythonapi.PyCapsule_GetName
+  get_name.restype, get_name.argtypes = ctypes.c_char_p, [ctypes.py_object]
+  get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+  get_pointer.restype, get_pointer.argtypes = ctypes.c_void_p, [ctypes.py_object,
+                                                               ctypes.c_char_p]
+  return int(get_pointer(capsule, get_name(capsule)))
+
+
+@functools.lru_cache(maxsize=None)
+def _load() -> tuple[bool, str]:
+  """Builds the registration once: (available, why not)."""
+  if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+    return False, f"disabled by {ENV_SWITCH}"
+  try:
+    from spade_jax import _knn_cpu  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    return False, f"extension spade_jax._knn_cpu not built ({e})"
+  try:
+    _knn_cpu.set_sgemm(_sgemm_address())
+  except Exception as e:  # pylint: disable=broad-except
+    return False, f"no usable sgemm from scipy.linalg.cython_blas ({e})"
+  for name, capsule in _knn_cpu.handlers().items():
+    jax.ffi.register_ffi_target(name, capsule, platform="cpu")
+  return True, ""
+
+
+def available() -> bool:
+  """Whether the CPU kernel is built, enabled and registered."""
+  return _load()[0]
+
+
+def unavailable_reason() -> str:
+  """Why `available()` is False ("" if it is True)."""
+  return _load()[1]
+
+
+def gallery_parts(metric: distances.Metric, rows: Array) -> tuple[Array, Array]:
+  """Prepared rows [..., C, D] -> (rows part [..., C, D'], extra [..., C, X]) of the
+  gallery embedding, as topk takes it: the rows themselves when the Metric has
+  `gallery_extra`, else the whole embedding and no extra columns."""
+  if metric.gallery_extra is not None:
+    return rows, metric.gallery_extra(rows).astype(jnp.float32)
+  emb = metric.embed_gallery(rows)
+  return emb, jnp.zeros(emb.shape[:-1] + (0,), jnp.float32)
+
+
+def topk(query_embeddings: Array, bank: Array, extra: Array, blocks: Array,
+         best_v: Array, best_i: Array, *, valid: Array | None = None,
+         offset: int | Array = 0, query_block: int = QUERY_BLOCK,
+         sub_chunk: int = SUB_CHUNK) -> tuple[Array, Array]:
+  """Merges a gallery into the running top-k of every query (CPU only).
+
+  The gallery is a list of blocks of a bank: gallery row i * R + r is bank[blocks[i], r]
+  (so a gallery can be the rows of a few training images, read in place). Its
+  embedding is [bank row, extra row].
+
+  Args:
+    query_embeddings: [Q, D + X] the Metric's query embeddings.
+    bank: [B, R, D] gallery rows (the first D embedding columns).
+    extra: [B, R, X] the last X embedding columns (X may be 0).
+    blocks: [nb] int32 bank blocks forming the gallery, in gallery order.
+    best_v, best_i: [Q, k] running proxies (ascending, +inf = empty) and indices.
+    valid: [B, R] bool (False rows are never taken) or None.
+    offset: int32 scalar added to the gallery row numbers.
+    query_block, sub_chunk: queries and rows per sgemm block.
+
+  Returns:
+    The updated (best_v, best_i): the k smallest (proxy, index) pairs of the old
+    candidates and the gallery, ordered by value then index; a gallery candidate equal
+    to the k-th best is not taken (its index is higher).
+  """
+  valid = jnp.zeros((0,), jnp.bool_) if valid is None else valid.astype(jnp.bool_)
+  call = jax.ffi.ffi_call(
+      TARGET,
+      (jax.ShapeDtypeStruct(best_v.shape, jnp.float32),
+       jax.ShapeDtypeStruct(best_i.shape, jnp.int32)),
+      input_output_aliases={6: 0, 7: 1},
+      vmap_method="sequential")
+  return call(query_embeddings.astype(jnp.float32), bank.astype(jnp.float32),
+              extra.astype(jnp.float32), valid, jnp.asarray(blocks, jnp.int32),
+              jnp.asarray(offset, jnp.int32), best_v, best_i,
+              query_block=np.int64(query_block), sub_chunk=np.int64(sub_chunk))

@@ -1,0 +1,474 @@
+// CPU kernel for spade_jax.neighbors: a gallery merged into a running top-k.
+//
+// XLA:CPU's matmul reaches about half of an optimised BLAS sgemm on the CPUs we
+// measured, and the kNN search is one big matmul. This XLA FFI custom call computes
+// the Metric's proxy blocks with the sgemm that SciPy ships (scipy.linalg.cython_blas,
+// OpenBLAS), a cache-sized block at a time on each core, and selects from each block
+// while it is still in cache. No [Q, M] or [Q, C] block ever reaches XLA, and the
+// gallery rows are read where they lie (no per-chunk embedding copies).
+//
+// Semantics (equal to neighbors.stream_topk's XLA path over the same rows):
+//   gallery row i * R + r is bank[blocks[i], r]; its embedding is
+//   [bank row, extra row], and proxy[q, row] = queries[q] . embedding (+inf where
+//   valid is false);
+//   (best_v, best_i)[q] = the k smallest of the old candidates and the gallery's
+//   (proxy, offset + row), ordered by (value, index); a candidate equal to the k-th
+//   best is not taken (it has the higher index); +inf never enters a slot.
+// Only the rounding of the proxies differs (another summation order); the caller
+// recomputes the selected neighbours' distances exactly either way.
+//
+// The sgemm is looked up from Python (scipy's capsule) and handed over once with
+// set_sgemm(address); without it the handler returns an error (the Python side never
+// calls it then).
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <dlfcn.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// Fortran sgemm as exported by scipy.linalg.cython_blas (LP64: 32-bit ints).
+using SgemmFn = void (*)(const char* transa, const char* transb, const int* m,
+                         const int* n, const int* k, const float* alpha, const float* a,
+                         const int* lda, const float* b, const int* ldb, const float* beta,
+                         float* c, const int* ldc);
+
+std::atomic<SgemmFn> g_sgemm{nullptr};
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr int kLanes = 16;
+
+// Smallest value of x[0, n), n >= 1. min is exact, so any evaluation order gives the
+// same value (-0.0 and +0.0 compare equal, which is all the callers rely on).
+// Portable version: kLanes independent accumulators, which compilers vectorise.
+float RowMinPortable(const float* x, int64_t n) {
+  float acc[kLanes];
+  for (int t = 0; t < kLanes; ++t) acc[t] = kInf;
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int t = 0; t < kLanes; ++t) acc[t] = x[j + t] < acc[t] ? x[j + t] : acc[t];
+  }
+  float best = kInf;
+  for (int t = 0; t < kLanes; ++t) best = acc[t] < best ? acc[t] : best;
+  for (; j < n; ++j) best = x[j] < best ? x[j] : best;
+  return best;
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define SPADE_X86_DISPATCH 1
+// _mm*_min_ps(x, acc) is exactly `x < acc ? x : acc`.
+__attribute__((target("avx512f"))) float RowMinAvx512(const float* x, int64_t n) {
+  __m512 a0 = _mm512_set1_ps(kInf), a1 = a0, a2 = a0, a3 = a0;
+  int64_t j = 0;
+  for (; j + 64 <= n; j += 64) {
+    a0 = _mm512_min_ps(_mm512_loadu_ps(x + j), a0);
+    a1 = _mm512_min_ps(_mm512_loadu_ps(x + j + 16), a1);
+    a2 = _mm512_min_ps(_mm512_loadu_ps(x + j + 32), a2);
+    a3 = _mm512_min_ps(_mm512_loadu_ps(x + j + 48), a3);
+  }
+  for (; j + 16 <= n; j += 16) a0 = _mm512_min_ps(_mm512_loadu_ps(x + j), a0);
+  a0 = _mm512_min_ps(_mm512_min_ps(a0, a1), _mm512_min_ps(a2, a3));
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, a0);
+  float best = kInf;
+  for (int t = 0; t < 16; ++t) best = lanes[t] < best ? lanes[t] : best;
+  for (; j < n; ++j) best = x[j] < best ? x[j] : best;
+  return best;
+}
+
+__attribute__((target("avx2"))) float RowMinAvx2(const float* x, int64_t n) {
+  __m256 a0 = _mm256_set1_ps(kInf), a1 = a0, a2 = a0, a3 = a0;
+  int64_t j = 0;
+  for (; j + 32 <= n; j += 32) {
+    a0 = _mm256_min_ps(_mm256_loadu_ps(x + j), a0);
+    a1 = _mm256_min_ps(_mm256_loadu_ps(x + j + 8), a1);
+    a2 = _mm256_min_ps(_mm256_loadu_ps(x + j + 16), a2);
+    a3 = _mm256_min_ps(_mm256_loadu_ps(x + j + 24), a3);
+  }
+  a0 = _mm256_min_ps(_mm256_min_ps(a0, a1), _mm256_min_ps(a2, a3));
+  __m128 h = _mm_min_ps(_mm256_castps256_ps128(a0), _mm256_extractf128_ps(a0, 1));
+  h = _mm_min_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_min_ss(h, _mm_shuffle_ps(h, h, 1));
+  float best = _mm_cvtss_f32(h);
+  for (; j < n; ++j) best = x[j] < best ? x[j] : best;
+  return best;
+}
+#endif
+
+using RowMinFn = float (*)(const float*, int64_t);
+
+RowMinFn PickRowMin() {
+#ifdef SPADE_X86_DISPATCH
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return RowMinAvx512;
+  if (__builtin_cpu_supports("avx2")) return RowMinAvx2;
+#endif
+  return RowMinPortable;
+}
+
+const RowMinFn RowMin = PickRowMin();
+
+// Inserts (v, idx) into the sorted slots (vals, ids)[0, k); v < vals[k - 1] and idx
+// is larger than every index already there, so it goes after equal values.
+inline void Insert(float v, int32_t idx, float* vals, int32_t* ids, int64_t k) {
+  int64_t pos = k - 1;
+  while (pos > 0 && vals[pos - 1] > v) {
+    vals[pos] = vals[pos - 1];
+    ids[pos] = ids[pos - 1];
+    --pos;
+  }
+  vals[pos] = v;
+  ids[pos] = idx;
+}
+
+// Columns examined per threshold test when k > 1: a vectorised minimum over the span,
+// and only a span holding an entry below the k-th best is scanned entry by entry.
+constexpr int64_t kSpan = 256;
+
+// Merges rows [r0, r1) of a [rows, cols] proxy block (row stride ld) into the running
+// top-k (best_v / best_i point at the block's first row).
+void SelectRows(const float* block, int64_t r0, int64_t r1, int64_t cols, int64_t ld,
+                int64_t first_col, float* best_v, int32_t* best_i, int64_t k) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* x = block + r * ld;
+    float* vals = best_v + r * k;
+    int32_t* ids = best_i + r * k;
+    if (k == 1) {
+      const float m = RowMin(x, cols);
+      if (m < vals[0]) {
+        int64_t j = 0;
+        while (j < cols && !(x[j] == m)) ++j;  // Lowest column holding the minimum.
+        vals[0] = m;
+        ids[0] = static_cast<int32_t>(first_col + j);
+      }
+      continue;
+    }
+    float threshold = vals[k - 1];
+    for (int64_t j0 = 0; j0 < cols; j0 += kSpan) {
+      const int64_t j1 = std::min(cols, j0 + kSpan);
+      if (!(RowMin(x + j0, j1 - j0) < threshold)) continue;
+      for (int64_t j = j0; j < j1; ++j) {
+        if (x[j] < threshold) {
+          Insert(x[j], static_cast<int32_t>(first_col + j), vals, ids, k);
+          threshold = vals[k - 1];
+        }
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------
+// Threads. OpenBLAS parallelises one sgemm over its own threads, which then spin
+// between calls and leave no core for the selection. Instead each of our threads
+// runs a single-threaded sgemm on its own rows of queries and selects from its block
+// while it is in cache. While at least one call runs, the BLAS library that provides
+// sgemm is set to one thread; the last call to finish restores its setting, which is
+// also how many threads the calls use (so OPENBLAS_NUM_THREADS / threadpoolctl limits
+// are respected). Without OpenBLAS's thread functions the calls run on one thread of
+// ours and the BLAS threads as it likes.
+
+using GetThreadsFn = int (*)();
+using SetThreadsFn = void (*)(int);
+
+struct BlasThreadControl {
+  GetThreadsFn get = nullptr;
+  SetThreadsFn set = nullptr;
+  std::mutex mu;
+  int active = 0;
+  int saved = 1;
+
+  // Looks the thread functions up in the shared object that holds `sgemm`.
+  void Bind(void* sgemm) {
+    Dl_info info;
+    if (sgemm == nullptr || dladdr(sgemm, &info) == 0 || info.dli_fname == nullptr) return;
+    void* lib = dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD);
+    if (lib == nullptr) return;
+    static const char* const kPrefixes[] = {"scipy_openblas", "openblas"};
+    static const char* const kSuffixes[] = {"", "64_"};
+    for (const char* prefix : kPrefixes) {
+      for (const char* suffix : kSuffixes) {
+        const std::string g = std::string(prefix) + "_get_num_threads" + suffix;
+        const std::string s = std::string(prefix) + "_set_num_threads" + suffix;
+        auto gf = reinterpret_cast<GetThreadsFn>(dlsym(lib, g.c_str()));
+        auto sf = reinterpret_cast<SetThreadsFn>(dlsym(lib, s.c_str()));
+        if (gf != nullptr && sf != nullptr) {
+          std::lock_guard<std::mutex> lock(mu);
+          get = gf;
+          set = sf;
+          return;  // The handle stays open: the functions must stay valid.
+        }
+      }
+    }
+    dlclose(lib);
+  }
+
+  // Returns how many threads this call may use.
+  int Enter() {
+    std::lock_guard<std::mutex> lock(mu);
+    if (get == nullptr) return 1;
+    if (active++ == 0) {
+      saved = std::max(1, get());
+      if (saved > 1) set(1);
+    }
+    return saved;
+  }
+
+  void Exit() {
+    std::lock_guard<std::mutex> lock(mu);
+    if (get == nullptr) return;
+    if (--active == 0 && saved > 1) set(saved);
+  }
+};
+
+BlasThreadControl g_blas_threads;
+
+class BlasThreadsGuard {
+ public:
+  BlasThreadsGuard() : threads_(g_blas_threads.Enter()) {}
+  ~BlasThreadsGuard() { g_blas_threads.Exit(); }
+  int threads() const { return threads_; }
+
+ private:
+  int threads_;
+};
+
+// Proxy blocks are reused across calls: a fresh multi-MiB allocation per call would
+// be page-faulted in again every time (measured: ~7% of the search).
+class ScratchPool {
+ public:
+  std::unique_ptr<float[]> Get(size_t size, size_t* capacity) {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (size_t i = 0; i < free_.size(); ++i) {
+      if (free_[i].second >= size) {
+        std::unique_ptr<float[]> out = std::move(free_[i].first);
+        *capacity = free_[i].second;
+        free_.erase(free_.begin() + i);
+        return out;
+      }
+    }
+    *capacity = size;
+    return std::unique_ptr<float[]>(new (std::nothrow) float[size]);
+  }
+  void Put(std::unique_ptr<float[]> block, size_t capacity) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (free_.size() < kMaxFree) free_.emplace_back(std::move(block), capacity);
+  }
+
+ private:
+  static constexpr size_t kMaxFree = 64;
+  std::mutex mu_;
+  std::vector<std::pair<std::unique_ptr<float[]>, size_t>> free_;
+};
+
+ScratchPool g_scratch;
+
+// The search of one gallery for a range of queries. The gallery is a list of blocks of
+// a bank: gallery row i * R + r (before `first_index`) is bank row r of block
+// blocks[i]. Its embedding is [rows, extra]: the first `dim` embedding columns are the
+// bank rows themselves (read in place, never copied), the last `num_extra` come from
+// `extra` (e.g. |g|^2 for L2), added by a second, rank-num_extra sgemm.
+struct SearchJob {
+  const float* queries;  // [Q, emb] with emb = dim + num_extra
+  const float* bank;     // [B, R, dim]
+  const float* extra;    // [B, R, num_extra]
+  const bool* valid;     // [B, R] or null
+  const int32_t* blocks;  // [num_blocks]
+  int64_t num_blocks, block_rows, dim, num_extra, k, qb, cb, first_index;
+  float* best_v;
+  int32_t* best_i;
+  SgemmFn sgemm;
+
+  bool Run(int64_t q_begin, int64_t q_end) const {
+    if (q_end <= q_begin) return true;
+    size_t capacity = 0;
+    std::unique_ptr<float[]> block = g_scratch.Get(qb * cb, &capacity);
+    if (!block) return false;
+    const float one = 1.0f, zero = 0.0f;
+    const int depth = static_cast<int>(dim), num_x = static_cast<int>(num_extra);
+    const int emb = static_cast<int>(dim + num_extra);
+    for (int64_t i = 0; i < num_blocks; ++i) {
+      const int64_t base = static_cast<int64_t>(blocks[i]) * block_rows;
+      for (int64_t c0 = 0; c0 < block_rows; c0 += cb) {
+        const int64_t cn = std::min(cb, block_rows - c0);
+        const bool* ok = valid == nullptr ? nullptr : valid + base + c0;
+        bool any_invalid = false;
+        if (ok != nullptr) {
+          for (int64_t c = 0; c < cn; ++c) any_invalid |= !ok[c];
+        }
+        for (int64_t q0 = q_begin; q0 < q_end; q0 += qb) {
+          const int64_t qn = std::min(qb, q_end - q0);
+          // Column-major sgemm: block^T [cn, qn] = rows (dim x cn, transposed) times
+          // queries[q0:q0+qn, :dim] (dim x qn, leading dimension emb), i.e. the
+          // row-major block [qn, cn].
+          const int m = static_cast<int>(cn), n = static_cast<int>(qn);
+          sgemm("T", "N", &m, &n, &depth, &one, bank + (base + c0) * dim, &depth,
+                queries + q0 * emb, &emb, &zero, block.get(), &m);
+          if (num_x > 0) {
+            sgemm("T", "N", &m, &n, &num_x, &one, extra + (base + c0) * num_extra, &num_x,
+                  queries + q0 * emb + dim, &emb, &one, block.get(), &m);
+          }
+          if (any_invalid) {
+            for (int64_t r = 0; r < qn; ++r) {
+              for (int64_t c = 0; c < cn; ++c) {
+                if (!ok[c]) block[r * cn + c] = kInf;
+              }
+            }
+          }
+          SelectRows(block.get(), 0, qn, cn, cn, first_index + i * block_rows + c0,
+                     best_v + q0 * k, best_i + q0 * k, k);
+        }
+      }
+    }
+    g_scratch.Put(std::move(block), capacity);
+    return true;
+  }
+};
+
+ffi::Error TopkImpl(ffi::Buffer<ffi::F32> queries, ffi::Buffer<ffi::F32> bank,
+                    ffi::Buffer<ffi::F32> extra, ffi::Buffer<ffi::PRED> valid,
+                    ffi::Buffer<ffi::S32> blocks, ffi::Buffer<ffi::S32> offset,
+                    ffi::Buffer<ffi::F32> vals_in, ffi::Buffer<ffi::S32> ids_in,
+                    int64_t query_block, int64_t sub_chunk,
+                    ffi::ResultBuffer<ffi::F32> vals_out,
+                    ffi::ResultBuffer<ffi::S32> ids_out) {
+  const SgemmFn sgemm = g_sgemm.load();
+  if (sgemm == nullptr) {
+    return ffi::Error::InvalidArgument("spade_jax knn_cpu: no sgemm was set");
+  }
+  const auto qd = queries.dimensions();
+  const auto bd = bank.dimensions();
+  const auto xd = extra.dimensions();
+  const auto vd = vals_in.dimensions();
+  if (qd.size() != 2 || bd.size() != 3 || xd.size() != 3 || vd.size() != 2 ||
+      xd[0] != bd[0] || xd[1] != bd[1] || qd[1] != bd[2] + xd[2] || vd[0] != qd[0] ||
+      ids_in.element_count() != vals_in.element_count() || offset.element_count() != 1 ||
+      blocks.dimensions().size() != 1 ||
+      (valid.element_count() != 0 &&
+       valid.element_count() != static_cast<size_t>(bd[0] * bd[1]))) {
+    return ffi::Error::InvalidArgument("spade_jax knn_cpu: inconsistent shapes");
+  }
+  const int64_t num_q = qd[0], num_bank = bd[0], block_rows = bd[1], dim = bd[2];
+  const int64_t num_extra = xd[2], k = vd[1];
+  const int64_t num_blocks = blocks.dimensions()[0];
+  if (query_block < 1 || sub_chunk < 1 || k < 1 || qd[1] > INT32_MAX ||
+      num_q > INT32_MAX || num_blocks * block_rows > INT32_MAX) {
+    return ffi::Error::InvalidArgument("spade_jax knn_cpu: bad sizes");
+  }
+  const int32_t* block_ids = blocks.typed_data();
+  for (int64_t i = 0; i < num_blocks; ++i) {
+    if (block_ids[i] < 0 || block_ids[i] >= num_bank) {
+      return ffi::Error::InvalidArgument("spade_jax knn_cpu: block id out of range");
+    }
+  }
+  float* best_v = vals_out->typed_data();
+  int32_t* best_i = ids_out->typed_data();
+  if (best_v != vals_in.typed_data()) {
+    std::memcpy(best_v, vals_in.typed_data(), sizeof(float) * num_q * k);
+  }
+  if (best_i != ids_in.typed_data()) {
+    std::memcpy(best_i, ids_in.typed_data(), sizeof(int32_t) * num_q * k);
+  }
+  if (num_q == 0 || num_blocks == 0 || block_rows == 0) return ffi::Error::Success();
+
+  const int64_t qb = std::min(query_block, num_q);
+  const int64_t cb = std::min(sub_chunk, block_rows);
+  BlasThreadsGuard guard;
+  // At least one block of queries per thread, so a small search stays on one thread.
+  const int64_t parts = std::max<int64_t>(
+      1, std::min<int64_t>(guard.threads(), num_q / std::max<int64_t>(qb / 2, 1)));
+  const SearchJob job{queries.typed_data(), bank.typed_data(), extra.typed_data(),
+                      valid.element_count() ? valid.typed_data() : nullptr, block_ids,
+                      num_blocks, block_rows, dim, num_extra, k, qb, cb,
+                      offset.typed_data()[0], best_v, best_i, sgemm};
+  std::vector<std::thread> helpers;
+  std::vector<int> failed(parts, 0);
+  for (int64_t p = 1; p < parts; ++p) {
+    helpers.emplace_back([&job, &failed, num_q, parts, p] {
+      failed[p] = !job.Run(num_q * p / parts, num_q * (p + 1) / parts);
+    });
+  }
+  failed[0] = !job.Run(0, num_q / parts);
+  for (auto& t : helpers) t.join();
+  if (std::any_of(failed.begin(), failed.end(), [](int f) { return f != 0; })) {
+    return ffi::Error(ffi::ErrorCode::kResourceExhausted, "spade_jax knn_cpu: out of memory");
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SpadeTopkF32, TopkImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // queries [Q, D + X]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // bank [B, R, D]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // extra [B, R, X]
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // valid [B, R] or [0]
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // blocks [nb]
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // offset []
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // best values [Q, k]
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // best indices [Q, k]
+                                  .Attr<int64_t>("query_block")
+                                  .Attr<int64_t>("sub_chunk")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());
+
+// ------------------------------------------------------------------------------------
+// Python module: handlers() -> {name: capsule}; set_sgemm(address).
+
+static PyObject* Handlers(PyObject*, PyObject*) {
+  PyObject* dict = PyDict_New();
+  if (dict == nullptr) return nullptr;
+  PyObject* capsule =
+      PyCapsule_New(reinterpret_cast<void*>(&SpadeTopkF32), nullptr, nullptr);
+  if (capsule == nullptr || PyDict_SetItemString(dict, "spade_topk_f32", capsule)) {
+    Py_XDECREF(capsule);
+    Py_DECREF(dict);
+    return nullptr;
+  }
+  Py_DECREF(capsule);
+  return dict;
+}
+
+static PyObject* SetSgemm(PyObject*, PyObject* arg) {
+  const unsigned long long address = PyLong_AsUnsignedLongLong(arg);
+  if (PyErr_Occurred()) return nullptr;
+  if (address == 0) {
+    PyErr_SetString(PyExc_ValueError, "sgemm address must be non-zero");
+    return nullptr;
+  }
+  void* sgemm = reinterpret_cast<void*>(static_cast<uintptr_t>(address));
+  g_blas_threads.Bind(sgemm);
+  g_sgemm.store(reinterpret_cast<SgemmFn>(sgemm));
+  return PyBool_FromLong(g_blas_threads.get != nullptr);
+}
+
+static PyMethodDef kMethods[] = {
+    {"handlers", Handlers, METH_NOARGS, "XLA FFI handler capsules by target name."},
+    {"set_sgemm", SetSgemm, METH_O,
+     "Sets the Fortran-ABI sgemm (LP64) by address; returns whether its library's\n"
+     "OpenBLAS thread functions were found."},
+    {nullptr, nullptr, 0, nullptr}};
+
+static PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_knn_cpu",
+                              "spade_jax CPU kNN kernel (XLA FFI).", -1, kMethods};
+
+PyMODINIT_FUNC PyInit__knn_cpu(void) { return PyModule_Create(&kModule); }

@@ -1,0 +1,186 @@
+"""The CPU kNN kernel (spade_jax/csrc/knn_cpu.cc) against a NumPy reference of one
+chunk merged into a running top-k."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import spade_jax
+from spade_jax import cpu_kernel
+from spade_jax import distances
+from spade_jax import neighbors
+
+# CI builds the extension and sets this, so a broken build fails there instead of
+# silently testing the XLA path twice.
+REQUIRED = os.environ.get("SPADE_JAX_REQUIRE_CPU_KERNEL") == "1"
+
+needs_kernel = pytest.mark.skipif(
+    not cpu_kernel.available() and not REQUIRED,
+    reason=f"CPU kernel unavailable: {cpu_kernel.unavailable_reason()}")
+
+
+def test_kernel_is_available_when_required():
+  if not REQUIRED:
+    pytest.skip("SPADE_JAX_REQUIRE_CPU_KERNEL is not 1")
+  assert cpu_kernel.available(), cpu_kernel.unavailable_reason()
+
+
+def _ref_merge(qe, bank, extra, blocks, valid, offset, best_v, best_i):
+  """NumPy float64: gallery row i * R + r is [bank, extra][blocks[i], r]; old candidates
+  + the gallery's (proxy, offset + row), k best by (value, index); +inf never enters
+  (an empty slot stays (+inf, -1))."""
+  k = best_v.shape[1]
+  emb = np.concatenate([bank, extra], axis=-1).astype(np.float64)[blocks]
+  emb = emb.reshape(-1, emb.shape[-1])
+  proxy = qe.astype(np.float64) @ emb.T
+  if valid is not None:
+    proxy = np.where(valid[blocks].reshape(-1)[None, :], proxy, np.inf)
+  out_v, out_i = [], []
+  for r in range(qe.shape[0]):
+    cand = [(float(v), int(i)) for v, i in zip(best_v[r], best_i[r]) if np.isfinite(v)]
+    cand += [(float(p), offset + c) for c, p in enumerate(proxy[r]) if np.isfinite(p)]
+    cand.sort()
+    cand = (cand + [(np.inf, -1)] * k)[:k]
+    out_v.append([v for v, _ in cand])
+    out_i.append([i for _, i in cand])
+  return np.array(out_v), np.array(out_i, np.int32)
+
+
+def _sorted_carry(rng, q, k, empty_tail, integer):
+  vals = (rng.integers(-40, 0, (q, k)) if integer else rng.standard_normal((q, k)) * 10)
+  vals = np.sort(vals.astype(np.float32), axis=1)
+  ids = np.tile(np.arange(k, dtype=np.int32), (q, 1))  # Lower than every gallery index.
+  if empty_tail:
+    vals[:, k - empty_tail:] = np.inf
+    ids[:, k - empty_tail:] = -1
+  return vals, ids
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "q,bank_blocks,rows,d,x,blocks,k,query_block,sub_chunk,masked,integer,empty_tail", [
+        (7, 1, 40, 5, 1, [0], 1, 3, 16, False, False, 1),     # k = 1: min + first index.
+        (7, 1, 40, 5, 1, [0], 1, 512, 512, True, True, 0),    # ties, masked rows.
+        (9, 3, 13, 4, 0, [2, 0, 2], 5, 4, 5, False, True, 2),  # ties across blocks.
+        (9, 4, 10, 3, 2, [3, 1], 5, 2, 7, True, False, 5),    # X = 2, empty carry.
+        (5, 2, 300, 3, 1, [1, 0], 20, 5, 64, True, True, 3),  # spans of 256, k > 16.
+        (6, 2, 6, 2, 0, [1], 30, 1, 5, False, False, 30),     # k > gallery: stay empty.
+        (600, 2, 25, 8, 1, [0, 1], 3, 16, 32, False, True, 0),  # several threads.
+        (1, 1, 1, 1, 0, [0], 1, 1, 1, False, False, 1),
+        (4, 2, 5, 3, 1, [], 2, 4, 4, False, False, 0),        # empty gallery: unchanged.
+    ])
+def test_topk_matches_reference(q, bank_blocks, rows, d, x, blocks, k, query_block,
+                                sub_chunk, masked, integer, empty_tail):
+  rng = np.random.default_rng(q * 131 + rows * 7 + k)
+  draw = ((lambda shape: rng.integers(-2, 3, shape)) if integer  # exact proxies: real ties
+          else (lambda shape: rng.standard_normal(shape)))
+  qe = draw((q, d + x)).astype(np.float32)
+  bank = draw((bank_blocks, rows, d)).astype(np.float32)
+  extra = draw((bank_blocks, rows, x)).astype(np.float32)
+  blocks = np.asarray(blocks, np.int32)
+  valid = rng.random((bank_blocks, rows)) < 0.7 if masked else None
+  offset = 1000
+  best_v, best_i = _sorted_carry(rng, q, k, empty_tail, integer)
+  ref_v, ref_i = _ref_merge(qe, bank, extra, blocks, valid, offset, best_v, best_i)
+  out_v, out_i = jax.jit(lambda qe, b, e, bl, v, i, ok: cpu_kernel.topk(
+      qe, b, e, bl, v, i, valid=ok, offset=offset, query_block=query_block,
+      sub_chunk=sub_chunk))(qe, bank, extra, blocks, best_v, best_i,
+                            None if valid is None else jnp.asarray(valid))
+  out_v, out_i = np.asarray(out_v), np.asarray(out_i)
+  if integer:
+    np.testing.assert_array_equal(out_v, ref_v.astype(np.float32))
+  else:
+    np.testing.assert_allclose(out_v, ref_v, rtol=1e-5, atol=1e-5)
+  # Integer data: exact ties, ordered by index. Random real proxies have no near-ties
+  # at these sizes: the same neighbours.
+  np.testing.assert_array_equal(out_i, ref_i)
+
+
+@needs_kernel
+def test_topk_rejects_a_block_id_outside_the_bank():
+  empty = (jnp.full((2, 1), jnp.inf), jnp.full((2, 1), -1, jnp.int32))
+  with pytest.raises(Exception, match="block id out of range"):
+    cpu_kernel.topk(jnp.ones((2, 3)), jnp.ones((2, 4, 3)), jnp.ones((2, 4, 0)),
+                    jnp.array([0, 2], jnp.int32), *empty)[0].block_until_ready()
+
+
+@needs_kernel
+def test_topk_vmaps_sequentially():
+  rng = np.random.default_rng(3)
+  qe = rng.standard_normal((3, 4, 7)).astype(np.float32)
+  bank = rng.standard_normal((3, 2, 10, 6)).astype(np.float32)
+  extra = rng.standard_normal((3, 2, 10, 1)).astype(np.float32)
+  blocks = np.array([1, 0], np.int32)
+  best_v = np.full((3, 4, 2), np.inf, np.float32)
+  best_i = np.full((3, 4, 2), -1, np.int32)
+  out_v, out_i = jax.vmap(lambda a, b, e, v, i: cpu_kernel.topk(a, b, e, blocks, v, i))(
+      qe, bank, extra, best_v, best_i)
+  for n in range(3):
+    ref_v, ref_i = _ref_merge(qe[n], bank[n], extra[n], blocks, None, 0, best_v[n],
+                              best_i[n])
+    np.testing.assert_allclose(out_v[n], ref_v, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(out_i[n], ref_i)
+
+
+@pytest.mark.parametrize("name", sorted(distances.METRICS))
+def test_gallery_extra_is_the_embedding_tail(name):
+  # Metric.gallery_extra's contract, which lets the kernel read rows in place.
+  metric = distances.METRICS[name]
+  rows = metric.prepare(jnp.asarray(np.random.default_rng(4).standard_normal((6, 5)),
+                                    jnp.float32))
+  bank, extra = cpu_kernel.gallery_parts(metric, rows)
+  np.testing.assert_array_equal(jnp.concatenate([bank, extra], -1),
+                                metric.embed_gallery(rows))
+
+
+@needs_kernel
+def test_knn_lowers_to_the_kernel_only_for_auto():
+  q, g = jnp.ones((10, 4)), jnp.ones((20, 4))
+
+  def hlo(kernel):
+    return neighbors._knn_jit.lower(  # pylint: disable=protected-access
+        q, g, k=2, metric=distances.L2, chunk_size=8, query_block=5, kernel=kernel).as_text()
+
+  assert cpu_kernel.TARGET in hlo("auto")
+  assert cpu_kernel.TARGET not in hlo("xla")
+
+
+@needs_kernel
+@pytest.mark.parametrize("metric", ["l2", "sqeuclidean", "cosine"])
+def test_kernel_and_xla_paths_agree_exactly_on_integer_data(metric):
+  # Integer features: every proxy is exact in both paths, so the results are equal
+  # bit for bit, including the order of ties (M = 3000 spans several chunks).
+  rng = np.random.default_rng(5)
+  g = rng.integers(-3, 4, (3000, 16)).astype(np.float32)
+  q = rng.integers(-3, 4, (700, 16)).astype(np.float32)
+  for k in (1, 7):
+    d_auto, i_auto = spade_jax.knn(q, g, k, metric, chunk_size=1024, kernel="auto")
+    d_xla, i_xla = spade_jax.knn(q, g, k, metric, chunk_size=1024, kernel="xla")
+    np.testing.assert_array_equal(i_auto, i_xla)
+    np.testing.assert_array_equal(d_auto, d_xla)
+
+
+@needs_kernel
+def test_blas_thread_setting_is_restored():
+  threadpoolctl = pytest.importorskip("threadpoolctl")
+  from scipy.linalg import cython_blas  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+
+  def scipy_blas_threads():
+    return sorted(i["num_threads"] for i in threadpoolctl.threadpool_info()
+                  if i.get("user_api") == "blas" and "scipy.libs" in i.get("filepath", ""))
+
+  before = scipy_blas_threads()
+  rng = np.random.default_rng(6)
+  q = rng.standard_normal((1200, 8)).astype(np.float32)
+  g = rng.standard_normal((5000, 8)).astype(np.float32)
+  spade_jax.knn(q, g, 3)[0].block_until_ready()
+  assert scipy_blas_threads() == before
+
+
+def test_switch_disables_the_kernel(monkeypatch):
+  monkeypatch.setenv(cpu_kernel.ENV_SWITCH, "0")
+  available, why = cpu_kernel._load.__wrapped__()  # pylint: disable=protected-access
+  assert not available and cpu_kernel.ENV_SWITCH in why
