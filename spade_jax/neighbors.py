@@ -18,6 +18,12 @@ Ties are broken by the lower gallery index everywhere (candidates are kept sorte
 then recomputed with the Metric's exact direct form and re-sorted, because the matmul
 proxy cancels for near-duplicates.
 
+On CPU (kernel="auto", the default) the same search runs in spade_jax's CPU kernel
+(cpu_kernel.py): one custom call per gallery (local_knn) or per gathered chunk
+(stream_topk) does the blocking, a BLAS sgemm per core and the selection in C++, with
+the same tie rule, because XLA:CPU's matmul is about 40% slower than BLAS. Only the
+rounding of the proxies differs; the exact recompute below is shared.
+
 The building blocks are split for the sharded search (one shard = one `local_knn`
 with a validity mask and an index offset; shards' candidates are combined with
 `merge_topk`).

@@ -19,7 +19,7 @@ def _pyramid(rng, n, sizes=((8, 8, 4), (4, 4, 6), (2, 2, 5))):
 
 @pytest.mark.parametrize("metric", ["l2", "sqeuclidean", "cosine"])
 @pytest.mark.parametrize("k,num_neighbors", [(1, None), (3, None), (2, 5), (7, 7)])
-def test_image_scores_match_reference(metric, k, num_neighbors):
+def test_image_scores_match_reference(metric, k, num_neighbors, search_path):
   rng = np.random.default_rng(0)
   test = rng.standard_normal((6, 16)).astype(np.float32)
   train = rng.standard_normal((9, 16)).astype(np.float32)
@@ -33,7 +33,7 @@ def test_image_scores_match_reference(metric, k, num_neighbors):
 @pytest.mark.parametrize("combine", ["ensemble", "cat"])
 @pytest.mark.parametrize("kappa,chunk,batch,metric", [
     (1, None, 1, "l2"), (3, 2, 2, "l2"), (1, 3, 3, "sqeuclidean"), (2, 1, 1, "cosine")])
-def test_pixel_scores_match_reference(combine, kappa, chunk, batch, metric):
+def test_pixel_scores_match_reference(combine, kappa, chunk, batch, metric, search_path):
   rng = np.random.default_rng(1)
   test, train = _pyramid(rng, 3), _pyramid(rng, 7)
   # K = 5 images, chunk sizes 2 and 3 leave a tail; nbrs need not be sorted.

@@ -71,7 +71,7 @@ def test_shard_gallery_levels_and_set_mesh():
 
 @pytest.mark.parametrize("kind", list(MESHES))
 @pytest.mark.parametrize("rows", SIZES)
-def test_knn_equals_single_device(kind, rows):
+def test_knn_equals_single_device(kind, rows, search_path):
   mesh, axis = _mesh(kind)
   rng = np.random.default_rng(rows)
   q = rng.standard_normal((5, 6)).astype(np.float32)
@@ -135,7 +135,8 @@ def test_image_scores_equal_single_device(kind):
 @pytest.mark.parametrize("kind,rows,combine,kappa,chunk,batch", [
     ("1d", NDEV - 1, "ensemble", 1, None, 1), ("1d", 13, "cat", 2, 2, 2),
     ("2d", NDEV + 1, "cat", 1, None, 1), ("2d", 13, "ensemble", 3, 2, 2)])
-def test_pixel_scores_equal_single_device(kind, rows, combine, kappa, chunk, batch):
+def test_pixel_scores_equal_single_device(kind, rows, combine, kappa, chunk, batch,
+                                         search_path):
   mesh, axis = _mesh(kind)
   rng = np.random.default_rng(rows)
   train, test = _pyramid(rng, rows), _pyramid(rng, 3)
