@@ -118,7 +118,12 @@ def topk(query_embeddings: Array, bank: Array, extra: Array, blocks: Array,
     The updated (best_v, best_i): the k smallest (proxy, index) pairs of the old
     candidates and the gallery, ordered by value then index; a gallery candidate equal
     to the k-th best is not taken (its index is higher).
+
+  Raises:
+    RuntimeError: the kernel is not available (see unavailable_reason()).
   """
+  if not available():
+    raise RuntimeError(f"spade_jax's CPU kNN kernel is unavailable: {unavailable_reason()}")
   valid = jnp.zeros((0,), jnp.bool_) if valid is None else valid.astype(jnp.bool_)
   call = jax.ffi.ffi_call(
       TARGET,

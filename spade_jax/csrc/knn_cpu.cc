@@ -145,13 +145,21 @@ inline void Insert(float v, int32_t idx, float* vals, int32_t* ids, int64_t k) {
 constexpr int64_t kSpan = 256;
 
 // Merges rows [r0, r1) of a [rows, cols] proxy block (row stride ld) into the running
-// top-k (best_v / best_i point at the block's first row).
-void SelectRows(const float* block, int64_t r0, int64_t r1, int64_t cols, int64_t ld,
-                int64_t first_col, float* best_v, int32_t* best_i, int64_t k) {
+// top-k (best_v / best_i point at the block's first row). With a column bias, row r's
+// proxies are first completed in place, block[r, j] += scale[r * scale_stride] *
+// bias[j] (one rounding, stored, so every later read sees the same value), while the
+// row is in L1.
+void SelectRows(float* block, int64_t r0, int64_t r1, int64_t cols, int64_t ld,
+                int64_t first_col, float* best_v, int32_t* best_i, int64_t k,
+                const float* bias, const float* scale, int64_t scale_stride) {
   for (int64_t r = r0; r < r1; ++r) {
-    const float* x = block + r * ld;
+    float* x = block + r * ld;
     float* vals = best_v + r * k;
     int32_t* ids = best_i + r * k;
+    if (bias != nullptr) {
+      const float s = scale[r * scale_stride];
+      for (int64_t j = 0; j < cols; ++j) x[j] = x[j] + s * bias[j];
+    }
     if (k == 1) {
       const float m = RowMin(x, cols);
       if (m < vals[0]) {
@@ -322,7 +330,9 @@ struct SearchJob {
           const int m = static_cast<int>(cn), n = static_cast<int>(qn);
           sgemm("T", "N", &m, &n, &depth, &one, bank + (base + c0) * dim, &depth,
                 queries + q0 * emb, &emb, &zero, block.get(), &m);
-          if (num_x > 0) {
+          // One extra column (|g|^2 for L2) is added during the selection; more go
+          // through a second, rank-num_extra sgemm.
+          if (num_x > 1) {
             sgemm("T", "N", &m, &n, &num_x, &one, extra + (base + c0) * num_extra, &num_x,
                   queries + q0 * emb + dim, &emb, &one, block.get(), &m);
           }
@@ -333,8 +343,10 @@ struct SearchJob {
               }
             }
           }
+          const bool fuse = num_x == 1;
           SelectRows(block.get(), 0, qn, cn, cn, first_index + i * block_rows + c0,
-                     best_v + q0 * k, best_i + q0 * k, k);
+                     best_v + q0 * k, best_i + q0 * k, k,
+                     fuse ? extra + base + c0 : nullptr, queries + q0 * emb + dim, emb);
         }
       }
     }
