@@ -184,3 +184,11 @@ def test_switch_disables_the_kernel(monkeypatch):
   monkeypatch.setenv(cpu_kernel.ENV_SWITCH, "0")
   available, why = cpu_kernel._load.__wrapped__()  # pylint: disable=protected-access
   assert not available and cpu_kernel.ENV_SWITCH in why
+
+
+def test_topk_refuses_to_run_without_the_kernel(monkeypatch):
+  monkeypatch.setattr(cpu_kernel, "available", lambda: False)
+  empty = (jnp.full((2, 1), jnp.inf), jnp.full((2, 1), -1, jnp.int32))
+  with pytest.raises(RuntimeError, match="CPU kNN kernel is unavailable"):
+    cpu_kernel.topk(jnp.ones((2, 3)), jnp.ones((1, 4, 3)), jnp.ones((1, 4, 0)),
+                    jnp.array([0], jnp.int32), *empty)

@@ -29,6 +29,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <exception>
 #include <limits>
 #include <memory>
 #include <mutex>
@@ -355,7 +356,7 @@ struct SearchJob {
   }
 };
 
-ffi::Error TopkImpl(ffi::Buffer<ffi::F32> queries, ffi::Buffer<ffi::F32> bank,
+ffi::Error TopkUnguarded(ffi::Buffer<ffi::F32> queries, ffi::Buffer<ffi::F32> bank,
                     ffi::Buffer<ffi::F32> extra, ffi::Buffer<ffi::PRED> valid,
                     ffi::Buffer<ffi::S32> blocks, ffi::Buffer<ffi::S32> offset,
                     ffi::Buffer<ffi::F32> vals_in, ffi::Buffer<ffi::S32> ids_in,
@@ -413,17 +414,40 @@ ffi::Error TopkImpl(ffi::Buffer<ffi::F32> queries, ffi::Buffer<ffi::F32> bank,
                       offset.typed_data()[0], best_v, best_i, sgemm};
   std::vector<std::thread> helpers;
   std::vector<int> failed(parts, 0);
+  auto run_part = [&job, &failed, num_q, parts](int64_t p) {
+    failed[p] = !job.Run(num_q * p / parts, num_q * (p + 1) / parts);
+  };
   for (int64_t p = 1; p < parts; ++p) {
-    helpers.emplace_back([&job, &failed, num_q, parts, p] {
-      failed[p] = !job.Run(num_q * p / parts, num_q * (p + 1) / parts);
-    });
+    try {
+      helpers.emplace_back(run_part, p);
+    } catch (...) {  // No thread to be had: this part runs on the calling thread.
+      run_part(p);
+    }
   }
-  failed[0] = !job.Run(0, num_q / parts);
+  run_part(0);
   for (auto& t : helpers) t.join();
   if (std::any_of(failed.begin(), failed.end(), [](int f) { return f != 0; })) {
     return ffi::Error(ffi::ErrorCode::kResourceExhausted, "spade_jax knn_cpu: out of memory");
   }
   return ffi::Error::Success();
+}
+
+// No C++ exception may cross into XLA: any that escapes becomes an error status.
+ffi::Error TopkImpl(ffi::Buffer<ffi::F32> queries, ffi::Buffer<ffi::F32> bank,
+                    ffi::Buffer<ffi::F32> extra, ffi::Buffer<ffi::PRED> valid,
+                    ffi::Buffer<ffi::S32> blocks, ffi::Buffer<ffi::S32> offset,
+                    ffi::Buffer<ffi::F32> vals_in, ffi::Buffer<ffi::S32> ids_in,
+                    int64_t query_block, int64_t sub_chunk,
+                    ffi::ResultBuffer<ffi::F32> vals_out,
+                    ffi::ResultBuffer<ffi::S32> ids_out) {
+  try {
+    return TopkUnguarded(queries, bank, extra, valid, blocks, offset, vals_in, ids_in,
+                         query_block, sub_chunk, vals_out, ids_out);
+  } catch (const std::exception& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string("spade_jax knn_cpu: ") + e.what());
+  } catch (...) {
+    return ffi::Error(ffi::ErrorCode::kInternal, "spade_jax knn_cpu: unknown C++ exception");
+  }
 }
 
 }  // namespace
