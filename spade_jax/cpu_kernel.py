@@ -102,15 +102,16 @@ def topk(query_embeddings: Array, bank: Array, extra: Array, blocks: Array,
 
   The gallery is a list of blocks of a bank: gallery row i * R + r is bank[blocks[i], r]
   (so a gallery can be the rows of a few training images, read in place). Its
-  embedding is [bank row, extra row].
+  embedding is [bank[blocks[i], r], extra[i, r]].
 
   Args:
     query_embeddings: [Q, D + X] the Metric's query embeddings.
     bank: [B, R, D] gallery rows (the first D embedding columns).
-    extra: [B, R, X] the last X embedding columns (X may be 0).
+    extra: [nb, R, X] the last X embedding columns (X may be 0), in gallery order.
     blocks: [nb] int32 bank blocks forming the gallery, in gallery order.
     best_v, best_i: [Q, k] running proxies (ascending, +inf = empty) and indices.
-    valid: [B, R] bool (False rows are never taken) or None.
+    valid: [nb, R] bool in gallery order (False rows are never taken; a stretch of
+      rows without a valid one costs nothing) or None.
     offset: int32 scalar added to the gallery row numbers.
     query_block, sub_chunk: queries and rows per sgemm block.
 
@@ -135,3 +136,36 @@ def topk(query_embeddings: Array, bank: Array, extra: Array, blocks: Array,
               extra.astype(jnp.float32), valid, jnp.asarray(blocks, jnp.int32),
               jnp.asarray(offset, jnp.int32), best_v, best_i,
               query_block=np.int64(query_block), sub_chunk=np.int64(sub_chunk))
+
+
+def can_search_bank(metric: distances.Metric, bank: Array) -> bool:
+  """Whether `search_bank` applies: the Metric's gallery embedding is the raw rows plus
+  extra columns, and the bank is float32 (static, at trace time)."""
+  return (metric.prepare_is_identity and metric.gallery_extra is not None
+          and bank.dtype == jnp.float32)
+
+
+def search_bank(query_embeddings: Array, bank: Array, blocks: Array, k: int,
+                metric: distances.Metric, valid: Array | None = None
+                ) -> tuple[Array, Array]:
+  """Top-k (proxies, gallery rows) of a gallery made of bank blocks, read in place.
+
+  Args:
+    query_embeddings: [Q, E] the Metric's query embeddings.
+    bank: [N, R, D] float32 raw rows (e.g. one pyramid level of every training image);
+      requires can_search_bank(metric, bank).
+    blocks: [nb] int32 bank blocks forming the gallery (e.g. the K nearest images).
+    k: neighbours.
+    metric: the Metric.
+    valid: [nb, R] bool in gallery order, or None.
+
+  Returns:
+    ([Q, k] proxies ascending, [Q, k] int32 gallery rows i * R + r), (+inf, -1) where
+    fewer than k rows are valid.
+  """
+  # The extra columns of the nb blocks, one block at a time: bank[blocks] would be a
+  # gathered copy of the whole gallery (XLA does not fuse a gather into the reduction).
+  extra = jax.lax.map(lambda i: metric.gallery_extra(bank[i]).astype(jnp.float32), blocks)
+  q = query_embeddings.shape[0]
+  empty = (jnp.full((q, k), jnp.inf, jnp.float32), jnp.full((q, k), -1, jnp.int32))
+  return topk(query_embeddings, bank, extra, blocks, *empty, valid=valid)

@@ -60,6 +60,8 @@ class Metric:
       is the prepared rows plus X extra columns (X may be 0). Then the CPU kernel
       (cpu_kernel.py) reads the rows in place instead of materialising embeddings.
       None (the default) is always correct: embed_gallery is then used as it is.
+    prepare_is_identity: True if prepare(x) is x.astype(float32). With gallery_extra,
+      this lets the CPU kernel search a float32 memory bank without copying it.
   """
   name: str
   prepare: Callable[[Array], Array]
@@ -68,6 +70,7 @@ class Metric:
   finalize: Callable[[Array, Array], Array]
   exact: Callable[[Array, Array], Array]
   gallery_extra: Callable[[Array], Array] | None = None
+  prepare_is_identity: bool = False
 
   def pairwise(self, query_embeddings: Array, gallery_embeddings: Array) -> Array:
     """[Q, E] x [C, E] -> proxy [Q, C] float32 (one matmul)."""
@@ -198,9 +201,11 @@ def pairwise_distances(queries: Array, gallery: Array, metric: str | Metric = "l
 
 
 L2 = register_metric(Metric("l2", _identity, _l2_embed_queries, _l2_embed_gallery,
-                            _l2_finalize, _l2_exact, gallery_extra=_squared_norms))
+                            _l2_finalize, _l2_exact, gallery_extra=_squared_norms,
+                            prepare_is_identity=True))
 SQEUCLIDEAN = register_metric(Metric("sqeuclidean", _identity, _l2_embed_queries,
                                      _l2_embed_gallery, _sqeuclidean_finalize,
-                                     _sqeuclidean_exact, gallery_extra=_squared_norms))
+                                     _sqeuclidean_exact, gallery_extra=_squared_norms,
+                                     prepare_is_identity=True))
 COSINE = register_metric(Metric("cosine", _unit_rows, _negate, _identity, _cosine_finalize,
                                 _cosine_exact, gallery_extra=_no_extra))

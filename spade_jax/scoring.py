@@ -33,6 +33,7 @@ from jax import lax
 import numpy as np
 
 from spade_jax import anomaly_map
+from spade_jax import cpu_kernel
 from spade_jax import distances
 from spade_jax import neighbors
 from spade_jax import sharding
@@ -139,9 +140,15 @@ def _resize_at(feats: Array, image: Array, pos: Array, grid: tuple[int, int]) ->
   return (1 - wy) * top + wy * bottom
 
 
+def uses_bank_kernel(metric: distances.Metric, bank: Array) -> bool:
+  """Whether CPU lowerings search the K images in place (cpu_kernel.search_bank)."""
+  return neighbors._cpu_kernel_enabled("auto") and cpu_kernel.can_search_bank(  # pylint: disable=protected-access
+      metric, bank)
+
+
 def _stream_images(queries: Array, nbrs: Array, rows_of, rows_at, positions: int,
                    images_per_chunk: int, kappa: int, metric: distances.Metric,
-                   query_block: int | None = None) -> Array:
+                   query_block: int | None = None, bank: Array | None = None) -> Array:
   """Mean distance of each query to its kappa nearest rows of the K-image gallery.
 
   Args:
@@ -155,6 +162,8 @@ def _stream_images(queries: Array, nbrs: Array, rows_of, rows_at, positions: int
     kappa: neighbours averaged.
     metric: the Metric.
     query_block: queries per proxy block.
+    bank: optional [N, positions, D] with rows_of(ids) == bank[ids].reshape(-1, D);
+      on CPU the kernel then reads the K images' rows in place (no gathered chunks).
 
   Returns:
     [Q] float32 scores.
@@ -169,15 +178,25 @@ def _stream_images(queries: Array, nbrs: Array, rows_of, rows_at, positions: int
     ids = lax.dynamic_slice_in_dim(nbrs, start, count)
     return metric.prepare(rows_of(ids).astype(jnp.float32)), None
 
-  proxies, idx = neighbors.stream_topk(q_emb, lambda j: chunk(j * b, b), num_full,
-                                       b * positions, kappa, metric, query_block=query_block)
-  if tail:
-    start = num_full * b
-    proxies, idx = neighbors.stream_topk(q_emb, lambda j: chunk(start, tail), 1,
-                                         tail * positions, kappa, metric,
-                                         carry=(proxies, idx),
-                                         first_index=start * positions,
+  def chunked():
+    proxies, idx = neighbors.stream_topk(q_emb, lambda j: chunk(j * b, b), num_full,
+                                         b * positions, kappa, metric,
                                          query_block=query_block)
+    if tail:
+      start = num_full * b
+      proxies, idx = neighbors.stream_topk(q_emb, lambda j: chunk(start, tail), 1,
+                                           tail * positions, kappa, metric,
+                                           carry=(proxies, idx),
+                                           first_index=start * positions,
+                                           query_block=query_block)
+    return proxies, idx
+
+  if bank is not None and uses_bank_kernel(metric, bank):
+    proxies, idx = lax.platform_dependent(
+        cpu=lambda: cpu_kernel.search_bank(q_emb, bank, nbrs, kappa, metric),
+        default=chunked)
+  else:
+    proxies, idx = chunked()
 
   def gather_rows(i):
     return metric.prepare(rows_at(nbrs[i // positions], i % positions).astype(jnp.float32))
@@ -194,8 +213,10 @@ def pyramid_scores(test: dict[str, Array], train: dict[str, Array], nbrs: Array,
 
   The combine logic of SPADE, shared by the single-device and the sharded paths;
   `stream(queries [P, C], nbrs, *, rows_of, rows_at, positions, images_per_chunk,
-  query_block) -> [P]` is the search of the positions of the K images (the sharded
-  one searches only the images a device holds and merges over the mesh).
+  query_block, bank) -> [P]` is the search of the positions of the K images (the sharded
+  one searches only the images a device holds and merges over the mesh); `bank` is the
+  level's [N, positions, C] features when rows_of gathers whole images from it ("ensemble")
+  and None otherwise ("cat" builds its rows).
   """
   if combine == "ensemble":
     maps = []
@@ -207,7 +228,7 @@ def pyramid_scores(test: dict[str, Array], train: dict[str, Array], nbrs: Array,
           test[level].reshape(h * w, c), nbrs,
           rows_of=lambda ids, flat=flat, c=c: flat[ids].reshape(-1, c),
           rows_at=lambda img, pos, flat=flat: flat[img, pos],
-          positions=h * w, images_per_chunk=b, query_block=qb)
+          positions=h * w, images_per_chunk=b, query_block=qb, bank=flat)
       maps.append(_resize_rows(scores.reshape(1, h, w, 1), grid)[0, ..., 0])
     return jnp.mean(jnp.stack(maps), axis=0)
 
@@ -226,7 +247,8 @@ def pyramid_scores(test: dict[str, Array], train: dict[str, Array], nbrs: Array,
                            axis=-1)
 
   scores = stream(queries, nbrs, rows_of=rows_of, rows_at=rows_at, positions=positions,
-                  images_per_chunk=images_per_chunk[0], query_block=query_blocks[0])
+                  images_per_chunk=images_per_chunk[0], query_block=query_blocks[0],
+                  bank=None)
   return scores.reshape(grid)
 
 
@@ -237,9 +259,10 @@ def _pixel_scores_one(test: dict[str, Array], train: dict[str, Array], nbrs: Arr
                       query_blocks: tuple[int, ...]) -> Array:
   """Score map [H0, W0] of one test image, all K images on this device."""
 
-  def stream(queries, nbrs, *, rows_of, rows_at, positions, images_per_chunk, query_block):
+  def stream(queries, nbrs, *, rows_of, rows_at, positions, images_per_chunk, query_block,
+             bank):
     return _stream_images(queries, nbrs, rows_of, rows_at, positions, images_per_chunk,
-                          kappa, metric, query_block)
+                          kappa, metric, query_block, bank)
 
   return pyramid_scores(test, train, nbrs, levels=levels, grid=grid, combine=combine,
                         images_per_chunk=images_per_chunk, query_blocks=query_blocks,

@@ -28,6 +28,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
+from spade_jax import cpu_kernel
 from spade_jax import distances
 from spade_jax import neighbors
 from spade_jax import scoring
@@ -41,7 +42,8 @@ Array = jax.Array
 def _held_stream(queries: Array, nbrs: Array, offset: Array, shard_rows: int,
                  rows_of: Callable[[Array], Array], rows_at: Callable[[Array, Array], Array],
                  positions: int, images_per_chunk: int, kappa: int, axis: str,
-                 metric: distances.Metric, query_block: int | None) -> Array:
+                 metric: distances.Metric, query_block: int | None,
+                 bank: Array | None = None) -> Array:
   """Scores [Q] of queries against the K-image gallery, of which this device holds some.
 
   Args:
@@ -58,6 +60,9 @@ def _held_stream(queries: Array, nbrs: Array, offset: Array, shard_rows: int,
     axis: the gallery mesh axis (candidates are merged over it).
     metric: the Metric.
     query_block: queries per proxy block.
+    bank: optional [R/A, positions, D] local features with rows_of(ids) ==
+      bank[ids].reshape(-1, D); on CPU the kernel then reads the held images in place
+      (slots past the held ones are masked out and skipped).
 
   Returns:
     [Q] float32 mean distance to the kappa nearest rows (same on every device).
@@ -91,7 +96,16 @@ def _held_stream(queries: Array, nbrs: Array, offset: Array, shard_rows: int,
     return neighbors.stream_topk(q_emb, chunk, 1, b * positions, kappa, metric, carry=carry,
                                  first_index=start * positions, query_block=query_block)
 
-  proxies, slot_rows = lax.fori_loop(0, (count + b - 1) // b, body, init)
+  def chunked():
+    return lax.fori_loop(0, (count + b - 1) // b, body, init)
+
+  if bank is not None and scoring.uses_bank_kernel(metric, bank):
+    valid = jnp.broadcast_to(slot_ok[:, None], (slots, positions))
+    proxies, slot_rows = lax.platform_dependent(
+        cpu=lambda: cpu_kernel.search_bank(q_emb, bank, slot_ids, kappa, metric, valid),
+        default=chunked)
+  else:
+    proxies, slot_rows = chunked()
 
   def gather_rows(i):
     return metric.prepare(rows_at(slot_ids[i // positions], i % positions).astype(jnp.float32))

@@ -12,6 +12,7 @@ import spade_jax
 from spade_jax import cpu_kernel
 from spade_jax import distances
 from spade_jax import neighbors
+import numpy_reference
 
 # CI builds the extension and sets this, so a broken build fails there instead of
 # silently testing the XLA path twice.
@@ -29,15 +30,15 @@ def test_kernel_is_available_when_required():
 
 
 def _ref_merge(qe, bank, extra, blocks, valid, offset, best_v, best_i):
-  """NumPy float64: gallery row i * R + r is [bank, extra][blocks[i], r]; old candidates
-  + the gallery's (proxy, offset + row), k best by (value, index); +inf never enters
-  (an empty slot stays (+inf, -1))."""
+  """NumPy float64: gallery row i * R + r is [bank[blocks[i], r], extra[i, r]]; old
+  candidates + the gallery's (proxy, offset + row), k best by (value, index); +inf
+  never enters (an empty slot stays (+inf, -1))."""
   k = best_v.shape[1]
-  emb = np.concatenate([bank, extra], axis=-1).astype(np.float64)[blocks]
+  emb = np.concatenate([bank[blocks], extra], axis=-1).astype(np.float64)
   emb = emb.reshape(-1, emb.shape[-1])
   proxy = qe.astype(np.float64) @ emb.T
   if valid is not None:
-    proxy = np.where(valid[blocks].reshape(-1)[None, :], proxy, np.inf)
+    proxy = np.where(valid.reshape(-1)[None, :], proxy, np.inf)
   out_v, out_i = [], []
   for r in range(qe.shape[0]):
     cand = [(float(v), int(i)) for v, i in zip(best_v[r], best_i[r]) if np.isfinite(v)]
@@ -79,9 +80,11 @@ def test_topk_matches_reference(q, bank_blocks, rows, d, x, blocks, k, query_blo
           else (lambda shape: rng.standard_normal(shape)))
   qe = draw((q, d + x)).astype(np.float32)
   bank = draw((bank_blocks, rows, d)).astype(np.float32)
-  extra = draw((bank_blocks, rows, x)).astype(np.float32)
   blocks = np.asarray(blocks, np.int32)
-  valid = rng.random((bank_blocks, rows)) < 0.7 if masked else None
+  extra = draw((len(blocks), rows, x)).astype(np.float32)
+  valid = rng.random((len(blocks), rows)) < 0.7 if masked else None
+  if masked and len(blocks) > 1:
+    valid[1] = False  # A block without a valid row is skipped.
   offset = 1000
   best_v, best_i = _sorted_carry(rng, q, k, empty_tail, integer)
   ref_v, ref_i = _ref_merge(qe, bank, extra, blocks, valid, offset, best_v, best_i)
@@ -108,12 +111,20 @@ def test_topk_rejects_a_block_id_outside_the_bank():
 
 
 @needs_kernel
+def test_topk_rejects_extra_not_in_gallery_order():
+  empty = (jnp.full((2, 1), jnp.inf), jnp.full((2, 1), -1, jnp.int32))
+  with pytest.raises(Exception, match="inconsistent shapes"):
+    cpu_kernel.topk(jnp.ones((2, 3)), jnp.ones((3, 4, 2)), jnp.ones((3, 4, 1)),
+                    jnp.array([0, 2], jnp.int32), *empty)[0].block_until_ready()
+
+
+@needs_kernel
 def test_topk_vmaps_sequentially():
   rng = np.random.default_rng(3)
   qe = rng.standard_normal((3, 4, 7)).astype(np.float32)
   bank = rng.standard_normal((3, 2, 10, 6)).astype(np.float32)
   extra = rng.standard_normal((3, 2, 10, 1)).astype(np.float32)
-  blocks = np.array([1, 0], np.int32)
+  blocks = np.array([1, 0], np.int32)  # extra is in this (gallery) order.
   best_v = np.full((3, 4, 2), np.inf, np.float32)
   best_i = np.full((3, 4, 2), -1, np.int32)
   out_v, out_i = jax.vmap(lambda a, b, e, v, i: cpu_kernel.topk(a, b, e, blocks, v, i))(
@@ -192,3 +203,26 @@ def test_topk_refuses_to_run_without_the_kernel(monkeypatch):
   with pytest.raises(RuntimeError, match="CPU kNN kernel is unavailable"):
     cpu_kernel.topk(jnp.ones((2, 3)), jnp.ones((1, 4, 3)), jnp.ones((1, 4, 0)),
                     jnp.array([0], jnp.int32), *empty)
+
+
+@needs_kernel
+@pytest.mark.parametrize("combine,metric,in_place", [
+    ("ensemble", "l2", True), ("ensemble", "sqeuclidean", True),
+    ("ensemble", "cosine", False),  # cosine's prepare normalises: rows are copied.
+    ("cat", "l2", False)])          # cat builds resized rows: nothing to read in place.
+def test_pixel_scores_read_the_memory_bank_in_place(monkeypatch, combine, metric, in_place):
+  from spade_jax import scoring  # pylint: disable=import-outside-toplevel
+  calls = []
+  search_bank = cpu_kernel.search_bank
+  monkeypatch.setattr(cpu_kernel, "search_bank",
+                      lambda *a, **kw: calls.append(1) or search_bank(*a, **kw))
+  jax.clear_caches()
+  rng = np.random.default_rng(7)
+  train = {"layer1": rng.standard_normal((6, 4, 4, 3)).astype(np.float32)}
+  test = {"layer1": rng.standard_normal((2, 4, 4, 3)).astype(np.float32)}
+  nbrs = np.array([[5, 1, 2], [0, 3, 4]], np.int32)
+  got = scoring.pixel_scores(test, train, nbrs, combine=combine, metric=metric)
+  jax.clear_caches()
+  assert bool(calls) == in_place
+  ref = numpy_reference.pixel_scores(test, train, nbrs, 1, combine, metric)
+  np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)

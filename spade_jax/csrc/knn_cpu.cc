@@ -9,8 +9,8 @@
 //
 // Semantics (equal to neighbors.stream_topk's XLA path over the same rows):
 //   gallery row i * R + r is bank[blocks[i], r]; its embedding is
-//   [bank row, extra row], and proxy[q, row] = queries[q] . embedding (+inf where
-//   valid is false);
+//   [bank[blocks[i], r], extra[i, r]], and proxy[q, row] = queries[q] . embedding
+//   (+inf where valid[i, r] is false);
 //   (best_v, best_i)[q] = the k smallest of the old candidates and the gallery's
 //   (proxy, offset + row), ordered by (value, index); a candidate equal to the k-th
 //   best is not taken (it has the higher index); +inf never enters a slot.
@@ -294,12 +294,13 @@ ScratchPool g_scratch;
 // a bank: gallery row i * R + r (before `first_index`) is bank row r of block
 // blocks[i]. Its embedding is [rows, extra]: the first `dim` embedding columns are the
 // bank rows themselves (read in place, never copied), the last `num_extra` come from
-// `extra` (e.g. |g|^2 for L2), added by a second, rank-num_extra sgemm.
+// extra[i, r] (e.g. |g|^2 for L2; like `valid`, laid out in gallery order, not bank
+// order). A sub-chunk without a valid row is skipped (no sgemm).
 struct SearchJob {
   const float* queries;  // [Q, emb] with emb = dim + num_extra
   const float* bank;     // [B, R, dim]
-  const float* extra;    // [B, R, num_extra]
-  const bool* valid;     // [B, R] or null
+  const float* extra;    // [num_blocks, R, num_extra]
+  const bool* valid;     // [num_blocks, R] or null
   const int32_t* blocks;  // [num_blocks]
   int64_t num_blocks, block_rows, dim, num_extra, k, qb, cb, first_index;
   float* best_v;
@@ -315,14 +316,18 @@ struct SearchJob {
     const int depth = static_cast<int>(dim), num_x = static_cast<int>(num_extra);
     const int emb = static_cast<int>(dim + num_extra);
     for (int64_t i = 0; i < num_blocks; ++i) {
-      const int64_t base = static_cast<int64_t>(blocks[i]) * block_rows;
+      const int64_t base = static_cast<int64_t>(blocks[i]) * block_rows;  // In the bank.
+      const int64_t row0 = i * block_rows;                                  // In the gallery.
       for (int64_t c0 = 0; c0 < block_rows; c0 += cb) {
         const int64_t cn = std::min(cb, block_rows - c0);
-        const bool* ok = valid == nullptr ? nullptr : valid + base + c0;
-        bool any_invalid = false;
+        const bool* ok = valid == nullptr ? nullptr : valid + row0 + c0;
+        int64_t num_valid = cn;
         if (ok != nullptr) {
-          for (int64_t c = 0; c < cn; ++c) any_invalid |= !ok[c];
+          num_valid = 0;
+          for (int64_t c = 0; c < cn; ++c) num_valid += ok[c];
         }
+        if (num_valid == 0) continue;
+        const bool any_invalid = num_valid < cn;
         for (int64_t q0 = q_begin; q0 < q_end; q0 += qb) {
           const int64_t qn = std::min(qb, q_end - q0);
           // Column-major sgemm: block^T [cn, qn] = rows (dim x cn, transposed) times
@@ -334,7 +339,7 @@ struct SearchJob {
           // One extra column (|g|^2 for L2) is added during the selection; more go
           // through a second, rank-num_extra sgemm.
           if (num_x > 1) {
-            sgemm("T", "N", &m, &n, &num_x, &one, extra + (base + c0) * num_extra, &num_x,
+            sgemm("T", "N", &m, &n, &num_x, &one, extra + (row0 + c0) * num_extra, &num_x,
                   queries + q0 * emb + dim, &emb, &one, block.get(), &m);
           }
           if (any_invalid) {
@@ -347,7 +352,7 @@ struct SearchJob {
           const bool fuse = num_x == 1;
           SelectRows(block.get(), 0, qn, cn, cn, first_index + i * block_rows + c0,
                      best_v + q0 * k, best_i + q0 * k, k,
-                     fuse ? extra + base + c0 : nullptr, queries + q0 * emb + dim, emb);
+                     fuse ? extra + row0 + c0 : nullptr, queries + q0 * emb + dim, emb);
         }
       }
     }
@@ -372,11 +377,11 @@ ffi::Error TopkUnguarded(ffi::Buffer<ffi::F32> queries, ffi::Buffer<ffi::F32> ba
   const auto xd = extra.dimensions();
   const auto vd = vals_in.dimensions();
   if (qd.size() != 2 || bd.size() != 3 || xd.size() != 3 || vd.size() != 2 ||
-      xd[0] != bd[0] || xd[1] != bd[1] || qd[1] != bd[2] + xd[2] || vd[0] != qd[0] ||
+      blocks.dimensions().size() != 1 || xd[0] != blocks.dimensions()[0] ||
+      xd[1] != bd[1] || qd[1] != bd[2] + xd[2] || vd[0] != qd[0] ||
       ids_in.element_count() != vals_in.element_count() || offset.element_count() != 1 ||
-      blocks.dimensions().size() != 1 ||
       (valid.element_count() != 0 &&
-       valid.element_count() != static_cast<size_t>(bd[0] * bd[1]))) {
+       valid.element_count() != static_cast<size_t>(xd[0] * xd[1]))) {
     return ffi::Error::InvalidArgument("spade_jax knn_cpu: inconsistent shapes");
   }
   const int64_t num_q = qd[0], num_bank = bd[0], block_rows = bd[1], dim = bd[2];
@@ -456,8 +461,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SpadeTopkF32, TopkImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()   // queries [Q, D + X]
                                   .Arg<ffi::Buffer<ffi::F32>>()   // bank [B, R, D]
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // extra [B, R, X]
-                                  .Arg<ffi::Buffer<ffi::PRED>>()  // valid [B, R] or [0]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // extra [nb, R, X]
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // valid [nb, R] or [0]
                                   .Arg<ffi::Buffer<ffi::S32>>()   // blocks [nb]
                                   .Arg<ffi::Buffer<ffi::S32>>()   // offset []
                                   .Arg<ffi::Buffer<ffi::F32>>()   // best values [Q, k]
