@@ -986,9 +986,9 @@ def _md_precision(r):
            f"features (a hard case: distances concentrate); approx_min_k recall_target="
            f"{r['recall_target']}, lowering on {r['platform']}: {r['approx_lowering']}."]
   if r["platform"] == "cpu":
-    lines.append("On CPU the bf16 variants are emulated: XLA rounds the operands to bf16 "
-                 "and converts them back to f32 for the dot, so they show the accuracy "
-                 "loss of bf16 but no speedup (expect one on GPU/TPU).")
+    lines.append("On CPU the bf16 variants are emulated: the operands are rounded to bf16 "
+                 "and multiplied in f32 (XLA, or the CPU kernel's sgemm), so they show the "
+                 "accuracy loss of bf16 but no speedup (expect one on GPU/TPU).")
   lines += _table(["variant", "median s", "GFLOP/s", "speed vs exact", "recall@k",
                    "max rel dist err", "mean rel dist err"], rows)
   return lines
