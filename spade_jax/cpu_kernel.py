@@ -165,7 +165,18 @@ def search_bank(query_embeddings: Array, bank: Array, blocks: Array, k: int,
   """
   # The extra columns of the nb blocks, one block at a time: bank[blocks] would be a
   # gathered copy of the whole gallery (XLA does not fuse a gather into the reduction).
-  extra = jax.lax.map(lambda i: metric.gallery_extra(bank[i]).astype(jnp.float32), blocks)
+  # Blocks without a valid row (e.g. images another device holds) are not read.
+  def block_extra(i):
+    return metric.gallery_extra(bank[i]).astype(jnp.float32)
+
+  if valid is None:
+    extra = jax.lax.map(block_extra, blocks)
+  else:
+    shape = jax.eval_shape(block_extra, blocks[0])
+    extra = jax.lax.map(
+        lambda args: jax.lax.cond(args[1], block_extra,
+                                  lambda _: jnp.zeros(shape.shape, shape.dtype), args[0]),
+        (blocks, jnp.any(valid, axis=1)))
   q = query_embeddings.shape[0]
   empty = (jnp.full((q, k), jnp.inf, jnp.float32), jnp.full((q, k), -1, jnp.int32))
   return topk(query_embeddings, bank, extra, blocks, *empty, valid=valid)

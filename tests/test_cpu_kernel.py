@@ -226,3 +226,26 @@ def test_pixel_scores_read_the_memory_bank_in_place(monkeypatch, combine, metric
   assert bool(calls) == in_place
   ref = numpy_reference.pixel_scores(test, train, nbrs, 1, combine, metric)
   np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("masked", [False, True])
+def test_search_bank_matches_reference(masked):
+  rng = np.random.default_rng(8)
+  bank = rng.standard_normal((5, 9, 4)).astype(np.float32)
+  q = rng.standard_normal((6, 4)).astype(np.float32)
+  blocks = np.array([4, 0, 2], np.int32)
+  valid = None
+  if masked:
+    valid = rng.random((3, 9)) < 0.6
+    valid[2] = False  # Not held here: neither searched nor read.
+  metric = distances.L2
+  qe = np.asarray(metric.embed_queries(jnp.asarray(q)))
+  extra = (bank[blocks] ** 2).sum(-1, keepdims=True)
+  empty = (np.full((6, 3), np.inf, np.float32), np.full((6, 3), -1, np.int32))
+  ref_v, ref_i = _ref_merge(qe, bank, extra, blocks, valid, 0, *empty)
+  got_v, got_i = jax.jit(lambda b, bl, v: cpu_kernel.search_bank(
+      jnp.asarray(qe), b, bl, 3, metric, v))(bank, blocks,
+                                             None if valid is None else jnp.asarray(valid))
+  np.testing.assert_allclose(got_v, ref_v, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(got_i, ref_i)
