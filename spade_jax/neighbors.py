@@ -278,10 +278,7 @@ def stream_topk(query_embeddings: Array, chunk_fn: ChunkFn, num_chunks: int,
                              jnp.zeros((1,), jnp.int32), *st,
                              valid=None if valid is None else valid[None], offset=offset)
 
-    if not use_cpu_kernel:
-      return with_xla(state)
-    # Only the branch for the platform being compiled for is lowered.
-    return lax.platform_dependent(state, cpu=with_cpu_kernel, default=with_xla)
+    return cpu_or_xla(use_cpu_kernel, with_cpu_kernel, with_xla, state)
 
   if num_chunks == 1:
     return body(jnp.int32(0), carry)
@@ -297,6 +294,16 @@ def _check_kernel(kernel: str) -> str:
 def _cpu_kernel_enabled(kernel: str) -> bool:
   """Whether CPU lowerings should use the CPU kernel (see KERNELS)."""
   return _check_kernel(kernel) == "auto" and cpu_kernel.available()
+
+
+def cpu_or_xla(use_cpu_kernel: bool, with_cpu_kernel: Callable[..., Any],
+               with_xla: Callable[..., Any], *args) -> Any:
+  """with_cpu_kernel(*args) where the caller is lowered for CPU and use_cpu_kernel
+  holds, else with_xla(*args). Both must return the same shapes; only the branch for
+  the platform being compiled for is lowered (lax.platform_dependent)."""
+  if not use_cpu_kernel:
+    return with_xla(*args)
+  return lax.platform_dependent(*args, cpu=with_cpu_kernel, default=with_xla)
 
 
 def exact_recompute(queries: Array, proxies: Array, idx: Array,
@@ -363,10 +370,7 @@ def local_knn(queries: Array, gallery: Array, k: int, metric: distances.Metric,
     return cpu_kernel.topk(q_emb, bank[None], extra[None], jnp.zeros((1,), jnp.int32),
                            *empty, valid=None if valid is None else valid[None])
 
-  if _cpu_kernel_enabled(kernel):
-    proxies, idx = lax.platform_dependent(cpu=with_cpu_kernel, default=with_xla)
-  else:
-    proxies, idx = with_xla()
+  proxies, idx = cpu_or_xla(_cpu_kernel_enabled(kernel), with_cpu_kernel, with_xla)
   dist, idx = exact_recompute(q, proxies, idx, lambda i: g[i], metric)
   idx = jnp.where(idx >= 0, idx + index_offset, -1)
   return dist, idx.astype(jnp.int32)

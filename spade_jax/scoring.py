@@ -191,12 +191,9 @@ def _stream_images(queries: Array, nbrs: Array, rows_of, rows_at, positions: int
                                            query_block=query_block)
     return proxies, idx
 
-  if bank is not None and uses_bank_kernel(metric, bank):
-    proxies, idx = lax.platform_dependent(
-        cpu=lambda: cpu_kernel.search_bank(q_emb, bank, nbrs, kappa, metric),
-        default=chunked)
-  else:
-    proxies, idx = chunked()
+  proxies, idx = neighbors.cpu_or_xla(
+      bank is not None and uses_bank_kernel(metric, bank),
+      lambda: cpu_kernel.search_bank(q_emb, bank, nbrs, kappa, metric), chunked)
 
   def gather_rows(i):
     return metric.prepare(rows_at(nbrs[i // positions], i % positions).astype(jnp.float32))

@@ -99,13 +99,12 @@ def _held_stream(queries: Array, nbrs: Array, offset: Array, shard_rows: int,
   def chunked():
     return lax.fori_loop(0, (count + b - 1) // b, body, init)
 
-  if bank is not None and scoring.uses_bank_kernel(metric, bank):
+  def in_place():
     valid = jnp.broadcast_to(slot_ok[:, None], (slots, positions))
-    proxies, slot_rows = lax.platform_dependent(
-        cpu=lambda: cpu_kernel.search_bank(q_emb, bank, slot_ids, kappa, metric, valid),
-        default=chunked)
-  else:
-    proxies, slot_rows = chunked()
+    return cpu_kernel.search_bank(q_emb, bank, slot_ids, kappa, metric, valid)
+
+  proxies, slot_rows = neighbors.cpu_or_xla(
+      bank is not None and scoring.uses_bank_kernel(metric, bank), in_place, chunked)
 
   def gather_rows(i):
     return metric.prepare(rows_at(slot_ids[i // positions], i % positions).astype(jnp.float32))
