@@ -62,6 +62,10 @@ class Metric:
       None (the default) is always correct: embed_gallery is then used as it is.
     prepare_is_identity: True if prepare(x) is x.astype(float32). With gallery_extra,
       this lets the CPU kernel search a float32 memory bank without copying it.
+    translation_invariant: True if the distance of (x - c, y - c) is that of (x, y)
+      for every c (L2, sqeuclidean). The search then embeds prepared rows minus a
+      center near the queries (neighbors.search_center), so the matmul form keeps its
+      precision on features with a large common offset, where |g|^2 - 2 q.g cancels.
   """
   name: str
   prepare: Callable[[Array], Array]
@@ -71,6 +75,7 @@ class Metric:
   exact: Callable[[Array, Array], Array]
   gallery_extra: Callable[[Array], Array] | None = None
   prepare_is_identity: bool = False
+  translation_invariant: bool = False
 
   def pairwise(self, query_embeddings: Array, gallery_embeddings: Array) -> Array:
     """[Q, E] x [C, E] -> proxy [Q, C] float32 (one matmul)."""
@@ -197,15 +202,18 @@ def pairwise_distances(queries: Array, gallery: Array, metric: str | Metric = "l
   m = get_metric(metric)
   q = m.prepare(jnp.asarray(queries, jnp.float32))
   g = m.prepare(jnp.asarray(gallery, jnp.float32))
+  if m.translation_invariant:
+    center = jnp.mean(q, axis=0)
+    q, g = q - center, g - center
   return m.finalize(m.pairwise(m.embed_queries(q), m.embed_gallery(g)), q)
 
 
 L2 = register_metric(Metric("l2", _identity, _l2_embed_queries, _l2_embed_gallery,
                             _l2_finalize, _l2_exact, gallery_extra=_squared_norms,
-                            prepare_is_identity=True))
+                            prepare_is_identity=True, translation_invariant=True))
 SQEUCLIDEAN = register_metric(Metric("sqeuclidean", _identity, _l2_embed_queries,
                                      _l2_embed_gallery, _sqeuclidean_finalize,
                                      _sqeuclidean_exact, gallery_extra=_squared_norms,
-                                     prepare_is_identity=True))
+                                     prepare_is_identity=True, translation_invariant=True))
 COSINE = register_metric(Metric("cosine", _unit_rows, _negate, _identity, _cosine_finalize,
                                 _cosine_exact, gallery_extra=_no_extra))

@@ -24,6 +24,12 @@ On CPU (kernel="auto", the default) the same search runs in spade_jax's CPU kern
 the same tie rule, because XLA:CPU's matmul is about 40% slower than BLAS. Only the
 rounding of the proxies differs; the exact recompute below is shared.
 
+Translation-invariant metrics (L2, sqeuclidean) are searched translated by the mean
+of the queries when the features share a large common offset (`search_center`):
+|g|^2 - 2 q.g then cancels (N(0, 1) + 1e3 in D = 16 returned wrong neighbours), while
+(q - c, g - c) keeps the proxies' rounding relative to the data's spread. The
+translation costs O((Q + M) D) next to the search's O(Q M D).
+
 The building blocks are split for the sharded search (one shard = one `local_knn`
 with a validity mask and an index offset; shards' candidates are combined with
 `merge_topk`).
@@ -208,10 +214,49 @@ def _blocked(num: int, block: int, fn: Callable[[Array, int], Any], state: Any) 
   return state
 
 
+def search_center(metric: distances.Metric, prepared_queries: Array) -> Array | None:
+  """[Q, D'] -> [D'] the translation of a search, or None when the Metric is not
+  translation invariant.
+
+  The proxy |g - c|^2 - 2 (q - c).(g - c) rounds relative to |q - c| |g - c|, so c
+  should be near the data, but the origin already is unless the features share a
+  large common offset; and a query nearer the origin than to c would lose precision.
+  So c is the queries' mean when it lies more than twice the queries' rms radius
+  (sqrt of the summed variances) from the origin, and 0 (no translation: the search
+  is unchanged) otherwise. The mean is at hand in every search path and the same on
+  every shard of a sharded search, whose queries are replicated.
+
+  The mean is rounded to a power-of-two grid s no finer than the queries' spread per
+  coordinate, which moves it by at most s / 2 per coordinate, and keeps features that
+  lie on a lattice (integers, quantised features) on a dyadic lattice, so their
+  proxies stay exact and ties stay ties. A single query is its own center (exact).
+  """
+  if not metric.translation_invariant:
+    return None
+  q = prepared_queries.astype(jnp.float32)
+  mean = jnp.mean(q, axis=0)
+  variance = jnp.mean((q - mean) ** 2)  # Per coordinate.
+  spread = jnp.sqrt(variance)
+  _, exponent = jnp.frexp(spread)  # spread = m * 2^e, m in [0.5, 1).
+  grid = jnp.ldexp(jnp.float32(1.0), exponent - 1)  # 2^(e-1) <= spread.
+  rounded = jnp.where(spread > 0, jnp.round(mean / grid) * grid, mean)
+  offset_dominates = jnp.sum(mean * mean) > 4.0 * q.shape[-1] * variance
+  return jnp.where(offset_dominates, rounded, jnp.zeros_like(mean))
+
+
+def embed_queries(metric: distances.Metric, prepared_queries: Array,
+                  center: Array | None) -> Array:
+  """[Q, D'] -> [Q, E] query embeddings of a search translated by `center` (or not)."""
+  if center is None:
+    return metric.embed_queries(prepared_queries)
+  return metric.embed_queries(prepared_queries - center)
+
+
 def stream_topk(query_embeddings: Array, chunk_fn: ChunkFn, num_chunks: int,
                 chunk_size: int, k: int, metric: distances.Metric,
                 carry: tuple[Array, Array] | None = None, first_index: int = 0,
-                query_block: int | None = None, kernel: str = "auto") -> tuple[Array, Array]:
+                query_block: int | None = None, kernel: str = "auto",
+                center: Array | None = None) -> tuple[Array, Array]:
   """Running top-k of the Metric proxy over `num_chunks` equal gallery chunks.
 
   Each gallery chunk is embedded once and compared with the queries `query_block`
@@ -219,7 +264,7 @@ def stream_topk(query_embeddings: Array, chunk_fn: ChunkFn, num_chunks: int,
   cache when the selection reads it.
 
   Args:
-    query_embeddings: [Q, E] metric.embed_queries(prepared queries).
+    query_embeddings: [Q, E] embed_queries(metric, prepared queries, center).
     chunk_fn: j (traced int32) -> (chunk [C, D] prepared rows, valid [C] bool or None).
       Chunk j holds gallery indices first_index + j*C ... + C-1.
     num_chunks: static number of chunks.
@@ -230,6 +275,8 @@ def stream_topk(query_embeddings: Array, chunk_fn: ChunkFn, num_chunks: int,
     first_index: gallery index of chunk 0's first row.
     query_block: queries per proxy block of the XLA path; None = all.
     kernel: "auto" (the CPU kernel on CPU when available) or "xla" (see KERNELS).
+    center: the search's translation [D'] (search_center) or None; chunk rows are
+      embedded minus it.
 
   Returns:
     ([Q, k] proxies ascending, [Q, k] int32 gallery indices); slots never filled hold
@@ -268,15 +315,16 @@ def stream_topk(query_embeddings: Array, chunk_fn: ChunkFn, num_chunks: int,
     offset = first_index + j * chunk_size
 
     def with_xla(st):
-      emb = _pad_depth(metric.embed_gallery(rows))
+      emb = _pad_depth(metric.embed_gallery(rows if center is None else rows - center))
       return _blocked(q, query_block,
                       lambda start, size, s: update(emb, valid, offset, start, size, s), st)
 
     def with_cpu_kernel(st):
-      bank, extra = cpu_kernel.gallery_parts(metric, rows)
+      bank, extra, shift = cpu_kernel.gallery_parts(metric, rows, center)
       return cpu_kernel.topk(query_embeddings, bank[None], extra[None],
                              jnp.zeros((1,), jnp.int32), *st,
-                             valid=None if valid is None else valid[None], offset=offset)
+                             valid=None if valid is None else valid[None], offset=offset,
+                             center=shift)
 
     return cpu_or_xla(use_cpu_kernel, with_cpu_kernel, with_xla, state)
 
@@ -339,7 +387,8 @@ def local_knn(queries: Array, gallery: Array, k: int, metric: distances.Metric,
   m_rows = gallery.shape[0]
   q = metric.prepare(queries.astype(jnp.float32))
   g = metric.prepare(gallery.astype(jnp.float32))
-  q_emb = metric.embed_queries(q)
+  center = search_center(metric, q)
+  q_emb = embed_queries(metric, q, center)
   chunk_size = min(chunk_size, m_rows)
   num_full, tail = divmod(m_rows, chunk_size)
 
@@ -351,7 +400,7 @@ def local_knn(queries: Array, gallery: Array, k: int, metric: distances.Metric,
       return rows, ok
 
     proxies, idx = stream_topk(q_emb, full_chunk, num_full, chunk_size, k, metric,
-                               query_block=query_block, kernel="xla")
+                               query_block=query_block, kernel="xla", center=center)
     if tail:
       # The tail is one more (smaller, static-shape) chunk: nothing is dropped and no
       # padded copy of the gallery is made.
@@ -359,16 +408,17 @@ def local_knn(queries: Array, gallery: Array, k: int, metric: distances.Metric,
       tail_valid = None if valid is None else valid[start:]
       proxies, idx = stream_topk(q_emb, lambda j: (g[start:], tail_valid), 1, tail, k,
                                  metric, carry=(proxies, idx), first_index=start,
-                                 query_block=query_block, kernel="xla")
+                                 query_block=query_block, kernel="xla", center=center)
     return proxies, idx
 
   def with_cpu_kernel():
     # One call for the whole gallery, read in place (the kernel blocks it itself).
-    bank, extra = cpu_kernel.gallery_parts(metric, g)
+    bank, extra, shift = cpu_kernel.gallery_parts(metric, g, center)
     empty = (jnp.full((q.shape[0], k), jnp.inf, jnp.float32),
              jnp.full((q.shape[0], k), -1, jnp.int32))
     return cpu_kernel.topk(q_emb, bank[None], extra[None], jnp.zeros((1,), jnp.int32),
-                           *empty, valid=None if valid is None else valid[None])
+                           *empty, valid=None if valid is None else valid[None],
+                           center=shift)
 
   proxies, idx = cpu_or_xla(_cpu_kernel_enabled(kernel), with_cpu_kernel, with_xla)
   dist, idx = exact_recompute(q, proxies, idx, lambda i: g[i], metric)
@@ -385,23 +435,49 @@ def _knn_jit(queries: Array, gallery: Array, *, k: int, metric: distances.Metric
 
 
 @jax.jit
-def _all_finite(x: Array) -> Array:
-  return jnp.all(jnp.isfinite(x))
+def _max_abs(x: Array) -> Array:
+  """max |x| as float32; NaN if x holds a NaN, inf if it holds an inf."""
+  return jnp.max(jnp.abs(x.astype(jnp.float32)))
+
+
+def max_feature_magnitude(dim: int) -> float:
+  """Largest |value| for which no float32 distance of D = dim features can overflow:
+  sum_d (x_d - y_d)^2 <= dim * (2 * max|x|)^2 must stay below float32's maximum."""
+  return float(np.sqrt(np.finfo(np.float32).max / (4.0 * max(int(dim), 1))))
 
 
 def check_finite(name: str, x) -> None:
-  """Raises ValueError if concrete `x` holds NaN/Inf (one device reduction).
+  """Raises ValueError if concrete `x` [..., D] holds NaN/Inf, or values so large that
+  squared distances overflow float32 (max_feature_magnitude(D)); one device reduction.
 
   Skipped for tracers (inside the caller's jit/vmap the values are unknown).
   """
-  if isinstance(x, jax.core.Tracer):
+  if isinstance(x, jax.core.Tracer) or not x.size:
     return
   if isinstance(x, np.ndarray):
-    ok = bool(np.isfinite(x).all()) if x.size else True
+    with np.errstate(invalid="ignore", over="ignore"):
+      peak = float(np.max(np.abs(x.astype(np.float32))))
   else:
-    ok = bool(_all_finite(x)) if x.size else True
-  if not ok:
+    peak = float(_max_abs(x))
+  if not np.isfinite(peak):
     raise ValueError(f"{name} contains NaN or Inf")
+  limit = max_feature_magnitude(x.shape[-1])
+  if peak > limit:
+    raise ValueError(
+        f"{name} holds values up to {peak:.3g}: squared distances of {x.shape[-1]}-d "
+        f"features that large overflow float32 (limit {limit:.3g} = "
+        f"sqrt(float32 max / (4 D))); rescale the features")
+
+
+def check_real(name: str, x) -> None:
+  """Raises ValueError unless `x` holds real numbers (float, int): a complex array would
+  lose its imaginary part in the float32 search, silently."""
+  dtype = getattr(x, "dtype", None)
+  if dtype is None:
+    return
+  dtype = np.dtype(dtype)
+  if not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)):
+    raise ValueError(f"{name} must hold real numbers (float or int), got dtype {dtype}")
 
 
 def validate_knn_args(queries, gallery, k: int, *, queries_name: str = "queries",
@@ -411,6 +487,8 @@ def validate_knn_args(queries, gallery, k: int, *, queries_name: str = "queries"
     raise ValueError(f"{queries_name} must be [Q, D], got shape {np.shape(queries)}")
   if np.ndim(gallery) != 2:
     raise ValueError(f"{gallery_name} must be [M, D], got shape {np.shape(gallery)}")
+  check_real(queries_name, queries)
+  check_real(gallery_name, gallery)
   if gallery.shape[0] == 0:
     raise ValueError(f"{gallery_name} is empty (0 rows); need at least k={k} rows")
   if queries.shape[1] != gallery.shape[1]:

@@ -169,7 +169,8 @@ def _stream_images(queries: Array, nbrs: Array, rows_of, rows_at, positions: int
     [Q] float32 scores.
   """
   q = metric.prepare(queries.astype(jnp.float32))
-  q_emb = metric.embed_queries(q)
+  center = neighbors.search_center(metric, q)
+  q_emb = neighbors.embed_queries(metric, q, center)
   num_images = nbrs.shape[0]
   b = min(images_per_chunk, num_images)
   num_full, tail = divmod(num_images, b)
@@ -181,19 +182,20 @@ def _stream_images(queries: Array, nbrs: Array, rows_of, rows_at, positions: int
   def chunked():
     proxies, idx = neighbors.stream_topk(q_emb, lambda j: chunk(j * b, b), num_full,
                                          b * positions, kappa, metric,
-                                         query_block=query_block)
+                                         query_block=query_block, center=center)
     if tail:
       start = num_full * b
       proxies, idx = neighbors.stream_topk(q_emb, lambda j: chunk(start, tail), 1,
                                            tail * positions, kappa, metric,
                                            carry=(proxies, idx),
                                            first_index=start * positions,
-                                           query_block=query_block)
+                                           query_block=query_block, center=center)
     return proxies, idx
 
   proxies, idx = neighbors.cpu_or_xla(
       bank is not None and uses_bank_kernel(metric, bank),
-      lambda: cpu_kernel.search_bank(q_emb, bank, nbrs, kappa, metric), chunked)
+      lambda: cpu_kernel.search_bank(q_emb, bank, nbrs, kappa, metric, center=center),
+      chunked)
 
   def gather_rows(i):
     return metric.prepare(rows_at(nbrs[i // positions], i % positions).astype(jnp.float32))
@@ -300,6 +302,8 @@ def _validate_pixel_args(test_features, train_features, neighbor_indices, kappa,
   n = m = None
   for level in levels:
     te, tr = test_features[level], train_features[level]
+    neighbors.check_real(f"test_features[{level!r}]", te)
+    neighbors.check_real(f"train_features[{level!r}]", tr)
     if np.ndim(te) != 4 or np.ndim(tr) != 4:
       raise ValueError(f"level {level!r}: features must be [N, h, w, C]; got test "
                        f"{np.shape(te)}, train {np.shape(tr)}")

@@ -81,7 +81,8 @@ def _held_stream(queries: Array, nbrs: Array, offset: Array, shard_rows: int,
   slot_ok = jnp.arange(slots) < count
 
   q = metric.prepare(queries.astype(jnp.float32))
-  q_emb = metric.embed_queries(q)
+  center = neighbors.search_center(metric, q)
+  q_emb = neighbors.embed_queries(metric, q, center)
   init = (jnp.full((q.shape[0], kappa), jnp.inf, jnp.float32),
           jnp.full((q.shape[0], kappa), -1, jnp.int32))
 
@@ -94,14 +95,15 @@ def _held_stream(queries: Array, nbrs: Array, offset: Array, shard_rows: int,
       return metric.prepare(rows_of(ids).astype(jnp.float32)), ok
 
     return neighbors.stream_topk(q_emb, chunk, 1, b * positions, kappa, metric, carry=carry,
-                                 first_index=start * positions, query_block=query_block)
+                                 first_index=start * positions, query_block=query_block,
+                                 center=center)
 
   def chunked():
     return lax.fori_loop(0, (count + b - 1) // b, body, init)
 
   def in_place():
     valid = jnp.broadcast_to(slot_ok[:, None], (slots, positions))
-    return cpu_kernel.search_bank(q_emb, bank, slot_ids, kappa, metric, valid)
+    return cpu_kernel.search_bank(q_emb, bank, slot_ids, kappa, metric, valid, center)
 
   proxies, slot_rows = neighbors.cpu_or_xla(
       bank is not None and scoring.uses_bank_kernel(metric, bank), in_place, chunked)

@@ -38,11 +38,16 @@ def query_spec(mesh: Mesh, axis: str) -> tuple[P, int]:
 
 
 def pad_rows(x: Array, multiple: int) -> Array:
-  """Pads axis 0 with zeros to a multiple of `multiple` (inside jit)."""
+  """Pads axis 0 to a multiple of `multiple` by repeating the last row (inside jit).
+
+  Repeating a real row keeps the padded queries among the others, so a translated
+  search's center (neighbors.search_center, their mean) stays near the data.
+  """
   pad = (-x.shape[0]) % multiple
   if not pad:
     return x
-  return jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+  mode = "edge" if x.shape[0] else "constant"
+  return jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), mode=mode)
 
 
 def merge_gathered(dist: Array, idx: Array, axis: str, k: int) -> tuple[Array, Array]:

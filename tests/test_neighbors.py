@@ -1,5 +1,7 @@
 """knn vs a brute-force float64 NumPy reference."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +9,9 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import spade_jax
+from spade_jax import distances
 from spade_jax import neighbors
+import tolerances
 
 # Tolerance: the returned distances are recomputed directly (sum of squared
 # differences in float32) from float32 inputs, so their relative error is a few
@@ -174,9 +178,9 @@ def test_knn_vmaps_and_jits(kernel):
   d2, i2 = jax.jit(lambda a, b: spade_jax.knn(a, b, 3, chunk_size=5, kernel=kernel))(q[1], g[1])
   for b in range(3):
     ref_d, ref_i, _ = _ref_knn(q[b], g[b], 3, "l2")
-    np.testing.assert_allclose(d[b], ref_d, rtol=RTOL, atol=ATOL)
-    np.testing.assert_array_equal(i[b], ref_i)
-  np.testing.assert_array_equal(i2, i[1])
+    tolerances.assert_same_neighbours(d[b], i[b], ref_d, ref_i, RTOL, ATOL)
+  # vmapped and not are two compiled programs: equal up to rounding, not bit for bit.
+  tolerances.assert_same_neighbours(d2, i2, d[1], i[1], tolerances.distance_rtol(5))
 
 
 @KERNELS
@@ -197,8 +201,7 @@ def test_local_knn_validity_mask_and_merge(kernel):
     return neighbors.merge_topk(*parts[0], *parts[1], 6)
 
   d, i = two_shards(q, padded, valid)
-  np.testing.assert_allclose(d, ref_d, rtol=RTOL, atol=ATOL)
-  np.testing.assert_array_equal(i, ref_i)
+  tolerances.assert_same_neighbours(d, i, ref_d, ref_i, RTOL, ATOL)
   # A shard with fewer valid rows than k pads with (+inf, -1).
   d, i = jax.jit(lambda q, g, v: neighbors.local_knn(q, g, 13, metric, 5, valid=v,
                                                     index_offset=12, kernel=kernel))(
@@ -246,6 +249,13 @@ def test_knn_property(q_rows, m_rows, dim, k_frac, chunk, query_block, metric,
     (lambda q, g: spade_jax.knn(q, g, 1, query_block=-2), "query_block"),
     (lambda q, g: spade_jax.knn(q, g, 1.5), "k must be an int"),
     (lambda q, g: spade_jax.knn(q, g, 1, kernel="blas"), "kernel must be one of"),
+    # Complex features would lose their imaginary part in the float32 search.
+    (lambda q, g: spade_jax.knn(q + 1j, g, 1), "queries must hold real numbers"),
+    (lambda q, g: spade_jax.knn(q, g.astype(np.complex64), 1),
+     "gallery must hold real numbers"),
+    # Squares of values near 1e19 overflow float32 (distances inf, indices -1).
+    (lambda q, g: spade_jax.knn(q * 1e19, g, 1), "queries holds values up to 1.*overflow"),
+    (lambda q, g: spade_jax.knn(q, g * 1e19, 1), "gallery holds values up to 1.*overflow"),
 ])
 def test_knn_bad_input(call, match):
   rng = np.random.default_rng(12)
@@ -259,3 +269,56 @@ def test_knn_skip_finite_check():
   g = np.array([[np.nan, 0.0], [1.0, 1.0]], np.float32)
   _, idx = spade_jax.knn(q, g, 1, check_finite_inputs=False)  # No error, no check.
   assert idx.shape == (1, 1)
+
+
+@pytest.mark.parametrize("offset", [1e3, 1e4, -3e4])
+@pytest.mark.parametrize("metric", ["l2", "sqeuclidean"])
+@KERNELS
+def test_knn_exact_on_data_with_a_large_common_offset(offset, metric, kernel):
+  # N(0, 1) features plus a common offset: |g|^2 - 2 q.g cancels (untranslated, +1e3
+  # in D = 16 returned wrong nearest neighbours, +1e4 gave a query equal to a gallery
+  # row the distance 5.75). L2 is translation invariant, so the search is translated.
+  rng = np.random.default_rng(21)
+  g = (rng.standard_normal((3000, 16)) + offset).astype(np.float32)
+  q = np.concatenate([g[[5, 2999, 1234]],
+                      (rng.standard_normal((40, 16)) + offset).astype(np.float32)])
+  dist, idx = spade_jax.knn(q, g, 4, metric, kernel=kernel)
+  np.testing.assert_array_equal(np.asarray(dist)[:3, 0], 0.0)
+  np.testing.assert_array_equal(np.asarray(idx)[:3, 0], [5, 2999, 1234])
+  ref_d, ref_i, _ = _ref_knn(q, g, 4, metric)
+  tolerances.assert_same_neighbours(dist, idx, ref_d, ref_i, RTOL, ATOL)
+
+
+def test_untranslated_search_fails_on_the_offset_data():
+  # The same data through an L2 that is not declared translation invariant: the
+  # defect the translation fixes (so the test above can fail).
+  raw = dataclasses.replace(distances.L2, name="l2_untranslated", translation_invariant=False)
+  rng = np.random.default_rng(21)
+  g = (rng.standard_normal((3000, 16)) + 1e4).astype(np.float32)
+  dist, idx = spade_jax.knn(g[:20], g, 1, raw, kernel="xla")
+  assert (np.asarray(idx)[:, 0] != np.arange(20)).any() or (np.asarray(dist) > 0).any()
+
+
+@pytest.mark.parametrize("shift", [0.0, 0.3, 1e3])
+def test_search_center_is_near_the_mean_and_keeps_lattices(shift):
+  rng = np.random.default_rng(22)
+  lattice = rng.integers(-3, 4, (50, 8)).astype(np.float32) + np.float32(shift)
+  center = np.asarray(neighbors.search_center(distances.L2, jnp.asarray(lattice)))
+  spread = np.sqrt(np.mean((lattice - lattice.mean(0)) ** 2))
+  assert np.all(np.abs(center - lattice.mean(0)) <= spread / 2 + 1e-6)
+  if shift < 1:  # No common offset to remove: no translation (the origin is near).
+    np.testing.assert_array_equal(center, 0.0)
+  else:  # Integer data stays on a dyadic lattice: its proxies stay exact.
+    np.testing.assert_array_equal(center, np.round(center * 2) / 2)
+  assert neighbors.search_center(distances.COSINE, jnp.asarray(lattice)) is None
+  one = neighbors.search_center(distances.L2, jnp.asarray(lattice[:1]))
+  np.testing.assert_array_equal(one, lattice[0])  # A single query: the query itself.
+
+
+def test_largest_safe_magnitude_passes():
+  dim = 3
+  limit = neighbors.max_feature_magnitude(dim)
+  q = np.full((1, dim), limit * 0.99, np.float32)
+  g = np.stack([np.full(dim, -limit * 0.99), np.zeros(dim)]).astype(np.float32)
+  dist, idx = spade_jax.knn(q, g, 2)
+  assert np.isfinite(np.asarray(dist)).all() and sorted(np.asarray(idx)[0]) == [0, 1]

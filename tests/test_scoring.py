@@ -113,3 +113,45 @@ def test_image_scores_bad_input():
     scoring.image_scores(a * np.nan, a, 1)
   with pytest.raises(ValueError, match="num_neighbors"):
     scoring.image_scores(a, a, 1, num_neighbors=3)
+
+
+@pytest.mark.parametrize("combine", ["ensemble", "cat"])
+def test_scores_exact_on_features_with_a_large_common_offset(combine, search_path):
+  # Every feature + 1e4 (as after an unnormalised layer): the search is translated
+  # (neighbors.search_center), so scores still equal the float64 reference, and a
+  # test image equal to a training image still scores 0 everywhere.
+  rng = np.random.default_rng(4)
+  test, train = _pyramid(rng, 3), _pyramid(rng, 7)
+  test = {l: f + np.float32(1e4) for l, f in test.items()}
+  train = {l: f + np.float32(1e4) for l, f in train.items()}
+  test["layer1"][0] = train["layer1"][4]
+  test["layer2"][0] = train["layer2"][4]
+  test["layer3"][0] = train["layer3"][4]
+  nbrs = np.stack([rng.permutation(7)[:5] for _ in range(3)]).astype(np.int32)
+  nbrs[0, 2] = 4
+  got = scoring.pixel_scores(test, train, nbrs, combine=combine)
+  # "cat" first resizes every level to the finest grid in float32: each interpolated
+  # value ~1e4 is rounded to u * 1e4 (u = 2^-24), so its distances (D = 15) carry an
+  # absolute error up to a few sqrt(D) u 1e4 ~ 1e-2 against the float64 reference.
+  # An untranslated search is off by ~5 here.
+  atol = 8 * np.sqrt(15) * 2.0 ** -24 * 1e4 if combine == "cat" else ATOL
+  np.testing.assert_allclose(got, reference.pixel_scores(test, train, nbrs, 1, combine, "l2"),
+                             rtol=RTOL, atol=atol)
+  # Ensemble compares raw features: exactly 0. "cat" resizes test and training levels
+  # with two implementations of the same bilinear (whole map vs gathered taps), which
+  # may round 1e4-sized values 1 ulp (~1e-3) apart.
+  np.testing.assert_allclose(got[0], 0.0, atol=0.0 if combine == "ensemble" else atol)
+  pool_test = test["layer3"].mean((1, 2))
+  pool_train = train["layer3"].mean((1, 2))
+  scores, idx = scoring.image_scores(pool_test, pool_train, 2)
+  ref = reference.distances(pool_test, pool_train, "l2")
+  np.testing.assert_allclose(scores, np.sort(ref, 1)[:, :2].mean(1), rtol=RTOL, atol=ATOL)
+  assert idx[0, 0] == 4
+
+
+def test_pixel_scores_refuse_complex_features():
+  rng = np.random.default_rng(5)
+  test, train = _pyramid(rng, 2), _pyramid(rng, 3)
+  test["layer2"] = test["layer2"] + 1j
+  with pytest.raises(ValueError, match=r"test_features\['layer2'\] must hold real numbers"):
+    scoring.pixel_scores(test, train, np.array([[0], [1]], np.int32))

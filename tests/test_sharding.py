@@ -3,10 +3,13 @@
 Gallery sizes NDEV - 1, NDEV + 1 and a prime (13), on a 1-D mesh of 8 ("data") and a
 2-D mesh of 4 (gallery) x 2 (test images, data parallel); test batches of 3 or 5 do
 not divide the data axis. The sharded search merges exact per-shard candidates in
-(distance, index) order, so indices equal the single-device ones exactly, and so do
-L2 distances, scores and maps (the same float32 operations on the same rows; the tests
-demand bit equality). The cosine metric first unit-normalises the rows, a reduction
-XLA vectorises differently for other row counts: its distances agree to 1e-6 relative.
+(distance, index) order. A sharded program is compiled differently from the
+single-device one (other shapes per device, other fusions, vectorised reductions of
+other widths), so on real-valued data the guarantee is the same neighbours up to
+near-ties and distances, scores and maps within the float32 rounding bounds of
+tests/tolerances.py (seen: 1-ulp differences in "cat" maps on an AVX2 CPU). On small
+integer features every sum is exact in any order: there the tests demand bit equality,
+ties ordered by the lower index included.
 """
 
 import jax
@@ -14,11 +17,13 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 import pytest
 
+import numpy_reference
 import spade_jax
 from spade_jax import distributed
 from spade_jax import scoring
 from spade_jax import sharding
 from spade_fake_backbone import FakeBackbone
+import tolerances
 
 NDEV = 8
 SIZES = (NDEV - 1, NDEV + 1, 13)
@@ -82,16 +87,15 @@ def test_knn_equals_single_device(kind, rows, search_path):
     dist, idx = spade_jax.knn(q, sg, k, metric)
     ref_d, ref_i = spade_jax.knn(q, g, k, metric)
     assert dist.shape == (5, k) and idx.shape == (5, k)
-    np.testing.assert_array_equal(idx, ref_i)
-    if metric == "cosine":
-      np.testing.assert_allclose(dist, ref_d, rtol=1e-6, atol=1e-7)
-    else:
-      np.testing.assert_array_equal(dist, ref_d)
+    tolerances.assert_same_neighbours(dist, idx, ref_d, ref_i, tolerances.distance_rtol(6),
+                                      atol=1e-7)
     assert np.asarray(idx).min() >= 0 and np.asarray(idx).max() < rows  # No padding rows.
 
 
 def test_knn_ties_and_small_chunks_across_shards():
   # Integer features: real ties, spread over several shards; lower index must win.
+  # Every sum is exact (small integers; the search center keeps them on a dyadic
+  # lattice), so sharded and single-device results are equal bit for bit.
   mesh, axis = _mesh("2d")
   rng = np.random.default_rng(3)
   g = rng.integers(-1, 2, size=(37, 2)).astype(np.float32)
@@ -114,8 +118,7 @@ def test_knn_accepts_named_sharded_array():
   for k in (1, 5):
     dist, idx = spade_jax.knn(q, placed, k)
     ref_d, ref_i = spade_jax.knn(q, g, k)
-    np.testing.assert_array_equal(idx, ref_i)
-    np.testing.assert_array_equal(dist, ref_d)
+    tolerances.assert_same_neighbours(dist, idx, ref_d, ref_i, tolerances.distance_rtol(4))
 
 
 @pytest.mark.parametrize("kind", list(MESHES))
@@ -128,8 +131,13 @@ def test_image_scores_equal_single_device(kind):
     sg = spade_jax.shard_gallery(train, mesh, axis)
     scores, nbrs = spade_jax.image_scores(test, sg, 2, num_neighbors=5)
     ref_s, ref_n = spade_jax.image_scores(test, train, 2, num_neighbors=5)
-    np.testing.assert_array_equal(nbrs, ref_n)
-    np.testing.assert_array_equal(scores, ref_s)
+    # Neighbour lists: only their order among near-ties may differ (no scores given
+    # per neighbour, so compare the sets' distances through the brute-force matrix).
+    full = numpy_reference.distances(test, train, "l2")
+    tolerances.assert_same_neighbours(np.take_along_axis(full, np.asarray(nbrs), 1), nbrs,
+                                      np.take_along_axis(full, np.asarray(ref_n), 1), ref_n,
+                                      tolerances.distance_rtol(7))
+    np.testing.assert_allclose(scores, ref_s, rtol=tolerances.map_rtol(7))
 
 
 @pytest.mark.parametrize("kind,rows,combine,kappa,chunk,batch", [
@@ -148,7 +156,7 @@ def test_pixel_scores_equal_single_device(kind, rows, combine, kappa, chunk, bat
   maps = spade_jax.pixel_scores(test, sharded, nbrs, kappa=kappa, combine=combine,
                                 images_per_chunk=chunk, test_batch_size=batch)
   assert maps.shape == (3, 4, 4)
-  np.testing.assert_array_equal(maps, ref)
+  np.testing.assert_allclose(maps, ref, rtol=tolerances.map_rtol(8))
 
 
 CONFIG = spade_jax.SpadeConfig(k_images=4, k_image_score=2, resize=40, crop=32,
@@ -178,13 +186,19 @@ def test_spade_score_equals_single_device(spade_setup):
   assert index.num_images == rows
   scores, maps = spade.score(index, test)  # 5 test images, batches of 3: ragged.
   ref_scores, ref_maps = spade.score(spade.fit(train[:rows]), test)
-  np.testing.assert_array_equal(scores, ref_scores)
-  np.testing.assert_array_equal(maps, ref_maps)
+  _assert_scores_close(scores, maps, ref_scores, ref_maps)
   # The same split at the features (what each process of a multi-process run does).
   index = spade.fit_features(*spade.extract(train[:rows]), mesh=mesh, axis=axis)
   scores, maps = spade.score_features(index, *spade.extract(test))
-  np.testing.assert_array_equal(scores, ref_scores)
-  np.testing.assert_array_equal(maps, ref_maps)
+  _assert_scores_close(scores, maps, ref_scores, ref_maps)
+
+
+def _assert_scores_close(scores, maps, ref_scores, ref_maps):
+  """Spade.score outputs of two programs: the fake backbone's levels have <= 64
+  channels, and the maps go through a Gaussian of sigma 4 (33 taps per axis)."""
+  np.testing.assert_allclose(scores, ref_scores, rtol=tolerances.map_rtol(64))
+  np.testing.assert_allclose(maps, ref_maps, rtol=tolerances.map_rtol(64, taps=66),
+                             atol=tolerances.map_rtol(64, taps=66) * float(np.max(ref_maps)))
 
 
 def test_spade_uses_set_mesh_and_saves_sharded_index(spade_setup, tmp_path):
@@ -197,8 +211,7 @@ def test_spade_uses_set_mesh_and_saves_sharded_index(spade_setup, tmp_path):
     scores, maps = spade.score(plain, test[:2])  # An unsharded index is sharded to score.
   assert isinstance(index.train_pool, spade_jax.ShardedGallery)
   ref_scores, ref_maps = spade.score(plain, test[:2])
-  np.testing.assert_array_equal(scores, ref_scores)
-  np.testing.assert_array_equal(maps, ref_maps)
+  _assert_scores_close(scores, maps, ref_scores, ref_maps)
   spade_jax.save_index(tmp_path / "idx.spade", index)  # Saved without the padding.
   loaded = spade_jax.load_index(tmp_path / "idx.spade", expect=spade)
   np.testing.assert_array_equal(loaded.train_pool, plain.train_pool)

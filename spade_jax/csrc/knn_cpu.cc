@@ -117,16 +117,41 @@ __attribute__((target("avx2"))) float RowMinAvx2(const float* x, int64_t n) {
 
 using RowMinFn = float (*)(const float*, int64_t);
 
-RowMinFn PickRowMin() {
+// The instruction set of the minimum scan, chosen once from the CPU and changeable
+// with set_isa() (spade_jax.cpu_kernel.set_isa, SPADE_JAX_CPU_KERNEL_ISA): the tests
+// force each path that a user's CPU may take on the one machine they run on.
+bool IsaSupported(const std::string& isa) {
+  if (isa == "portable") return true;
 #ifdef SPADE_X86_DISPATCH
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return RowMinAvx512;
-  if (__builtin_cpu_supports("avx2")) return RowMinAvx2;
+  if (isa == "avx512") return __builtin_cpu_supports("avx512f");
+  if (isa == "avx2") return __builtin_cpu_supports("avx2");
+#endif
+  return false;
+}
+
+RowMinFn RowMinFor(const std::string& isa) {
+#ifdef SPADE_X86_DISPATCH
+  if (isa == "avx512") return RowMinAvx512;
+  if (isa == "avx2") return RowMinAvx2;
 #endif
   return RowMinPortable;
 }
 
-const RowMinFn RowMin = PickRowMin();
+std::string BestIsa() {
+  for (const char* isa : {"avx512", "avx2"}) {
+    if (IsaSupported(isa)) return isa;
+  }
+  return "portable";
+}
+
+std::mutex g_isa_mu;
+std::string g_isa = BestIsa();
+std::atomic<RowMinFn> g_row_min{RowMinFor(g_isa)};
+
+inline float RowMin(const float* x, int64_t n) {
+  return g_row_min.load(std::memory_order_relaxed)(x, n);
+}
 
 // Inserts (v, idx) into the sorted slots (vals, ids)[0, k); v < vals[k - 1] and idx
 // is larger than every index already there, so it goes after equal values.
@@ -296,9 +321,14 @@ ScratchPool g_scratch;
 // bank rows themselves (read in place, never copied), the last `num_extra` come from
 // extra[i, r] (e.g. |g|^2 for L2; like `valid`, laid out in gallery order, not bank
 // order). A sub-chunk without a valid row is skipped (no sgemm).
+// With a center c [dim], the rows are searched translated, bank row - c: each sub-chunk
+// is copied minus c into a scratch block once (O(cb * dim) next to the sgemm's
+// O(qb * cb * dim) per query block), so that L2's matmul form does not cancel on data
+// with a large common offset. The caller translates the queries and extra columns.
 struct SearchJob {
   const float* queries;  // [Q, emb] with emb = dim + num_extra
   const float* bank;     // [B, R, dim]
+  const float* center;   // [dim] or null
   const float* extra;    // [num_blocks, R, num_extra]
   const bool* valid;     // [num_blocks, R] or null
   const int32_t* blocks;  // [num_blocks]
@@ -312,6 +342,15 @@ struct SearchJob {
     size_t capacity = 0;
     std::unique_ptr<float[]> block = g_scratch.Get(qb * cb, &capacity);
     if (!block) return false;
+    size_t rows_capacity = 0;
+    std::unique_ptr<float[]> shifted;
+    if (center != nullptr) {
+      shifted = g_scratch.Get(cb * dim, &rows_capacity);
+      if (!shifted) {
+        g_scratch.Put(std::move(block), capacity);
+        return false;
+      }
+    }
     const float one = 1.0f, zero = 0.0f;
     const int depth = static_cast<int>(dim), num_x = static_cast<int>(num_extra);
     const int emb = static_cast<int>(dim + num_extra);
@@ -328,13 +367,22 @@ struct SearchJob {
         }
         if (num_valid == 0) continue;
         const bool any_invalid = num_valid < cn;
+        const float* rows = bank + (base + c0) * dim;
+        if (center != nullptr) {
+          for (int64_t c = 0; c < cn; ++c) {
+            const float* src = rows + c * dim;
+            float* dst = shifted.get() + c * dim;
+            for (int64_t d = 0; d < dim; ++d) dst[d] = src[d] - center[d];
+          }
+          rows = shifted.get();
+        }
         for (int64_t q0 = q_begin; q0 < q_end; q0 += qb) {
           const int64_t qn = std::min(qb, q_end - q0);
           // Column-major sgemm: block^T [cn, qn] = rows (dim x cn, transposed) times
           // queries[q0:q0+qn, :dim] (dim x qn, leading dimension emb), i.e. the
           // row-major block [qn, cn].
           const int m = static_cast<int>(cn), n = static_cast<int>(qn);
-          sgemm("T", "N", &m, &n, &depth, &one, bank + (base + c0) * dim, &depth,
+          sgemm("T", "N", &m, &n, &depth, &one, rows, &depth,
                 queries + q0 * emb, &emb, &zero, block.get(), &m);
           // One extra column (|g|^2 for L2) is added during the selection; more go
           // through a second, rank-num_extra sgemm.
@@ -357,6 +405,7 @@ struct SearchJob {
       }
     }
     g_scratch.Put(std::move(block), capacity);
+    if (shifted) g_scratch.Put(std::move(shifted), rows_capacity);
     return true;
   }
 };
@@ -364,7 +413,7 @@ struct SearchJob {
 ffi::Error TopkUnguarded(ffi::Buffer<ffi::F32> queries, ffi::Buffer<ffi::F32> bank,
                     ffi::Buffer<ffi::F32> extra, ffi::Buffer<ffi::PRED> valid,
                     ffi::Buffer<ffi::S32> blocks, ffi::Buffer<ffi::S32> offset,
-                    ffi::Buffer<ffi::F32> vals_in, ffi::Buffer<ffi::S32> ids_in,
+                    ffi::Buffer<ffi::F32> center, ffi::Buffer<ffi::F32> vals_in, ffi::Buffer<ffi::S32> ids_in,
                     int64_t query_block, int64_t sub_chunk,
                     ffi::ResultBuffer<ffi::F32> vals_out,
                     ffi::ResultBuffer<ffi::S32> ids_out) {
@@ -381,7 +430,8 @@ ffi::Error TopkUnguarded(ffi::Buffer<ffi::F32> queries, ffi::Buffer<ffi::F32> ba
       xd[1] != bd[1] || qd[1] != bd[2] + xd[2] || vd[0] != qd[0] ||
       ids_in.element_count() != vals_in.element_count() || offset.element_count() != 1 ||
       (valid.element_count() != 0 &&
-       valid.element_count() != static_cast<size_t>(xd[0] * xd[1]))) {
+       valid.element_count() != static_cast<size_t>(xd[0] * xd[1])) ||
+      (center.element_count() != 0 && center.element_count() != static_cast<size_t>(bd[2]))) {
     return ffi::Error::InvalidArgument("spade_jax knn_cpu: inconsistent shapes");
   }
   const int64_t num_q = qd[0], num_bank = bd[0], block_rows = bd[1], dim = bd[2];
@@ -413,7 +463,16 @@ ffi::Error TopkUnguarded(ffi::Buffer<ffi::F32> queries, ffi::Buffer<ffi::F32> ba
   // At least one block of queries per thread, so a small search stays on one thread.
   const int64_t parts = std::max<int64_t>(
       1, std::min<int64_t>(guard.threads(), num_q / std::max<int64_t>(qb / 2, 1)));
-  const SearchJob job{queries.typed_data(), bank.typed_data(), extra.typed_data(),
+  // A zero center (the caller found no common offset to remove) reads rows in place.
+  const float* shift = nullptr;
+  for (size_t d = 0; d < center.element_count(); ++d) {
+    if (center.typed_data()[d] != 0.0f) {
+      shift = center.typed_data();
+      break;
+    }
+  }
+  const SearchJob job{queries.typed_data(), bank.typed_data(), shift,
+                      extra.typed_data(),
                       valid.element_count() ? valid.typed_data() : nullptr, block_ids,
                       num_blocks, block_rows, dim, num_extra, k, qb, cb,
                       offset.typed_data()[0], best_v, best_i, sgemm};
@@ -441,12 +500,12 @@ ffi::Error TopkUnguarded(ffi::Buffer<ffi::F32> queries, ffi::Buffer<ffi::F32> ba
 ffi::Error TopkImpl(ffi::Buffer<ffi::F32> queries, ffi::Buffer<ffi::F32> bank,
                     ffi::Buffer<ffi::F32> extra, ffi::Buffer<ffi::PRED> valid,
                     ffi::Buffer<ffi::S32> blocks, ffi::Buffer<ffi::S32> offset,
-                    ffi::Buffer<ffi::F32> vals_in, ffi::Buffer<ffi::S32> ids_in,
+                    ffi::Buffer<ffi::F32> center, ffi::Buffer<ffi::F32> vals_in, ffi::Buffer<ffi::S32> ids_in,
                     int64_t query_block, int64_t sub_chunk,
                     ffi::ResultBuffer<ffi::F32> vals_out,
                     ffi::ResultBuffer<ffi::S32> ids_out) {
   try {
-    return TopkUnguarded(queries, bank, extra, valid, blocks, offset, vals_in, ids_in,
+    return TopkUnguarded(queries, bank, extra, valid, blocks, offset, center, vals_in, ids_in,
                          query_block, sub_chunk, vals_out, ids_out);
   } catch (const std::exception& e) {
     return ffi::Error(ffi::ErrorCode::kInternal, std::string("spade_jax knn_cpu: ") + e.what());
@@ -465,6 +524,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SpadeTopkF32, TopkImpl,
                                   .Arg<ffi::Buffer<ffi::PRED>>()  // valid [nb, R] or [0]
                                   .Arg<ffi::Buffer<ffi::S32>>()   // blocks [nb]
                                   .Arg<ffi::Buffer<ffi::S32>>()   // offset []
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // center [D] or [0]
                                   .Arg<ffi::Buffer<ffi::F32>>()   // best values [Q, k]
                                   .Arg<ffi::Buffer<ffi::S32>>()   // best indices [Q, k]
                                   .Attr<int64_t>("query_block")
@@ -502,7 +562,36 @@ static PyObject* SetSgemm(PyObject*, PyObject* arg) {
   return PyBool_FromLong(g_blas_threads.get != nullptr);
 }
 
+static PyObject* SetIsa(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_AsUTF8(arg);
+  if (name == nullptr) return nullptr;
+  std::string isa(name);
+  if (isa == "auto") isa = BestIsa();
+  if (isa != "avx512" && isa != "avx2" && isa != "portable") {
+    PyErr_Format(PyExc_ValueError, "unknown instruction set %R (auto, avx512, avx2, portable)",
+                 arg);
+    return nullptr;
+  }
+  if (!IsaSupported(isa)) {
+    PyErr_Format(PyExc_ValueError, "this CPU does not support %s", isa.c_str());
+    return nullptr;
+  }
+  std::lock_guard<std::mutex> lock(g_isa_mu);
+  g_isa = isa;
+  g_row_min.store(RowMinFor(isa));
+  return PyUnicode_FromString(isa.c_str());
+}
+
+static PyObject* GetIsa(PyObject*, PyObject*) {
+  std::lock_guard<std::mutex> lock(g_isa_mu);
+  return PyUnicode_FromString(g_isa.c_str());
+}
+
 static PyMethodDef kMethods[] = {
+    {"set_isa", SetIsa, METH_O,
+     "Chooses the selection's instruction set (auto, avx512, avx2, portable); returns\n"
+     "the one chosen. ValueError if this CPU lacks it."},
+    {"isa", GetIsa, METH_NOARGS, "The selection's instruction set."},
     {"handlers", Handlers, METH_NOARGS, "XLA FFI handler capsules by target name."},
     {"set_sgemm", SetSgemm, METH_O,
      "Sets the Fortran-ABI sgemm (LP64) by address; returns whether its library's\n"
