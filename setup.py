@@ -6,20 +6,27 @@ import setuptools
 from setuptools.command import build_ext
 
 # The CPU kNN kernel (spade_jax/csrc/knn_cpu.cc, an XLA FFI custom call; see
-# spade_jax/cpu_kernel.py). It is optional: without a C++17 compiler the package
-# installs without it and the search runs in XLA alone.
+# spade_jax/search/cpu_kernel.py). It is optional: without a C++17 compiler the
+# package installs without it and the search runs in XLA alone. It compiles against
+# the XLA FFI headers that jaxlib ships (jax.ffi.include_dir()); pyproject.toml puts
+# jax in the build environment.
 KNN_CPU = setuptools.Extension(
     "spade_jax._knn_cpu",
     sources=["spade_jax/csrc/knn_cpu.cc"],
-    include_dirs=["third_party"],  # XLA's FFI headers (third_party/xla, Apache-2.0).
     language="c++",
     extra_compile_args=["-std=c++17", "-O3", "-fvisibility=hidden", "-pthread",
-                        # False positives from the vendored headers / GCC 12 intrinsics.
+                        # False positives from XLA's FFI headers / GCC 12 intrinsics.
                         "-Wno-return-type", "-Wno-attributes", "-Wno-uninitialized",
                         "-Wno-maybe-uninitialized", "-Wno-sign-compare"],
     extra_link_args=["-pthread"],
     libraries=["dl"],
 )
+
+
+def _ffi_include_dir() -> str:
+  """jaxlib's copy of the XLA FFI headers (xla/ffi/api/ffi.h)."""
+  import jax  # pylint: disable=import-outside-toplevel  (a build requirement)
+  return jax.ffi.include_dir()
 
 
 class OptionalBuildExt(build_ext.build_ext):
@@ -33,6 +40,7 @@ class OptionalBuildExt(build_ext.build_ext):
 
   def build_extension(self, ext):
     try:
+      ext.include_dirs = [*ext.include_dirs, _ffi_include_dir()]
       super().build_extension(ext)
     except Exception as e:  # pylint: disable=broad-except
       self._warn(e)
