@@ -1,41 +1,44 @@
 """Reads PyTorch checkpoints without torch; reads and writes converted weights.
 
-PyTorch state dicts are pickles. Unpickling runs whatever callables the file
-names, so a .pth from the internet is a program. This module reads them with a
-restricted unpickler: the only globals it resolves are `collections.OrderedDict`,
-torch's tensor/parameter rebuild functions and the typed storage classes, each
-mapped to a local NumPy stand-in. Any other global (os.system, builtins.eval,
-...) raises `UnsafeCheckpointError` before anything is called.
-
-Two torch containers are supported:
+PyTorch state dicts are pickles; they are read with the restricted, bounded
+unpickler of `checkpoint_pickle` (no code runs; see there for the limits on
+what a pickle may cost). Two torch containers are supported:
   * zip (torch >= 1.6 default): `<root>/data.pkl` plus one raw little-endian
     file per storage, `<root>/data/<key>`.
   * legacy (torch < 1.6, `_use_new_zipfile_serialization=False`): four pickles
     (magic number, protocol version, sys info, the object), a pickled list of
     storage keys, then for each key an int64 element count and the raw bytes.
 
+A small file must not cost unbounded memory: a zip record is only read if its
+declared size is exactly what the pickle's storage needs, its compression is
+stored or deflate at a ratio deflate can reach, and all records together expand
+to at most max(ZIP_EXPANSION_SLACK, MAX_ZIP_EXPANSION x the file's size); reads
+never go past the declared size. Legacy storages must fit in the file.
+
 Converted weights are flat `{name: array}` maps in safetensors (preferred: no
-pickle, memory-mappable) or .npz (loaded with allow_pickle=False). Writes go to
-a temporary file in the destination folder and are moved into place with
-os.replace, so a crash never leaves a half-written file under the final name.
+pickle, memory-mappable) or .npz (loaded with allow_pickle=False, after the same
+zip checks). Writes go to a temporary file in the destination folder and are
+moved into place with os.replace, so a crash never leaves a half-written file
+under the final name.
 """
 
 from __future__ import annotations
 
-import collections
-import io
 import json
 import os
 import pathlib
-import pickle
 import struct
 import zipfile
-from typing import Any, BinaryIO, Mapping
+from typing import Any, Mapping
 
-import ml_dtypes
 import numpy as np
 
 from spade_jax import atomic
+from spade_jax import checkpoint_pickle
+from spade_jax.checkpoint_pickle import CheckpointError, UnsafeCheckpointError
+
+__all__ = ["CheckpointError", "UnsafeCheckpointError", "read_torch", "read_torch_state_dict",
+           "sniff_format", "save_converted", "load_converted"]
 
 PathLike = str | os.PathLike
 
@@ -44,147 +47,60 @@ _LEGACY_PROTOCOL = 1001
 _SAFETENSORS_META_KEY = "spade_jax"
 _NPZ_META_KEY = "__spade_jax_metadata__"
 
-# torch storage class name -> NumPy dtype of its elements.
-_STORAGE_DTYPES = {
-    "DoubleStorage": np.dtype(np.float64),
-    "FloatStorage": np.dtype(np.float32),
-    "HalfStorage": np.dtype(np.float16),
-    "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
-    "LongStorage": np.dtype(np.int64),
-    "IntStorage": np.dtype(np.int32),
-    "ShortStorage": np.dtype(np.int16),
-    "CharStorage": np.dtype(np.int8),
-    "ByteStorage": np.dtype(np.uint8),
-    "BoolStorage": np.dtype(np.bool_),
-    "UntypedStorage": np.dtype(np.uint8),
-}
-
-
-class CheckpointError(ValueError):
-  """A weights file is unreadable, truncated, or not a checkpoint."""
-
-
-class UnsafeCheckpointError(CheckpointError):
-  """A pickle names a global outside the allow-list; nothing was executed."""
+MAX_ZIP_EXPANSION = 16  # Bytes read from a zip's records per byte of the file ...
+ZIP_EXPANSION_SLACK = 64 << 20  # ... or this many, whichever is larger.
+_MAX_DEFLATE_RATIO = 1032  # Deflate cannot expand more (258 bytes per 2 bits).
+_LEGACY_HEAD = 1 << 20  # First read of a legacy file's pickles; grows x4 to MAX_PICKLE_BYTES.
 
 
 # --------------------------------------------------------------------------
-# Stand-ins for the torch objects a state-dict pickle refers to.
+# Zip records, read within limits.
 
 
-class _StorageType:
-  """Stand-in for `torch.FloatStorage` etc.: only carries the dtype."""
+class _ZipBudget:
+  """Checks records before they are read; counts the bytes they expand to."""
 
-  def __init__(self, name: str):
-    self.name = name
-    self.dtype = _STORAGE_DTYPES[name]
+  def __init__(self, path: pathlib.Path):
+    self.path = path
+    self.file_bytes = path.stat().st_size
+    self.limit = max(ZIP_EXPANSION_SLACK, MAX_ZIP_EXPANSION * self.file_bytes)
+    self.spent = 0
 
-
-class _Storage:
-  """A flat storage; `data` is filled when its bytes are read."""
-
-  def __init__(self, dtype: np.dtype, numel: int):
-    self.dtype = dtype
-    self.numel = numel
-    self.data: np.ndarray | None = None
-
-
-class _TensorRef:
-  """A tensor as (storage, offset, size, stride); materialized after loading."""
-
-  def __init__(self, storage, offset, size, stride):
-    if not isinstance(storage, _Storage):
-      raise CheckpointError(f"tensor storage is {type(storage).__name__}, not a storage")
-    self.storage = storage
-    self.offset = int(offset)
-    self.size = tuple(int(s) for s in size)
-    self.stride = tuple(int(s) for s in stride)
-
-  def to_numpy(self) -> np.ndarray:
-    data = self.storage.data
-    if data is None:
-      raise CheckpointError("a tensor refers to a storage whose bytes are missing")
-    if len(self.size) != len(self.stride) or any(s < 0 for s in self.size + self.stride):
-      raise CheckpointError(f"bad tensor size/stride {self.size}/{self.stride}")
-    if 0 in self.size:
-      return np.zeros(self.size, data.dtype)
-    last = self.offset + sum((n - 1) * s for n, s in zip(self.size, self.stride))
-    if self.offset < 0 or last >= data.size:
+  def check(self, info: zipfile.ZipInfo) -> None:
+    """Refuses a record whose sizes no honest zip of this file could have."""
+    where = f"{self.path}: record {info.filename}"
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+      raise CheckpointError(f"{where} uses compression method {info.compress_type}; "
+                            "only stored and deflated records are read")
+    if info.compress_size > self.file_bytes or (
+        info.compress_type == zipfile.ZIP_STORED and info.compress_size != info.file_size):
+      raise CheckpointError(f"{where} declares {info.compress_size} bytes in a file of "
+                            f"{self.file_bytes} (stored size {info.file_size})")
+    if info.file_size > _MAX_DEFLATE_RATIO * info.compress_size + 1024:
+      raise CheckpointError(f"{where} claims to expand {info.compress_size} bytes to "
+                            f"{info.file_size}, more than deflate can (a zip bomb)")
+    self.spent += info.file_size
+    if self.spent > self.limit:
       raise CheckpointError(
-          f"tensor of size {self.size} reaches element {last} of a storage of {data.size}")
-    item = data.dtype.itemsize
-    view = np.lib.stride_tricks.as_strided(
-        data[self.offset:], self.size, [s * item for s in self.stride], writeable=False)
-    return np.array(view)  # Own the memory; never alias the file buffer.
+          f"{self.path}: records expand to more than {self.limit} bytes, the limit for a "
+          f"{self.file_bytes}-byte file (max({ZIP_EXPANSION_SLACK >> 20} MiB, "
+          f"{MAX_ZIP_EXPANSION}x the file size)); refusing a zip bomb")
+
+  def read(self, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
+    """The record's bytes: checked first, never more than declared."""
+    self.check(info)
+    with archive.open(info) as f:
+      raw = f.read(info.file_size)
+    if len(raw) != info.file_size:
+      raise CheckpointError(f"{self.path}: record {info.filename} is truncated")
+    return raw
 
 
-def _rebuild_tensor(storage, storage_offset, size, stride, *unused):
-  """torch._utils._rebuild_tensor{,_v2}: extra args are grad/hooks/metadata."""
-  del unused
-  return _TensorRef(storage, storage_offset, size, stride)
-
-
-def _rebuild_parameter(data, *unused):
-  """torch._utils._rebuild_parameter{,_with_state}: a Parameter is its data."""
-  del unused
-  return data
-
-
-_ALLOWED_GLOBALS = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
-    **{("torch", name): _StorageType(name) for name in _STORAGE_DTYPES},
-}
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-  """Resolves only allow-listed globals; storages come from `load_storage`."""
-
-  def __init__(self, file: BinaryIO, path: pathlib.Path, load_storage=None):
-    super().__init__(file)
-    self._path = path
-    self._load_storage = load_storage
-
-  def find_class(self, module: str, name: str) -> Any:
-    try:
-      return _ALLOWED_GLOBALS[(module, name)]
-    except (KeyError, TypeError):
-      raise UnsafeCheckpointError(
-          f"{self._path}: refusing to load global {module}.{name}; a weights "
-          "file may only contain tensors and (ordered) dicts. Nothing was "
-          "executed.") from None
-
-  def persistent_load(self, pid: Any) -> Any:
-    if self._load_storage is None:
-      raise CheckpointError(f"{self._path}: unexpected persistent id {pid!r}")
-    return self._load_storage(pid)
-
-
-def _materialize(obj: Any) -> Any:
-  """Replaces every _TensorRef in nested dicts/lists/tuples by a NumPy array."""
-  if isinstance(obj, _TensorRef):
-    return obj.to_numpy()
-  if isinstance(obj, dict):
-    return type(obj)((k, _materialize(v)) for k, v in obj.items())
-  if isinstance(obj, (list, tuple)):
-    return type(obj)(_materialize(v) for v in obj)
-  return obj
-
-
-def _parse_storage_pid(pid: Any, path: pathlib.Path) -> tuple[np.dtype, str, int]:
-  """('storage', type, key, location, numel[, view]) -> (dtype, key, numel)."""
-  if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] in ("storage", b"storage")):
-    raise CheckpointError(f"{path}: unsupported persistent id {pid!r}")
-  storage_type, key, numel = pid[1], pid[2], pid[4]
-  if not isinstance(storage_type, _StorageType):
-    raise CheckpointError(f"{path}: unsupported storage type {storage_type!r}")
-  if len(pid) > 5 and pid[5] is not None:
-    raise CheckpointError(f"{path}: storage views are not supported")
-  key = key.decode("ascii") if isinstance(key, bytes) else str(key)
-  return storage_type.dtype, key, int(numel)
+def _zip_info(archive: zipfile.ZipFile, name: str, path: pathlib.Path) -> zipfile.ZipInfo:
+  try:
+    return archive.getinfo(name)
+  except KeyError:
+    raise CheckpointError(f"{path}: record {name} is missing") from None
 
 
 # --------------------------------------------------------------------------
@@ -193,6 +109,7 @@ def _parse_storage_pid(pid: Any, path: pathlib.Path) -> tuple[np.dtype, str, int
 
 def _read_zip(path: pathlib.Path) -> Any:
   """torch >= 1.6 zip container."""
+  budget = _ZipBudget(path)
   try:
     archive = zipfile.ZipFile(path)
   except zipfile.BadZipFile as e:
@@ -205,68 +122,110 @@ def _read_zip(path: pathlib.Path) -> Any:
     root = pkl[0][: -len("data.pkl")]
     big_endian = False
     if root + "byteorder" in names:
-      big_endian = archive.read(root + "byteorder").strip() == b"big"
-    storages: dict[str, _Storage] = {}
+      info = archive.getinfo(root + "byteorder")
+      budget.check(info)
+      with archive.open(info) as f:
+        big_endian = f.read(16).strip() == b"big"
+    storages: dict[str, checkpoint_pickle.Storage] = {}
 
     def load_storage(pid):
-      dtype, key, numel = _parse_storage_pid(pid, path)
+      dtype, key, numel = checkpoint_pickle.parse_storage_pid(pid, str(path))
       if key not in storages:
-        storage = _Storage(dtype, numel)
-        try:
-          raw = archive.read(f"{root}data/{key}")
-        except KeyError:
-          raise CheckpointError(f"{path}: storage record data/{key} is missing") from None
-        if len(raw) < numel * dtype.itemsize:
-          raise CheckpointError(f"{path}: storage data/{key} is truncated")
+        info = _zip_info(archive, f"{root}data/{key}", path)
+        nbytes = numel * dtype.itemsize
+        if info.file_size != nbytes:  # Checked before reading anything.
+          raise CheckpointError(
+              f"{path}: record data/{key} holds {info.file_size} bytes but the pickle's "
+              f"storage of {numel} {dtype} elements needs {nbytes}")
+        storage = checkpoint_pickle.Storage(dtype, numel)
+        raw = budget.read(archive, info)
         file_dtype = dtype.newbyteorder(">") if big_endian else dtype
-        storage.data = np.frombuffer(raw, file_dtype, count=numel).astype(dtype)
+        storage.data = np.frombuffer(raw, file_dtype)
+        if big_endian:
+          storage.data = storage.data.astype(dtype)
         storages[key] = storage
       return storages[key]
 
-    with archive.open(pkl[0]) as f:
-      obj = _RestrictedUnpickler(io.BytesIO(f.read()), path, load_storage).load()
-  return _materialize(obj)
+    info = archive.getinfo(pkl[0])
+    if info.file_size > checkpoint_pickle.MAX_PICKLE_BYTES:
+      raise CheckpointError(
+          f"{path}: data.pkl is {info.file_size} bytes, over the limit of "
+          f"{checkpoint_pickle.MAX_PICKLE_BYTES} (MAX_PICKLE_BYTES)")
+    data = budget.read(archive, info)
+    obj, _ = checkpoint_pickle.unpickle(data, 0, str(path), load_storage)
+  return checkpoint_pickle.materialize(obj, str(path), list(storages.values()), len(data))
+
+
+def _legacy_pickles(head: bytes, path: pathlib.Path, load_storage) -> tuple[Any, list, int, int]:
+  """The five pickles at the start of a legacy file -> (obj, keys, end, obj's bytes)."""
+  where = str(path)
+  magic, end = checkpoint_pickle.unpickle(head, 0, where)
+  if magic != _LEGACY_MAGIC:
+    raise CheckpointError(f"{path}: not a torch checkpoint (bad magic number)")
+  protocol, end = checkpoint_pickle.unpickle(head, end, where)
+  if protocol != _LEGACY_PROTOCOL:
+    raise CheckpointError(f"{path}: unsupported torch protocol version "
+                          f"{checkpoint_pickle.short_repr(protocol)}")
+  sys_info, end = checkpoint_pickle.unpickle(head, end, where)
+  if isinstance(sys_info, dict) and not sys_info.get("little_endian", True):
+    raise CheckpointError(f"{path}: big-endian legacy checkpoints are not supported")
+  start = end
+  obj, end = checkpoint_pickle.unpickle(head, end, where, load_storage)
+  obj_bytes = end - start
+  keys, end = checkpoint_pickle.unpickle(head, end, where)
+  if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+    raise CheckpointError(f"{path}: corrupt torch checkpoint (no storage key list)")
+  return obj, keys, end, obj_bytes
 
 
 def _read_legacy(path: pathlib.Path) -> Any:
   """torch < 1.6 legacy container (pickles followed by raw storages)."""
-  storages: dict[str, _Storage] = {}
+  storages: dict[str, checkpoint_pickle.Storage] = {}
 
   def load_storage(pid):
-    dtype, key, numel = _parse_storage_pid(pid, path)
+    dtype, key, numel = checkpoint_pickle.parse_storage_pid(pid, str(path))
     if key not in storages:
-      storages[key] = _Storage(dtype, numel)
+      storages[key] = checkpoint_pickle.Storage(dtype, numel)
     return storages[key]
 
   file_size = path.stat().st_size
+  limit = checkpoint_pickle.MAX_PICKLE_BYTES
+  size = min(file_size, _LEGACY_HEAD, limit)
   with open(path, "rb") as f:
-    magic = _RestrictedUnpickler(f, path).load()
-    if magic != _LEGACY_MAGIC:
-      raise CheckpointError(f"{path}: not a torch checkpoint (bad magic number)")
-    protocol = _RestrictedUnpickler(f, path).load()
-    if protocol != _LEGACY_PROTOCOL:
-      raise CheckpointError(f"{path}: unsupported torch protocol version {protocol!r}")
-    sys_info = _RestrictedUnpickler(f, path).load()
-    if isinstance(sys_info, dict) and not sys_info.get("little_endian", True):
-      raise CheckpointError(f"{path}: big-endian legacy checkpoints are not supported")
-    obj = _RestrictedUnpickler(f, path, load_storage).load()
-    keys = _RestrictedUnpickler(f, path).load()
-    if not isinstance(keys, list):
-      raise CheckpointError(f"{path}: corrupt torch checkpoint (no storage key list)")
+    while True:  # The pickles' length is unknown: read more until they fit.
+      f.seek(0)
+      head = f.read(size)
+      storages.clear()
+      try:
+        obj, keys, end, obj_bytes = _legacy_pickles(head, path, load_storage)
+        break
+      except checkpoint_pickle.TruncatedPickleError:
+        if size >= file_size:
+          raise
+        if size >= limit:
+          raise CheckpointError(f"{path}: the pickles are longer than {limit} bytes "
+                                "(MAX_PICKLE_BYTES)") from None
+        size = min(file_size, 4 * size, limit)
+    del head
+    f.seek(end)
     for key in keys:
-      storage = storages.get(str(key))
+      storage = storages.get(key)
       if storage is None:
-        raise CheckpointError(f"{path}: storage {key!r} is listed but never used")
+        raise CheckpointError(f"{path}: storage {checkpoint_pickle.short_repr(key)} is "
+                              "listed but never used")
       header = f.read(8)
       if len(header) != 8:
         raise CheckpointError(f"{path}: truncated: storage {key} is missing")
       (numel,) = struct.unpack("<q", header)
       nbytes = numel * storage.dtype.itemsize
       if numel != storage.numel or not 0 <= nbytes <= file_size - f.tell():
-        raise CheckpointError(f"{path}: truncated or corrupt storage {key}")
+        raise CheckpointError(f"{path}: truncated or corrupt storage {key} ({numel} "
+                              f"elements; the pickle says {storage.numel})")
       raw = f.read(nbytes)
-      storage.data = np.frombuffer(raw, storage.dtype).copy()
-  return _materialize(obj)
+      if len(raw) != nbytes:
+        raise CheckpointError(f"{path}: truncated storage {key}")
+      storage.data = np.frombuffer(raw, storage.dtype)
+  return checkpoint_pickle.materialize(obj, str(path), list(storages.values()), obj_bytes)
 
 
 def read_torch(path: PathLike) -> Any:
@@ -289,10 +248,13 @@ def read_torch(path: PathLike) -> Any:
     raise CheckpointError(f"{path}: not a torch checkpoint (looks like {kind})")
   try:
     return readers[kind](path)
-  except CheckpointError:
-    raise
+  except CheckpointError as e:
+    if str(path) in str(e):
+      raise
+    raise type(e)(f"{path}: {e}") from e  # Raised by a stand-in that knows no path.
   except Exception as e:  # Damaged pickles / zips raise many types (EOF, Key, Memory...).
-    raise CheckpointError(f"{path}: corrupt or truncated torch checkpoint ({e!r})") from e
+    raise CheckpointError(f"{path}: corrupt or truncated torch checkpoint "
+                          f"({type(e).__name__}: {str(e)[:200]})") from e
 
 
 def _as_state_dict(obj: Any, path: pathlib.Path) -> dict[str, np.ndarray]:
@@ -318,10 +280,11 @@ def read_torch_state_dict(path: PathLike) -> dict[str, np.ndarray]:
 
 
 def _starts_with_legacy_magic(path: pathlib.Path) -> bool:
-  """Whether the file's first pickle is torch's legacy magic number (an int)."""
+  """Whether the file's first pickle (of < 64 bytes) is torch's legacy magic number."""
   try:
     with open(path, "rb") as f:
-      return _RestrictedUnpickler(f, path).load() == _LEGACY_MAGIC
+      head = f.read(64)
+    return checkpoint_pickle.unpickle(head, 0, str(path))[0] == _LEGACY_MAGIC
   except Exception:  # Anything unreadable, or a refused global, is "not torch".
     return False
 
@@ -329,6 +292,8 @@ def _starts_with_legacy_magic(path: pathlib.Path) -> bool:
 def sniff_format(path: PathLike) -> str:
   """Returns 'torch_zip', 'torch_legacy', 'npz', 'safetensors' or 'unknown'."""
   path = pathlib.Path(path)
+  if path.is_dir():
+    raise CheckpointError(f"{path}: is a directory; expected a weights file")
   if not path.is_file():
     raise CheckpointError(f"{path}: weights file does not exist")
   with open(path, "rb") as f:
@@ -397,6 +362,10 @@ def load_converted(path: PathLike) -> tuple[dict[str, np.ndarray], dict[str, str
         meta = (f.metadata() or {}).get(_SAFETENSORS_META_KEY, "{}")
         arrays = {k: f.get_tensor(k) for k in f.keys()}
     elif kind == "npz":
+      budget = _ZipBudget(path)
+      with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():  # Refuses a zip bomb before numpy reads it.
+          budget.check(info)
       with np.load(path, allow_pickle=False) as f:
         arrays = {k: f[k] for k in f.files if k != _NPZ_META_KEY}
         meta = str(f[_NPZ_META_KEY]) if _NPZ_META_KEY in f.files else "{}"

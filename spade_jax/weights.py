@@ -111,7 +111,8 @@ def imagenet_weights(name: str) -> pathlib.Path:
 
   Raises:
     ValueError: `name` has no ImageNet weights.
-    WeightsUnavailableError: not cached and cannot be downloaded (offline).
+    WeightsUnavailableError: not cached and cannot be downloaded (offline), or
+      a directory is in the cache where the file belongs.
   """
   if name in PACKAGED:
     return _packaged_file(name)
@@ -120,6 +121,9 @@ def imagenet_weights(name: str) -> pathlib.Path:
     raise ValueError(f"no 'imagenet' weights for {name!r}; available for: {', '.join(have)}")
   url = IMAGENET_URLS[name]
   dest = paths.cache_dir() / url.rsplit("/", 1)[1]
+  if dest.is_dir():
+    raise WeightsUnavailableError(
+        f"{dest} is a directory, not the weights file; remove it (or set ${paths.CACHE_ENV}).")
   if dest.is_file():
     verify(dest)
     return dest

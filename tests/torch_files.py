@@ -8,6 +8,11 @@ Tensors pickle as torch._utils._rebuild_tensor_v2(storage, offset, size,
 stride, requires_grad, backward_hooks) with a persistent id
 ('storage', torch.<Type>Storage, key, 'cpu', numel[, view_metadata]).
 These files load with real torch.load (checked once in a torch venv).
+
+For hostile-input tests, `dumps` gives the data.pkl bytes of an object and the
+storages it refers to without writing them, and `write_zip` assembles a zip by
+hand from raw records, including `DeflatedZeros`: a deflate stream of many zero
+bytes built in O(size / 1 MiB) time and memory (a zip bomb).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import io
 import pickle
 import struct
 import zipfile
+import zlib
 
 import numpy as np
 
@@ -103,15 +109,22 @@ class _Pickler(pickle._Pickler):  # The pure-Python pickler has a patchable disp
     return pid + (None,) if self.legacy else pid
 
 
-def save_zip(obj, path, root: str = "archive") -> None:
+def dumps(obj) -> tuple[bytes, dict[str, Storage]]:
+  """(data.pkl bytes, {key: storage}) of `obj`, as save_zip would write them."""
   buf = io.BytesIO()
   pickler = _Pickler(buf, legacy=False)
   pickler.dump(obj)
+  return buf.getvalue(), pickler.storages
+
+
+def save_zip(obj, path, root: str = "archive") -> None:
+  data_pkl, storages = dumps(obj)
   with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
-    z.writestr(f"{root}/data.pkl", buf.getvalue())
+    z.writestr(f"{root}/data.pkl", data_pkl)
     z.writestr(f"{root}/byteorder", "little")
-    for key, storage in pickler.storages.items():
-      z.writestr(f"{root}/data/{key}", storage.data.astype(storage.data.dtype.newbyteorder("<")).tobytes())
+    for key, storage in storages.items():
+      little = storage.data.astype(storage.data.dtype.newbyteorder("<"))
+      z.writestr(f"{root}/data/{key}", little.tobytes())
     z.writestr(f"{root}/version", "3\n")
 
 
@@ -136,3 +149,47 @@ def state_dict_file(state_dict: dict[str, np.ndarray], path, legacy: bool = Fals
   obj = collections.OrderedDict(
       (k, tensor(v, str(i))) for i, (k, v) in enumerate(state_dict.items()))
   (save_legacy if legacy else save_zip)(obj, path)
+
+
+_MIB = 1 << 20
+
+
+class DeflatedZeros:
+  """A zip record of `size` zero bytes, deflated, that may declare another size.
+
+  The stream is one 1 MiB block (compressed once, ended by a full flush so that
+  it refers to nothing before it) repeated, then a final block: a 1 GiB record
+  is about 1 MB and takes well under a second to build.
+  """
+
+  def __init__(self, size: int, declared_size: int | None = None):
+    self.declared_size = size if declared_size is None else declared_size
+    block = zlib.compressobj(9, zlib.DEFLATED, -15)
+    block = block.compress(bytes(_MIB)) + block.flush(zlib.Z_FULL_FLUSH)
+    tail = zlib.compressobj(9, zlib.DEFLATED, -15)
+    tail = tail.compress(bytes(size % _MIB)) + tail.flush()
+    self.data = block * (size // _MIB) + tail
+    crc, chunk = 0, bytes(_MIB)
+    for start in range(0, self.declared_size, _MIB):  # The CRC of what is declared.
+      crc = zlib.crc32(chunk[: min(_MIB, self.declared_size - start)], crc)
+    self.crc = crc
+
+
+def write_zip(path, records: dict) -> None:
+  """Writes a zip of {name: bytes (stored) or DeflatedZeros} by hand (no zip64)."""
+  local, central = io.BytesIO(), io.BytesIO()
+  for name, record in records.items():
+    if isinstance(record, DeflatedZeros):
+      method, data, crc, size = 8, record.data, record.crc, record.declared_size
+    else:
+      method, data, crc, size = 0, bytes(record), zlib.crc32(record), len(record)
+    encoded, offset = name.encode(), local.tell()
+    local.write(struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, method, 0, 0x21,
+                            crc, len(data), size, len(encoded), 0) + encoded + data)
+    central.write(struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, method, 0,
+                              0x21, crc, len(data), size, len(encoded), 0, 0, 0, 0,
+                              0, offset) + encoded)
+  end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(records), len(records),
+                    central.tell(), local.tell(), 0)
+  with open(path, "wb") as f:
+    f.write(local.getvalue() + central.getvalue() + end)

@@ -147,6 +147,9 @@ def load_backbone(name: str, weights: str | os.PathLike | None = None, *,
     path = weights_lib.imagenet_weights(name)
   else:
     path = pathlib.Path(weights)
+    if path.is_dir():
+      raise FileNotFoundError(f"weights path {path} is a directory, not a file; expected "
+                              "a torch .pth, .safetensors or .npz file")
     if not path.is_file():
       raise FileNotFoundError(f"weights file {path} does not exist")
   arrays, torch_layout = _read_weights_file(name, path)
