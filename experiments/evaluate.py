@@ -69,7 +69,17 @@ _NUM_CPU_DEVICES = flags.DEFINE_integer("num_cpu_devices", None,
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  weights = None if _WEIGHTS.value.lower() == "none" else _WEIGHTS.value
+  settings = {
+      "backbone": _BACKBONE.value, "weights": weights, "k_images": _K_IMAGES.value,
+      "k_image_score": _K_IMAGE_SCORE.value, "kappa": _KAPPA.value,
+      "layers": tuple(_LAYERS.value), "combine": _COMBINE.value, "sigma": _SIGMA.value,
+      "metric": _METRIC.value, "resize": _RESIZE.value, "crop": _CROP.value}
   try:
+    # Settings first: a bad flag fails at once, before JAX, data or output are touched.
+    evaluation.EvalConfig(data_dir=_DATA_DIR.value or "", **settings)
+    if _BATCH_SIZE.value < 1:
+      raise ValueError(f"--batch_size must be >= 1, got {_BATCH_SIZE.value}")
     ids = _LOCAL_DEVICE_IDS.value
     dist = distributed.DistributedConfig(
         coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
@@ -82,22 +92,19 @@ def main(argv: Sequence[str]) -> None:
   if _SHARD.value and not dist.enabled:
     import jax  # pylint: disable=import-outside-toplevel
     mesh = jax.make_mesh((jax.device_count(),), ("data",))
-  data_dir = _DATA_DIR.value
-  if data_dir is None:
-    from spade_jax.data import builtin  # pylint: disable=import-outside-toplevel
-    data_dir = str(builtin.builtin_benchmark_dir())
-  weights = None if _WEIGHTS.value.lower() == "none" else _WEIGHTS.value
-  config = evaluation.EvalConfig(
-      data_dir=data_dir, backbone=_BACKBONE.value, weights=weights, k_images=_K_IMAGES.value,
-      k_image_score=_K_IMAGE_SCORE.value, kappa=_KAPPA.value, layers=tuple(_LAYERS.value),
-      combine=_COMBINE.value, sigma=_SIGMA.value, metric=_METRIC.value, resize=_RESIZE.value,
-      crop=_CROP.value)
   try:
+    data_dir = _DATA_DIR.value
+    if data_dir is None:
+      if not dist.enabled or dist.process_id == 0:
+        evaluation.check_output_dir(_OUTPUT_DIR.value)  # Before generating the data.
+      from spade_jax.data import builtin  # pylint: disable=import-outside-toplevel
+      data_dir = str(builtin.builtin_benchmark_dir())
+    config = evaluation.EvalConfig(data_dir=data_dir, **settings)
     results = evaluation.evaluate(
         config, output_dir=_OUTPUT_DIR.value, categories=_CATEGORIES.value,
         batch_size=_BATCH_SIZE.value, num_heatmaps=_NUM_HEATMAPS.value, mesh=mesh,
         log=logging.info)
-  except (ValueError, FileNotFoundError) as e:  # Bad input: a message, not a traceback.
+  except (ValueError, OSError) as e:  # Bad input: a message, not a traceback.
     sys.exit(f"evaluate.py: error: {e}")
   if dist.enabled and dist.process_id != 0:
     return  # Process 0 reports.

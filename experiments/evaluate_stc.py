@@ -46,20 +46,30 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   weights = None if _WEIGHTS.value.lower() == "none" else _WEIGHTS.value
-  config = evaluation.EvalConfig(
-      data_dir=_DATA_DIR.value, backbone=_BACKBONE.value, weights=weights,
-      k_images=_K_IMAGES.value, k_image_score=_K_IMAGE_SCORE.value, kappa=_KAPPA.value,
-      layers=tuple(_LAYERS.value), combine=_COMBINE.value, sigma=_SIGMA.value,
-      resize=_SIZE.value, crop=_SIZE.value)
+  extra_config = {"dataset": "stc", "frame_step": _FRAME_STEP.value,
+                  "test_frame_step": _TEST_FRAME_STEP.value}
   try:
-    data = stc.load_stc(_DATA_DIR.value, frame_step=_FRAME_STEP.value,
-                        test_frame_step=_TEST_FRAME_STEP.value, size=_SIZE.value)
-    results = evaluation.evaluate_loaded(
-        config, {"stc": data}, output_dir=_OUTPUT_DIR.value, batch_size=_BATCH_SIZE.value,
-        num_heatmaps=_NUM_HEATMAPS.value, log=logging.info,
-        extra_config={"dataset": "stc", "frame_step": _FRAME_STEP.value,
-                      "test_frame_step": _TEST_FRAME_STEP.value})
-  except (ValueError, FileNotFoundError) as e:
+    # Everything checkable is checked before reading the (large) data set.
+    config = evaluation.EvalConfig(
+        data_dir=_DATA_DIR.value, backbone=_BACKBONE.value, weights=weights,
+        k_images=_K_IMAGES.value, k_image_score=_K_IMAGE_SCORE.value, kappa=_KAPPA.value,
+        layers=tuple(_LAYERS.value), combine=_COMBINE.value, sigma=_SIGMA.value,
+        resize=_SIZE.value, crop=_SIZE.value)
+    for flag in (_FRAME_STEP, _TEST_FRAME_STEP, _BATCH_SIZE):
+      if flag.value < 1:
+        raise ValueError(f"--{flag.name} must be >= 1, got {flag.value}")
+    evaluation.check_output_dir(_OUTPUT_DIR.value)
+    results = evaluation.load_results(_OUTPUT_DIR.value, config, extra_config)
+    if "stc" not in results["categories"]:
+      data = stc.load_stc(_DATA_DIR.value, frame_step=_FRAME_STEP.value,
+                          test_frame_step=_TEST_FRAME_STEP.value, size=_SIZE.value)
+      results = evaluation.evaluate_loaded(
+          config, {"stc": data}, output_dir=_OUTPUT_DIR.value, batch_size=_BATCH_SIZE.value,
+          num_heatmaps=_NUM_HEATMAPS.value, log=logging.info, extra_config=extra_config)
+    else:
+      logging.info("stc: already in %s, skipped",
+                   pathlib.Path(_OUTPUT_DIR.value) / evaluation.RESULTS_FILE)
+  except (ValueError, OSError) as e:  # Bad input: a message, not a traceback.
     sys.exit(f"evaluate_stc.py: error: {e}")
   print(evaluation.format_table(results))
   print(f"\nresults: {pathlib.Path(_OUTPUT_DIR.value) / evaluation.RESULTS_FILE}")

@@ -13,6 +13,13 @@ per (sizes, sigma) and cached. This is exact for the two reference semantics:
   the border reflects with the edge sample repeated (d c b a | a b c d | d c b a),
   folded into the matrix so maps smaller than the kernel are handled like SciPy.
 
+sigma is bounded by the map: finite, >= 0 and at most the map's longer side
+max(H, W) (a wider blur only flattens the map; a ValueError is raised before any
+kernel is built). The work is bounded by the map too: taps beyond 40 sigma are exactly
+0.0 in float64 (so truncate is capped at MAX_TRUNCATE without changing any number),
+and taps further apart than the reflection period 2 * size are summed into one
+column, so a matrix costs O(size^2) whatever sigma and truncate are.
+
 A [224, 224] blur matrix is a banded 1-D convolution; as a matmul it runs at full
 speed on any accelerator.
 """
@@ -20,6 +27,8 @@ speed on any accelerator.
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +36,8 @@ from jax import lax
 import numpy as np
 
 Array = jax.Array
+# exp(-0.5 * 40**2) == 0.0 in float64: Gaussian taps beyond 40 sigma are exactly zero.
+MAX_TRUNCATE = 40.0
 
 
 def bilinear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -56,9 +67,56 @@ def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
   return mat.astype(np.float32)
 
 
+def _as_real(value, name: str) -> float:
+  if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    raise ValueError(f"{name} must be a real number, got {value!r}")
+  return float(value)
+
+
+def _check_sigma(sigma, truncate, side: int | None = None, *,
+                 allow_zero: bool = False) -> tuple[float, float]:
+  """Validated (sigma, truncate) as floats.
+
+  Args:
+    sigma: Gaussian standard deviation in pixels.
+    truncate: kernel radius in sigmas.
+    side: the map's longer side; sigma must not exceed it (None: no bound).
+    allow_zero: sigma == 0 is allowed (no blur).
+
+  Raises:
+    ValueError: sigma not finite, negative (or zero unless allowed), or larger than
+      `side`; truncate not finite and > 0.
+  """
+  sigma = _as_real(sigma, "sigma")
+  truncate = _as_real(truncate, "truncate")
+  if not math.isfinite(sigma):
+    raise ValueError(f"sigma must be finite, got {sigma!r}")
+  if sigma < 0 or (sigma == 0 and not allow_zero):
+    raise ValueError(f"sigma must be {'>= 0' if allow_zero else '> 0'}, got {sigma!r}")
+  if side is not None and sigma > side:
+    raise ValueError(
+        f"sigma={sigma!r} is wider than the map: it must be at most {side}, the map's "
+        "longer side in pixels (a wider blur only flattens the map to its mean)")
+  if not (math.isfinite(truncate) and truncate > 0):
+    raise ValueError(f"truncate must be finite and > 0, got {truncate!r}")
+  return sigma, truncate
+
+
 def gaussian_kernel1d(sigma: float, truncate: float) -> np.ndarray:
-  """scipy.ndimage's normalised 1-D Gaussian taps, [2r + 1] float64."""
-  radius = int(truncate * sigma + 0.5)
+  """scipy.ndimage's normalised 1-D Gaussian taps, [2r + 1] float64.
+
+  r = int(min(truncate, MAX_TRUNCATE) * sigma + 0.5): the taps beyond MAX_TRUNCATE
+  sigmas are exactly 0.0, so the cap changes no value, only the length.
+
+  Raises:
+    ValueError: sigma or truncate not finite and > 0, or a kernel of over 2**24 taps
+      (bound sigma by the map's size first, see gaussian_matrix).
+  """
+  sigma, truncate = _check_sigma(sigma, truncate)
+  radius = int(min(truncate, MAX_TRUNCATE) * sigma + 0.5)
+  if radius > 2**23:
+    raise ValueError(f"sigma={sigma!r} gives a Gaussian kernel of {2 * radius + 1} taps; "
+                     "bound sigma by the map's size")
   x = np.arange(-radius, radius + 1, dtype=np.float64)
   taps = np.exp(-0.5 * (x / sigma) ** 2)
   return taps / taps.sum()
@@ -71,14 +129,35 @@ def _reflect_index(i: np.ndarray, n: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=None)
-def gaussian_matrix(size: int, sigma: float, truncate: float) -> np.ndarray:
-  """[size, size] float32 matrix of the 1-D reflect-padded Gaussian filter."""
+def gaussian_matrix(size: int, sigma: float, truncate: float,
+                    max_sigma: int | None = None) -> np.ndarray:
+  """[size, size] float32 matrix of the 1-D reflect-padded Gaussian filter.
+
+  Args:
+    size: the axis length.
+    sigma: standard deviation in pixels, finite, > 0 and at most max_sigma.
+    truncate: kernel radius in sigmas (capped at MAX_TRUNCATE; no value changes).
+    max_sigma: the bound on sigma, the map's longer side (default: size).
+
+  Raises:
+    ValueError: sigma or truncate out of range.
+  """
+  if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+    raise ValueError(f"size must be a positive int, got {size!r}")
+  size = int(size)
+  _check_sigma(sigma, truncate, size if max_sigma is None else max_sigma)
   taps = gaussian_kernel1d(sigma, truncate)
   radius = (len(taps) - 1) // 2
+  offsets = np.arange(-radius, radius + 1)
+  period = 2 * size  # _reflect_index(i + period, n) == _reflect_index(i, n).
+  if len(taps) > period:  # Fold the taps: one column per offset mod the period.
+    taps = np.bincount(np.mod(offsets, period), weights=taps, minlength=period)
+    offsets = np.arange(period)
+  rows = np.arange(size)
+  cols = _reflect_index(rows[:, None] + offsets[None, :], size)
   mat = np.zeros((size, size), np.float64)
-  for offset, w in zip(range(-radius, radius + 1), taps):
-    rows = np.arange(size)
-    np.add.at(mat, (rows, _reflect_index(rows + offset, size)), w)
+  # Row-major (row, offset) order: every entry sums its taps in increasing offset.
+  np.add.at(mat, (np.repeat(rows, len(offsets)), cols.ravel()), np.tile(taps, size))
   return mat.astype(np.float32)
 
 
@@ -97,10 +176,11 @@ def upsample_bilinear_impl(maps: Array, size: tuple[int, int]) -> Array:
 
 
 def gaussian_blur_impl(maps: Array, sigma: float, truncate: float) -> Array:
-  """Un-jitted gaussian_blur, for use inside other jitted code."""
+  """Un-jitted gaussian_blur, for use inside other jitted code (sigma > 0)."""
   h, w = maps.shape[-2:]
-  return _separable(maps, gaussian_matrix(h, sigma, truncate),
-                    gaussian_matrix(w, sigma, truncate))
+  side = max(h, w)
+  return _separable(maps, gaussian_matrix(h, sigma, truncate, side),
+                    gaussian_matrix(w, sigma, truncate, side))
 
 
 def _check_maps(maps, name: str = "maps") -> None:
@@ -117,13 +197,6 @@ def _check_size(size) -> tuple[int, int]:
   if h < 1 or w < 1:
     raise ValueError(f"size must be positive, got {size!r}")
   return h, w
-
-
-def _check_sigma(sigma: float, truncate: float) -> None:
-  if not sigma > 0:
-    raise ValueError(f"sigma must be > 0, got {sigma!r}")
-  if not truncate > 0:
-    raise ValueError(f"truncate must be > 0, got {truncate!r}")
 
 
 @functools.partial(jax.jit, static_argnames=("size",))
@@ -161,15 +234,21 @@ def gaussian_blur(maps: Array, sigma: float = 4.0, truncate: float = 4.0) -> Arr
 
   Args:
     maps: [N, H, W] float.
-    sigma: standard deviation in pixels (both axes).
-    truncate: kernel radius in sigmas.
+    sigma: standard deviation in pixels (both axes): finite, >= 0 (0: no blur, as
+      SciPy) and at most max(H, W).
+    truncate: kernel radius in sigmas, finite and > 0.
 
   Returns:
     [N, H, W] float32.
+
+  Raises:
+    ValueError: bad maps, or sigma / truncate out of range (before any kernel is built).
   """
   _check_maps(maps)
-  _check_sigma(sigma, truncate)
-  return _blur_jit(maps, float(sigma), float(truncate))
+  sigma, truncate = _check_sigma(sigma, truncate, max(np.shape(maps)[-2:]), allow_zero=True)
+  if sigma == 0:
+    return jnp.asarray(maps, jnp.float32)
+  return _blur_jit(maps, sigma, min(truncate, MAX_TRUNCATE))
 
 
 def anomaly_maps(score_maps: Array, size: tuple[int, int], sigma: float = 4.0,
@@ -179,15 +258,20 @@ def anomaly_maps(score_maps: Array, size: tuple[int, int], sigma: float = 4.0,
   Args:
     score_maps: [N, h, w] float, per-position scores.
     size: (H, W) image (crop) size.
-    sigma: Gaussian sigma in output pixels (paper: 4); 0 disables the blur.
-    truncate: kernel radius in sigmas (scipy default 4).
+    sigma: Gaussian sigma in output pixels (paper: 4); 0 disables the blur. Finite,
+      >= 0 and at most max(H, W), the output's longer side.
+    truncate: kernel radius in sigmas (scipy default 4), finite and > 0.
 
   Returns:
     [N, H, W] float32.
+
+  Raises:
+    ValueError: bad score_maps or size, or sigma / truncate out of range (before any
+      kernel is built).
   """
   _check_maps(score_maps, "score_maps")
   size = _check_size(size)
+  sigma, truncate = _check_sigma(sigma, truncate, max(size), allow_zero=True)
   if sigma == 0:
     return _upsample_jit(score_maps, size)
-  _check_sigma(sigma, truncate)
-  return _anomaly_maps_jit(score_maps, size, float(sigma), float(truncate))
+  return _anomaly_maps_jit(score_maps, size, sigma, min(truncate, MAX_TRUNCATE))

@@ -94,8 +94,11 @@ class SpadeConfig:
     if self.combine not in scoring.COMBINE_MODES:
       raise ValueError(f"SpadeConfig.combine must be one of {scoring.COMBINE_MODES}, got "
                        f"{self.combine!r}")
-    if not self.sigma >= 0:
-      raise ValueError(f"SpadeConfig.sigma must be >= 0, got {self.sigma!r}")
+    if isinstance(self.sigma, bool) or not isinstance(self.sigma, (int, float, np.number)):
+      raise ValueError(f"SpadeConfig.sigma must be a number, got {self.sigma!r}")
+    if not 0 <= self.sigma <= self.crop:  # NaN and inf fail too.
+      raise ValueError(f"SpadeConfig.sigma must be finite, >= 0 and at most the crop size "
+                       f"{self.crop} (the maps' side), got {self.sigma!r}")
     if self.metric not in distances.METRICS:
       raise ValueError(f"SpadeConfig.metric must be one of {sorted(distances.METRICS)}, got "
                        f"{self.metric!r}")

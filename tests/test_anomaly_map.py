@@ -68,8 +68,53 @@ def test_anomaly_maps_is_upsample_then_blur():
     (lambda x: spade_jax.upsample_bilinear(x, (0, 4)), "size must be positive"),
     (lambda x: spade_jax.upsample_bilinear(x, 4), "size must be"),
     (lambda x: spade_jax.gaussian_blur(x, sigma=-1.0), "sigma"),
+    (lambda x: spade_jax.gaussian_blur(x, sigma=float("inf")), "finite"),
+    (lambda x: spade_jax.gaussian_blur(x, sigma=float("nan")), "finite"),
+    (lambda x: spade_jax.gaussian_blur(x, sigma=4.0), "at most 3"),
+    (lambda x: spade_jax.gaussian_blur(x, sigma=1.0, truncate=float("inf")), "truncate"),
+    (lambda x: spade_jax.gaussian_blur(x, sigma="wide"), "sigma"),
+    (lambda x: spade_jax.anomaly_maps(x, (4, 4), sigma=float("inf")), "finite"),
+    (lambda x: spade_jax.anomaly_maps(x, (4, 4), sigma=-0.5), "sigma"),
+    (lambda x: spade_jax.anomaly_maps(x, (4, 6), sigma=6.5), "at most 6"),
     (lambda x: spade_jax.anomaly_maps(x[:0], (4, 4)), "score_maps"),
 ])
 def test_bad_input(call, match):
   with pytest.raises(ValueError, match=match):
     call(np.zeros((2, 3, 3), np.float32))
+
+
+@pytest.mark.parametrize("sigma", [float("inf"), 1e6, 1e10, 225.0])
+def test_huge_sigma_is_refused_at_once(sigma):
+  """sigma=inf used to raise OverflowError, 1e6 to run for minutes, 1e10 to try 596 GiB."""
+  x = np.zeros((1, 7, 7), np.float32)
+  with pytest.raises(ValueError, match="sigma"):
+    spade_jax.anomaly_maps(x, (224, 224), sigma=sigma)
+  with pytest.raises(ValueError, match="sigma"):
+    anomaly_map.gaussian_matrix(224, sigma, 4.0)
+
+
+@pytest.mark.parametrize("shape,sigma,truncate", [
+    ((1, 30, 30), 30.0, 4.0),   # sigma = the side: radius 120 folds around 4 times.
+    ((1, 12, 5), 12.0, 4.0),    # Bounded by the longer side; the short side folds more.
+    ((1, 9, 9), 2.0, 1000.0),   # A huge truncate: taps past 40 sigma are exactly 0.
+])
+def test_wide_kernels_still_match_scipy(shape, sigma, truncate):
+  x = np.random.default_rng(4).standard_normal(shape)
+  got = spade_jax.gaussian_blur(x.astype(np.float32), sigma=sigma, truncate=truncate)
+  ref = ndimage.gaussian_filter(x[0], sigma=sigma, mode="reflect",
+                                truncate=min(truncate, 40.0))
+  np.testing.assert_allclose(got[0], ref, atol=1e-5)
+
+
+def test_kernel_radius_is_bounded_by_the_map():
+  # Folded with the reflection period 2 * size: the work no longer grows with sigma.
+  mat = anomaly_map.gaussian_matrix(5, 5.0, 1e9)
+  assert mat.shape == (5, 5)
+  np.testing.assert_allclose(mat.sum(axis=1), 1.0, atol=1e-6)
+  assert len(anomaly_map.gaussian_kernel1d(1.0, 1e9)) == 81  # Capped at 40 sigma.
+
+
+def test_sigma_zero_is_no_blur():
+  x = np.random.default_rng(5).standard_normal((2, 6, 5)).astype(np.float32)
+  np.testing.assert_array_equal(spade_jax.gaussian_blur(x, sigma=0.0), x)
+  assert spade_jax.anomaly_maps(x, (6, 5), sigma=6.0).shape == (2, 6, 5)

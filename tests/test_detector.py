@@ -172,7 +172,8 @@ def test_bad_input(fitted):
 
 @pytest.mark.parametrize("field,value", [
     ("k_images", 0), ("kappa", -1), ("combine", "sum"), ("metric", "hamming"),
-    ("layers", ()), ("sigma", -1.0), ("crop", 300), ("batch_size", 1.5)])
+    ("layers", ()), ("sigma", -1.0), ("sigma", float("inf")), ("sigma", float("nan")),
+    ("sigma", 1e6), ("crop", 300), ("batch_size", 1.5)])
 def test_config_validation(field, value):
   with pytest.raises(ValueError, match=field):
     spade_jax.SpadeConfig(**{field: value})

@@ -4,6 +4,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
+from hostile_fixtures import write_bomb_png
 from mvtec_fixtures import write_category
 from spade_jax.data import mvtec
 
@@ -166,3 +167,18 @@ def test_read_mask_binarizes_any_nonzero(tmp_path):
   rgba[0, 1, 0] = 255
   PIL.Image.fromarray(rgba).save(path)
   np.testing.assert_array_equal(mvtec.read_mask(path), [[0, 1]])
+
+
+@pytest.mark.parametrize("rel", ["train/good/001.png", "test/crack/000.png",
+                                 "ground_truth/crack/000_mask.png"])
+def test_decompression_bomb_names_the_file(tmp_path, rel):
+  """A PNG whose header claims 100000 x 100000 pixels: a ValueError naming it, not PIL's
+  DecompressionBombError."""
+  write_category(tmp_path, "part")
+  bomb = tmp_path / "part" / rel
+  write_bomb_png(bomb)
+  with pytest.raises(ValueError, match="too large") as e:
+    mvtec.load_category(tmp_path, "part")
+  assert str(bomb) in str(e.value) and "DecompressionBombError" not in str(e.value)
+  with pytest.raises(ValueError, match="too large"):
+    (mvtec.read_mask if "mask" in rel else mvtec.read_rgb)(bomb)

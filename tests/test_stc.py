@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from spade_jax.data import stc
+from hostile_fixtures import write_bomb_npy, write_bomb_png
 from stc_fixtures import H, W, make_stc_tree
 
 
@@ -67,3 +68,30 @@ def test_errors(root, tmp_path_factory):
   (root / "testing" / "test_pixel_mask" / "02_0128.npy").unlink()
   with pytest.raises(FileNotFoundError, match="no pixel mask.*02_0128.npy"):
     stc.load_stc_test_video(root, "02_0128")
+
+
+def test_decompression_bomb_frame_names_the_file(root):
+  bomb = root / "training" / "frames" / "01_001" / "5.png"
+  write_bomb_png(bomb)
+  with pytest.raises(ValueError, match="too large") as e:
+    stc.load_stc_train(root)
+  assert str(bomb) in str(e.value)
+
+
+@pytest.mark.parametrize("kind", ["huge_header", "pickle", "garbage"])
+def test_unreadable_npy_names_the_file(root, kind):
+  """A mask file claiming a 10^15-element array (or holding a pickle or garbage): a
+  ValueError naming it, not a MemoryError or numpy's message."""
+  for name in ("test_pixel_mask", "test_frame_mask"):
+    path = root / "testing" / name / "01_0014.npy"
+    if kind == "huge_header":
+      write_bomb_npy(path, (100_000, 100_000, 100_000) if name == "test_pixel_mask"
+                     else (10**15,))
+    elif kind == "pickle":
+      np.save(path, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    else:
+      path.write_bytes(b"not a numpy file")
+    with pytest.raises(ValueError, match="01_0014.npy") as e:
+      stc.load_stc_test_video(root, "01_0014")
+    assert str(path) in str(e.value)
+    np.save(root / "testing" / "test_pixel_mask" / "01_0014.npy", np.zeros((4, H, W), bool))

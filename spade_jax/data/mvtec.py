@@ -179,12 +179,23 @@ def _find_mask(gt_dir: pathlib.Path, image_path: pathlib.Path) -> pathlib.Path:
 
 
 def _open(path: pathlib.Path) -> PIL.Image.Image:
+  """Opens and decodes an image file.
+
+  Raises:
+    FileNotFoundError: no such file.
+    ValueError: not decodable as an image, or its header claims more pixels than PIL
+      decodes safely (a corrupt file or a decompression bomb); names the file.
+  """
   try:
     with PIL.Image.open(path) as image:
       image.load()
       return image
   except FileNotFoundError:
     raise
+  except PIL.Image.DecompressionBombError as e:
+    raise ValueError(
+        f"image file {str(path)!r} is too large to read ({e}); it is not readable as an "
+        "image (corrupt, or not a data set image): replace or remove it") from e
   except (OSError, SyntaxError, ValueError, PIL.UnidentifiedImageError) as e:
     raise ValueError(f"cannot decode image file {str(path)!r} (corrupt or not an image): "
                      f"{e}") from e

@@ -105,6 +105,22 @@ def _frames(folder: pathlib.Path) -> list[pathlib.Path]:
   return sorted(frames)
 
 
+def _load_npy(path: pathlib.Path, what: str) -> np.ndarray:
+  """np.load of a mask file, refusing what is not a plain .npy array of its size.
+
+  Memory-mapped first, so a header that claims more data than the file holds is an
+  error instead of a huge allocation; then copied into memory.
+
+  Raises:
+    ValueError: not a .npy file, an object (pickle) array, or truncated; names the file.
+  """
+  try:
+    return np.array(np.load(path, mmap_mode="r", allow_pickle=False))
+  except (ValueError, OSError, EOFError) as e:
+    raise ValueError(f"{what} {str(path)!r} is not readable as a .npy array ({e}); "
+                     f"expected {LAYOUT}") from e
+
+
 def _read_frame(path: pathlib.Path, size: int | None) -> np.ndarray:
   image = mvtec.read_rgb(path)
   return image if size is None else mvtec.resize_image(image, size)
@@ -147,14 +163,14 @@ def load_stc_test_video(root: mvtec.PathLike, video: str, *, frame_step: int = 1
   if not mask_path.is_file():
     raise FileNotFoundError(f"test video {video!r} has no pixel mask: expected "
                             f"{str(mask_path)!r} ([T, H, W])")
-  masks = np.load(mask_path)
+  masks = _load_npy(mask_path, "pixel mask")
   if masks.ndim != 3 or len(masks) != len(frames):
     raise ValueError(f"pixel mask {str(mask_path)!r} has shape {masks.shape}; expected "
                      f"[{len(frames)}, H, W], one mask per frame of testing/frames/{video}")
   masks = (masks > 0).astype(np.uint8)
   label_path = root / "testing" / "test_frame_mask" / f"{video}.npy"
   if label_path.is_file():
-    labels = np.load(label_path).reshape(-1).astype(np.int32)
+    labels = _load_npy(label_path, "frame mask").reshape(-1).astype(np.int32)
     if len(labels) != len(frames):
       raise ValueError(f"frame mask {str(label_path)!r} has {len(labels)} labels; expected "
                        f"{len(frames)}, one per frame of testing/frames/{video}")
