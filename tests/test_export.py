@@ -1,0 +1,253 @@
+"""GPU/TPU lowerings of every public device function hold no CPU-only custom call.
+
+On CPU the kNN searches call spade_jax's FFI kernel (cpu_kernel.TARGET) through
+lax.platform_dependent, so only CPU lowerings may contain it. Each function of EXPORTS
+is exported with jax.export for "cuda" and "tpu" (which works on a CPU-only machine)
+and the custom_call targets of the exported module are checked against an allow-list
+of targets those platforms have. As a control, the "cpu" export of the kNN-based
+functions must contain the kernel (when it is built), so the check can fail.
+
+To cover a new public device function, add an entry to EXPORTS (the only place to edit).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from typing import Any, Callable
+
+import jax
+from jax import export
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+import numpy as np
+import pytest
+
+import spade_jax
+from spade_jax import cpu_kernel
+
+
+@dataclasses.dataclass(frozen=True)
+class Export:
+  """One public device function, exported as jax.jit(fn)(*args()).
+
+  Attributes:
+    name: test id.
+    fn: the function to export; it calls the public API (which validates in Python and
+      then calls its jitted internals, traced here). The public defaults are kept:
+      their finiteness checks skip tracers, so check_finite_inputs=True traces.
+    args: () -> example arguments: jax.ShapeDtypeStructs (shape only, sharded ones with
+      their NamedSharding) or pytrees of them; built lazily, at test time.
+    uses_cpu_kernel: the CPU lowering is expected to call cpu_kernel.TARGET (checked by
+      the control test when the kernel is available).
+    sharded: the arguments live on _mesh() (the export must span its devices).
+  """
+  name: str
+  fn: Callable[..., Any]
+  args: Callable[[], tuple[Any, ...]]
+  uses_cpu_kernel: bool = False
+  sharded: bool = False
+
+
+# Every public device function, at small float32 shapes. This is the one table to
+# extend: a new public function (or a new form of one) gets an entry here and is then
+# exported for every platform of PLATFORMS and checked by every test below.
+EXPORTS = (
+    # kNN (single device).
+    Export("knn-l2-k1", lambda q, g: spade_jax.knn(q, g, 1, "l2"),
+           lambda: (_f32(7, 16), _f32(40, 16)), uses_cpu_kernel=True),
+    Export("knn-l2-k4", lambda q, g: spade_jax.knn(q, g, 4, "l2"),
+           lambda: (_f32(7, 16), _f32(40, 16)), uses_cpu_kernel=True),
+    Export("knn-cosine-k1", lambda q, g: spade_jax.knn(q, g, 1, "cosine"),
+           lambda: (_f32(7, 16), _f32(40, 16)), uses_cpu_kernel=True),
+    Export("knn-cosine-k4", lambda q, g: spade_jax.knn(q, g, 4, "cosine"),
+           lambda: (_f32(7, 16), _f32(40, 16)), uses_cpu_kernel=True),
+    # SPADE scores.
+    Export("image_scores", lambda t, g: spade_jax.image_scores(t, g, 3, num_neighbors=4),
+           lambda: (_f32(5, 16), _f32(40, 16)), uses_cpu_kernel=True),
+    Export("pixel_scores-ensemble",
+           lambda t, g, n: spade_jax.pixel_scores(t, g, n, kappa=2, combine="ensemble"),
+           lambda: (_levels(3), _levels(20), _i32(3, 4)), uses_cpu_kernel=True),
+    Export("pixel_scores-cat",
+           lambda t, g, n: spade_jax.pixel_scores(t, g, n, kappa=2, combine="cat"),
+           lambda: (_levels(3), _levels(20), _i32(3, 4)), uses_cpu_kernel=True),
+    Export("anomaly_maps", lambda s: spade_jax.anomaly_maps(s, (32, 32), sigma=4.0),
+           lambda: (_f32(3, 8, 8),)),
+    # Backbones (random weights; variables passed as arguments, not baked in).
+    Export("efficientnet_lite0.apply", lambda v, x: _backbone("efficientnet_lite0").apply(v, x),
+           lambda: (_variables("efficientnet_lite0"), _f32(1, 64, 64, 3))),
+    Export("resnet18.apply", lambda v, x: _backbone("resnet18").apply(v, x),
+           lambda: (_variables("resnet18"), _f32(1, 64, 64, 3))),
+    # Sharded galleries (spade_jax.shard_gallery over MESH; 37 rows padded to 40).
+    Export("sharded-knn-l2-k1", lambda q, g: spade_jax.knn(q, g, 1, "l2"),
+           lambda: (_replicated(7, 16), _sharded(37, 16)), uses_cpu_kernel=True,
+           sharded=True),
+    Export("sharded-knn-cosine-k4", lambda q, g: spade_jax.knn(q, g, 4, "cosine"),
+           lambda: (_replicated(7, 16), _sharded(37, 16)), uses_cpu_kernel=True,
+           sharded=True),
+    Export("sharded-image_scores",
+           lambda t, g: spade_jax.image_scores(t, g, 3, num_neighbors=4),
+           lambda: (_replicated(5, 16), _sharded(37, 16)), uses_cpu_kernel=True,
+           sharded=True),
+    Export("sharded-pixel_scores-ensemble",
+           lambda t, g, n: spade_jax.pixel_scores(t, g, n, kappa=2, combine="ensemble"),
+           lambda: (_levels(3, replicated=True), _sharded_levels(19),
+                    _replicated(3, 4, dtype=jnp.int32)),
+           uses_cpu_kernel=True, sharded=True),
+    Export("sharded-pixel_scores-cat",
+           lambda t, g, n: spade_jax.pixel_scores(t, g, n, kappa=2, combine="cat"),
+           lambda: (_levels(3, replicated=True), _sharded_levels(19),
+                    _replicated(3, 4, dtype=jnp.int32)),
+           uses_cpu_kernel=True, sharded=True),
+)
+
+# Accelerator platforms exported for: each alone, and both in one multi-platform module.
+PLATFORMS = (("cuda",), ("tpu",), ("cuda", "tpu"))
+
+# custom_call targets allowed in cuda / tpu exports: targets jax itself emits for
+# those platforms (all in jax.export's list of stable targets): GSPMD sharding
+# annotations and shard_map boundaries, placement annotations, lax.empty, shape
+# assertions, TPU (Pallas) kernels and TPU linear algebra / approximate top-k.
+# Observed with JAX 0.10.2: the functions of EXPORTS lower to no custom call at all on
+# cuda and tpu (with Shardy the sharding is carried by sdy ops; lax.top_k is
+# chlo.top_k), so this list is what jax may add, not what the library needs.
+ACCELERATOR_TARGETS = frozenset({
+    "Sharding",
+    "SPMDFullToShardShape",
+    "SPMDShardToFullShape",
+    "annotate_device_placement",
+    "AllocateBuffer",
+    "shape_assertion",
+    "tpu_custom_call",
+    "ApproxTopK",
+    "Eigh",
+    "Qr",
+    "LuDecomposition",
+})
+
+# `stablehlo.custom_call @target(` (pretty form) and `call_target_name = "target"`
+# (generic form).
+_CUSTOM_CALL = re.compile(
+    r'custom_call\s*@([\w.$-]+)|call_target_name\s*=\s*"([^"]+)"')
+
+MESH_AXIS = "data"
+
+
+# ----------------------------------------------------------------------------------
+# Argument builders used by EXPORTS.
+
+
+def _f32(*shape: int) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+
+def _i32(*shape: int) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(shape, jnp.int32)
+
+
+def _levels(n: int, replicated: bool = False) -> dict[str, jax.ShapeDtypeStruct]:
+  """Two pyramid levels of n images: [n, 8, 8, 4] and [n, 4, 4, 6]."""
+  make = functools.partial(_replicated, dtype=jnp.float32) if replicated else _f32
+  return {"layer1": make(n, 8, 8, 4), "layer2": make(n, 4, 4, 6)}
+
+
+@functools.lru_cache(maxsize=None)
+def _mesh() -> jax.sharding.Mesh:
+  return jax.make_mesh((8,), (MESH_AXIS,))
+
+
+def _replicated(*shape: int, dtype=jnp.float32) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(_mesh(), P()))
+
+
+def _shape_only(tree: Any) -> Any:
+  """Arrays (e.g. a ShardedGallery's leaves) -> ShapeDtypeStructs with their sharding."""
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                      tree)
+
+
+def _sharded(rows: int, dim: int) -> Any:
+  """A [rows, dim] ShardedGallery from spade_jax.shard_gallery, its leaves shape-only."""
+  gallery = spade_jax.shard_gallery(np.zeros((rows, dim), np.float32), _mesh(), MESH_AXIS)
+  return _shape_only(gallery)
+
+
+def _sharded_levels(rows: int) -> Any:
+  """_levels(rows) as a dict of ShardedGallerys (one shard_gallery call), shape-only."""
+  levels = {k: np.zeros(v.shape, np.float32) for k, v in _levels(rows).items()}
+  return _shape_only(spade_jax.shard_gallery(levels, _mesh(), MESH_AXIS))
+
+
+@functools.lru_cache(maxsize=None)
+def _backbone(name: str) -> spade_jax.Backbone:
+  return spade_jax.load_backbone(name, weights=None)  # Seeded random init, no download.
+
+
+def _variables(name: str) -> Any:
+  return _shape_only(_backbone(name).variables)
+
+
+# ----------------------------------------------------------------------------------
+# Export and inspection.
+
+
+def _export(case: Export, platforms: tuple[str, ...]) -> export.Exported:
+  """jax.export of case.fn for `platforms`.
+
+  jax.export's own check (custom calls without a compatibility guarantee) is disabled
+  for cpu_kernel.TARGET only, so that a leak of the kernel is reported by the
+  assertions below, with the function's name; every other target is still checked.
+  """
+  return export.export(
+      jax.jit(case.fn), platforms=platforms,
+      disabled_checks=[export.DisabledSafetyCheck.custom_call(cpu_kernel.TARGET)],
+  )(*case.args())
+
+
+def custom_call_targets(module_text: str) -> set[str]:
+  """Targets of every custom_call in an MLIR module's text."""
+  return {a or b for a, b in _CUSTOM_CALL.findall(module_text)}
+
+
+def test_custom_call_regex():
+  text = ('%0 = stablehlo.custom_call @spade_topk_f32(%a) : ...\n'
+          '%1 = "stablehlo.custom_call"(%b) {call_target_name = "Sharding"} : ...\n'
+          '%2 = stablehlo.custom_call @mhlo.topk(%c) : ...')
+  assert custom_call_targets(text) == {"spade_topk_f32", "Sharding", "mhlo.topk"}
+  assert not custom_call_targets("stablehlo.add %a, %b")
+
+
+@pytest.mark.parametrize("platforms", PLATFORMS, ids="+".join)
+@pytest.mark.parametrize("case", EXPORTS, ids=lambda c: c.name)
+def test_accelerator_export_has_no_cpu_only_custom_call(case, platforms):
+  exported = _export(case, platforms)
+  assert exported.platforms == platforms
+  text = exported.mlir_module()
+  targets = custom_call_targets(text)
+  assert cpu_kernel.TARGET not in text, (
+      f"{case.name}: the {platforms} lowering contains the CPU kernel {cpu_kernel.TARGET}")
+  cpu_named = sorted(t for t in targets if "cpu" in t.lower())
+  assert not cpu_named, f"{case.name}: CPU custom calls in the {platforms} lowering: {cpu_named}"
+  unknown = sorted(targets - ACCELERATOR_TARGETS)
+  assert not unknown, (
+      f"{case.name}: custom_call targets not known to exist on {platforms}: {unknown}")
+  if case.sharded:
+    # The sharded form was exported (not a replicated fallback): the module spans the
+    # mesh and holds the shard_map (Shardy: sdy.manual_computation; GSPMD: the
+    # SPMDFullToShardShape custom call).
+    assert exported.nr_devices == _mesh().size
+    assert "sdy.manual_computation" in text or "SPMDFullToShardShape" in targets
+
+
+@pytest.mark.parametrize("case", [c for c in EXPORTS if c.uses_cpu_kernel],
+                         ids=lambda c: c.name)
+def test_cpu_export_uses_the_cpu_kernel(case):
+  # Control: the same functions lowered for CPU do call the kernel, so the absence
+  # asserted above is that of a branch platform_dependent dropped, not of a kernel
+  # the search never uses.
+  if not cpu_kernel.available():
+    pytest.skip(f"CPU kernel unavailable: {cpu_kernel.unavailable_reason()}")
+  text = _export(case, ("cpu",)).mlir_module()
+  assert cpu_kernel.TARGET in custom_call_targets(text)
+
