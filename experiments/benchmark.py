@@ -21,10 +21,11 @@ from absl import app
 from absl import flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import bench_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from bench import memory  # pylint: disable=g-import-not-at-top,wrong-import-position
+from bench import suite  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-_SECTIONS = flags.DEFINE_list("sections", list(bench_lib.SECTIONS),
-                              f"Sections to run, from {', '.join(bench_lib.SECTIONS)}.")
+_SECTIONS = flags.DEFINE_list("sections", list(suite.SECTIONS),
+                              f"Sections to run, from {', '.join(suite.SECTIONS)}.")
 _OUTPUT_JSON = flags.DEFINE_string("output_json", "results/benchmark.json",
                                    "Where the full results (JSON) go.")
 _OUTPUT_MD = flags.DEFINE_string("output_md", None, "Also write the Markdown tables here.")
@@ -63,7 +64,7 @@ _SCALING_ROWS = flags.DEFINE_integer("scaling_rows_per_device", 19600,
                                      "Gallery rows per device (weak scaling).")
 # memory
 _MEMORY_KINDS = flags.DEFINE_list(
-    "memory_kinds", list(bench_lib.MEMORY_KINDS), "What is scored as the gallery grows: "
+    "memory_kinds", list(memory.KINDS), "What is scored as the gallery grows: "
     "knn (gallery rows), pixel (training images in the memory bank, K fixed), pixel_k "
     "(K, the per-test-image gallery).")
 _MEMORY_SCALES = flags.DEFINE_list("memory_scales", ["1", "2", "4", "8"],
@@ -93,7 +94,7 @@ def _pair(value: str) -> tuple[int, int]:
 
 
 def section_kwargs() -> dict[str, dict]:
-  """Flags -> keyword arguments of each selected bench_lib section."""
+  """Flags -> keyword arguments of each selected section (bench.<name>.section)."""
   repeats = _REPEATS.value
   knn_shape = {"queries": _KNN_QUERIES.value, "dim": _KNN_DIM.value}
   pyramid = {"grid": _PIXEL_GRID.value, "channels": _ints(_PIXEL_CHANNELS.value)}
@@ -126,8 +127,8 @@ def section_kwargs() -> dict[str, dict]:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  results = bench_lib.run_suite(section_kwargs())
-  table = bench_lib.markdown(results)
+  results = suite.run_suite(section_kwargs())
+  table = suite.markdown(results)
   print(table)
   json_path = pathlib.Path(_OUTPUT_JSON.value)
   json_path.parent.mkdir(parents=True, exist_ok=True)

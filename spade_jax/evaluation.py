@@ -113,11 +113,11 @@ class EvalConfig:
       raise ValueError(f"EvalConfig.sigma must be a number, got {sigma!r}")
     if not math.isfinite(sigma) or sigma < 0:
       raise ValueError(f"EvalConfig.sigma must be finite and >= 0 (0: no blur), got {sigma!r}")
-    self.spade_config(batch_size=1)  # SpadeConfig's checks (k's, layers, crop, ...).
-    if sigma > self.crop:
+    if isinstance(self.crop, numbers.Real) and sigma > self.crop:
       raise ValueError(
           f"EvalConfig.sigma={sigma!r} is wider than the anomaly maps: it must be at most "
           f"crop={self.crop} pixels (a wider blur only flattens the maps)")
+    self.spade_config(batch_size=1)  # SpadeConfig's checks (k's, layers, crop, ...).
     object.__setattr__(self, "sigma", float(sigma))
 
   def spade_config(self, batch_size: int) -> SpadeConfig:

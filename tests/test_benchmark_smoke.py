@@ -10,13 +10,14 @@ import pytest
 from spade_jax import distances
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "experiments"))
-import bench_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from bench import suite  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _TINY_QUERIES = {"queries": 24, "dim": 8}
 _TINY_PYRAMID = {"grid": 8, "channels": [4, 8, 16]}
 TINY = {
     "backbone": {"names": ["resnet18"], "batch": 1, "image_size": 32, "repeats": 1},
-    "knn": {**_TINY_QUERIES, "gallery": 300, "k": 1, "repeats": 1, "ref_chunks": [128]},
+    "knn": {**_TINY_QUERIES, "gallery": 300, "k": 1, "repeats": 1, "ref_chunks": [128],
+            "kernel_blocks": [(8, 64)]},
     "pixel": {**_TINY_PYRAMID, "k_images": 3, "num_test": 2,
               "combine_modes": ["ensemble", "cat"], "repeats": 1, "image_size": 16},
     "scaling": {**_TINY_QUERIES, "device_counts": [1, 2], "rows_per_device": 37, "k": 1,
@@ -33,11 +34,11 @@ def _results():
   with pytest.MonkeyPatch.context() as mp:
     # The precision section registers two bf16 metrics; keep the registry as it was.
     mp.setattr(distances, "METRICS", dict(distances.METRICS))
-    return bench_lib.run_suite(TINY, log=lambda _: None)
+    return suite.run_suite(TINY, log=lambda _: None)
 
 
 def test_every_section_runs(results):
-  assert list(results["sections"]) == list(bench_lib.SECTIONS)
+  assert list(results["sections"]) == list(suite.SECTIONS)
   for name, res in results["sections"].items():
     assert not str(res.get("status", "")).startswith("error"), (name, res.get("status"))
   json.dumps(results)  # JSON-serialisable.
@@ -69,6 +70,6 @@ def test_section_keys(results):
 
 
 def test_markdown_has_every_section(results):
-  text = bench_lib.markdown(results)
+  text = suite.markdown(results)
   for title in ("Backbone", "kNN", "Pixel", "scaling", "memory", "Precision"):
     assert title in text

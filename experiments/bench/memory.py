@@ -1,0 +1,185 @@
+"""Peak memory while scoring: the working set (peak RSS - RSS with inputs built) of one
+knn or pixel-scoring call as the gallery grows, each point in a fresh process."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import resource
+import threading
+from typing import Any, Sequence
+
+import jax
+
+import spade_jax
+
+from . import common
+from . import pixel
+
+TITLE = "Peak memory while scoring"
+KINDS = ("knn", "pixel", "pixel_k")
+FLAT_LIMIT = 1.5  # issue 5: working set within 1.5x when the gallery grows 8x.
+
+
+def _current_rss() -> int:
+  """This process's resident set size now, in bytes (Linux)."""
+  with open("/proc/self/statm", encoding="ascii") as f:
+    return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _maxrss() -> int:
+  """getrusage's peak RSS, in bytes."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB.
+
+
+def _vm_hwm() -> int:
+  """The address space's RSS high-water mark (VmHWM), which clear_refs resets.
+
+  getrusage's ru_maxrss is max(VmHWM, the HWM recorded when any thread of the process
+  exited); XLA's pools start and end threads, so after a reset ru_maxrss can still
+  report an older, higher peak. VmHWM is the same counter without that term.
+  """
+  with open("/proc/self/status", encoding="ascii") as f:
+    for line in f:
+      if line.startswith("VmHWM:"):
+        return int(line.split()[1]) * 1024
+  return _maxrss()
+
+
+def _reset_peak_rss() -> bool:
+  """Resets the kernel's RSS high-water mark (VmHWM, ru_maxrss) to the current RSS."""
+  try:
+    with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+      f.write("5")
+    return True
+  except OSError:
+    return False
+
+
+class _RssSampler:
+  """Fallback when the high-water mark cannot be reset: polls RSS every millisecond."""
+
+  def __init__(self):
+    self.peak = _current_rss()
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._poll, daemon=True)
+
+  def _poll(self):
+    while not self._stop.wait(0.001):
+      self.peak = max(self.peak, _current_rss())
+
+  def __enter__(self):
+    self._thread.start()
+    return self
+
+  def __exit__(self, *exc):
+    self._stop.set()
+    self._thread.join()
+    self.peak = max(self.peak, _current_rss())
+
+
+def _device_bytes(key: str) -> int | None:
+  """The default device's memory_stats()[key], or None where it has none."""
+  try:
+    stats = jax.devices()[0].memory_stats()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  return None if not stats else stats.get(key)
+
+
+def worker(kind: str, scale: int, queries: int, rows: int, dim: int, k_images: int,
+           train_images: int, grid: int, channels: Sequence[int]) -> dict[str, Any]:
+  """Working set of one scoring call = peak RSS during it - RSS with inputs built.
+
+  kind "knn": knn(queries [Q, D], gallery [scale * rows, D], 1).
+  kind "pixel": ensemble pixel_scores + anomaly maps of one test image, K = k_images,
+    against a training set (memory bank) of scale * train_images images.
+  kind "pixel_k": the same with K = scale * k_images: the per-test gallery grows.
+  The call runs once first (compile), so the measured call's peak holds only the
+  scoring buffers.
+  """
+  if kind not in KINDS:
+    raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+  if kind == "knn":
+    q = common.random_normal(1, (queries, dim))
+    g = common.random_normal(2, (scale * rows, dim))
+    gallery_bytes = g.nbytes
+    run = lambda: spade_jax.knn(q, g, 1, check_finite_inputs=False)  # noqa: E731
+  else:
+    shapes = pixel.pyramid_shapes(grid, channels)
+    k = scale * k_images if kind == "pixel_k" else k_images
+    m = k if kind == "pixel_k" else scale * train_images
+    run = pixel.make_pixel_fn("ensemble", k, 1, shapes, 224, 4.0, train_images=m)
+    gallery_bytes = sum(m * h * w * c * 4 for h, w, c in shapes.values())
+  jax.block_until_ready(run())
+  gc.collect()
+  inputs_rss = _current_rss()
+  device_before = _device_bytes("bytes_in_use")
+  reset = _reset_peak_rss()
+  with _RssSampler() if not reset else contextlib.nullcontext() as sampler:
+    jax.block_until_ready(run())
+  peak = _vm_hwm() if reset else sampler.peak
+  device_peak = _device_bytes("peak_bytes_in_use")
+  return {"kind": kind, "scale": scale, "gallery_bytes": gallery_bytes,
+          "inputs_rss_bytes": inputs_rss, "peak_rss_bytes": peak,
+          "working_set_bytes": peak - inputs_rss,
+          "ru_maxrss_bytes": _maxrss(),
+          "peak_method": "VmHWM after clear_refs reset" if reset else "RSS polling (1 ms)",
+          "device_bytes_before": device_before, "device_peak_bytes": device_peak}
+
+
+def section(kinds: Sequence[str], scales: Sequence[int], queries: int, rows: int,
+            dim: int, k_images: int, train_images: int, grid: int,
+            channels: Sequence[int]) -> dict[str, Any]:
+  """Working set while scoring as the gallery grows; each point in a fresh process.
+
+  MALLOC_MMAP_THRESHOLD_ fixes glibc's mmap threshold, so freed large buffers go back
+  to the OS and RSS follows live allocations (otherwise the warm-up call's freed
+  blocks stay cached in the heap and hide the working set).
+  """
+  out: dict[str, Any] = {"rows": [], "ratios": {}}
+  for kind in kinds:
+    points = []
+    for scale in scales:
+      res = common.run_worker(
+          "memory", {"kind": kind, "scale": scale, "queries": queries, "rows": rows,
+                     "dim": dim, "k_images": k_images, "train_images": train_images,
+                     "grid": grid, "channels": list(channels)},
+          device_count=None, extra_env={"MALLOC_MMAP_THRESHOLD_": "131072"})
+      res.setdefault("kind", kind)
+      res.setdefault("scale", scale)
+      points.append(res)
+    good = [p for p in points if "working_set_bytes" in p]
+    if len(good) >= 2:
+      # Largest over smallest working set at any two sizes (stricter than last / first).
+      sets = [max(p["working_set_bytes"], 1) for p in good]
+      scales_ok = [p["scale"] for p in good]
+      ratio = max(sets) / min(sets)
+      out["ratios"][kind] = {"gallery_growth": max(scales_ok) / min(scales_ok),
+                             "working_set_ratio": ratio,
+                             "last_over_first": sets[-1] / sets[0],
+                             "flat": ratio <= FLAT_LIMIT}
+    out["rows"].extend(points)
+  out["limit"] = FLAT_LIMIT
+  return out
+
+
+def markdown(r: dict[str, Any]) -> list[str]:
+  """The working-set table and one flat / NOT flat line per kind."""
+  mib = common.mib
+  rows = [[x["kind"], x["scale"], mib(x.get("gallery_bytes")), mib(x.get("inputs_rss_bytes")),
+           mib(x.get("peak_rss_bytes")), mib(x.get("working_set_bytes")),
+           mib(x.get("device_peak_bytes")), x.get("peak_method", x.get("status"))]
+          for x in r["rows"]]
+  lines = ["Working set = peak RSS during one scoring call - RSS with the inputs built "
+           "(after a warm-up call). knn: gallery rows grow; pixel: training images in "
+           "the memory bank grow, K fixed; pixel_k: K (the per-test-image gallery) grows."]
+  lines += common.table(["kind", "gallery scale", "gallery MiB", "RSS with inputs MiB",
+                         "peak RSS MiB", "working set MiB", "device peak MiB", "method"], rows)
+  for kind, ratio in r["ratios"].items():
+    lines.append(f"\n{kind}: gallery x{ratio['gallery_growth']:.0f} -> working set "
+                 f"max/min x{ratio['working_set_ratio']:.2f} (largest/smallest gallery "
+                 f"x{ratio['last_over_first']:.2f}; limit {r['limit']}): "
+                 f"{'flat' if ratio['flat'] else 'NOT flat'}.")
+  return lines
