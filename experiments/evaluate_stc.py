@@ -9,17 +9,15 @@ kappa = 1, frames resized to 256 (whole frame scored), training videos subsample
 category "stc", and prints the table.
 """
 
+from collections.abc import Sequence
 import pathlib
 import sys
-from collections.abc import Sequence
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 
 from spade_jax import evaluation
-from spade_jax.backbones import BACKBONES
 from spade_jax.data import stc
+from spade_jax.features.backbones import BACKBONES
 
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "STC root (see spade_jax/data/stc.py).",
                                 required=True)

@@ -135,7 +135,8 @@ def main():
     path = out_dir / f"{name}.npz"
     np.savez_compressed(path, **arrays)
     print(f"{path}: {os.path.getsize(path) / 1e3:.0f} kB, "
-          + ", ".join(f"{k}{list(np.shape(v))}" for k, v in arrays.items() if k != "state_dict_spec"))
+          + ", ".join(f"{k}{list(np.shape(v))}" for k, v in arrays.items()
+                      if k != "state_dict_spec"))
 
 
 if __name__ == "__main__":

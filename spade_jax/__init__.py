@@ -7,6 +7,12 @@ Public API (see README.md):
   index = spade.fit(train_images_uint8)              # a pytree value
   scores, maps = spade.score(index, test_images_uint8)
 
+The package is the pipeline, one folder per stage (docs/ARCHITECTURE.md):
+features/ (images -> pyramid features), search/ (distance kernels, exact kNN, sharded
+galleries), scoring/ (image scores, pixel correspondence, anomaly maps), detector/
+(Spade: fit / score, index files), evaluation/ (benchmark loop, metrics, results.json),
+data/ (data sets), host/ (atomic files, cache paths, multi-process setup).
+
 Names are resolved lazily (PEP 562) so that `import spade_jax` stays cheap and
 submodules are only imported when used.
 """
@@ -14,42 +20,53 @@ submodules are only imported when used.
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.util
+import sys
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
 # public name -> submodule that defines it.
 _EXPORTS = {
-    # Backbones and preprocessing.
-    "BACKBONES": "spade_jax.backbones",
-    "Backbone": "spade_jax.backbones",
-    "load_backbone": "spade_jax.backbones",
-    "preprocess": "spade_jax.preprocessing",
-    "preprocess_masks": "spade_jax.preprocessing",
-    # Distance kernels and nearest-neighbour search.
-    "Metric": "spade_jax.distances",
-    "METRICS": "spade_jax.distances",
-    "register_metric": "spade_jax.distances",
-    "knn": "spade_jax.neighbors",
-    # SPADE scoring.
-    "image_scores": "spade_jax.scoring",
-    "pixel_scores": "spade_jax.scoring",
-    "upsample_bilinear": "spade_jax.anomaly_map",
-    "gaussian_blur": "spade_jax.anomaly_map",
-    "anomaly_maps": "spade_jax.anomaly_map",
-    # The detector.
-    "SpadeConfig": "spade_jax.detector",
-    "Spade": "spade_jax.detector",
-    "SpadeIndex": "spade_jax.detector",
-    "save_index": "spade_jax.detector",
-    "load_index": "spade_jax.detector",
-    # Sharding.
-    "ShardedGallery": "spade_jax.sharding",
-    "shard_gallery": "spade_jax.sharding",
+    # Stage 1, features: backbones and preprocessing.
+    "BACKBONES": "spade_jax.features.backbones",
+    "Backbone": "spade_jax.features.backbones",
+    "load_backbone": "spade_jax.features.backbones",
+    "preprocess": "spade_jax.features.preprocessing",
+    "preprocess_masks": "spade_jax.features.preprocessing",
+    # Stage 2, search: distance kernels, nearest neighbours, sharded galleries.
+    "Metric": "spade_jax.search.distances",
+    "METRICS": "spade_jax.search.distances",
+    "register_metric": "spade_jax.search.distances",
+    "knn": "spade_jax.search.api",
+    "ShardedGallery": "spade_jax.search.sharding",
+    "shard_gallery": "spade_jax.search.sharding",
+    # Stage 3, scoring.
+    "image_scores": "spade_jax.scoring.api",
+    "pixel_scores": "spade_jax.scoring.api",
+    "upsample_bilinear": "spade_jax.scoring.anomaly_map",
+    "gaussian_blur": "spade_jax.scoring.anomaly_map",
+    "anomaly_maps": "spade_jax.scoring.anomaly_map",
+    # Stage 4, the detector.
+    "SpadeConfig": "spade_jax.detector.spade",
+    "Spade": "spade_jax.detector.spade",
+    "SpadeIndex": "spade_jax.detector.spade",
+    "save_index": "spade_jax.detector.index_file",
+    "load_index": "spade_jax.detector.index_file",
 }
-_SUBMODULES = ("metrics", "data", "backbones", "checkpoint")
+# Public submodules by their documented names -> where they live. `spade_jax.metrics`,
+# `spade_jax.backbones`, `spade_jax.checkpoint` and `spade_jax.cpu_kernel` keep working
+# as attributes and in import statements (`from spade_jax.backbones import BACKBONES`).
+_SUBMODULES = {
+    "metrics": "spade_jax.evaluation.metrics",
+    "data": "spade_jax.data",
+    "backbones": "spade_jax.features.backbones",
+    "checkpoint": "spade_jax.features.checkpoint",
+    "cpu_kernel": "spade_jax.search.cpu_kernel",
+}
 
-__all__ = sorted(_EXPORTS) + list(_SUBMODULES)
+__all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
 
 
 def __getattr__(name: str) -> Any:
@@ -58,7 +75,7 @@ def __getattr__(name: str) -> Any:
     globals()[name] = value
     return value
   if name in _SUBMODULES:
-    return importlib.import_module(f"spade_jax.{name}")
+    return importlib.import_module(_SUBMODULES[name])
   raise AttributeError(f"module 'spade_jax' has no attribute {name!r}")
 
 
@@ -66,12 +83,47 @@ def __dir__() -> list[str]:
   return __all__
 
 
+class _SubmoduleAliases(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+  """Imports `spade_jax.<name>[.x]` of a public submodule as the module it names in
+  _SUBMODULES: the same module object, never a second copy."""
+
+  def __init__(self):
+    self._specs = {}  # alias -> the real module's own spec (restored after import).
+
+  @staticmethod
+  def _target(fullname: str) -> str | None:
+    for name, target in _SUBMODULES.items():
+      alias = f"spade_jax.{name}"
+      if target != alias and (fullname == alias or fullname.startswith(alias + ".")):
+        return target + fullname[len(alias):]
+    return None
+
+  def find_spec(self, fullname, path=None, target=None):  # pylint: disable=unused-argument
+    real = self._target(fullname)
+    return None if real is None else importlib.util.spec_from_loader(fullname, self)
+
+  def create_module(self, spec):
+    module = importlib.import_module(self._target(spec.name))
+    self._specs[spec.name] = module.__spec__
+    return module
+
+  def exec_module(self, module):
+    # The import system has just set module.__spec__ to the alias's; restore its own.
+    module.__spec__ = self._specs.pop(module.__spec__.name)
+
+
+# First in line: the path finder would otherwise load a second copy of a submodule of
+# an aliased package (spade_jax.backbones.resnet) from the real package's folder.
+sys.meta_path.insert(0, _SubmoduleAliases())
+
+
 if TYPE_CHECKING:  # Static type checkers see the real imports.
-  from spade_jax.anomaly_map import anomaly_maps, gaussian_blur, upsample_bilinear
-  from spade_jax.backbones import BACKBONES, Backbone, load_backbone
-  from spade_jax.detector import Spade, SpadeConfig, SpadeIndex, load_index, save_index
-  from spade_jax.distances import METRICS, Metric, register_metric
-  from spade_jax.neighbors import knn
-  from spade_jax.preprocessing import preprocess, preprocess_masks
-  from spade_jax.scoring import image_scores, pixel_scores
-  from spade_jax.sharding import ShardedGallery, shard_gallery
+  from spade_jax.detector.index_file import load_index, save_index
+  from spade_jax.detector.spade import Spade, SpadeConfig, SpadeIndex
+  from spade_jax.features.backbones import BACKBONES, Backbone, load_backbone
+  from spade_jax.features.preprocessing import preprocess, preprocess_masks
+  from spade_jax.scoring.anomaly_map import anomaly_maps, gaussian_blur, upsample_bilinear
+  from spade_jax.scoring.api import image_scores, pixel_scores
+  from spade_jax.search.api import knn
+  from spade_jax.search.distances import METRICS, Metric, register_metric
+  from spade_jax.search.sharding import ShardedGallery, shard_gallery

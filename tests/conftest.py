@@ -18,7 +18,11 @@ def search_path(request, monkeypatch):
   built) and with the CPU kernel switched off ("xla": the path GPU/TPU compile)."""
   if request.param == "xla":
     import jax  # pylint: disable=import-outside-toplevel
-    from spade_jax import cpu_kernel, neighbors  # pylint: disable=import-outside-toplevel
+
+    from spade_jax.search import (
+      cpu_kernel,  # pylint: disable=import-outside-toplevel
+      neighbors,
+    )
     monkeypatch.setattr(cpu_kernel, "available", lambda: False)
     assert not neighbors._cpu_kernel_enabled("auto")  # pylint: disable=protected-access
     jax.clear_caches()  # Compiled searches would otherwise keep the kernel.

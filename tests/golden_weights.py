@@ -9,9 +9,9 @@ the other keys or on their order. NumPy only: this file is imported by both.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 import json
 import zlib
-from typing import Iterable, Sequence
 
 import numpy as np
 

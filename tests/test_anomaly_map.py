@@ -1,12 +1,12 @@
 """Upsampling vs torch's align_corners=False equations, blur vs scipy.ndimage."""
 
 import numpy as np
+import numpy_reference as reference
 import pytest
 from scipy import ndimage
 
 import spade_jax
-from spade_jax import anomaly_map
-import numpy_reference as reference
+from spade_jax.scoring import anomaly_map
 
 
 def _bilinear_ref(x, out_h, out_w):

@@ -1,4 +1,4 @@
-"""spade_jax.atomic: temp files carry their writer's pid; stale ones are removed."""
+"""spade_jax.host.atomic: temp files carry their writer's pid; stale ones are removed."""
 
 import os
 import pathlib
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import spade_jax
-from spade_jax import atomic
+from spade_jax.host import atomic
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -114,7 +114,7 @@ def test_remove_stale_temps_reports_what_it_removed(tmp_path):
 
 _SLOW_WRITER = textwrap.dedent("""
     import sys, time
-    from spade_jax import atomic
+    from spade_jax.host import atomic
     with atomic.atomic_path(sys.argv[1]) as tmp:
       with open(tmp, "wb") as f:
         f.write(b"x" * 100000)

@@ -3,18 +3,18 @@ real ImageNet weights, pinned parameter counts, loading errors, bad input."""
 
 import pathlib
 
+import golden_weights
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import skimage.data
-
-import golden_weights
-import spade_jax
-from spade_jax import checkpoint, weights
-from spade_jax.backbones import backbone as backbone_lib
-from spade_jax.backbones import convert, load
 import torch_files
+
+import spade_jax
+from spade_jax.features import checkpoint, weights
+from spade_jax.features.backbones import backbone as backbone_lib
+from spade_jax.features.backbones import convert, load
 
 GOLDENS = pathlib.Path(__file__).parent / "goldens"
 FEATURES = ("stem", "layer1", "layer2", "layer3", "layer4", "pool", "logits")
@@ -76,7 +76,7 @@ def test_resnet18_matches_torchvision_from_a_torch_file(tmp_path, resnet18_state
 @pytest.mark.parametrize("name", ["resnet50", "wide_resnet50_2"])
 def test_resnet_matches_torchvision(name):
   golden = _golden(name)
-  backbone = spade_jax.backbones.backbone_from_state_dict(name, _seeded_state_dict(golden))
+  backbone = spade_jax.features.backbones.backbone_from_state_dict(name, _seeded_state_dict(golden))
   _assert_matches_golden(backbone(golden["input"]), golden)
 
 
@@ -109,7 +109,7 @@ def test_param_count(name):
 
 @pytest.mark.parametrize("name", spade_jax.BACKBONES)
 def test_feature_info_matches_output_shapes(name):
-  spec = spade_jax.backbones.get_spec(name)
+  spec = spade_jax.features.backbones.get_spec(name)
   module = spec.make(num_classes=1000)
   shapes = {k: jnp.zeros(v) for k, v in load.variable_shapes(module).items()}
   variables = convert.unflatten(shapes)
@@ -126,7 +126,7 @@ def test_feature_info_matches_output_shapes(name):
 
 def test_wide_resnet_and_lite0_feature_info():
   def summary(name):
-    spec = spade_jax.backbones.get_spec(name)
+    spec = spade_jax.features.backbones.get_spec(name)
     info = load._make_backbone(name, spec.make(num_classes=1000), {}).features
     return {k: (f.channels, f.stride) for k, f in info.items()}
 
@@ -241,7 +241,8 @@ def test_checkpoint_without_classifier_has_no_logits(tmp_path, resnet18_state_di
 def test_resnet_weights_into_lite0_are_refused(tmp_path, resnet18_state_dict):
   path = tmp_path / "resnet18.pth"
   torch_files.state_dict_file(resnet18_state_dict, path)
-  with pytest.raises(convert.WeightsMismatchError, match="missing keys: _blocks.0.*unexpected keys: conv1.weight"):
+  with pytest.raises(convert.WeightsMismatchError,
+                     match="missing keys: _blocks.0.*unexpected keys: conv1.weight"):
     spade_jax.load_backbone("efficientnet_lite0", path)
 
 
@@ -255,14 +256,15 @@ def test_not_a_checkpoint(tmp_path):
 
 
 def test_converted_round_trip(tmp_path, resnet18_state_dict):
-  original = spade_jax.backbones.backbone_from_state_dict("resnet18", resnet18_state_dict)
+  original = spade_jax.features.backbones.backbone_from_state_dict("resnet18", resnet18_state_dict)
   images = _golden("resnet18")["input"]
   for suffix in (".safetensors", ".npz"):
-    path = spade_jax.backbones.save_weights(original, tmp_path / f"r18{suffix}")
+    path = spade_jax.features.backbones.save_weights(original, tmp_path / f"r18{suffix}")
     loaded = spade_jax.load_backbone("resnet18", path)
     for k, v in original(images).items():
       np.testing.assert_array_equal(loaded(images)[k], v)
-    with pytest.raises(checkpoint.CheckpointError, match="converted resnet18 weights, not resnet34"):
+    with pytest.raises(checkpoint.CheckpointError,
+                       match="converted resnet18 weights, not resnet34"):
       spade_jax.load_backbone("resnet34", path)
 
 
@@ -325,13 +327,14 @@ def test_imagenet_for_lite1_is_unavailable():
 @pytest.mark.parametrize("kernel, stride", [(3, 1), (3, 2), (5, 2), (7, 2)])
 def test_tf_same_padding_is_lax_same(size, kernel, stride):
   from jax import lax
-  from spade_jax.backbones import layers
+
+  from spade_jax.features.backbones import layers
   want = lax.padtype_to_pads((size, size), (kernel, kernel), (stride, stride), "SAME")
   assert [tuple(p) for p in layers.tf_same_padding(size, size, kernel, stride)] == [
       tuple(p) for p in want]
 
 
 def test_torch_stem_padding_differs_from_same():
-  from spade_jax.backbones import layers
+  from spade_jax.features.backbones import layers
   assert layers.symmetric_padding(7) == ((3, 3), (3, 3))
   assert layers.tf_same_padding(224, 224, 7, 2) == ((2, 3), (2, 3))

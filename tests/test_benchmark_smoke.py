@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from spade_jax import distances
+from spade_jax.search import distances
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "experiments"))
 from bench import suite  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -64,8 +64,8 @@ def test_section_keys(results):
   if scaling["status"] == "ok":
     assert {"efficiency", "sharded_over_unsharded", "indices_match"} <= set(scaling["rows"][1])
     assert all(r["indices_match"] == 1.0 for r in scaling["rows"])
-  else:  # spade_jax.sharding not there yet: reported, not crashed.
-    assert scaling["status"] == "unavailable: spade_jax.sharding missing", [
+  else:  # spade_jax.search.sharding not there yet: reported, not crashed.
+    assert scaling["status"] == "unavailable: spade_jax.search.sharding missing", [
         r.get("status") for r in scaling["rows"]]
 
 

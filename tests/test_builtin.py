@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from spade_jax import paths
 from spade_jax.data import builtin, defects, mvtec
+from spade_jax.host import paths
 
 CENTRE = slice((256 - 224) // 2, (256 + 224) // 2)
 

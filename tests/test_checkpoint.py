@@ -7,10 +7,10 @@ import pickle
 import ml_dtypes
 import numpy as np
 import pytest
+import torch_files
 
 import spade_jax
-from spade_jax import checkpoint
-import torch_files
+from spade_jax.features import checkpoint
 
 SAVERS = {"zip": torch_files.save_zip, "legacy": torch_files.save_legacy}
 

@@ -18,12 +18,10 @@ import sys
 
 import numpy as np
 import pytest
+import torch_files
 
 import spade_jax
-from spade_jax import checkpoint
-from spade_jax import checkpoint_pickle
-from spade_jax import weights
-import torch_files
+from spade_jax.features import checkpoint, checkpoint_pickle, weights
 
 _TESTS = pathlib.Path(__file__).parent
 
@@ -176,7 +174,7 @@ def test_lying_zip_record_is_read_only_as_far_as_declared(tmp_path):
 
 _PROBE = """
 import json, resource, sys
-from spade_jax import checkpoint
+from spade_jax.features import checkpoint
 def peak(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 before, results = peak(), {}
 for path in sys.argv[1:]:

@@ -6,14 +6,12 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_reference
 import pytest
+import tolerances
 
 import spade_jax
-from spade_jax import cpu_kernel
-from spade_jax import distances
-from spade_jax import neighbors
-import numpy_reference
-import tolerances
+from spade_jax.search import cpu_kernel, distances, neighbors
 
 # CI builds the extension and sets this, so a broken build fails there instead of
 # silently testing the XLA path twice.

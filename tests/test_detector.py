@@ -3,14 +3,14 @@
 import os
 
 import numpy as np
+import numpy_reference as reference
 import pytest
 from scipy import ndimage
+from spade_fake_backbone import FakeBackbone
+from test_anomaly_map import _bilinear_ref
 
 import spade_jax
-from spade_jax import detector
-from spade_fake_backbone import FakeBackbone
-import numpy_reference as reference
-from test_anomaly_map import _bilinear_ref
+from spade_jax.detector import index_file
 
 CONFIG = spade_jax.SpadeConfig(k_images=3, k_image_score=2, resize=72, crop=64,
                                batch_size=3, layers=("layer1", "layer2", "layer3"))
@@ -62,7 +62,7 @@ def test_score_matches_numpy_reference(fitted, combine):
   assert scores.shape == (5,) and maps.shape == (5, 64, 64)
   assert isinstance(scores, np.ndarray) and isinstance(maps, np.ndarray)
   # Independent float64 reference from the same backbone features.
-  from spade_jax.preprocessing import preprocess  # pylint: disable=import-outside-toplevel
+  from spade_jax.features.preprocessing import preprocess  # pylint: disable=import-outside-toplevel
   feats = spade.backbone(preprocess(test, resize=72, crop=64))
   feats = {k: np.asarray(v) for k, v in feats.items()}
   d = reference.distances(feats["pool"], np.asarray(index.train_pool), "l2")
@@ -131,7 +131,7 @@ def test_save_is_atomic(fitted, tmp_path, monkeypatch):
       f.write(b"partial")
     raise KeyboardInterrupt  # e.g. Ctrl-C halfway through the write.
 
-  monkeypatch.setattr(detector, "_save_file", interrupted)
+  monkeypatch.setattr(index_file, "_save_file", interrupted)
   with pytest.raises(KeyboardInterrupt):
     spade_jax.save_index(path, index)
   assert path.read_bytes() == before  # Old index intact ...

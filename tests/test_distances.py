@@ -5,11 +5,11 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_reference as reference
 import pytest
 
 import spade_jax
-from spade_jax import distances
-import numpy_reference as reference
+from spade_jax.search import distances
 
 
 @pytest.mark.parametrize("name", ["l2", "sqeuclidean", "cosine"])

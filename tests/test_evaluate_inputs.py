@@ -14,13 +14,13 @@ import subprocess
 import sys
 import threading
 
-import numpy as np
-import pytest
-
-import spade_jax
 from hostile_fixtures import write_bomb_png
 from mvtec_fixtures import write_category
+import numpy as np
+import pytest
 from spade_fake_backbone import FakeBackbone
+
+import spade_jax
 from spade_jax import evaluation
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -46,14 +46,14 @@ def fixture_fake_backbone(monkeypatch) -> dict:
     calls["load_backbone"] += 1
     return FakeBackbone()
 
-  real = evaluation.evaluate_category
+  real = evaluation.loop.evaluate_category
 
   def counting(spade, data, **kwargs):
     calls["categories"].append(data.category)
     return real(spade, data, **kwargs)
 
   monkeypatch.setattr(spade_jax, "load_backbone", load_backbone)
-  monkeypatch.setattr(evaluation, "evaluate_category", counting)
+  monkeypatch.setattr(evaluation.loop, "evaluate_category", counting)
   return calls
 
 
@@ -98,7 +98,7 @@ def test_interleaved_runs_merge_their_categories(data_dir, calls, tmp_path, monk
   """Run A starts; run B finishes another category; then A writes its own."""
   out = tmp_path / "out"
   config = _config(data_dir)
-  inner = evaluation.evaluate_category
+  inner = evaluation.loop.evaluate_category
   b_results = {}
 
   def a_computes_alpha(spade, data, **kwargs):
@@ -107,7 +107,7 @@ def test_interleaved_runs_merge_their_categories(data_dir, calls, tmp_path, monk
       assert list(_on_disk(out)["categories"]) == ["beta"]
     return inner(spade, data, **kwargs)
 
-  monkeypatch.setattr(evaluation, "evaluate_category", a_computes_alpha)
+  monkeypatch.setattr(evaluation.loop, "evaluate_category", a_computes_alpha)
   a_results = _evaluate(config, out, categories=["alpha"])
   on_disk = _on_disk(out)
   assert sorted(on_disk["categories"]) == ["alpha", "beta"]
@@ -150,7 +150,7 @@ def test_run_that_skips_what_another_run_finished(data_dir, calls, tmp_path, mon
   """A category finished by a concurrent run while this one works is not recomputed."""
   out = tmp_path / "out"
   config = _config(data_dir)
-  inner = evaluation.evaluate_category
+  inner = evaluation.loop.evaluate_category
   ran = []
 
   def b_finishes_beta_meanwhile(spade, data, **kwargs):
@@ -159,7 +159,7 @@ def test_run_that_skips_what_another_run_finished(data_dir, calls, tmp_path, mon
       _evaluate(config, out, categories=["beta"])
     return inner(spade, data, **kwargs)
 
-  monkeypatch.setattr(evaluation, "evaluate_category", b_finishes_beta_meanwhile)
+  monkeypatch.setattr(evaluation.loop, "evaluate_category", b_finishes_beta_meanwhile)
   _evaluate(config, out)
   # Only B's beta and A's alpha were computed: A skipped beta, finished by B meanwhile.
   assert calls["categories"] == ["beta", "alpha"]
@@ -194,7 +194,7 @@ def test_failed_run_leaves_no_claim(data_dir, calls, tmp_path, monkeypatch):
     raise ValueError("broken image")
 
   with monkeypatch.context() as m:
-    m.setattr(evaluation, "evaluate_category", fails)
+    m.setattr(evaluation.loop, "evaluate_category", fails)
     with pytest.raises(ValueError, match="broken image"):
       _evaluate(_config(data_dir, kappa=2), out)
   assert not (out / evaluation.RESULTS_FILE).exists()
@@ -211,7 +211,7 @@ def test_two_script_processes_merge(data_dir, tmp_path):
                             stderr=subprocess.PIPE, text=True, env=env)
            for name in ("alpha", "beta")]
   outs = [proc.communicate(timeout=300) for proc in procs]
-  for proc, (stdout, stderr) in zip(procs, outs):
+  for proc, (_, stderr) in zip(procs, outs):
     assert proc.returncode == 0, stderr[-3000:]
   assert sorted(_on_disk(out)["categories"]) == ["alpha", "beta"]
   # The run that finished last prints both categories.

@@ -66,13 +66,13 @@ def test_resume_skips_finished_categories(tiny_benchmark, tmp_path, monkeypatch)
   first = evaluation.evaluate(config, output_dir=out, categories=["cup"], num_heatmaps=0,
                               log=lambda _: None)
   seen = []
-  real = evaluation.evaluate_category
+  real = evaluation.loop.evaluate_category
 
   def counting(spade, data, **kwargs):
     seen.append(data.category)
     return real(spade, data, **kwargs)
 
-  monkeypatch.setattr(evaluation, "evaluate_category", counting)
+  monkeypatch.setattr(evaluation.loop, "evaluate_category", counting)
   second = evaluation.evaluate(config, output_dir=out, num_heatmaps=0, log=lambda _: None)
   assert seen == ["brick"]  # cup was finished with the same config: not recomputed.
   assert second["categories"]["cup"] == first["categories"]["cup"]
@@ -82,14 +82,14 @@ def test_resume_skips_finished_categories(tiny_benchmark, tmp_path, monkeypatch)
 def test_interrupted_run_keeps_finished_categories(tiny_benchmark, tmp_path, monkeypatch):
   out = tmp_path / "out"
   config = _config(tiny_benchmark)
-  real = evaluation.evaluate_category
+  real = evaluation.loop.evaluate_category
 
   def dies_on_cup(spade, data, **kwargs):
     if data.category == "cup":
       raise KeyboardInterrupt
     return real(spade, data, **kwargs)
 
-  monkeypatch.setattr(evaluation, "evaluate_category", dies_on_cup)
+  monkeypatch.setattr(evaluation.loop, "evaluate_category", dies_on_cup)
   with pytest.raises(KeyboardInterrupt):
     evaluation.evaluate(config, output_dir=out, num_heatmaps=0, log=lambda _: None)
   results = json.loads((out / "results.json").read_text())

@@ -12,20 +12,22 @@ To cover a new public device function, add an entry to EXPORTS (the only place t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import dataclasses
 import functools
 import re
-from typing import Any, Callable
+from typing import Any
 
 import jax
 from jax import export
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
 
 import spade_jax
-from spade_jax import cpu_kernel
+from spade_jax.search import cpu_kernel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,7 +154,7 @@ def _levels(n: int, replicated: bool = False) -> dict[str, jax.ShapeDtypeStruct]
   return {"layer1": make(n, 8, 8, 4), "layer2": make(n, 4, 4, 6)}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _mesh() -> jax.sharding.Mesh:
   return jax.make_mesh((8,), (MESH_AXIS,))
 
@@ -179,7 +181,7 @@ def _sharded_levels(rows: int) -> Any:
   return _shape_only(spade_jax.shard_gallery(levels, _mesh(), MESH_AXIS))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _backbone(name: str) -> spade_jax.Backbone:
   return spade_jax.load_backbone(name, weights=None)  # Seeded random init, no download.
 

@@ -16,10 +16,10 @@ import jax
 import numpy as np
 import pytest
 from safetensors import numpy as safetensors_numpy
+from spade_fake_backbone import FakeBackbone
 
 import spade_jax
-from spade_jax import detector
-from spade_fake_backbone import FakeBackbone
+from spade_jax.detector import index_file
 
 CONFIG = spade_jax.SpadeConfig(k_images=3, k_image_score=2, resize=72, crop=64,
                                batch_size=3, layers=("layer1", "layer2", "layer3"))
@@ -78,11 +78,11 @@ def _forge(path, tensors, levels=None, **metadata):
   structural checks of load_index can object."""
   if levels is None:
     levels = [k.split("/", 1)[1] for k in tensors if k.startswith("features/")]
-  meta = {"format": detector.INDEX_FORMAT, "version": detector.INDEX_VERSION,
+  meta = {"format": index_file.INDEX_FORMAT, "version": index_file.INDEX_VERSION,
           "backbone": "fake_pyramid", "feature_config": CONFIG.feature_config("fake_pyramid"),
           "levels": json.dumps(levels)}
   meta.update(metadata)
-  checksums = detector._checksums(tensors, meta)  # pylint: disable=protected-access
+  checksums = index_file._checksums(tensors, meta)  # pylint: disable=protected-access
   # Entries for the tensors the levels name, to get past the metadata checks.
   checksums = {k: checksums.get(k, "sha256:" + "0" * 64)
                for k in ["__metadata__", "pool", *[f"features/{l}" for l in levels]]}
@@ -198,7 +198,7 @@ def test_index_of_previous_version_is_refused_with_advice(index, tmp_path):
   # What save_index wrote before checksums: version "1", no "checksums".
   path = tmp_path / "old.spade"
   safetensors_numpy.save_file(_tensors(index), str(path), metadata={
-      "format": detector.INDEX_FORMAT, "version": "1", "backbone": index.backbone_name,
+      "format": index_file.INDEX_FORMAT, "version": "1", "backbone": index.backbone_name,
       "feature_config": index.feature_config, "levels": json.dumps(list(SHAPES))})
   with pytest.raises(ValueError, match="older spade_jax without checksums; refit"):
     spade_jax.load_index(path)

@@ -5,7 +5,7 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
-from spade_jax import metrics
+from spade_jax.evaluation import metrics
 
 
 def _au_pro_slow(masks, maps, fpr_limit):

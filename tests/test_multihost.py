@@ -65,7 +65,7 @@ def test_two_processes_match_one(tmp_path):
                   f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
                   f"--process_id={i}", "--num_cpu_devices=2") for i in (0, 1)]
   single = _start(*common, f"--output_dir={tmp_path / 'one'}")
-  for code, out, err in _finish([*multi, single], timeout=240):
+  for code, _, err in _finish([*multi, single], timeout=240):
     assert code == 0, err[-3000:]
   one = json.loads((tmp_path / "one" / "results.json").read_text())
   two = json.loads((tmp_path / "two" / "results.json").read_text())

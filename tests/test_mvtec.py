@@ -1,11 +1,11 @@
 """Tests for the MVTec AD folder reader (spade_jax.data.mvtec)."""
 
+from hostile_fixtures import write_bomb_png
+from mvtec_fixtures import write_category
 import numpy as np
 import PIL.Image
 import pytest
 
-from hostile_fixtures import write_bomb_png
-from mvtec_fixtures import write_category
 from spade_jax.data import mvtec
 
 

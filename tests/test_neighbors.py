@@ -2,16 +2,16 @@
 
 import dataclasses
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+import tolerances
 
 import spade_jax
-from spade_jax import distances
-from spade_jax import neighbors
-import tolerances
+from spade_jax.search import distances, neighbors
 
 # Tolerance: the returned distances are recomputed directly (sum of squared
 # differences in float32) from float32 inputs, so their relative error is a few

@@ -1,10 +1,10 @@
 """Image and pixel scores vs an independent float64 NumPy reference of the equations."""
 
 import numpy as np
+import numpy_reference as reference
 import pytest
 
 from spade_jax import scoring
-import numpy_reference as reference
 
 # Distances are recomputed exactly (difference form) in float32 from float32 features
 # of magnitude ~1; the float64 reference then agrees to a few float32 ulps of the

@@ -13,17 +13,18 @@ ties ordered by the lower index included.
 """
 
 import jax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
-import pytest
-
 import numpy_reference
-import spade_jax
-from spade_jax import distributed
-from spade_jax import scoring
-from spade_jax import sharding
+import pytest
 from spade_fake_backbone import FakeBackbone
 import tolerances
+
+import spade_jax
+from spade_jax import scoring
+from spade_jax.host import distributed
+from spade_jax.search import sharding
 
 NDEV = 8
 SIZES = (NDEV - 1, NDEV + 1, 13)

@@ -1,11 +1,11 @@
 """Tests for the ShanghaiTech Campus reader on a tiny fixture in its layout."""
 
+from hostile_fixtures import write_bomb_npy, write_bomb_png
 import numpy as np
 import pytest
+from stc_fixtures import H, W, make_stc_tree
 
 from spade_jax.data import stc
-from hostile_fixtures import write_bomb_npy, write_bomb_png
-from stc_fixtures import H, W, make_stc_tree
 
 
 @pytest.fixture

@@ -2,14 +2,14 @@
 
 import importlib.util
 
+from mvtec_fixtures import write_category
 import numpy as np
 import pytest
 
-from mvtec_fixtures import write_category
 from spade_jax.data import mvtec
 
 tfds = pytest.importorskip("tensorflow_datasets")
-from spade_jax.data import tfds_mvtec  # pylint: disable=g-import-not-at-top
+from spade_jax.data import tfds_mvtec  # noqa: E402  (only where tfds is installed)
 
 
 def _assert_same(a: mvtec.CategoryData, b: mvtec.CategoryData):

@@ -13,6 +13,7 @@ worker.py) through run_worker or worker_command.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 import json
 import os
 import re
@@ -20,7 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import jax
 import numpy as np

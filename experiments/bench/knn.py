@@ -9,23 +9,23 @@ for other sgemm blockings. All of them take turns in the same rounds.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import functools
 import json
 import os
 import subprocess
 import sys
-from typing import Any, Sequence
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 import numpy as np
 
 import spade_jax
+
 # Internal modules: knn's default blocking, the CPU kernel, the L2 Metric.
-from spade_jax import cpu_kernel
-from spade_jax import distances
-from spade_jax import neighbors
+from spade_jax.search import cpu_kernel, distances, neighbors
 
 from . import common
 

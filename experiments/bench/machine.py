@@ -13,8 +13,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from . import REPO_ROOT
-from . import common
+from . import REPO_ROOT, common
 
 
 def machine_info() -> dict[str, Any]:

@@ -3,19 +3,19 @@ knn or pixel-scoring call as the gallery grows, each point in a fresh process.""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import contextlib
 import gc
 import os
 import resource
 import threading
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 
 import spade_jax
 
-from . import common
-from . import pixel
+from . import common, pixel
 
 TITLE = "Peak memory while scoring"
 KINDS = ("knn", "pixel", "pixel_k")

@@ -6,8 +6,9 @@ the memory section scores the same call (make_pixel_fn).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 import gc
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp

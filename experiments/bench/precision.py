@@ -7,12 +7,12 @@ import functools
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 import numpy as np
 
 import spade_jax
-from spade_jax import distances  # Internal module: get_metric.
+from spade_jax.search import distances  # Internal module: get_metric.
 
 from . import common
 
@@ -46,7 +46,7 @@ def _round_to_bf16(x: jax.Array) -> jax.Array:
   return x.astype(jnp.bfloat16).astype(jnp.float32)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def bf16_metrics() -> dict[str, spade_jax.Metric]:
   """Two L2 variants registered through the Metric interface (cached: one jit each).
 

@@ -4,7 +4,8 @@ when jax starts)."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -24,7 +25,7 @@ def worker(devices: int, queries: int, rows_per_device: int, dim: int, k: int,
   try:
     shard_gallery = spade_jax.shard_gallery
   except ImportError:
-    return {"status": "unavailable: spade_jax.sharding missing"}
+    return {"status": "unavailable: spade_jax.search.sharding missing"}
   q = common.random_normal(1, (queries, dim))
   g = common.random_normal(2, (devices * rows_per_device, dim))
   mesh = jax.make_mesh((devices,), ("data",))

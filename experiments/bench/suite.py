@@ -7,18 +7,13 @@ experiments/benchmark.py).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import os
 import time
 import traceback
-from typing import Any, Callable
+from typing import Any
 
-from . import backbone
-from . import knn
-from . import machine
-from . import memory
-from . import pixel
-from . import precision
-from . import scaling
+from . import backbone, knn, machine, memory, pixel, precision, scaling
 
 _MODULES = {"backbone": backbone, "knn": knn, "pixel": pixel, "scaling": scaling,
             "memory": memory, "precision": precision}

@@ -9,15 +9,13 @@ with experiments/ on PYTHONPATH:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 import json
 import sys
 import traceback
-from typing import Any, Callable, Sequence
+from typing import Any
 
-from . import common
-from . import knn
-from . import memory
-from . import scaling
+from . import common, knn, memory, scaling
 
 WORKERS: dict[str, Callable[..., dict[str, Any]]] = {
     "scaling": scaling.worker,

@@ -19,6 +19,7 @@ to `root`, then renamed.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import dataclasses
 import functools
 import json
@@ -27,15 +28,14 @@ import pathlib
 import shutil
 import tempfile
 import zlib
-from collections.abc import Sequence
 
+from absl import logging
 import numpy as np
 import PIL.Image
-from absl import logging
 from scipy import ndimage
 
-from spade_jax import paths
 from spade_jax.data import defects
+from spade_jax.host import paths
 
 VERSION = "v1"
 IMAGE_SIZE = 256
@@ -71,7 +71,7 @@ BUILTIN_CATEGORIES = tuple(_SPECS)
 _FOREIGN = ("brick", "grass", "gravel", "astronaut", "rocket")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _source(name: str) -> np.ndarray:
   """A skimage.data image as [H, W, 3] float32 in [0, 255], tinted if a texture."""
   import skimage.data  # pylint: disable=import-outside-toplevel

@@ -17,14 +17,14 @@ files that are not images are ignored. Everything here is host NumPy + PIL.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 import dataclasses
 import os
 import pathlib
-from collections.abc import Callable, Sequence
 
+from absl import logging
 import numpy as np
 import PIL.Image
-from absl import logging
 
 MVTEC_CATEGORIES = (
     "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",

@@ -27,13 +27,13 @@ short (55k 256x256 frames are 10.8 GB of uint8).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import dataclasses
 import pathlib
 import types
-from collections.abc import Sequence
 
-import numpy as np
 from absl import logging
+import numpy as np
 
 from spade_jax.data import mvtec
 

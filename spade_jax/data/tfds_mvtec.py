@@ -33,10 +33,10 @@ import os
 import pathlib
 import re
 
+from etils import epath
 import numpy as np
 import PIL.Image
 import tensorflow_datasets as tfds
-from etils import epath
 
 from spade_jax.data import mvtec
 

@@ -1,0 +1,295 @@
+"""SPADE index files: save_index / load_index, integrity-checked, written atomically.
+
+An index file is safetensors: tensors "pool" [M, D] and "features/<level>"
+[M, h, w, C], all float32, and string metadata
+  format          INDEX_FORMAT
+  version         INDEX_VERSION
+  backbone        the backbone name
+  feature_config  SpadeIndex.feature_config (JSON: backbone, layers, resize, crop)
+  levels          JSON list of the levels, in order
+  checksums       JSON {tensor name: "sha256:<hex>"} over each tensor's name, dtype,
+                  shape and bytes, plus "__metadata__" over the other fields.
+load_index checks all of it before it returns an index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import hashlib
+import json
+import os
+import pathlib
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from safetensors import numpy as safetensors_numpy
+from safetensors import safe_open
+
+from spade_jax.detector.spade import Spade, SpadeConfig, SpadeIndex, check_compatible
+from spade_jax.host import atomic
+from spade_jax.search import sharding
+
+INDEX_FORMAT = "spade_jax.SpadeIndex"
+INDEX_VERSION = "2"  # 2: checksums (1 had none).
+
+
+_CHECKSUM_ALGORITHM = "sha256"
+_METADATA_DIGEST_KEY = "__metadata__"
+_REQUIRED_METADATA = ("backbone", "feature_config", "levels", "checksums")
+_FEATURE_CONFIG_KEYS = sorted(json.loads(SpadeConfig().feature_config("")))
+
+
+def _save_file(tensors: dict[str, np.ndarray], path: str, metadata: dict[str, str]) -> None:
+  """The actual writer (a seam for tests that simulate an interrupted write)."""
+  safetensors_numpy.save_file(tensors, path, metadata=metadata)
+
+
+def _host(x: Any) -> np.ndarray:
+  """NumPy copy of a gallery; a ShardedGallery without its padding rows."""
+  return x.to_numpy() if isinstance(x, sharding.ShardedGallery) else np.asarray(x)
+
+
+def _dtype_name(dtype: np.dtype) -> str:
+  """safetensors' name of a NumPy dtype ("F32", "I32", ...)."""
+  dtype = np.dtype(dtype)
+  kind = {"f": "F", "i": "I", "u": "U", "b": "BOOL"}.get(dtype.kind, dtype.kind)
+  return kind if kind == "BOOL" else f"{kind}{8 * dtype.itemsize}"
+
+
+def _tensor_digest(name: str, dtype: str, shape: Sequence[int], data: np.ndarray) -> str:
+  """Checksum of one tensor: its name, safetensors dtype, shape and (C-order) bytes."""
+  digest = hashlib.new(_CHECKSUM_ALGORITHM)
+  digest.update(json.dumps([name, dtype, [int(d) for d in shape]]).encode() + b"\0")
+  digest.update(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+  return f"{_CHECKSUM_ALGORITHM}:{digest.hexdigest()}"
+
+
+def _metadata_digest(metadata: dict[str, str]) -> str:
+  """Checksum of every metadata field but "checksums"."""
+  fields = sorted((k, v) for k, v in metadata.items() if k != "checksums")
+  digest = hashlib.new(_CHECKSUM_ALGORITHM, json.dumps(fields).encode())
+  return f"{_CHECKSUM_ALGORITHM}:{digest.hexdigest()}"
+
+
+def _checksums(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> dict[str, str]:
+  """The "checksums" metadata field of an index holding `tensors` and `metadata`."""
+  out = {_METADATA_DIGEST_KEY: _metadata_digest(metadata)}
+  for name, value in tensors.items():
+    out[name] = _tensor_digest(name, _dtype_name(value.dtype), value.shape, value)
+  return out
+
+
+def _parse_json(where: str, key: str, text: str) -> Any:
+  try:
+    return json.loads(text)
+  except (ValueError, RecursionError) as e:  # Deep nesting: RecursionError.
+    raise ValueError(f"{where}: metadata field {key!r} is not valid JSON ({e})") from None
+
+
+def _check_fields(where: str, metadata: dict[str, str]) -> list[str]:
+  """Checks backbone, levels and feature_config; returns the levels."""
+  backbone = metadata["backbone"]
+  if not isinstance(backbone, str) or not backbone:
+    raise ValueError(f"{where}: metadata field 'backbone' must be a non-empty name, got "
+                     f"{backbone!r}")
+  levels = _parse_json(where, "levels", metadata["levels"])
+  if not isinstance(levels, list):
+    raise ValueError(f"{where}: metadata field 'levels' must be a JSON list of names, got "
+                     f"{type(levels).__name__}")
+  if not levels:
+    raise ValueError(f"{where}: metadata field 'levels' is empty")
+  if not all(isinstance(l, str) and l for l in levels):
+    raise ValueError(f"{where}: metadata field 'levels' must be a list of names, got "
+                     f"{levels!r:.200}")
+  if len(set(levels)) != len(levels):
+    raise ValueError(f"{where}: metadata field 'levels' has duplicates: {levels}")
+  config = _parse_json(where, "feature_config", metadata["feature_config"])
+  if not isinstance(config, dict):
+    raise ValueError(f"{where}: metadata field 'feature_config' must be a JSON object, got "
+                     f"{type(config).__name__}")
+  if config.get("backbone") != backbone:
+    raise ValueError(f"{where}: metadata field 'feature_config' names backbone "
+                     f"{config.get('backbone')!r:.100} but the index is for {backbone!r}")
+  if config.get("layers") != levels:
+    raise ValueError(f"{where}: metadata field 'feature_config' lists layers "
+                     f"{config.get('layers')!r:.200} but the levels are {levels}")
+  if sorted(config) != _FEATURE_CONFIG_KEYS:
+    raise ValueError(f"{where}: metadata field 'feature_config' must have the fields "
+                     f"{_FEATURE_CONFIG_KEYS} (SpadeConfig.feature_config), got "
+                     f"{sorted(config)!r:.200}")
+  for key in ("resize", "crop"):
+    value = config[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"{where}: metadata field 'feature_config' has {key}={value!r:.100}, "
+                       "expected a positive int")
+  return levels
+
+
+def _check_tensor_specs(where: str, specs: dict[str, tuple[str, Sequence[int]]],
+                        levels: Sequence[str]) -> None:
+  """Checks the names, dtypes and shapes of an index's tensors: (dtype name, shape)."""
+  expected = ["pool", *[f"features/{l}" for l in levels]]
+  missing = [n for n in expected if n not in specs]
+  if missing:
+    raise ValueError(f"{where}: no tensor {missing[0]!r} (levels are {list(levels)})")
+  extra = sorted(set(specs) - set(expected))
+  if extra:
+    raise ValueError(f"{where}: unexpected tensors {extra!r:.200} (an index holds "
+                     f"{expected})")
+  num_images = None
+  for name in expected:
+    dtype, shape = specs[name]
+    if dtype != "F32":
+      raise ValueError(f"{where}: tensor {name!r} has dtype {dtype}, expected F32 (float32)")
+    ndim, layout = (2, "[images, channels]") if name == "pool" else (
+        4, "[images, height, width, channels]")
+    if len(shape) != ndim:
+      raise ValueError(f"{where}: tensor {name!r} has shape {list(shape)}, expected "
+                       f"{ndim} dimensions {layout}")
+    if not all(d >= 1 for d in shape):
+      raise ValueError(f"{where}: tensor {name!r} has shape {list(shape)}: empty")
+    if num_images is None:
+      num_images = shape[0]
+    elif shape[0] != num_images:
+      raise ValueError(f"{where}: tensor {name!r} holds {shape[0]} images but 'pool' "
+                       f"holds {num_images}")
+
+
+def save_index(path: str | os.PathLike, index: SpadeIndex) -> None:
+  """Writes `index` to `path` (safetensors + JSON metadata; no pickle), atomically.
+
+  The file is written next to `path` under a temporary name, synced, then renamed
+  over `path`, so an interrupted save leaves either the old file or none, never a
+  truncated one. Every tensor and the metadata are checksummed (SHA-256), so that
+  load_index detects a damaged or edited file. The galleries are stored as float32.
+
+  Raises:
+    ValueError: the folder of `path` does not exist, index is not a SpadeIndex, or
+      its tensors or metadata are inconsistent (load_index would refuse the file).
+  """
+  if not isinstance(index, SpadeIndex):
+    raise ValueError(f"index must be a SpadeIndex, got {type(index).__name__}")
+  path = pathlib.Path(path)
+  folder = path.parent
+  if not folder.is_dir():
+    raise ValueError(f"cannot save index to {path}: folder {folder} does not exist")
+  where = f"cannot save index to {path}"
+  tensors = {"pool": _host(index.train_pool)}
+  tensors.update({f"features/{l}": _host(v) for l, v in index.train_features.items()})
+  for name, value in tensors.items():
+    if not jnp.issubdtype(value.dtype, jnp.floating):
+      raise ValueError(f"{where}: tensor {name!r} has dtype {value.dtype}, not float")
+  tensors = {k: np.ascontiguousarray(v, dtype="<f4") for k, v in tensors.items()}
+  metadata = {"format": INDEX_FORMAT, "version": INDEX_VERSION,
+              "backbone": index.backbone_name, "feature_config": index.feature_config,
+              "levels": json.dumps(list(index.train_features))}
+  levels = _check_fields(where, metadata)
+  _check_tensor_specs(where, {k: (_dtype_name(v.dtype), v.shape) for k, v in tensors.items()},
+                      levels)
+  metadata["checksums"] = json.dumps(_checksums(tensors, metadata))
+  with atomic.atomic_path(path) as tmp:
+    _save_file(tensors, str(tmp), metadata)
+
+
+def _check_metadata(where: str, metadata: dict[str, str] | None
+                    ) -> tuple[dict[str, str], list[str], dict[str, str]]:
+  """Checks an index file's metadata; returns (metadata, levels, checksums)."""
+  metadata = metadata or {}
+  if metadata.get("format") != INDEX_FORMAT:
+    raise ValueError(f"{where} is not a spade_jax index (format "
+                     f"{metadata.get('format')!r:.100})")
+  version = metadata.get("version")
+  if version is None:
+    raise ValueError(f"{where}: index metadata has no 'version' field; the file is damaged")
+  if version == "1":
+    raise ValueError(f"{where}: index version 1 was written by an older spade_jax without "
+                     "checksums; refit the index and save it again (its contents cannot "
+                     "be checked)")
+  if version != INDEX_VERSION:
+    raise ValueError(f"{where}: unsupported index version {version!r:.100} (this spade_jax "
+                     f"reads version {INDEX_VERSION}; written by a newer spade_jax?)")
+  for key in _REQUIRED_METADATA:
+    if key not in metadata:
+      raise ValueError(f"{where}: index metadata has no {key!r} field; the file is "
+                       "damaged or was not written by save_index")
+  levels = _check_fields(where, metadata)
+  checksums = _parse_json(where, "checksums", metadata["checksums"])
+  if not isinstance(checksums, dict):
+    raise ValueError(f"{where}: metadata field 'checksums' must be a JSON object, got "
+                     f"{type(checksums).__name__}")
+  expected = [_METADATA_DIGEST_KEY, "pool", *[f"features/{l}" for l in levels]]
+  missing = [n for n in expected if n not in checksums]
+  if missing:
+    raise ValueError(f"{where}: metadata field 'checksums' has no entry for {missing[0]!r}")
+  extra = sorted(set(checksums) - set(expected))
+  if extra:
+    raise ValueError(f"{where}: metadata field 'checksums' names unknown tensors "
+                     f"{extra!r:.200}")
+  prefix = f"{_CHECKSUM_ALGORITHM}:"
+  for name, value in checksums.items():
+    if not (isinstance(value, str) and value.startswith(prefix) and len(value) == len(prefix)
+            + 64 and all(c in "0123456789abcdef" for c in value[len(prefix):])):
+      raise ValueError(f"{where}: metadata field 'checksums' has a malformed entry for "
+                       f"{name!r} (expected {prefix}<64 hex digits>)")
+  if checksums[_METADATA_DIGEST_KEY] != _metadata_digest(metadata):
+    raise ValueError(f"{where}: the metadata does not match its checksum: the file was "
+                     "damaged or edited; refit the index and save it again")
+  return metadata, levels, checksums
+
+
+def load_index(path: str | os.PathLike,
+               expect: Spade | tuple[str, SpadeConfig] | None = None) -> SpadeIndex:
+  """Reads an index written by save_index, checking it.
+
+  The metadata fields, the tensors' names, dtypes (float32) and shapes (one image
+  count for all), and the checksum of every tensor and of the metadata are checked
+  before any array is returned. The index is unsharded; Spade.score(..., mesh=...)
+  or shard_index shards it.
+
+  Args:
+    path: the file.
+    expect: a Spade, or (backbone_name, SpadeConfig): refuse an index written for
+      another backbone or feature config. None accepts any (Spade.score checks again).
+
+  Raises:
+    ValueError: missing file, not a spade_jax index, damaged, edited or inconsistent
+      (the message names the file and the tensor or field), written by an older
+      version without checksums, or written for another backbone / config.
+  """
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise ValueError(f"no index file at {path}")
+  where = str(path)
+  try:  # safetensors checks the header: offsets within the file, no overlaps.
+    handle = safe_open(str(path), framework="numpy")
+  except Exception as e:  # safetensors raises its own error types on bad headers.
+    raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
+  tensors = {}
+  with handle as f:
+    metadata, levels, checksums = _check_metadata(where, f.metadata())
+    specs = {}
+    for name in f.keys():
+      tensor = f.get_slice(name)
+      specs[name] = (tensor.get_dtype(), tuple(tensor.get_shape()))
+    _check_tensor_specs(where, specs, levels)
+    for name in ["pool", *[f"features/{l}" for l in levels]]:
+      try:
+        value = f.get_tensor(name)
+      except Exception as e:  # pylint: disable=broad-except
+        raise ValueError(f"{path}: cannot read tensor {name!r}: {e}") from e
+      if _tensor_digest(name, specs[name][0], specs[name][1], value) != checksums[name]:
+        raise ValueError(f"{path}: tensor {name!r} does not match its checksum: the file "
+                         "was damaged or edited; refit the index and save it again")
+      tensors[name] = value
+  index = SpadeIndex(train_pool=jnp.asarray(tensors["pool"]),
+                     train_features={l: jnp.asarray(tensors[f"features/{l}"]) for l in levels},
+                     backbone_name=metadata["backbone"],
+                     feature_config=metadata["feature_config"])
+  if expect is not None:
+    if isinstance(expect, Spade):
+      name, config = expect.backbone.name, expect.config
+    else:
+      name, config = expect
+    check_compatible(index, name, config, f"load_index({str(path)!r})")
+  return index

@@ -1,0 +1,123 @@
+"""Evaluation settings (EvalConfig) and the checks a category must pass before any work.
+
+Everything a user can get wrong is checked before any expensive work: the settings
+(EvalConfig), the data folder and each category's files (both normal and anomalous
+test images, enough training images for k_images), the output folder (created and
+written to), and an existing results.json (a JSON object in this layout, written
+with this config).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import dataclasses
+import math
+import numbers
+import os
+import pathlib
+from typing import Any
+
+import numpy as np
+
+from spade_jax.detector import SpadeConfig
+
+_DEFAULT = SpadeConfig()
+
+
+def _normalise_path(path: str | os.PathLike[str]) -> str:
+  """`path` without trailing slashes, '.' parts or doubled slashes ('..' is kept)."""
+  path = os.fspath(path)
+  return str(pathlib.PurePath(path)) if path else path
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """Everything that determines the numbers of an evaluation run.
+
+  Validated on construction (SpadeConfig's checks, and sigma finite, >= 0 and at
+  most crop, the anomaly map's side), so a bad setting fails before any work.
+  data_dir is stored normalised (no trailing slash, no '.' parts), so equivalent
+  spellings give equal configs.
+
+  Raises:
+    ValueError: a setting out of range (the message names it).
+  """
+  data_dir: str
+  backbone: str = "efficientnet_lite0"
+  weights: str | None = "imagenet"
+  k_images: int = _DEFAULT.k_images
+  k_image_score: int = _DEFAULT.k_image_score
+  kappa: int = _DEFAULT.kappa
+  layers: tuple[str, ...] = _DEFAULT.layers
+  combine: str = _DEFAULT.combine
+  sigma: float = _DEFAULT.sigma
+  metric: str = _DEFAULT.metric
+  resize: int = _DEFAULT.resize
+  crop: int = _DEFAULT.crop
+
+  def __post_init__(self):
+    if not isinstance(self.data_dir, (str, os.PathLike)):
+      raise ValueError(f"EvalConfig.data_dir must be a path, got {self.data_dir!r}")
+    object.__setattr__(self, "data_dir", _normalise_path(self.data_dir))
+    if isinstance(self.weights, os.PathLike):
+      object.__setattr__(self, "weights", os.fspath(self.weights))
+    if isinstance(self.layers, (list, tuple)):
+      object.__setattr__(self, "layers", tuple(self.layers))
+    sigma = self.sigma
+    if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real):
+      raise ValueError(f"EvalConfig.sigma must be a number, got {sigma!r}")
+    if not math.isfinite(sigma) or sigma < 0:
+      raise ValueError(f"EvalConfig.sigma must be finite and >= 0 (0: no blur), got {sigma!r}")
+    if isinstance(self.crop, numbers.Real) and sigma > self.crop:
+      raise ValueError(
+          f"EvalConfig.sigma={sigma!r} is wider than the anomaly maps: it must be at most "
+          f"crop={self.crop} pixels (a wider blur only flattens the maps)")
+    self.spade_config(batch_size=1)  # SpadeConfig's checks (k's, layers, crop, ...).
+    object.__setattr__(self, "sigma", float(sigma))
+
+  def spade_config(self, batch_size: int) -> SpadeConfig:
+    return SpadeConfig(k_images=self.k_images, k_image_score=self.k_image_score,
+                       kappa=self.kappa, layers=tuple(self.layers), combine=self.combine,
+                       sigma=self.sigma, metric=self.metric, resize=self.resize,
+                       crop=self.crop, batch_size=batch_size)
+
+  def to_json(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    d["layers"] = list(self.layers)
+    return d
+
+
+def check_test_labels(name: str, labels: Sequence[int], n_train: int,
+                      config: EvalConfig) -> None:
+  """Checks that a category's metrics are defined and its k's fit, before any work.
+
+  AUROC and AU-PRO need both normal and anomalous test images; k_images and
+  k_image_score need that many training images.
+
+  Raises:
+    ValueError: naming the category, the problem and the fix.
+  """
+  labels = np.asarray(labels)
+  n_bad = int(np.count_nonzero(labels))
+  n_good = int(labels.size - n_bad)
+  leave_out = "or leave it out (--categories=...)"
+  if n_bad == 0 or n_good == 0:
+    missing, undefined = (("anomalous", "image AUROC, pixel AUROC and AU-PRO are")
+                          if n_bad == 0 else ("normal ('good')", "image AUROC is"))
+    raise ValueError(
+        f"category {name!r} has no {missing} test image ({n_good} normal, {n_bad} "
+        f"anomalous): {undefined} undefined; add {missing} test images {leave_out}")
+  for key in ("k_images", "k_image_score"):
+    if getattr(config, key) > n_train:
+      raise ValueError(
+          f"category {name!r} has {n_train} training images, fewer than {key}="
+          f"{getattr(config, key)}; lower --{key} {leave_out}")
+
+
+def check_masks(name: str, masks: np.ndarray) -> None:
+  """Pixel AUROC and AU-PRO need an anomalous pixel in the (cropped) masks."""
+  if not np.any(masks):
+    raise ValueError(
+        f"category {name!r}: every test mask is empty after resize and crop (no anomalous "
+        "pixel): pixel AUROC and AU-PRO are undefined; check its ground_truth masks (and "
+        "--resize/--crop, which may cut the defects off) or leave it out")

@@ -1,0 +1,88 @@
+"""`Backbone`: a frozen feature extractor = Linen module + its variables."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+import dataclasses
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureInfo:
+  """Channels and stride (w.r.t. the input; None for pooled vectors) of a feature."""
+  channels: int
+  stride: int | None
+
+
+@functools.cache
+def _compiled_apply(module: nn.Module, features: tuple[str, ...] | None):
+  """One jitted apply per (module, feature subset); XLA drops unused outputs."""
+
+  def apply(variables, images):
+    out = module.apply(variables, images)
+    return out if features is None else {k: out[k] for k in features}
+
+  return jax.jit(apply)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Backbone:
+  """A frozen backbone.
+
+  Attributes:
+    name: registry name, e.g. 'wide_resnet50_2'.
+    module: the Flax Linen module (hashable; the jit cache key).
+    variables: {'params': ..., 'batch_stats': ...} pytree.
+    features: name -> FeatureInfo for every feature the module returns.
+  """
+  name: str
+  module: nn.Module
+  variables: Any
+  features: Mapping[str, FeatureInfo]
+
+  def apply(self, variables: Any, images: jax.Array) -> dict[str, jax.Array]:
+    """The pure function: images [N, H, W, 3] float32 -> {feature: array}.
+
+    Not jitted and not validated, so it composes with jit / vmap / grad.
+    Spatial features are [N, ceil-ish(H / stride), ..., C]; 'pool' is [N, C];
+    'logits' is [N, num_classes].
+    """
+    return self.module.apply(variables, images)
+
+  def __call__(self, images: jax.Array | np.ndarray,
+               features: Sequence[str] | None = None) -> dict[str, jax.Array]:
+    """Validated, jit-compiled forward pass.
+
+    Args:
+      images: [N, H, W, 3] float32, normalized (see spade_jax.features.preprocessing).
+      features: optional subset of `self.features` to return.
+
+    Returns:
+      {feature name: array}; spatial ones are [N, h, w, C], 'pool' [N, C].
+    """
+    shape = getattr(images, "shape", None)
+    dtype = getattr(images, "dtype", None)
+    if shape is None or dtype is None:
+      raise ValueError(f"images must be an array, got {type(images).__name__}")
+    if len(shape) != 4:
+      raise ValueError(f"images must have rank 4 [N, H, W, 3] (NHWC), got shape {tuple(shape)}")
+    if shape[-1] != 3:
+      raise ValueError(f"images must have 3 channels last (NHWC), got shape {tuple(shape)}")
+    if np.dtype(dtype) != np.float32:
+      raise ValueError(f"images must be float32 (use spade_jax.preprocess), got {dtype}")
+    if min(shape[:3]) < 1:
+      raise ValueError(f"images must be non-empty, got shape {tuple(shape)}")
+    if features is not None:
+      if isinstance(features, str):
+        features = (features,)
+      unknown = [f for f in features if f not in self.features]
+      if unknown:
+        raise ValueError(f"unknown features {unknown} for {self.name}; "
+                         f"available: {', '.join(self.features)}")
+      features = tuple(features)
+    return _compiled_apply(self.module, features)(self.variables, images)

@@ -1,0 +1,3 @@
+"""Host-side utilities every stage may use: atomic file writes (atomic.py), the cache
+folder (paths.py), and joining a multi-process run (distributed.py). Nothing here
+imports another part of spade_jax."""

@@ -1,0 +1,235 @@
+"""SPADE scores on one device: image-level kNN (DN2), pixel-level pyramid correspondence.
+
+Paper notation: f_p(y) is the pooled feature of image y, F(y, p) its pyramid feature
+at position p; N_K(y) the K training images nearest to y in pooled space.
+
+* image score s(y) = mean_{x in N_k(y)} d(f_p(y), f_p(x))       (`image_scores`)
+* pixel score s(y, p) = mean over the kappa nearest g in
+  G = {F(x, p') : x in N_K(y), all p'} of d(F(y, p), g)         (`pixel_scores`)
+
+The gallery G of one test image (K * h * w positions) is never materialised: the K
+images are streamed a few at a time (gather from the training features, then a
+running top-kappa, see neighbors.stream_topk). The kernel is written for one test
+image and mapped over the test batch with lax.map(batch_size=...) (vmap inside).
+
+Combining the pyramid levels (layer1..3), both published ways:
+
+* "ensemble": each level scored alone against its own gallery; the [h_l, w_l] score
+  maps are upsampled bilinearly (align_corners=False) to the finest grid and averaged;
+* "cat": every level resized to the finest grid by bilinear upsampling
+  (align_corners=False, as the public SPADE/PaDiM ports do with F.interpolate) and the
+  channels concatenated (256 + 512 + 1024 = 1792-d for wide_resnet50_2); the training
+  images' levels are upsampled chunk by chunk inside the stream.
+
+These are the jit-compiled kernels; the public functions (validation, and the choice
+between this module and the sharded one, sharded.py) are in api.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+import functools
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+from spade_jax.scoring import anomaly_map
+from spade_jax.search import cpu_kernel, distances, neighbors
+
+Array = jax.Array
+COMBINE_MODES = ("ensemble", "cat")
+
+
+# ----------------------------------------------------------------------------------
+# Image-level scores.
+
+
+@functools.partial(jax.jit, static_argnames=("k", "num_neighbors", "metric", "chunk_size",
+                                             "query_block"))
+def image_scores_jit(test_pool, train_pool, *, k, num_neighbors, metric, chunk_size,
+                      query_block):
+  dist, idx = neighbors.local_knn(test_pool, train_pool, max(k, num_neighbors), metric,
+                                  chunk_size, query_block=query_block)
+  return jnp.mean(dist[:, :k], axis=1), idx[:, :num_neighbors]
+
+
+# ----------------------------------------------------------------------------------
+# Pixel-level scores: one test image.
+
+
+def _resize_rows(feats: Array, size: tuple[int, int]) -> Array:
+  """[B, h, w, C] -> [B, H, W, C] bilinear (align_corners=False); identity if same size."""
+  h, w = feats.shape[1:3]
+  if (h, w) == tuple(size):
+    return feats
+  mat_h = jnp.asarray(anomaly_map.bilinear_matrix(h, size[0]))
+  mat_w = jnp.asarray(anomaly_map.bilinear_matrix(w, size[1]))
+  hi = lax.Precision.HIGHEST
+  out = jnp.einsum("Hh,bhwc->bHwc", mat_h, feats, precision=hi)
+  return jnp.einsum("Ww,bHwc->bHWc", mat_w, out, precision=hi)
+
+
+def _resize_at(feats: Array, image: Array, pos: Array, grid: tuple[int, int]) -> Array:
+  """Bilinearly resized features of single positions without resizing whole images.
+
+  Args:
+    feats: [M, h, w, C] one level's training features.
+    image: [...] int32 training-image ids.
+    pos: [...] int32 positions on the `grid` (row-major).
+    grid: (H, W) finest grid.
+
+  Returns:
+    [..., C] float32, == _resize_rows(feats[image], grid)[pos] (4-tap form).
+  """
+  h, w = feats.shape[1:3]
+  if (h, w) == tuple(grid):
+    return feats[image, pos // w, pos % w].astype(jnp.float32)
+  y0, y1, fy = (jnp.asarray(a) for a in anomaly_map.bilinear_taps(h, grid[0]))
+  x0, x1, fx = (jnp.asarray(a) for a in anomaly_map.bilinear_taps(w, grid[1]))
+  py, px = pos // grid[1], pos % grid[1]
+  wy = fy[py].astype(jnp.float32)[..., None]
+  wx = fx[px].astype(jnp.float32)[..., None]
+  top = (1 - wx) * feats[image, y0[py], x0[px]] + wx * feats[image, y0[py], x1[px]]
+  bottom = (1 - wx) * feats[image, y1[py], x0[px]] + wx * feats[image, y1[py], x1[px]]
+  return (1 - wy) * top + wy * bottom
+
+
+def uses_bank_kernel(metric: distances.Metric, bank: Array) -> bool:
+  """Whether CPU lowerings search the K images in place (cpu_kernel.search_bank)."""
+  return neighbors._cpu_kernel_enabled("auto") and cpu_kernel.can_search_bank(  # pylint: disable=protected-access
+      metric, bank)
+
+
+def _stream_images(queries: Array, nbrs: Array, rows_of, rows_at, positions: int,
+                   images_per_chunk: int, kappa: int, metric: distances.Metric,
+                   query_block: int | None = None, bank: Array | None = None) -> Array:
+  """Mean distance of each query to its kappa nearest rows of the K-image gallery.
+
+  Args:
+    queries: [Q, D] raw query features.
+    nbrs: [K] int32 training-image ids; gallery row r is position r % positions of
+      image nbrs[r // positions].
+    rows_of: images [B] -> [B * positions, D] raw gallery rows of those images.
+    rows_at: (images [...], positions [...]) -> [..., D] raw rows, for the exact recompute.
+    positions: gallery rows per image.
+    images_per_chunk: B.
+    kappa: neighbours averaged.
+    metric: the Metric.
+    query_block: queries per proxy block.
+    bank: optional [N, positions, D] with rows_of(ids) == bank[ids].reshape(-1, D);
+      on CPU the kernel then reads the K images' rows in place (no gathered chunks).
+
+  Returns:
+    [Q] float32 scores.
+  """
+  q = metric.prepare(queries.astype(jnp.float32))
+  center = neighbors.search_center(metric, q)
+  q_emb = neighbors.embed_queries(metric, q, center)
+  num_images = nbrs.shape[0]
+  b = min(images_per_chunk, num_images)
+  num_full, tail = divmod(num_images, b)
+
+  def chunk(start, count):
+    ids = lax.dynamic_slice_in_dim(nbrs, start, count)
+    return metric.prepare(rows_of(ids).astype(jnp.float32)), None
+
+  def chunked():
+    proxies, idx = neighbors.stream_topk(q_emb, lambda j: chunk(j * b, b), num_full,
+                                         b * positions, kappa, metric,
+                                         query_block=query_block, center=center)
+    if tail:
+      start = num_full * b
+      proxies, idx = neighbors.stream_topk(q_emb, lambda j: chunk(start, tail), 1,
+                                           tail * positions, kappa, metric,
+                                           carry=(proxies, idx),
+                                           first_index=start * positions,
+                                           query_block=query_block, center=center)
+    return proxies, idx
+
+  proxies, idx = neighbors.cpu_or_xla(
+      bank is not None and uses_bank_kernel(metric, bank),
+      lambda: cpu_kernel.search_bank(q_emb, bank, nbrs, kappa, metric, center=center),
+      chunked)
+
+  def gather_rows(i):
+    return metric.prepare(rows_at(nbrs[i // positions], i % positions).astype(jnp.float32))
+
+  dist, _ = neighbors.exact_recompute(q, proxies, idx, gather_rows, metric)
+  return jnp.mean(dist, axis=1)
+
+
+def pyramid_scores(test: dict[str, Array], train: dict[str, Array], nbrs: Array, *,
+                   levels: tuple[str, ...], grid: tuple[int, int], combine: str,
+                   images_per_chunk: tuple[int, ...], query_blocks: tuple[int, ...],
+                   stream: Callable[..., Array]) -> Array:
+  """Score map [H0, W0] of one test image (test[level]: [h, w, C]; nbrs: [K]).
+
+  The combine logic of SPADE, shared by the single-device and the sharded paths;
+  `stream(queries [P, C], nbrs, *, rows_of, rows_at, positions, images_per_chunk,
+  query_block, bank) -> [P]` is the search of the positions of the K images (the sharded
+  one searches only the images a device holds and merges over the mesh); `bank` is the
+  level's [N, positions, C] features when rows_of gathers whole images from it ("ensemble")
+  and None otherwise ("cat" builds its rows).
+  """
+  if combine == "ensemble":
+    maps = []
+    for level, b, qb in zip(levels, images_per_chunk, query_blocks):
+      h, w, c = test[level].shape
+      feats = train[level]
+      flat = feats.reshape(feats.shape[0], h * w, c)
+      scores = stream(
+          test[level].reshape(h * w, c), nbrs,
+          rows_of=lambda ids, flat=flat, c=c: flat[ids].reshape(-1, c),
+          rows_at=lambda img, pos, flat=flat: flat[img, pos],
+          positions=h * w, images_per_chunk=b, query_block=qb, bank=flat)
+      maps.append(_resize_rows(scores.reshape(1, h, w, 1), grid)[0, ..., 0])
+    return jnp.mean(jnp.stack(maps), axis=0)
+
+  # combine == "cat": one gallery of concatenated, upsampled levels.
+  positions = grid[0] * grid[1]
+  queries = jnp.concatenate(
+      [_resize_rows(test[level][None].astype(jnp.float32), grid)[0] for level in levels],
+      axis=-1).reshape(positions, -1)
+
+  def rows_of(ids):
+    parts = [_resize_rows(train[level][ids].astype(jnp.float32), grid) for level in levels]
+    return jnp.concatenate(parts, axis=-1).reshape(ids.shape[0] * positions, -1)
+
+  def rows_at(img, pos):
+    return jnp.concatenate([_resize_at(train[level], img, pos, grid) for level in levels],
+                           axis=-1)
+
+  scores = stream(queries, nbrs, rows_of=rows_of, rows_at=rows_at, positions=positions,
+                  images_per_chunk=images_per_chunk[0], query_block=query_blocks[0],
+                  bank=None)
+  return scores.reshape(grid)
+
+
+def _pixel_scores_one(test: dict[str, Array], train: dict[str, Array], nbrs: Array, *,
+                      levels: tuple[str, ...], grid: tuple[int, int], kappa: int,
+                      combine: str, metric: distances.Metric,
+                      images_per_chunk: tuple[int, ...],
+                      query_blocks: tuple[int, ...]) -> Array:
+  """Score map [H0, W0] of one test image, all K images on this device."""
+
+  def stream(queries, nbrs, *, rows_of, rows_at, positions, images_per_chunk, query_block,
+             bank):
+    return _stream_images(queries, nbrs, rows_of, rows_at, positions, images_per_chunk,
+                          kappa, metric, query_block, bank)
+
+  return pyramid_scores(test, train, nbrs, levels=levels, grid=grid, combine=combine,
+                        images_per_chunk=images_per_chunk, query_blocks=query_blocks,
+                        stream=stream)
+
+
+@functools.partial(jax.jit, static_argnames=("levels", "grid", "kappa", "combine", "metric",
+                                             "images_per_chunk", "query_blocks",
+                                             "test_batch_size"))
+def pixel_scores_jit(test, train, nbrs, *, levels, grid, kappa, combine, metric,
+                      images_per_chunk, query_blocks, test_batch_size):
+  one = functools.partial(_pixel_scores_one, levels=levels, grid=grid, kappa=kappa,
+                          combine=combine, metric=metric, images_per_chunk=images_per_chunk,
+                          query_blocks=query_blocks)
+  return lax.map(lambda xs: one(xs[0], train, xs[1]), (test, nbrs),
+                 batch_size=test_batch_size)

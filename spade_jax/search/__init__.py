@@ -1,0 +1,15 @@
+"""Stage 2, search: exact, streamed nearest-neighbour search under a distance kernel.
+
+* distances.py: the Metric interface (matmul form + exact form) and l2 / sqeuclidean /
+  cosine; a new kernel is a new Metric;
+* neighbors.py: the streamed exact kNN on one device (running top-k, exact recompute);
+* cpu_kernel.py, csrc/knn_cpu.cc: the same search as an XLA FFI custom call on CPU
+  (BLAS sgemm + in-cache selection), chosen only in CPU lowerings;
+* sharding.py: galleries sharded over a mesh axis (padding + validity mask);
+* sharded_neighbors.py: the search of a sharded gallery (shard_map, merged top-k);
+* api.py: the public `knn` (spade_jax.knn), which chooses between the last two and
+  neighbors.py.
+
+Nothing is imported here: the compiled extension `_knn_cpu` lives in this package, and
+loading it must not pull in the search modules that load it.
+"""
