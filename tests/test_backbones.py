@@ -309,6 +309,19 @@ def test_download_verifies_hash(tmp_path, monkeypatch):
   with pytest.raises(ValueError, match="wrong SHA-256"):
     weights.download("https://example/y.pth", tmp_path / "y-00000000.pth")
   assert sorted(p.name for p in tmp_path.iterdir()) == [good.name]
+  # A download killed midway (its writer's pid is gone) left its temp file: the next
+  # download of that file removes it.
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+
+  from spade_jax.host import atomic  # pylint: disable=import-outside-toplevel
+  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                        capture_output=True, text=True, check=True).stdout.strip()
+  left = tmp_path / f".{good.name}{atomic.TEMP_MARK}{atomic._host_tag()}.{dead}.abcdefgh.part"  # pylint: disable=protected-access
+  left.write_bytes(b"half a download")
+  good.unlink()
+  weights.download("https://example/x.pth", good)
+  assert sorted(p.name for p in tmp_path.iterdir()) == [good.name]
   (tmp_path / "z-00000000.pth").write_bytes(payload)  # A cached file that is corrupt.
   with pytest.raises(ValueError, match="does not start with 00000000"):
     weights.verify(tmp_path / "z-00000000.pth")

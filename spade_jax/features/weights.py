@@ -16,12 +16,10 @@ import hashlib
 import os
 import pathlib
 import re
-import tempfile
 import urllib.error
 import urllib.request
 
-from spade_jax.host import paths
-from spade_jax.host.atomic import publish
+from spade_jax.host import atomic, paths
 
 _TORCHVISION = "https://download.pytorch.org/models/"
 
@@ -74,16 +72,16 @@ def download(url: str, dest: pathlib.Path) -> pathlib.Path:
         f"{dest} is missing and ${paths.OFFLINE_ENV} forbids downloading it; "
         f"fetch {url} yourself and put it there (or set ${paths.CACHE_ENV}).")
   dest.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-  tmp_path = pathlib.Path(tmp)
+  # Named after its writer: a download killed midway is removed by the next one.
+  tmp_path = atomic.new_temp(dest, ".part")
   try:
-    with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
+    with open(tmp_path, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
       for chunk in iter(lambda: response.read(1 << 20), b""):
         out.write(chunk)
     prefix = sha256_prefix(dest.name)
     if prefix is not None and not file_sha256(tmp_path).startswith(prefix):
       raise ValueError(f"download of {url} has the wrong SHA-256 (want {prefix}...)")
-    publish(tmp_path, dest)
+    atomic.publish(tmp_path, dest)
   except (urllib.error.URLError, OSError) as e:
     raise WeightsUnavailableError(
         f"could not download {url} to {dest} ({e}); with no network, fetch it "
