@@ -10,6 +10,18 @@ Sections (see BENCHMARKS.md for what each figure means):
   scaling    weak scaling of knn on a sharded gallery over 1, 2, 4, 8 fake CPU devices
   memory     scoring working set (peak RSS - RSS with inputs) as the gallery grows 8x
   precision  bfloat16 distances and lax.approx_min_k: speed and accuracy vs exact search
+  coreset    PatchCore: coreset seconds and memory as N grows to 1M, scoring s / image
+             against SPADE, a sharded memory bank against one device (fake devices)
+  pipeline   end to end: images/s of fit and of scoring (backbone + search + maps) per
+             method, and predict.py's wall time with a cold, then a warm compilation cache
+             (about 8 min of the suite on 2 busy CPU cores at its defaults)
+
+JAX's persistent compilation cache is on, as in every script (--compilation_cache_dir,
+default $SPADE_JAX_CACHE/jax_compilation_cache; 'none' turns it off). With a warm
+cache the "first call (compile)" columns time a load from the cache, not a
+compilation: pass --compilation_cache_dir=none (or an empty folder) to measure
+compilation. The report's header says which. The pipeline section measures the cache
+itself, in folders of its own.
 """
 
 from collections.abc import Sequence
@@ -24,12 +36,15 @@ from bench import (
   memory,  # pylint: disable=g-import-not-at-top,wrong-import-position
   suite,  # pylint: disable=g-import-not-at-top,wrong-import-position
 )
+import detector_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _SECTIONS = flags.DEFINE_list("sections", list(suite.SECTIONS),
                               f"Sections to run, from {', '.join(suite.SECTIONS)}.")
 _OUTPUT_JSON = flags.DEFINE_string("output_json", "results/benchmark.json",
                                    "Where the full results (JSON) go.")
 _OUTPUT_MD = flags.DEFINE_string("output_md", None, "Also write the Markdown tables here.")
+_CACHE_DIR = detector_flags.define_compilation_cache_flag()
+flags.adopt_module_key_flags(detector_flags)
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per figure (median); the "
                                 "first, compiling call is excluded.")
 # backbone
@@ -80,6 +95,34 @@ _PRECISION_GALLERY = flags.DEFINE_integer("precision_gallery", 156800, "Gallery 
 _PRECISION_K = flags.DEFINE_integer("precision_k", 1, "Neighbours (recall@k).")
 _RECALL_TARGET = flags.DEFINE_float("approx_recall_target", 0.95,
                                     "lax.approx_min_k recall_target.")
+# coreset (PatchCore)
+_CORESET_NS = flags.DEFINE_list("coreset_ns", ["62500", "125000", "250000", "500000",
+                                               "1000000"], "Feature rows N of the coreset "
+                                "points (one process each).")
+_CORESET_DIM = flags.DEFINE_integer("coreset_dim", 128, "D of the coreset features.")
+_CORESET_SIZE = flags.DEFINE_integer("coreset_size", 200, "Greedy steps (points selected) "
+                                     "per coreset call.")
+_CORESET_PROFILES = flags.DEFINE_list("coreset_profiles", ["wide_resnet50_2",
+                                                           "efficientnet_lite0"],
+                                      "Pyramid shapes of the PatchCore vs SPADE scoring.")
+_CORESET_TRAIN = flags.DEFINE_integer("coreset_train_images", 200,
+                                      "Training images of the scoring comparison (>= K).")
+_CORESET_TEST = flags.DEFINE_integer("coreset_num_test", 2, "Test images per scoring call.")
+_CORESET_DEVICES = flags.DEFINE_integer("coreset_sharded_devices", 8,
+                                        "Fake CPU devices of the sharded comparison.")
+_CORESET_SHARDED_N = flags.DEFINE_integer("coreset_sharded_n", 200000,
+                                          "N of the sharded coreset comparison.")
+# pipeline
+_PIPELINE_BACKBONE = flags.DEFINE_string("pipeline_backbone", "wide_resnet50_2",
+                                         "Backbone of the end-to-end runs (random weights).")
+_PIPELINE_METHODS = flags.DEFINE_list("pipeline_methods", ["spade"], "Detectors to run.")
+_PIPELINE_TRAIN = flags.DEFINE_integer("pipeline_train", 50, "Training images (>= K).")
+_PIPELINE_TEST = flags.DEFINE_integer("pipeline_test", 16, "Test images.")
+_PIPELINE_K = flags.DEFINE_integer("pipeline_k_images", 50, "K.")
+_PIPELINE_REPEATS = flags.DEFINE_integer("pipeline_repeats", 1,
+                                         "Timed fit / score calls after the first.")
+_PIPELINE_CACHE = flags.DEFINE_integer("pipeline_cache_images", 8, "Images predict.py "
+                                       "scores in the compilation-cache runs (0: none).")
 
 
 def _ints(values: Sequence[str]) -> list[int]:
@@ -118,7 +161,19 @@ def section_kwargs() -> dict[str, dict]:
       "precision": {**knn_shape, "gallery": _PRECISION_GALLERY.value,
                     "k": _PRECISION_K.value, "repeats": repeats,
                     "recall_target": _RECALL_TARGET.value},
+      "pipeline": {"backbone": _PIPELINE_BACKBONE.value, "methods": _PIPELINE_METHODS.value,
+                   "num_train": _PIPELINE_TRAIN.value, "num_test": _PIPELINE_TEST.value,
+                   "image_size": _IMAGE_SIZE.value, "k_images": _PIPELINE_K.value,
+                   "batch_size": _BACKBONE_BATCH.value, "repeats": _PIPELINE_REPEATS.value,
+                   "cache_images": _PIPELINE_CACHE.value},
   }
+  every["coreset"] = {
+      "ns": _ints(_CORESET_NS.value), "dim": _CORESET_DIM.value, "size": _CORESET_SIZE.value,
+      "projection_dim": None, "profiles": _CORESET_PROFILES.value,
+      "train_images": _CORESET_TRAIN.value, "k_images": _PIXEL_K.value,
+      "num_test": _CORESET_TEST.value, "repeats": repeats,
+      "sharded_devices": _CORESET_DEVICES.value, "sharded_n": _CORESET_SHARDED_N.value,
+      "grid": _PIXEL_GRID.value, "image_size": _IMAGE_SIZE.value}
   unknown = sorted(set(_SECTIONS.value) - set(every))
   if unknown:
     raise app.UsageError(f"unknown --sections {unknown}; valid: {', '.join(every)}")
@@ -128,8 +183,12 @@ def section_kwargs() -> dict[str, dict]:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  results = suite.run_suite(section_kwargs())
-  table = suite.markdown(results)
+  kwargs = section_kwargs()
+  detector_flags.enable_compilation_cache(_CACHE_DIR, "benchmark.py")
+  cache = detector_flags.compilation_cache_note()
+  results = suite.run_suite(kwargs)
+  results["machine"]["compilation_cache"] = cache
+  table = suite.markdown(results) + f"\nJAX compilation cache of this run: {cache}.\n"
   print(table)
   json_path = pathlib.Path(_OUTPUT_JSON.value)
   json_path.parent.mkdir(parents=True, exist_ok=True)

@@ -14,41 +14,31 @@ writes the results), e.g. two CPU processes on this machine:
       --num_processes=2 --process_id=0 --num_cpu_devices=2 &
   python experiments/evaluate.py --coordinator_address=127.0.0.1:23456 \
       --num_processes=2 --process_id=1 --num_cpu_devices=2
+
+The detector's flags (--backbone, --k_images, ...) are shared with fit.py and
+predict.py (detector_flags.py). Compiled programs are kept in JAX's persistent
+compilation cache, so a rerun with the same shapes starts without compiling:
+--compilation_cache_dir (default $SPADE_JAX_CACHE/jax_compilation_cache; 'none': off).
+Progress lines (images done / total, rate, time left) go to the log; results.json
+records per category the seconds of each stage (backbone, search, maps, metrics).
 """
 
 from collections.abc import Sequence
 import sys
 
 from absl import app, flags, logging
+import detector_flags
 
 from spade_jax import evaluation
-from spade_jax.features.backbones import BACKBONES
 from spade_jax.host import distributed
 
 _DATA_DIR = flags.DEFINE_string(
     "data_dir", None, "Folder in MVTec AD layout. Default: the built-in benchmark, "
     "generated into $SPADE_JAX_CACHE (~/.cache/spade_jax) on first use.")
 _CATEGORIES = flags.DEFINE_list("categories", None, "Categories to evaluate (default: all found).")
-_BACKBONE = flags.DEFINE_enum(
-    "backbone", "efficientnet_lite0", list(BACKBONES),
-    "Feature extractor; wide_resnet50_2 reproduces the paper.")
-_WEIGHTS = flags.DEFINE_string(
-    "weights", "imagenet", "'imagenet' (cached standard file), a .pth / converted file path, "
-    "or 'none' for random weights.")
-_DEFAULT = evaluation.EvalConfig(data_dir="")
-_K_IMAGES = flags.DEFINE_integer(
-    "k_images", _DEFAULT.k_images, "K: nearest normal images forming the pixel gallery.")
-_K_IMAGE_SCORE = flags.DEFINE_integer(
-    "k_image_score", _DEFAULT.k_image_score, "k of the image-level kNN score.")
-_KAPPA = flags.DEFINE_integer("kappa", _DEFAULT.kappa, "kappa: nearest gallery features per pixel.")
-_LAYERS = flags.DEFINE_list("layers", list(_DEFAULT.layers), "Pyramid levels.")
-_COMBINE = flags.DEFINE_enum("combine", _DEFAULT.combine, ["ensemble", "cat"],
-                             "How levels combine.")
-_METRIC = flags.DEFINE_string("metric", _DEFAULT.metric, "Distance kernel (spade_jax.METRICS).")
-_SIGMA = flags.DEFINE_float("sigma", _DEFAULT.sigma, "Gaussian smoothing of the anomaly maps.")
-_RESIZE = flags.DEFINE_integer("resize", _DEFAULT.resize, "Shorter side is resized to this.")
-_CROP = flags.DEFINE_integer("crop", _DEFAULT.crop, "Centre crop size.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Images per backbone call.")
+_DETECTOR = detector_flags.define_detector_flags()
+_CACHE_DIR = detector_flags.define_compilation_cache_flag()
+flags.adopt_module_key_flags(detector_flags)  # --help lists them with this script's.
 _NUM_HEATMAPS = flags.DEFINE_integer("num_heatmaps", 4, "Heatmap PNGs per category.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "results/builtin", "Where results go.")
 _SHARD = flags.DEFINE_bool("shard", False, "One process: shard the galleries over all "
@@ -67,17 +57,13 @@ _NUM_CPU_DEVICES = flags.DEFINE_integer("num_cpu_devices", None,
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  weights = None if _WEIGHTS.value.lower() == "none" else _WEIGHTS.value
-  settings = {
-      "backbone": _BACKBONE.value, "weights": weights, "k_images": _K_IMAGES.value,
-      "k_image_score": _K_IMAGE_SCORE.value, "kappa": _KAPPA.value,
-      "layers": tuple(_LAYERS.value), "combine": _COMBINE.value, "sigma": _SIGMA.value,
-      "metric": _METRIC.value, "resize": _RESIZE.value, "crop": _CROP.value}
+  settings = _DETECTOR.settings()
+  batch_size = _DETECTOR.batch_size.value
   try:
     # Settings first: a bad flag fails at once, before JAX, data or output are touched.
     evaluation.EvalConfig(data_dir=_DATA_DIR.value or "", **settings)
-    if _BATCH_SIZE.value < 1:
-      raise ValueError(f"--batch_size must be >= 1, got {_BATCH_SIZE.value}")
+    if batch_size < 1:
+      raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
     ids = _LOCAL_DEVICE_IDS.value
     dist = distributed.DistributedConfig(
         coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
@@ -85,6 +71,7 @@ def main(argv: Sequence[str]) -> None:
         local_device_ids=None if ids is None else tuple(int(i) for i in ids))
   except ValueError as e:
     sys.exit(f"evaluate.py: error: {e}")
+  detector_flags.enable_compilation_cache(_CACHE_DIR, "evaluate.py")
   distributed.initialize(dist)  # Before JAX starts its backends.
   mesh = None
   if _SHARD.value and not dist.enabled:
@@ -100,7 +87,7 @@ def main(argv: Sequence[str]) -> None:
     config = evaluation.EvalConfig(data_dir=data_dir, **settings)
     results = evaluation.evaluate(
         config, output_dir=_OUTPUT_DIR.value, categories=_CATEGORIES.value,
-        batch_size=_BATCH_SIZE.value, num_heatmaps=_NUM_HEATMAPS.value, mesh=mesh,
+        batch_size=batch_size, num_heatmaps=_NUM_HEATMAPS.value, mesh=mesh,
         log=logging.info)
   except (ValueError, OSError) as e:  # Bad input: a message, not a traceback.
     sys.exit(f"evaluate.py: error: {e}")

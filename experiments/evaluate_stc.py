@@ -7,6 +7,10 @@ Paper settings (spade_jax.data.stc.STC_SETTINGS): K = 1 nearest training frame,
 kappa = 1, frames resized to 256 (whole frame scored), training videos subsampled
 1:5. Writes <output_dir>/results.json in the same layout as evaluate.py, with one
 category "stc", and prints the table.
+
+Compiled programs are kept in JAX's persistent compilation cache (a rerun with the
+same shapes skips compiling): --compilation_cache_dir, default
+$SPADE_JAX_CACHE/jax_compilation_cache; 'none' turns it off.
 """
 
 from collections.abc import Sequence
@@ -14,6 +18,7 @@ import pathlib
 import sys
 
 from absl import app, flags, logging
+import detector_flags
 
 from spade_jax import evaluation
 from spade_jax.data import stc
@@ -38,6 +43,8 @@ _SIZE = flags.DEFINE_integer("size", stc.STC_SETTINGS["image_size"],
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Images per backbone call.")
 _NUM_HEATMAPS = flags.DEFINE_integer("num_heatmaps", 4, "Heatmap PNGs.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "results/stc", "Where results go.")
+_CACHE_DIR = detector_flags.define_compilation_cache_flag()
+flags.adopt_module_key_flags(detector_flags)
 
 
 def main(argv: Sequence[str]) -> None:
@@ -58,6 +65,7 @@ def main(argv: Sequence[str]) -> None:
         raise ValueError(f"--{flag.name} must be >= 1, got {flag.value}")
     evaluation.check_output_dir(_OUTPUT_DIR.value)
     results = evaluation.load_results(_OUTPUT_DIR.value, config, extra_config)
+    detector_flags.enable_compilation_cache(_CACHE_DIR, "evaluate_stc.py")
     if "stc" not in results["categories"]:
       data = stc.load_stc(_DATA_DIR.value, frame_step=_FRAME_STEP.value,
                           test_frame_step=_TEST_FRAME_STEP.value, size=_SIZE.value)

@@ -6,12 +6,14 @@ Public API (see README.md):
   spade = spade_jax.Spade(backbone, spade_jax.SpadeConfig())
   index = spade.fit(train_images_uint8)              # a pytree value
   scores, maps = spade.score(index, test_images_uint8)
+  patchcore = spade_jax.PatchCore(backbone, spade_jax.PatchCoreConfig())  # the same calls
 
 The package is the pipeline, one folder per stage (docs/ARCHITECTURE.md):
-features/ (images -> pyramid features), search/ (distance kernels, exact kNN, sharded
-galleries), scoring/ (image scores, pixel correspondence, anomaly maps), detector/
-(Spade: fit / score, index files), evaluation/ (benchmark loop, metrics, results.json),
-data/ (data sets), host/ (atomic files, cache paths, multi-process setup).
+features/ (images -> pyramid and patch features), search/ (distance kernels, exact kNN,
+sharded galleries, coreset), scoring/ (image scores, pixel correspondence, memory-bank
+scores, anomaly maps), detector/ (Spade and PatchCore: fit / score, index files),
+evaluation/ (benchmark loop, metrics, results.json), data/ (data sets), host/ (atomic
+files, cache paths, multi-process setup).
 
 Names are resolved lazily (PEP 562) so that `import spade_jax` stays cheap and
 submodules are only imported when used.
@@ -35,6 +37,7 @@ _EXPORTS = {
     "load_backbone": "spade_jax.features.backbones",
     "preprocess": "spade_jax.features.preprocessing",
     "preprocess_masks": "spade_jax.features.preprocessing",
+    "patch_features": "spade_jax.features.patches",
     # Stage 2, search: distance kernels, nearest neighbours, sharded galleries.
     "Metric": "spade_jax.search.distances",
     "METRICS": "spade_jax.search.distances",
@@ -42,16 +45,21 @@ _EXPORTS = {
     "knn": "spade_jax.search.api",
     "ShardedGallery": "spade_jax.search.sharding",
     "shard_gallery": "spade_jax.search.sharding",
+    "coreset": "spade_jax.search.coreset",
     # Stage 3, scoring.
     "image_scores": "spade_jax.scoring.api",
     "pixel_scores": "spade_jax.scoring.api",
     "upsample_bilinear": "spade_jax.scoring.anomaly_map",
     "gaussian_blur": "spade_jax.scoring.anomaly_map",
     "anomaly_maps": "spade_jax.scoring.anomaly_map",
+    "patchcore_scores": "spade_jax.scoring.memory_bank",
     # Stage 4, the detector.
     "SpadeConfig": "spade_jax.detector.spade",
     "Spade": "spade_jax.detector.spade",
     "SpadeIndex": "spade_jax.detector.spade",
+    "PatchCore": "spade_jax.detector.patchcore",
+    "PatchCoreConfig": "spade_jax.detector.patchcore",
+    "PatchCoreIndex": "spade_jax.detector.patchcore",
     "save_index": "spade_jax.detector.index_file",
     "load_index": "spade_jax.detector.index_file",
 }
@@ -119,11 +127,15 @@ sys.meta_path.insert(0, _SubmoduleAliases())
 
 if TYPE_CHECKING:  # Static type checkers see the real imports.
   from spade_jax.detector.index_file import load_index, save_index
+  from spade_jax.detector.patchcore import PatchCore, PatchCoreConfig, PatchCoreIndex
   from spade_jax.detector.spade import Spade, SpadeConfig, SpadeIndex
   from spade_jax.features.backbones import BACKBONES, Backbone, load_backbone
+  from spade_jax.features.patches import patch_features
   from spade_jax.features.preprocessing import preprocess, preprocess_masks
   from spade_jax.scoring.anomaly_map import anomaly_maps, gaussian_blur, upsample_bilinear
   from spade_jax.scoring.api import image_scores, pixel_scores
+  from spade_jax.scoring.memory_bank import patchcore_scores
   from spade_jax.search.api import knn
+  from spade_jax.search.coreset import coreset
   from spade_jax.search.distances import METRICS, Metric, register_metric
   from spade_jax.search.sharding import ShardedGallery, shard_gallery

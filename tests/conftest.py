@@ -8,6 +8,8 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tests never touch the network or the user's cache.
 os.environ.setdefault("SPADE_JAX_OFFLINE", "1")
+# Scripts run by tests keep no compiled programs (tests of the cache set their own folder).
+os.environ.setdefault("SPADE_JAX_COMPILATION_CACHE", "none")
 
 import pytest  # noqa: E402  (after the environment above, like every test module)
 

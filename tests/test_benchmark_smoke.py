@@ -26,6 +26,13 @@ TINY = {
                "rows": 200, "k_images": 2, "train_images": 4},
     "precision": {**_TINY_QUERIES, "gallery": 301, "k": 3, "repeats": 1,
                   "recall_target": 0.95},
+    "pipeline": {"backbone": "efficientnet_lite0", "methods": ["spade"], "num_train": 2,
+                 "num_test": 2, "image_size": 32, "k_images": 2, "batch_size": 2,
+                 "repeats": 1, "cache_images": 2},
+    "coreset": {"ns": [300, 600], "dim": 8, "size": 5, "projection_dim": None,
+                "profiles": ["efficientnet_lite0"], "train_images": 4, "k_images": 2,
+                "num_test": 1, "repeats": 1, "sharded_devices": 2, "sharded_n": 50,
+                "grid": 8, "image_size": 16},
 }
 
 
@@ -57,9 +64,20 @@ def test_section_keys(results):
   memory = sections["memory"]
   assert {"working_set_bytes", "inputs_rss_bytes"} <= set(memory["rows"][0])
   assert "working_set_ratio" in memory["ratios"]["knn"]
+  pipeline = sections["pipeline"]
+  assert {"fit_images_per_s", "score_images_per_s", "stage_s_per_image"} <= set(
+      pipeline["rows"][0])
+  assert set(pipeline["rows"][0]["stage_s_per_image"]) == {"backbone", "search", "maps"}
+  assert set(pipeline["cache"]["runs"]) == {"off", "cold", "warm"}
+  assert pipeline["cache"]["runs"]["cold"]["cache_entries"] > 0
   precision = {r["variant"]: r for r in sections["precision"]["rows"]}
   assert set(precision) == {"exact_f32", "bf16_matmul", "bf16_inputs", "approx_min_k"}
   assert precision["exact_f32"]["recall_at_k"] == 1.0
+  coreset = sections["coreset"]
+  assert {"seconds", "ms_per_step", "working_set_bytes", "xla_temp_bytes"} <= set(
+      coreset["coreset"][0])
+  assert {"patchcore_s_per_image", "spade_s_per_image"} <= set(coreset["scoring"][0])
+  assert coreset["sharded"]["status"] == "ok" and coreset["sharded"]["coreset_same"]
   scaling = sections["scaling"]
   if scaling["status"] == "ok":
     assert {"efficiency", "sharded_over_unsharded", "indices_match"} <= set(scaling["rows"][1])
@@ -71,5 +89,5 @@ def test_section_keys(results):
 
 def test_markdown_has_every_section(results):
   text = suite.markdown(results)
-  for title in ("Backbone", "kNN", "Pixel", "scaling", "memory", "Precision"):
+  for title in ("Backbone", "kNN", "Pixel", "scaling", "memory", "Precision", "Pipeline"):
     assert title in text

@@ -33,7 +33,12 @@ def _check_contract(results: dict, categories: list[str]) -> None:
   assert set(results) == {"config", "categories", "mean"}
   assert sorted(results["categories"]) == sorted(categories)
   for entry in results["categories"].values():
-    assert set(entry) == {"image_auroc", "pixel_auroc", "au_pro", "n_train", "n_test", "seconds"}
+    assert set(entry) == {"image_auroc", "pixel_auroc", "au_pro", "n_train", "n_test", "seconds",
+                          "stage_seconds"}
+    # The seconds of each stage, parts of the category's "seconds".
+    assert tuple(entry["stage_seconds"]) == evaluation.STAGE_NAMES
+    assert all(v >= 0 for v in entry["stage_seconds"].values())
+    assert sum(entry["stage_seconds"].values()) <= entry["seconds"]
     for m in evaluation.METRIC_NAMES:
       assert 0.0 <= entry[m] <= 1.0
     assert isinstance(entry["n_train"], int) and isinstance(entry["n_test"], int)

@@ -76,6 +76,17 @@ EXPORTS = (
            lambda: (_levels(3), _levels(20), _i32(3, 4)), uses_cpu_kernel=True),
     Export("anomaly_maps", lambda s: spade_jax.anomaly_maps(s, (32, 32), sigma=4.0),
            lambda: (_f32(3, 8, 8),)),
+    # PatchCore: patch features, the greedy coreset, scores against a memory bank.
+    Export("patch_features",
+           lambda l: spade_jax.patch_features(l, ("layer1", "layer2"), embed_dim=6),
+           lambda: (_levels(3),)),
+    Export("coreset-exact", lambda x: spade_jax.coreset(x, 5, projection_dim=None),
+           lambda: (_f32(40, 16),)),
+    Export("coreset-projected", lambda x: spade_jax.coreset(x, 5, projection_dim=8),
+           lambda: (_f32(40, 16),)),
+    Export("patchcore_scores",
+           lambda t, b: spade_jax.patchcore_scores(t, b, reweight_neighbors=3),
+           lambda: (_f32(2, 4, 4, 16), _f32(40, 16)), uses_cpu_kernel=True),
     # Backbones (random weights; variables passed as arguments, not baked in).
     Export("efficientnet_lite0.apply", lambda v, x: _backbone("efficientnet_lite0").apply(v, x),
            lambda: (_variables("efficientnet_lite0"), _f32(1, 64, 64, 3))),
@@ -102,6 +113,12 @@ EXPORTS = (
            lambda: (_levels(3, replicated=True), _sharded_levels(19),
                     _replicated(3, 4, dtype=jnp.int32)),
            uses_cpu_kernel=True, sharded=True),
+    Export("sharded-coreset", lambda x: spade_jax.coreset(x, 5, projection_dim=8),
+           lambda: (_sharded(37, 16),), sharded=True),
+    Export("sharded-patchcore_scores",
+           lambda t, b: spade_jax.patchcore_scores(t, b, k=2, reweight_neighbors=3),
+           lambda: (_replicated(2, 4, 4, 16), _sharded(37, 16)), uses_cpu_kernel=True,
+           sharded=True),
 )
 
 # Accelerator platforms exported for: each alone, and both in one multi-platform module.

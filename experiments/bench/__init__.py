@@ -6,6 +6,8 @@
   scaling    weak scaling of knn on a sharded gallery over fake CPU devices
   memory     scoring working set (peak RSS - RSS with inputs) as the gallery grows
   precision  bfloat16 distances and lax.approx_min_k: speed and accuracy vs exact search
+  pipeline   end to end: images/s of fit and score per method; predict.py with a cold
+             and a warm compilation cache
 
 `suite` runs the sections and renders their Markdown; `common` holds the timing,
 input, reporting and subprocess helpers they share; `machine` describes the machine;

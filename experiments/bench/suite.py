@@ -13,10 +13,11 @@ import time
 import traceback
 from typing import Any
 
-from . import backbone, knn, machine, memory, pixel, precision, scaling
+from . import backbone, coreset, knn, machine, memory, pipeline, pixel, precision, scaling
 
 _MODULES = {"backbone": backbone, "knn": knn, "pixel": pixel, "scaling": scaling,
-            "memory": memory, "precision": precision}
+            "memory": memory, "precision": precision, "pipeline": pipeline,
+            "coreset": coreset}
 SECTIONS = tuple(_MODULES)  # The order they run and are reported in.
 
 

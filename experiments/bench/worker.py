@@ -15,11 +15,13 @@ import sys
 import traceback
 from typing import Any
 
-from . import common, knn, memory, scaling
+from . import common, coreset, knn, memory, scaling
 
 WORKERS: dict[str, Callable[..., dict[str, Any]]] = {
     "scaling": scaling.worker,
     "memory": memory.worker,
+    "coreset": coreset.worker,
+    "coreset_sharded": coreset.sharded_worker,
 }
 
 SERVERS: dict[str, Callable[..., None]] = {"numpy_matmul": knn.numpy_matmul_server}

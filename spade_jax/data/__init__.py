@@ -1,6 +1,7 @@
 """Datasets, read on the host as NumPy arrays.
 
   mvtec       reader for any folder in the MVTec AD layout -> CategoryData.
+  folder      a plain folder of images (any tree, no labels), for fit.py / predict.py.
   tfds_mvtec  tensorflow-datasets builder `mvtec_ad` (array_record, no TensorFlow);
               import it to register the builder.
   stc         ShanghaiTech Campus reader (extracted frames + pixel masks).

@@ -1,8 +1,27 @@
 """Stage 4, the detector: SpadeConfig, the fitted SpadeIndex (a pytree value), Spade's
-fit / score over the stages below (spade.py), and index files (index_file.py)."""
+fit / score over the stages below (spade.py), PatchCore's config, memory-bank index and
+fit / score (patchcore.py), index files of both (index_file.py), and a
+decision threshold calibrated on normal images alone (calibration.py)."""
 
-from spade_jax.detector.index_file import INDEX_FORMAT, INDEX_VERSION, load_index, save_index
+from spade_jax.detector.calibration import Threshold, spade_threshold
+from spade_jax.detector.index_file import (
+  INDEX_FORMAT,
+  INDEX_VERSION,
+  PATCHCORE_INDEX_FORMAT,
+  IndexFile,
+  load_index,
+  load_index_file,
+  save_index,
+)
+from spade_jax.detector.patchcore import (
+  PatchCore,
+  PatchCoreConfig,
+  PatchCoreIndex,
+  shard_patchcore_index,
+)
 from spade_jax.detector.spade import Spade, SpadeConfig, SpadeIndex, shard_index
 
-__all__ = ["INDEX_FORMAT", "INDEX_VERSION", "Spade", "SpadeConfig", "SpadeIndex",
-           "load_index", "save_index", "shard_index"]
+__all__ = ["INDEX_FORMAT", "INDEX_VERSION", "PATCHCORE_INDEX_FORMAT", "IndexFile",
+           "PatchCore", "PatchCoreConfig", "PatchCoreIndex", "Spade", "SpadeConfig",
+           "SpadeIndex", "Threshold", "load_index", "load_index_file", "save_index",
+           "shard_index", "shard_patchcore_index", "spade_threshold"]

@@ -1,15 +1,24 @@
-"""SPADE index files: save_index / load_index, integrity-checked, written atomically.
+"""Index files of both detectors: save_index / load_index, integrity-checked, atomic.
 
-An index file is safetensors: tensors "pool" [M, D] and "features/<level>"
-[M, h, w, C], all float32, and string metadata
-  format          INDEX_FORMAT
-  version         INDEX_VERSION
+An index file is safetensors. A SpadeIndex holds tensors "pool" [M, D] and
+"features/<level>" [M, h, w, C]; a PatchCoreIndex holds "bank" [B, D] (the memory
+bank, without a sharded bank's padding); all float32. The string metadata are
+  format          INDEX_FORMAT (SPADE) or PATCHCORE_INDEX_FORMAT
+  version         INDEX_VERSION (both formats: 2, checksummed)
   backbone        the backbone name
-  feature_config  SpadeIndex.feature_config (JSON: backbone, layers, resize, crop)
-  levels          JSON list of the levels, in order
+  feature_config  the index's feature_config (JSON: SPADE: backbone, layers, resize,
+                  crop; PatchCore: also patch_size, embed_dim, reduction and, for a
+                  random projection, reduction_seed)
+  levels          JSON list of the levels, in order (PatchCore: the layers whose
+                  patch features the bank holds)
   checksums       JSON {tensor name: "sha256:<hex>"} over each tensor's name, dtype,
                   shape and bytes, plus "__metadata__" over the other fields.
-load_index checks all of it before it returns an index.
+  threshold       optional: a decision threshold calibrated on the training images
+                  (calibration.Threshold's JSON)
+  settings        optional: the detector settings the index was fitted with (a JSON
+                  object, e.g. fit.py's k_images, kappa, weights), scripts' defaults
+The optional fields are covered by "__metadata__" too. load_index checks all of it
+before it returns an index; load_index_file also returns the optional fields.
 """
 
 from __future__ import annotations
@@ -19,25 +28,39 @@ import hashlib
 import json
 import os
 import pathlib
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
 from safetensors import numpy as safetensors_numpy
 from safetensors import safe_open
 
+from spade_jax.detector import patchcore
+from spade_jax.detector.calibration import Threshold
+from spade_jax.detector.patchcore import PatchCore, PatchCoreConfig, PatchCoreIndex
 from spade_jax.detector.spade import Spade, SpadeConfig, SpadeIndex, check_compatible
+from spade_jax.features import patches
 from spade_jax.host import atomic
 from spade_jax.search import sharding
 
 INDEX_FORMAT = "spade_jax.SpadeIndex"
-INDEX_VERSION = "2"  # 2: checksums (1 had none).
+PATCHCORE_INDEX_FORMAT = "spade_jax.PatchCoreIndex"
+INDEX_VERSION = "2"  # 2: checksums (1 had none; PatchCore files start at 2).
 
 
 _CHECKSUM_ALGORITHM = "sha256"
 _METADATA_DIGEST_KEY = "__metadata__"
 _REQUIRED_METADATA = ("backbone", "feature_config", "levels", "checksums")
 _FEATURE_CONFIG_KEYS = sorted(json.loads(SpadeConfig().feature_config("")))
+_PATCHCORE_CONFIG_KEYS = sorted(json.loads(PatchCoreConfig().feature_config("")))
+_FORMATS = {INDEX_FORMAT: "SpadeIndex", PATCHCORE_INDEX_FORMAT: "PatchCoreIndex"}
+
+
+def _tensor_names(fmt: str, levels: Sequence[str]) -> list[str]:
+  """The tensors an index file of format `fmt` holds, in order."""
+  if fmt == PATCHCORE_INDEX_FORMAT:
+    return ["bank"]
+  return ["pool", *[f"features/{l}" for l in levels]]
 
 
 def _save_file(tensors: dict[str, np.ndarray], path: str, metadata: dict[str, str]) -> None:
@@ -87,8 +110,37 @@ def _parse_json(where: str, key: str, text: str) -> Any:
     raise ValueError(f"{where}: metadata field {key!r} is not valid JSON ({e})") from None
 
 
+def _positive_int(value) -> bool:
+  return not isinstance(value, bool) and isinstance(value, int) and value >= 1
+
+
+def _check_patchcore_config(where: str, config: dict[str, Any]) -> None:
+  """The PatchCore-only fields of feature_config (PatchCoreConfig.feature_config)."""
+  keys = list(_PATCHCORE_CONFIG_KEYS)
+  if config.get("reduction") == "random_projection":
+    keys = sorted(keys + ["reduction_seed"])
+  if sorted(config) != keys:
+    raise ValueError(f"{where}: metadata field 'feature_config' must have the fields "
+                     f"{keys} (PatchCoreConfig.feature_config), got {sorted(config)!r:.200}")
+  if config["reduction"] not in patches.REDUCTIONS:
+    raise ValueError(f"{where}: metadata field 'feature_config' has reduction="
+                     f"{config['reduction']!r:.100}, expected one of {patches.REDUCTIONS}")
+  size = config["patch_size"]
+  if not _positive_int(size) or size % 2 == 0:
+    raise ValueError(f"{where}: metadata field 'feature_config' has patch_size="
+                     f"{size!r:.100}, expected an odd positive int")
+  if config["embed_dim"] is not None and not _positive_int(config["embed_dim"]):
+    raise ValueError(f"{where}: metadata field 'feature_config' has embed_dim="
+                     f"{config['embed_dim']!r:.100}, expected a positive int or null")
+  seed = config.get("reduction_seed", 0)
+  if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+    raise ValueError(f"{where}: metadata field 'feature_config' has reduction_seed="
+                     f"{seed!r:.100}, expected a non-negative int")
+
+
 def _check_fields(where: str, metadata: dict[str, str]) -> list[str]:
-  """Checks backbone, levels and feature_config; returns the levels."""
+  """Checks backbone, levels and feature_config (for the file's format); returns the
+  levels."""
   backbone = metadata["backbone"]
   if not isinstance(backbone, str) or not backbone:
     raise ValueError(f"{where}: metadata field 'backbone' must be a non-empty name, got "
@@ -114,7 +166,9 @@ def _check_fields(where: str, metadata: dict[str, str]) -> list[str]:
   if config.get("layers") != levels:
     raise ValueError(f"{where}: metadata field 'feature_config' lists layers "
                      f"{config.get('layers')!r:.200} but the levels are {levels}")
-  if sorted(config) != _FEATURE_CONFIG_KEYS:
+  if metadata.get("format") == PATCHCORE_INDEX_FORMAT:
+    _check_patchcore_config(where, config)
+  elif sorted(config) != _FEATURE_CONFIG_KEYS:
     raise ValueError(f"{where}: metadata field 'feature_config' must have the fields "
                      f"{_FEATURE_CONFIG_KEYS} (SpadeConfig.feature_config), got "
                      f"{sorted(config)!r:.200}")
@@ -126,9 +180,35 @@ def _check_fields(where: str, metadata: dict[str, str]) -> list[str]:
   return levels
 
 
+def _check_bank_spec(where: str, specs: dict[str, tuple[str, Sequence[int]]],
+                     metadata: dict[str, str]) -> None:
+  """Checks a PatchCore file's tensors: "bank" alone, F32, [B, D], D <= embed_dim."""
+  extra = sorted(set(specs) - {"bank"})
+  if "bank" not in specs:
+    raise ValueError(f"{where}: no tensor 'bank' (a PatchCore index holds ['bank'])")
+  if extra:
+    raise ValueError(f"{where}: unexpected tensors {extra!r:.200} (a PatchCore index holds "
+                     "['bank'])")
+  dtype, shape = specs["bank"]
+  if dtype != "F32":
+    raise ValueError(f"{where}: tensor 'bank' has dtype {dtype}, expected F32 (float32)")
+  if len(shape) != 2:
+    raise ValueError(f"{where}: tensor 'bank' has shape {list(shape)}, expected 2 dimensions "
+                     "[entries, channels]")
+  if not all(d >= 1 for d in shape):
+    raise ValueError(f"{where}: tensor 'bank' has shape {list(shape)}: empty")
+  embed_dim = json.loads(metadata["feature_config"])["embed_dim"]
+  if embed_dim is not None and shape[1] > embed_dim:
+    raise ValueError(f"{where}: tensor 'bank' has {shape[1]} channels but feature_config's "
+                     f"embed_dim is {embed_dim}")
+
+
 def _check_tensor_specs(where: str, specs: dict[str, tuple[str, Sequence[int]]],
-                        levels: Sequence[str]) -> None:
+                        levels: Sequence[str], metadata: dict[str, str] | None = None) -> None:
   """Checks the names, dtypes and shapes of an index's tensors: (dtype name, shape)."""
+  if metadata is not None and metadata.get("format") == PATCHCORE_INDEX_FORMAT:
+    _check_bank_spec(where, specs, metadata)
+    return
   expected = ["pool", *[f"features/{l}" for l in levels]]
   missing = [n for n in expected if n not in specs]
   if missing:
@@ -156,47 +236,100 @@ def _check_tensor_specs(where: str, specs: dict[str, tuple[str, Sequence[int]]],
                        f"holds {num_images}")
 
 
-def save_index(path: str | os.PathLike, index: SpadeIndex) -> None:
+def save_index(path: str | os.PathLike, index: SpadeIndex | PatchCoreIndex, *,
+               threshold: Threshold | None = None,
+               settings: dict[str, Any] | None = None) -> None:
   """Writes `index` to `path` (safetensors + JSON metadata; no pickle), atomically.
 
   The file is written next to `path` under a temporary name, synced, then renamed
   over `path`, so an interrupted save leaves either the old file or none, never a
   truncated one. Every tensor and the metadata are checksummed (SHA-256), so that
-  load_index detects a damaged or edited file. The galleries are stored as float32.
+  load_index detects a damaged or edited file. The galleries (a SpadeIndex) or the
+  memory bank (a PatchCoreIndex) are stored as float32, a sharded one without its
+  padding. `threshold` (e.g. from calibration.spade_threshold) and `settings` (JSON
+  values) are stored with them.
 
   Raises:
-    ValueError: the folder of `path` does not exist, index is not a SpadeIndex, or
-      its tensors or metadata are inconsistent (load_index would refuse the file).
+    ValueError: the folder of `path` does not exist, index is neither a SpadeIndex
+      nor a PatchCoreIndex, or its tensors or metadata are inconsistent (load_index
+      would refuse the file).
   """
-  if not isinstance(index, SpadeIndex):
-    raise ValueError(f"index must be a SpadeIndex, got {type(index).__name__}")
+  if not isinstance(index, (SpadeIndex, PatchCoreIndex)):
+    raise ValueError(f"index must be a SpadeIndex or a PatchCoreIndex, got "
+                     f"{type(index).__name__}")
+  if threshold is not None and not isinstance(threshold, Threshold):
+    raise ValueError(f"threshold must be a calibration.Threshold, got "
+                     f"{type(threshold).__name__}")
   path = pathlib.Path(path)
   folder = path.parent
   if not folder.is_dir():
     raise ValueError(f"cannot save index to {path}: folder {folder} does not exist")
   where = f"cannot save index to {path}"
-  tensors = {"pool": _host(index.train_pool)}
-  tensors.update({f"features/{l}": _host(v) for l, v in index.train_features.items()})
+  if isinstance(index, PatchCoreIndex):
+    fmt, tensors = PATCHCORE_INDEX_FORMAT, {"bank": _host(index.bank)}
+    config = _parse_json(where, "feature_config", index.feature_config)
+    if not isinstance(config, dict):
+      raise ValueError(f"{where}: feature_config must be a JSON object, got "
+                       f"{index.feature_config!r:.200}")
+    levels = config.get("layers")
+  else:
+    fmt, tensors = INDEX_FORMAT, {"pool": _host(index.train_pool)}
+    tensors.update({f"features/{l}": _host(v) for l, v in index.train_features.items()})
+    levels = list(index.train_features)
   for name, value in tensors.items():
     if not jnp.issubdtype(value.dtype, jnp.floating):
       raise ValueError(f"{where}: tensor {name!r} has dtype {value.dtype}, not float")
   tensors = {k: np.ascontiguousarray(v, dtype="<f4") for k, v in tensors.items()}
-  metadata = {"format": INDEX_FORMAT, "version": INDEX_VERSION,
+  metadata = {"format": fmt, "version": INDEX_VERSION,
               "backbone": index.backbone_name, "feature_config": index.feature_config,
-              "levels": json.dumps(list(index.train_features))}
+              "levels": json.dumps(levels)}
+  if threshold is not None:
+    metadata["threshold"] = Threshold.from_json(threshold.to_json(), where).to_json()
+  if settings is not None:
+    try:
+      metadata["settings"] = json.dumps(settings, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"{where}: settings must be JSON values ({e})") from None
+    _check_settings(where, metadata["settings"])
   levels = _check_fields(where, metadata)
   _check_tensor_specs(where, {k: (_dtype_name(v.dtype), v.shape) for k, v in tensors.items()},
-                      levels)
+                      levels, metadata)
   metadata["checksums"] = json.dumps(_checksums(tensors, metadata))
   with atomic.atomic_path(path) as tmp:
     _save_file(tensors, str(tmp), metadata)
+
+
+def _check_expected(path: pathlib.Path, index: SpadeIndex | PatchCoreIndex,
+                    expect: Expect) -> None:
+  """Refuses `index` unless it is for `expect`'s detector, backbone and features."""
+  if isinstance(expect, (Spade, PatchCore)):
+    name, config = expect.backbone.name, expect.config
+  elif isinstance(expect, tuple) and len(expect) == 2:
+    name, config = expect
+  else:
+    raise ValueError(f"expect must be a Spade, a PatchCore or (backbone_name, config), got "
+                     f"{type(expect).__name__}")
+  where = f"load_index({str(path)!r})"
+  if isinstance(config, PatchCoreConfig):
+    if not isinstance(index, PatchCoreIndex):
+      raise ValueError(f"{where}: the file holds a SpadeIndex but a PatchCoreIndex is "
+                       "expected; fit PatchCore and save its index")
+    patchcore.check_compatible(index, name, config, where)
+  elif isinstance(config, SpadeConfig):
+    if not isinstance(index, SpadeIndex):
+      raise ValueError(f"{where}: the file holds a PatchCoreIndex but a SpadeIndex is "
+                       "expected; fit Spade and save its index")
+    check_compatible(index, name, config, where)
+  else:
+    raise ValueError(f"expect's config must be a SpadeConfig or a PatchCoreConfig, got "
+                     f"{type(config).__name__}")
 
 
 def _check_metadata(where: str, metadata: dict[str, str] | None
                     ) -> tuple[dict[str, str], list[str], dict[str, str]]:
   """Checks an index file's metadata; returns (metadata, levels, checksums)."""
   metadata = metadata or {}
-  if metadata.get("format") != INDEX_FORMAT:
+  if metadata.get("format") not in _FORMATS:
     raise ValueError(f"{where} is not a spade_jax index (format "
                      f"{metadata.get('format')!r:.100})")
   version = metadata.get("version")
@@ -218,7 +351,7 @@ def _check_metadata(where: str, metadata: dict[str, str] | None
   if not isinstance(checksums, dict):
     raise ValueError(f"{where}: metadata field 'checksums' must be a JSON object, got "
                      f"{type(checksums).__name__}")
-  expected = [_METADATA_DIGEST_KEY, "pool", *[f"features/{l}" for l in levels]]
+  expected = [_METADATA_DIGEST_KEY, *_tensor_names(metadata["format"], levels)]
   missing = [n for n in expected if n not in checksums]
   if missing:
     raise ValueError(f"{where}: metadata field 'checksums' has no entry for {missing[0]!r}")
@@ -235,27 +368,60 @@ def _check_metadata(where: str, metadata: dict[str, str] | None
   if checksums[_METADATA_DIGEST_KEY] != _metadata_digest(metadata):
     raise ValueError(f"{where}: the metadata does not match its checksum: the file was "
                      "damaged or edited; refit the index and save it again")
+  if "threshold" in metadata:
+    Threshold.from_json(metadata["threshold"], where)
+  if "settings" in metadata:
+    _check_settings(where, metadata["settings"])
   return metadata, levels, checksums
 
 
-def load_index(path: str | os.PathLike,
-               expect: Spade | tuple[str, SpadeConfig] | None = None) -> SpadeIndex:
-  """Reads an index written by save_index, checking it.
+def _check_settings(where: str, text: str) -> dict[str, Any]:
+  """The optional "settings" field: a JSON object keyed by setting names."""
+  settings = _parse_json(where, "settings", text)
+  if not isinstance(settings, dict):
+    raise ValueError(f"{where}: metadata field 'settings' must be a JSON object, got "
+                     f"{type(settings).__name__}")
+  return settings
+
+
+class IndexFile(NamedTuple):
+  """An index file's contents (load_index_file)."""
+  index: SpadeIndex | PatchCoreIndex
+  threshold: Threshold | None  # None: not calibrated.
+  settings: dict[str, Any] | None  # None: not recorded.
+
+
+Expect = Spade | PatchCore | tuple[str, SpadeConfig | PatchCoreConfig]
+
+
+def load_index(path: str | os.PathLike, expect: Expect | None = None
+               ) -> SpadeIndex | PatchCoreIndex:
+  """Reads an index written by save_index, checking it (see load_index_file)."""
+  return load_index_file(path, expect).index
+
+
+def load_index_file(path: str | os.PathLike, expect: Expect | None = None) -> IndexFile:
+  """Reads an index written by save_index with its optional fields, checking them.
 
   The metadata fields, the tensors' names, dtypes (float32) and shapes (one image
-  count for all), and the checksum of every tensor and of the metadata are checked
-  before any array is returned. The index is unsharded; Spade.score(..., mesh=...)
-  or shard_index shards it.
+  count for all; PatchCore: one [B, D] bank), and the checksum of every tensor and
+  of the metadata are checked before any array is returned. The index is unsharded;
+  score(..., mesh=...) (or shard_index / shard_patchcore_index) shards it.
 
   Args:
     path: the file.
-    expect: a Spade, or (backbone_name, SpadeConfig): refuse an index written for
-      another backbone or feature config. None accepts any (Spade.score checks again).
+    expect: a Spade or a PatchCore, or (backbone_name, SpadeConfig | PatchCoreConfig):
+      refuse an index of the other detector, or written for another backbone or
+      feature config. None accepts any (score checks again).
+
+  Returns:
+    IndexFile(index, threshold or None, settings or None).
 
   Raises:
     ValueError: missing file, not a spade_jax index, damaged, edited or inconsistent
       (the message names the file and the tensor or field), written by an older
-      version without checksums, or written for another backbone / config.
+      version without checksums, for the other detector, or for another backbone /
+      config.
   """
   path = pathlib.Path(path)
   if not path.is_file():
@@ -272,8 +438,8 @@ def load_index(path: str | os.PathLike,
     for name in f.keys():
       tensor = f.get_slice(name)
       specs[name] = (tensor.get_dtype(), tuple(tensor.get_shape()))
-    _check_tensor_specs(where, specs, levels)
-    for name in ["pool", *[f"features/{l}" for l in levels]]:
+    _check_tensor_specs(where, specs, levels, metadata)
+    for name in _tensor_names(metadata["format"], levels):
       try:
         value = f.get_tensor(name)
       except Exception as e:  # pylint: disable=broad-except
@@ -282,14 +448,18 @@ def load_index(path: str | os.PathLike,
         raise ValueError(f"{path}: tensor {name!r} does not match its checksum: the file "
                          "was damaged or edited; refit the index and save it again")
       tensors[name] = value
-  index = SpadeIndex(train_pool=jnp.asarray(tensors["pool"]),
-                     train_features={l: jnp.asarray(tensors[f"features/{l}"]) for l in levels},
-                     backbone_name=metadata["backbone"],
-                     feature_config=metadata["feature_config"])
+  if metadata["format"] == PATCHCORE_INDEX_FORMAT:
+    index = PatchCoreIndex(bank=jnp.asarray(tensors["bank"]),
+                           backbone_name=metadata["backbone"],
+                           feature_config=metadata["feature_config"])
+  else:
+    index = SpadeIndex(train_pool=jnp.asarray(tensors["pool"]),
+                       train_features={l: jnp.asarray(tensors[f"features/{l}"])
+                                       for l in levels},
+                       backbone_name=metadata["backbone"],
+                       feature_config=metadata["feature_config"])
   if expect is not None:
-    if isinstance(expect, Spade):
-      name, config = expect.backbone.name, expect.config
-    else:
-      name, config = expect
-    check_compatible(index, name, config, f"load_index({str(path)!r})")
-  return index
+    _check_expected(path, index, expect)
+  threshold, settings = metadata.get("threshold"), metadata.get("settings")
+  return IndexFile(index, None if threshold is None else Threshold.from_json(threshold, where),
+                   None if settings is None else _check_settings(where, settings))

@@ -27,13 +27,13 @@ import hashlib
 import json
 from typing import Any
 
-from absl import logging
 from flax import struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from spade_jax import scoring
+from spade_jax.host import progress
 from spade_jax.scoring import anomaly_map
 from spade_jax.search import distances, sharding
 
@@ -197,8 +197,11 @@ class Spade:
   def feature_config(self) -> str:
     return self.config.feature_config(self.backbone.name)
 
-  def _batches(self, images, what: str):
-    """Yields (pool [B, D], {level: [B, h, w, C]}) per batch of preprocessed images."""
+  def _batches(self, images, what: str, done: str = "features of"):
+    """Yields (pool [B, D], {level: [B, h, w, C]}) per batch of preprocessed images.
+
+    Logs progress as "<what>: <done> i / N images, ..." (see host/progress.py).
+    """
     from spade_jax.features.preprocessing import preprocess  # pylint: disable=import-outside-toplevel
     if isinstance(images, (list, tuple)):
       count = len(images)
@@ -211,17 +214,18 @@ class Spade:
     if count == 0:
       raise ValueError(f"{what} is empty (0 images)")
     step = self.config.batch_size
+    # Progress on long loops (e.g. thousands of STC frames), at most every 10 s.
+    report = progress.Progress(f"{what}: {done}", count)
     for start in range(0, count, step):
-      batch = preprocess(images[start:start + step], resize=self.config.resize,
-                         crop=self.config.crop)
-      out = self.backbone(jnp.asarray(batch, jnp.float32))
+      with progress.stage("backbone") as timed:
+        batch = preprocess(images[start:start + step], resize=self.config.resize,
+                           crop=self.config.crop)
+        out = timed.ready(self.backbone(jnp.asarray(batch, jnp.float32)))
       missing = [l for l in (*self.config.layers, "pool") if l not in out]
       if missing:
         raise ValueError(f"backbone {self.backbone.name!r} returned no {missing}")
-      # Progress on long extractions (e.g. thousands of STC frames), at most every 10 s.
-      logging.log_every_n_seconds(logging.INFO, "%s: features of %d / %d images", 10, what,
-                                  min(start + step, count), count)
       yield out["pool"], {l: out[l] for l in self.config.layers}
+      report.update(min(start + step, count))
 
   def _features(self, images, what: str) -> tuple[Array, dict[str, Array]]:
     """All images' (pool [N, D], {level: [N, h, w, C]}) float32, on the default device."""
@@ -317,18 +321,21 @@ class Spade:
   def _score_batch(self, index: SpadeIndex, pool: Any, levels: dict[str, Any]
                    ) -> tuple[np.ndarray, np.ndarray]:
     cfg = self.config
-    scores, nbrs = scoring.image_scores(pool, index.train_pool, cfg.k_image_score,
-                                        cfg.metric, num_neighbors=cfg.k_images)
-    score_maps = scoring.pixel_scores(levels, index.train_features, nbrs, kappa=cfg.kappa,
-                                      combine=cfg.combine, metric=cfg.metric)
-    # Sharded scoring returns replicated maps: blur one local copy, not one per device
-    # (under jax.set_mesh, jit wants mesh arrays or host ones: a host copy, it is small).
-    if jax.sharding.get_mesh().empty:
-      score_maps = sharding.to_local(score_maps)
-    else:
-      score_maps = np.asarray(sharding.to_local(score_maps))
-    maps = anomaly_map.anomaly_maps(score_maps, (cfg.crop, cfg.crop), sigma=cfg.sigma)
-    return np.asarray(sharding.to_local(scores)), np.asarray(maps)
+    with progress.stage("search") as timed:  # The kNN searches and the pixel scores.
+      scores, nbrs = scoring.image_scores(pool, index.train_pool, cfg.k_image_score,
+                                          cfg.metric, num_neighbors=cfg.k_images)
+      score_maps = timed.ready(scoring.pixel_scores(
+          levels, index.train_features, nbrs, kappa=cfg.kappa, combine=cfg.combine,
+          metric=cfg.metric))
+    with progress.stage("maps"):
+      # Sharded scoring returns replicated maps: blur one local copy, not one per device
+      # (under jax.set_mesh, jit wants mesh arrays or host ones: a host copy, it is small).
+      if jax.sharding.get_mesh().empty:
+        score_maps = sharding.to_local(score_maps)
+      else:
+        score_maps = np.asarray(sharding.to_local(score_maps))
+      maps = anomaly_map.anomaly_maps(score_maps, (cfg.crop, cfg.crop), sigma=cfg.sigma)
+      return np.asarray(sharding.to_local(scores)), np.asarray(maps)
 
   def score(self, index: SpadeIndex, images: np.ndarray | Sequence[np.ndarray], *,
             mesh: Mesh | None = None, axis: str = "data") -> tuple[np.ndarray, np.ndarray]:
@@ -346,7 +353,7 @@ class Spade:
     """
     index = self._prepare_index(index, mesh, axis)
     all_scores, all_maps = [], []
-    for pool, levels in self._batches(images, "images"):
+    for pool, levels in self._batches(images, "images", done="scored"):
       scores, maps = self._score_batch(index, pool, levels)
       all_scores.append(scores)
       all_maps.append(maps)
@@ -374,10 +381,12 @@ class Spade:
     if count == 0:
       raise ValueError("pool holds 0 test images")
     all_scores, all_maps = [], []
+    report = progress.Progress("images: scored", count)
     for start in range(0, count, self.config.batch_size):
       batch = slice(start, start + self.config.batch_size)
       scores, maps = self._score_batch(
           index, pool[batch], {l: features[l][batch] for l in self.config.layers})
       all_scores.append(scores)
       all_maps.append(maps)
+      report.update(min(start + self.config.batch_size, count))
     return np.concatenate(all_scores), np.concatenate(all_maps)

@@ -19,9 +19,19 @@ from typing import Any
 
 import numpy as np
 
-from spade_jax.detector import SpadeConfig
+from spade_jax.detector import PatchCoreConfig, SpadeConfig
 
 _DEFAULT = SpadeConfig()
+_PATCHCORE = PatchCoreConfig()
+# Detectors evaluate.py runs: SPADE (detector/spade.py) and PatchCore (detector/patchcore.py).
+METHODS = ("spade", "patchcore")
+# The settings each method's numbers depend on (recorded in results.json's "config").
+_COMMON_KEYS = ("data_dir", "method", "backbone", "weights", "layers", "sigma", "metric",
+                "resize", "crop")
+_METHOD_KEYS = {
+    "spade": ("k_images", "k_image_score", "kappa", "combine"),
+    "patchcore": ("coreset_ratio", "patch_size", "reweight"),
+}
 
 
 def _normalise_path(path: str | os.PathLike[str]) -> str:
@@ -34,10 +44,13 @@ def _normalise_path(path: str | os.PathLike[str]) -> str:
 class EvalConfig:
   """Everything that determines the numbers of an evaluation run.
 
-  Validated on construction (SpadeConfig's checks, and sigma finite, >= 0 and at
-  most crop, the anomaly map's side), so a bad setting fails before any work.
+  Validated on construction (the method's own config checks, and sigma finite, >= 0
+  and at most crop, the anomaly map's side), so a bad setting fails before any work.
   data_dir is stored normalised (no trailing slash, no '.' parts), so equivalent
-  spellings give equal configs.
+  spellings give equal configs. layers=None means the method's default (SPADE:
+  layer1..3; PatchCore: layer2 + layer3). Only the settings of the chosen method are
+  recorded (to_json): k_images, k_image_score, kappa and combine for "spade";
+  coreset_ratio, patch_size and reweight for "patchcore".
 
   Raises:
     ValueError: a setting out of range (the message names it).
@@ -48,12 +61,16 @@ class EvalConfig:
   k_images: int = _DEFAULT.k_images
   k_image_score: int = _DEFAULT.k_image_score
   kappa: int = _DEFAULT.kappa
-  layers: tuple[str, ...] = _DEFAULT.layers
+  layers: tuple[str, ...] | None = None
   combine: str = _DEFAULT.combine
   sigma: float = _DEFAULT.sigma
   metric: str = _DEFAULT.metric
   resize: int = _DEFAULT.resize
   crop: int = _DEFAULT.crop
+  method: str = "spade"
+  coreset_ratio: float = _PATCHCORE.coreset_ratio
+  patch_size: int = _PATCHCORE.patch_size
+  reweight: bool = _PATCHCORE.reweight
 
   def __post_init__(self):
     if not isinstance(self.data_dir, (str, os.PathLike)):
@@ -61,6 +78,11 @@ class EvalConfig:
     object.__setattr__(self, "data_dir", _normalise_path(self.data_dir))
     if isinstance(self.weights, os.PathLike):
       object.__setattr__(self, "weights", os.fspath(self.weights))
+    if self.method not in METHODS:
+      raise ValueError(f"EvalConfig.method must be one of {METHODS}, got {self.method!r}")
+    if self.layers is None:
+      default = _DEFAULT if self.method == "spade" else _PATCHCORE
+      object.__setattr__(self, "layers", default.layers)
     if isinstance(self.layers, (list, tuple)):
       object.__setattr__(self, "layers", tuple(self.layers))
     sigma = self.sigma
@@ -72,7 +94,7 @@ class EvalConfig:
       raise ValueError(
           f"EvalConfig.sigma={sigma!r} is wider than the anomaly maps: it must be at most "
           f"crop={self.crop} pixels (a wider blur only flattens the maps)")
-    self.spade_config(batch_size=1)  # SpadeConfig's checks (k's, layers, crop, ...).
+    self.detector_config(batch_size=1)  # The method's checks (k's, layers, crop, ...).
     object.__setattr__(self, "sigma", float(sigma))
 
   def spade_config(self, batch_size: int) -> SpadeConfig:
@@ -81,18 +103,39 @@ class EvalConfig:
                        sigma=self.sigma, metric=self.metric, resize=self.resize,
                        crop=self.crop, batch_size=batch_size)
 
+  def patchcore_config(self, batch_size: int) -> PatchCoreConfig:
+    return PatchCoreConfig(layers=tuple(self.layers), patch_size=self.patch_size,
+                           coreset_ratio=self.coreset_ratio, reweight=self.reweight,
+                           metric=self.metric, sigma=self.sigma, resize=self.resize,
+                           crop=self.crop, batch_size=batch_size)
+
+  def detector_config(self, batch_size: int) -> SpadeConfig | PatchCoreConfig:
+    """The chosen method's config (ValueError naming a bad setting)."""
+    if self.method == "spade":
+      return self.spade_config(batch_size)
+    return self.patchcore_config(batch_size)
+
+  def make_detector(self, batch_size: int):
+    """Loads the backbone and builds the chosen detector (spade_jax.Spade or PatchCore)."""
+    import spade_jax  # pylint: disable=import-outside-toplevel
+    config = self.detector_config(batch_size)  # Before the (slow) backbone load.
+    backbone = spade_jax.load_backbone(self.backbone, weights=self.weights)
+    if self.method == "spade":
+      return spade_jax.Spade(backbone, config)
+    return spade_jax.PatchCore(backbone, config)
+
   def to_json(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)
     d["layers"] = list(self.layers)
-    return d
+    return {key: d[key] for key in _COMMON_KEYS + _METHOD_KEYS[self.method]}
 
 
 def check_test_labels(name: str, labels: Sequence[int], n_train: int,
                       config: EvalConfig) -> None:
   """Checks that a category's metrics are defined and its k's fit, before any work.
 
-  AUROC and AU-PRO need both normal and anomalous test images; k_images and
-  k_image_score need that many training images.
+  AUROC and AU-PRO need both normal and anomalous test images; SPADE's k_images and
+  k_image_score need that many training images (PatchCore's bank is checked at fit).
 
   Raises:
     ValueError: naming the category, the problem and the fix.
@@ -107,8 +150,8 @@ def check_test_labels(name: str, labels: Sequence[int], n_train: int,
     raise ValueError(
         f"category {name!r} has no {missing} test image ({n_good} normal, {n_bad} "
         f"anomalous): {undefined} undefined; add {missing} test images {leave_out}")
-  for key in ("k_images", "k_image_score"):
-    if getattr(config, key) > n_train:
+  for key in _METHOD_KEYS[config.method]:
+    if key in ("k_images", "k_image_score") and getattr(config, key) > n_train:
       raise ValueError(
           f"category {name!r} has {n_train} training images, fewer than {key}="
           f"{getattr(config, key)}; lower --{key} {leave_out}")

@@ -29,6 +29,7 @@ import numpy as np
 from spade_jax.evaluation import config as config_lib
 from spade_jax.evaluation import results as results_lib
 from spade_jax.evaluation.config import EvalConfig
+from spade_jax.host import progress
 
 
 def _heatmap_indices(labels: np.ndarray, defects: Sequence[str], count: int) -> list[int]:
@@ -42,25 +43,25 @@ def _heatmap_indices(labels: np.ndarray, defects: Sequence[str], count: int) -> 
   return (chosen + [int(i) for i in rest])[:count]
 
 
-def _uint8_view(images_uint8: np.ndarray, resize: int, crop: int) -> np.ndarray:
-  """The resized, centre-cropped images as uint8, i.e. what the maps are aligned to."""
-  from spade_jax.features import preprocessing as pp  # pylint: disable=import-outside-toplevel
-  x = pp.preprocess(images_uint8, resize=resize, crop=crop)
-  x = x * np.asarray(pp.IMAGENET_STD, np.float32) + np.asarray(pp.IMAGENET_MEAN, np.float32)
-  return np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)
-
-
 def _category_result(scores: np.ndarray, maps: np.ndarray, masks: np.ndarray,
                      labels: np.ndarray, n_train: int) -> dict[str, Any]:
-  """The metrics of one category (host NumPy)."""
+  """The metrics of one category (host NumPy), timed as the stage "metrics"."""
   from spade_jax.evaluation import metrics  # pylint: disable=import-outside-toplevel
-  return {
-      "image_auroc": float(metrics.image_auroc(labels, scores)),
-      "pixel_auroc": float(metrics.pixel_auroc(masks, maps)),
-      "au_pro": float(metrics.au_pro(masks, maps)),
-      "n_train": int(n_train),
-      "n_test": int(len(labels)),
-  }
+  with progress.stage("metrics"):
+    return {
+        "image_auroc": float(metrics.image_auroc(labels, scores)),
+        "pixel_auroc": float(metrics.pixel_auroc(masks, maps)),
+        "au_pro": float(metrics.au_pro(masks, maps)),
+        "n_train": int(n_train),
+        "n_test": int(len(labels)),
+    }
+
+
+def _finish(result: dict[str, Any], start: float, stages: dict[str, float]) -> dict[str, Any]:
+  """result with its "seconds" (all of the category) and "stage_seconds"."""
+  result["seconds"] = float(time.perf_counter() - start)
+  result["stage_seconds"] = progress.stage_totals(stages, results_lib.STAGE_NAMES)
+  return result
 
 
 def _write_heatmaps(heatmap_dir: pathlib.Path | None, num_heatmaps: int,
@@ -73,7 +74,7 @@ def _write_heatmaps(heatmap_dir: pathlib.Path | None, num_heatmaps: int,
     return
   heatmap_dir.mkdir(parents=True, exist_ok=True)
   picks = _heatmap_indices(labels, defects, num_heatmaps)
-  views = _uint8_view(images_of(picks), resize, crop)
+  views = heatmaps.model_view(images_of(picks), resize=resize, crop=crop)
   vmax = float(np.max(maps))
   vmin = float(np.min(maps))
   for view, i in zip(views, picks):
@@ -85,23 +86,27 @@ def _write_heatmaps(heatmap_dir: pathlib.Path | None, num_heatmaps: int,
 def evaluate_category(spade, category_data, *, crop: int, resize: int,
                       heatmap_dir: pathlib.Path | None, num_heatmaps: int,
                       log: Callable[[str], None], mesh=None) -> dict[str, Any]:
-  """Fits on one category's normal images, scores its test set, returns its metrics."""
+  """Fits on one category's normal images, scores its test set, returns its metrics.
+
+  The result also holds the seconds of the whole category ("seconds") and of each
+  stage ("stage_seconds": backbone, search, maps, metrics; see results.py).
+  """
   from spade_jax.features.preprocessing import preprocess_masks  # pylint: disable=import-outside-toplevel
   start = time.perf_counter()
   data = category_data
   masks = preprocess_masks(data.test_masks, resize=resize, crop=crop)
   config_lib.check_masks(data.category, masks)  # Before the expensive part.
-  log(f"  fit on {len(data.train_images)} normal images")
-  index = spade.fit(data.train_images) if mesh is None else spade.fit(data.train_images,
-                                                                        mesh=mesh)
-  log(f"  score {len(data.test_images)} test images")
-  scores, maps = spade.score(index, data.test_images)
-  labels = np.asarray(data.test_labels)
-  result = _category_result(scores, maps, masks, labels, len(data.train_images))
+  with progress.record_stages() as stages:
+    log(f"  fit on {len(data.train_images)} normal images")
+    index = spade.fit(data.train_images) if mesh is None else spade.fit(data.train_images,
+                                                                          mesh=mesh)
+    log(f"  score {len(data.test_images)} test images")
+    scores, maps = spade.score(index, data.test_images)
+    labels = np.asarray(data.test_labels)
+    result = _category_result(scores, maps, masks, labels, len(data.train_images))
   _write_heatmaps(heatmap_dir, num_heatmaps, lambda picks: data.test_images[picks], labels,
                   data.test_defects, data.test_paths, masks, maps, resize=resize, crop=crop)
-  result["seconds"] = float(time.perf_counter() - start)
-  return result
+  return _finish(result, start, stages)
 
 
 def evaluate_category_multiprocess(spade, data_dir: pathlib.Path, name: str, mesh, *,
@@ -112,6 +117,8 @@ def evaluate_category_multiprocess(spade, data_dir: pathlib.Path, name: str, mes
 
   Process p reads the images p::P; see the module docstring for the data flow.
   """
+  import jax  # pylint: disable=import-outside-toplevel
+
   from spade_jax.data import mvtec  # pylint: disable=import-outside-toplevel
   from spade_jax.features.preprocessing import preprocess_masks  # pylint: disable=import-outside-toplevel
   from spade_jax.host import distributed  # pylint: disable=import-outside-toplevel
@@ -122,27 +129,27 @@ def evaluate_category_multiprocess(spade, data_dir: pathlib.Path, name: str, mes
     raise ValueError(f"{name}: {len(files.train)} train / {len(files.test)} test images "
                      f"cannot be shared by {count} processes (need >= 1 each)")
   train_files, test_items = distributed.share(files.train), distributed.share(files.test)
-  log(f"  fit on {len(files.train)} normal images ({len(train_files)} read here)")
-  train = mvtec.stack_split([mvtec.read_rgb(f) for f in train_files],
-                            [files.relative(f) for f in train_files], f"{name} train")
-  pool, features = spade.extract(train)
-  index = spade.fit_features(pool, features, mesh=mesh, process_local=True)
-  log(f"  score {len(files.test)} test images ({len(test_items)} read here)")
-  examples = [mvtec.read_test_example(item) for item in test_items]
-  test_paths = [files.relative(item.path) for item in test_items]
-  test = mvtec.stack_split([image for image, _ in examples], test_paths, f"{name} test")
-  local_masks = mvtec.stack_split([mask for _, mask in examples], test_paths,
-                                  f"{name} test masks")
-  n_test = len(files.test)
-  pool, features = spade.extract(test)
-  pool = distributed.gather_shares(pool, n_test)
-  features = {l: distributed.gather_shares(v, n_test) for l, v in features.items()}
-  masks = distributed.gather_shares(preprocess_masks(local_masks, resize=resize, crop=crop),
-                                    n_test)
-  config_lib.check_masks(name, masks)
-  scores, maps = spade.score_features(index, pool, features)
-  labels = np.array([int(t.defect != mvtec.GOOD) for t in files.test], np.int32)
-  result = _category_result(scores, maps, masks, labels, len(files.train))
+  with progress.record_stages() as stages:
+    log(f"  fit on {len(files.train)} normal images ({len(train_files)} read here)")
+    train = mvtec.stack_split([mvtec.read_rgb(f) for f in train_files],
+                              [files.relative(f) for f in train_files], f"{name} train")
+    index = spade.fit_features(*_feature_args(spade.extract(train)), mesh=mesh,
+                               process_local=True)
+    log(f"  score {len(files.test)} test images ({len(test_items)} read here)")
+    examples = [mvtec.read_test_example(item) for item in test_items]
+    test_paths = [files.relative(item.path) for item in test_items]
+    test = mvtec.stack_split([image for image, _ in examples], test_paths, f"{name} test")
+    local_masks = mvtec.stack_split([mask for _, mask in examples], test_paths,
+                                    f"{name} test masks")
+    n_test = len(files.test)
+    features = jax.tree.map(lambda v: distributed.gather_shares(v, n_test),
+                            spade.extract(test))
+    masks = distributed.gather_shares(preprocess_masks(local_masks, resize=resize, crop=crop),
+                                      n_test)
+    config_lib.check_masks(name, masks)
+    scores, maps = spade.score_features(index, *_feature_args(features))
+    labels = np.array([int(t.defect != mvtec.GOOD) for t in files.test], np.int32)
+    result = _category_result(scores, maps, masks, labels, len(files.train))
   if jax_process_index() == 0:
     all_paths = [files.relative(t.path) for t in files.test]
     _write_heatmaps(
@@ -150,8 +157,13 @@ def evaluate_category_multiprocess(spade, data_dir: pathlib.Path, name: str, mes
         lambda picks: np.stack([mvtec.read_test_example(files.test[i])[0] for i in picks]),
         labels, [t.defect for t in files.test], all_paths, masks, maps, resize=resize,
         crop=crop)
-  result["seconds"] = float(time.perf_counter() - start)
-  return result
+  return _finish(result, start, stages)
+
+
+def _feature_args(features) -> tuple:
+  """A detector's extract() output as the arguments of its fit_features / score_features:
+  Spade's (pool, {level: features}), or PatchCore's patch features alone."""
+  return features if isinstance(features, tuple) else (features,)
 
 
 def jax_process_index() -> int:
@@ -212,10 +224,9 @@ def evaluate(config: EvalConfig, *, output_dir: str | os.PathLike[str],
   # Imports here keep `--help` and config errors fast.
   import jax  # pylint: disable=import-outside-toplevel
 
-  import spade_jax  # pylint: disable=import-outside-toplevel
   from spade_jax.data import mvtec  # pylint: disable=import-outside-toplevel
 
-  spade_config = config.spade_config(batch_size)  # Checks batch_size.
+  config.detector_config(batch_size)  # Checks batch_size.
   multiprocess = jax.process_count() > 1
   writer = jax.process_index() == 0
   data_dir = pathlib.Path(config.data_dir)
@@ -245,8 +256,7 @@ def evaluate(config: EvalConfig, *, output_dir: str | os.PathLike[str],
       if multiprocess:
         _categories_done(None, todo)  # Tell the other processes, then fail here too.
       raise
-  backbone = spade_jax.load_backbone(config.backbone, weights=config.weights)
-  spade = spade_jax.Spade(backbone, spade_config)
+  spade = config.make_detector(batch_size)
   if store is not None:
     try:
       results = store.claim()  # Under the lock: a concurrent run's config is refused here.
@@ -282,9 +292,10 @@ def evaluate(config: EvalConfig, *, output_dir: str | os.PathLike[str],
       else:
         results["categories"][name] = result
         results["mean"] = results_lib.mean_metrics(results["categories"])
+      stages = "".join(f", {k} {v:.1f} s" for k, v in result.get("stage_seconds", {}).items())
       log(f"[{n}/{len(todo)}] {name}: image AUROC {result['image_auroc']:.3f}, pixel "
           f"AUROC {result['pixel_auroc']:.3f}, AU-PRO {result['au_pro']:.3f} "
-          f"({result['seconds']:.1f} s)")
+          f"({result['seconds']:.1f} s{stages})")
   except BaseException:
     if store is not None:
       with contextlib.suppress(Exception):
@@ -316,8 +327,7 @@ def evaluate_loaded(config: EvalConfig, datasets: Mapping[str, Any], *,
   Raises:
     ValueError: as evaluate().
   """
-  import spade_jax  # pylint: disable=import-outside-toplevel
-  spade_config = config.spade_config(batch_size)
+  config.detector_config(batch_size)  # Checks batch_size.
   for name, data in datasets.items():
     config_lib.check_test_labels(name, data.test_labels, len(data.train_images), config)
   out = pathlib.Path(output_dir)
@@ -325,8 +335,7 @@ def evaluate_loaded(config: EvalConfig, datasets: Mapping[str, Any], *,
                                   results_lib.recorded_config(config, extra_config))
   results_lib.check_heatmaps_dir(out, num_heatmaps)
   store.read()
-  spade = spade_jax.Spade(spade_jax.load_backbone(config.backbone, weights=config.weights),
-                          spade_config)
+  spade = config.make_detector(batch_size)
   store.claim()
   try:
     for name, data in datasets.items():

@@ -3,8 +3,16 @@
 results.json layout (a contract; fractions in [0, 1]):
   {"config": {...},
    "categories": {"<name>": {"image_auroc": f, "pixel_auroc": f, "au_pro": f,
-                             "n_train": i, "n_test": i, "seconds": f}, ...},
+                             "n_train": i, "n_test": i, "seconds": f,
+                             "stage_seconds": {"backbone": f, "search": f, "maps": f,
+                                               "metrics": f}}, ...},
    "mean": {"image_auroc": f, "pixel_auroc": f, "au_pro": f}}
+
+"seconds" is the whole category (fit, score, metrics, heatmaps); "stage_seconds" splits
+it by stage: backbone (preprocessing and feature extraction, training and test
+images), search (the image kNN and the pixel scores), maps (upsampling and blur),
+metrics (AUROC, AU-PRO). Files written before stage_seconds existed have none and are
+still read.
 
 A rerun with the same config skips the categories already in results.json, which
 is rewritten atomically after every category, so an interrupted run loses at most
@@ -45,6 +53,7 @@ except ImportError:  # Not POSIX: runs sharing an output_dir are not serialised.
 METRIC_NAMES = ("image_auroc", "pixel_auroc", "au_pro")
 RESULTS_FILE = "results.json"
 LOCK_FILE = ".results.lock"
+STAGE_NAMES = ("backbone", "search", "maps", "metrics")
 _ENTRY_FLOATS = (*METRIC_NAMES, "seconds")
 _ENTRY_INTS = ("n_train", "n_test")
 
@@ -110,8 +119,9 @@ def check_heatmaps_dir(out: pathlib.Path, num_heatmaps: int) -> None:
 def _config_key(config_json: Mapping[str, Any]) -> dict[str, Any]:
   """A config as compared: equivalent data_dir spellings ('data/', './data', an absolute
   path to the same folder) compare equal, also in files written before they were
-  normalised."""
+  normalised, and files written before "method" was recorded are SPADE's."""
   key = dict(config_json)
+  key.setdefault("method", "spade")  # Files written before PatchCore were SPADE's.
   data_dir = key.get("data_dir")
   if isinstance(data_dir, str) and data_dir:
     key["data_dir"] = os.path.realpath(data_dir)
@@ -161,6 +171,11 @@ def _validate_results(results: Any, path: pathlib.Path,
       value = entry.get(key)
       if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise bad(f"category {name!r} has {key}={value!r}, not a count")
+    stages = entry.get("stage_seconds", {})  # Optional: older files have none.
+    if not isinstance(stages, dict) or not all(
+        isinstance(k, str) and _is_real(v) and v >= 0 for k, v in stages.items()):
+      raise bad(f"category {name!r} has stage_seconds={stages!r:.200}, not an object of "
+                "stage names -> seconds")
   if not isinstance(results.get("mean", {}), dict):
     raise bad('its "mean" is not an object')
   return {**results, "config": results["config"], "categories": categories,

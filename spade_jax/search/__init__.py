@@ -8,7 +8,10 @@
 * sharding.py: galleries sharded over a mesh axis (padding + validity mask);
 * sharded_neighbors.py: the search of a sharded gallery (shard_map, merged top-k);
 * api.py: the public `knn` (spade_jax.knn), which chooses between the last two and
-  neighbors.py.
+  neighbors.py;
+* rows.py: rows of a gallery by index, on one device or sharded (no gather of the whole);
+* coreset.py: PatchCore's greedy k-center coreset (spade_jax.coreset), one device or
+  sharded.
 
 Nothing is imported here: the compiled extension `_knn_cpu` lives in this package, and
 loading it must not pull in the search modules that load it.

@@ -1,0 +1,248 @@
+"""PatchCore: coreset time and memory as N grows, scoring per image against SPADE mode,
+and a sharded memory bank against one device (fake CPU devices).
+
+* coreset: spade_jax.coreset(features [N, D], size) in a fresh process per N: seconds
+  of the timed call (after a compiling call), seconds per greedy step, its working set
+  (peak RSS during the call - RSS with the features built) and XLA's scratch memory;
+  beside it, what an N x N float32 distance matrix (the exact greedy of the reference
+  code) would take, and the N at which that exceeds the machine's memory;
+* scoring: seconds per test image, no backbone, random features with a backbone's
+  pyramid shapes: PatchCore (patch features of layer2 + 3, nearest of a 10% coreset
+  bank, max, maps) against SPADE (image kNN + ensemble pixel scores of K images' layer1
+  to 3, maps), taking turns;
+* sharded: in a process with `devices` fake CPU devices, coreset and PatchCore scoring
+  on a bank sharded over all of them vs the same bank on one device, taking turns,
+  with the results compared. Fake devices share this machine's cores: the figure is
+  the overhead of the sharded program, not a speedup.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import contextlib
+import gc
+import math
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import spade_jax
+from spade_jax.search import coreset as coreset_lib
+
+from . import common, memory, pixel
+
+TITLE = "PatchCore: coreset, scoring, sharded bank"
+# Channels of layer1..3 and of the pooled vector, at 224 x 224 input (56, 28, 14 grids).
+PROFILES = {"wide_resnet50_2": ([256, 512, 1024], 2048),
+            "efficientnet_lite0": ([24, 40, 112], 1280)}
+
+
+def _mem_total() -> int | None:
+  """The machine's memory (MemTotal), in bytes."""
+  try:
+    with open("/proc/meminfo", encoding="ascii") as f:
+      for line in f:
+        if line.startswith("MemTotal:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return None
+
+
+def worker(n: int, dim: int, size: int, projection_dim: int | None) -> dict[str, Any]:
+  """One coreset call on [n, dim] N(0, 1) features: seconds, working set, XLA scratch."""
+  x = common.random_normal(0, (n, dim))
+  run = lambda: spade_jax.coreset(x, size, projection_dim=projection_dim)  # noqa: E731
+  start = time.perf_counter()
+  jax.block_until_ready(run())  # Compile and run.
+  first = time.perf_counter() - start
+  gc.collect()
+  inputs_rss = memory._current_rss()  # pylint: disable=protected-access
+  reset = memory._reset_peak_rss()  # pylint: disable=protected-access
+  sampler = memory._RssSampler() if not reset else contextlib.nullcontext()  # pylint: disable=protected-access
+  with sampler:
+    start = time.perf_counter()
+    jax.block_until_ready(run())
+    seconds = time.perf_counter() - start
+  peak = memory._vm_hwm() if reset else sampler.peak  # pylint: disable=protected-access
+  key_data = jax.random.key_data(jax.random.key(0))
+  compiled = coreset_lib._coreset_jit.lower(  # pylint: disable=protected-access
+      x, key_data, jnp.int32(0), size=size,
+      projection_dim=projection_dim if projection_dim and projection_dim < dim else None,
+      impl=str(jax.random.key_impl(jax.random.key(0)))).compile()
+  return {"n": n, "dim": dim, "size": size, "projection_dim": projection_dim,
+          "seconds": seconds, "ms_per_step": 1e3 * seconds / max(size - 1, 1),
+          "first_call_s": first, "features_bytes": int(x.nbytes),
+          "inputs_rss_bytes": inputs_rss, "peak_rss_bytes": peak,
+          "working_set_bytes": peak - inputs_rss,
+          "xla_temp_bytes": compiled.memory_analysis().temp_size_in_bytes,
+          "n_by_n_bytes": 4 * n * n}
+
+
+def _scoring_fns(profile: str, grid: int, train_images: int, k_images: int, num_test: int,
+                 coreset_ratio: float, embed_dim: int, sigma: float, image_size: int):
+  """({"patchcore": fn, "spade": fn}: one scoring call of num_test images each, bank rows,
+  bank D)."""
+  channels, pool_dim = PROFILES[profile]
+  shapes = pixel.pyramid_shapes(grid, channels)
+  test = pixel.pyramid_features(num_test, shapes, seed=10)
+  train = pixel.pyramid_features(train_images, shapes, seed=20)
+  test_pool = common.random_normal(30, (num_test, pool_dim))
+  train_pool = common.random_normal(31, (train_images, pool_dim))
+  size = (image_size, image_size)
+  layers = ("layer2", "layer3")
+  train_patches = spade_jax.patch_features(train, layers, embed_dim=embed_dim)
+  rows = train_patches.reshape(-1, train_patches.shape[-1])
+  bank_rows = max(1, int(coreset_ratio * rows.shape[0]))
+  # The bank's rows only set its size here (selection is timed in the coreset part).
+  bank = jax.block_until_ready(rows[:: max(1, rows.shape[0] // bank_rows)][:bank_rows])
+
+  def patchcore():
+    patches = spade_jax.patch_features(test, layers, embed_dim=embed_dim)
+    _, maps = spade_jax.patchcore_scores(patches, bank, check_finite_inputs=False)
+    return spade_jax.anomaly_maps(maps, size, sigma=sigma)
+
+  def spade():
+    _, nbrs = spade_jax.image_scores(test_pool, train_pool, min(5, train_images),
+                                     num_neighbors=k_images,
+                                     check_finite_inputs=False)
+    maps = spade_jax.pixel_scores(test, train, nbrs, kappa=1, combine="ensemble",
+                                  check_finite_inputs=False)
+    return spade_jax.anomaly_maps(maps, size, sigma=sigma)
+
+  return {"patchcore": patchcore, "spade": spade}, int(bank.shape[0]), int(bank.shape[1])
+
+
+def sharded_worker(devices: int, n: int, dim: int, size: int, profile: str, grid: int,
+                   train_images: int, num_test: int, repeats: int) -> dict[str, Any]:
+  """In a process with `devices` devices: sharded vs one-device coreset and scoring."""
+  if jax.device_count() != devices:
+    return {"status": f"error: expected {devices} devices, found {jax.device_count()}"}
+  mesh = jax.make_mesh((devices,), ("data",))
+  x = common.random_normal(0, (n, dim))
+  x_sharded = spade_jax.shard_gallery(x, mesh)
+  select = {"one device": lambda: spade_jax.coreset(x, size, projection_dim=None),
+            "sharded": lambda: spade_jax.coreset(x_sharded, size, projection_dim=None)}
+  coreset_t = common.time_interleaved(select, repeats)
+  same = bool(np.array_equal(np.asarray(select["one device"]()),
+                             np.asarray(select["sharded"]())))
+  channels, _ = PROFILES[profile]
+  test = pixel.pyramid_features(num_test, pixel.pyramid_shapes(grid, channels), seed=10)
+  patches = spade_jax.patch_features(test, ("layer2", "layer3"), embed_dim=1024)
+  bank_rows = max(1, int(0.1 * train_images * patches.shape[1] * patches.shape[2]))
+  bank = common.random_normal(1, (bank_rows, patches.shape[-1]))
+  bank_sharded = spade_jax.shard_gallery(bank, mesh)
+  score = {"one device": lambda: spade_jax.patchcore_scores(patches, bank),
+           "sharded": lambda: spade_jax.patchcore_scores(patches, bank_sharded)}
+  score_t = common.time_interleaved(score, repeats)
+  a, b = score["one device"](), score["sharded"]()
+  err = max(float(np.max(np.abs(np.asarray(u) - np.asarray(v)))) for u, v in zip(a, b))
+  return {"status": "ok", "devices": devices, "n": n, "dim": dim, "size": size,
+          "coreset": coreset_t, "coreset_same": same, "bank_rows": int(bank.shape[0]),
+          "bank_dim": int(bank.shape[1]), "num_test": num_test, "scoring": score_t,
+          "scoring_max_abs_diff": err}
+
+
+def section(ns: Sequence[int], dim: int, size: int, projection_dim: int | None,
+            profiles: Sequence[str], train_images: int, k_images: int, num_test: int,
+            repeats: int, sharded_devices: int, sharded_n: int, grid: int = 56,
+            coreset_ratio: float = 0.1, image_size: int = 224) -> dict[str, Any]:
+  """The three parts (module docstring); each coreset point in a fresh process."""
+  points = []
+  for n in ns:
+    res = common.run_worker("coreset", {"n": n, "dim": dim, "size": size,
+                                        "projection_dim": projection_dim},
+                            device_count=None, extra_env={"MALLOC_MMAP_THRESHOLD_": "131072"})
+    res.setdefault("n", n)
+    points.append(res)
+  mem_total = _mem_total()
+  scoring = []
+  for profile in profiles:
+    fns, bank_rows, bank_dim = _scoring_fns(profile, grid, train_images, k_images, num_test,
+                                            coreset_ratio, 1024, 4.0, image_size)
+    timings = common.time_interleaved(fns, repeats)
+    scoring.append({"profile": profile, "bank_rows": bank_rows, "bank_dim": bank_dim,
+                    **{f"{m}_s_per_image": t["median_s"] / num_test
+                       for m, t in timings.items()}, "timings": timings})
+    del fns
+    gc.collect()
+  sharded = common.run_worker(
+      "coreset_sharded", {"devices": sharded_devices, "n": sharded_n, "dim": dim,
+                          "size": size, "profile": profiles[0], "grid": grid,
+                          "train_images": train_images,
+                          "num_test": num_test, "repeats": repeats},
+      device_count=sharded_devices, extra_env={"JAX_PLATFORMS": "cpu"})
+  return {"coreset": points, "mem_total_bytes": mem_total,
+          "n_by_n_limit": None if mem_total is None else math.isqrt(mem_total // 4),
+          "coreset_ratio": coreset_ratio, "train_images": train_images, "k_images": k_images,
+          "num_test": num_test, "grid": grid, "image_size": image_size,
+          "scoring": scoring, "sharded": sharded}
+
+
+def markdown(r: dict[str, Any]) -> list[str]:
+  """The coreset table, the N x N limit, the scoring and sharded tables."""
+  f, mib = common.fmt, common.mib
+  rows = []
+  for p in r["coreset"]:
+    if "seconds" not in p:
+      rows.append([p["n"], "-", "-", "-", "-", "-", "-", "-", p.get("status")])
+      continue
+    full = p["ms_per_step"] * 1e-3 * r["coreset_ratio"] * p["n"]
+    rows.append([p["n"], f(p["seconds"]), f(p["ms_per_step"]), f(full), mib(p["features_bytes"]),
+                 mib(p["working_set_bytes"]), mib(p["xla_temp_bytes"]),
+                 f(p["xla_temp_bytes"] / p["n"]), mib(p["n_by_n_bytes"])])
+  first = next((p for p in r["coreset"] if "seconds" in p), {})
+  lines = [f"Coreset: spade_jax.coreset(N(0, 1) features [N, {first.get('dim')}], "
+           f"size={first.get('size')}, projection_dim={first.get('projection_dim')}), one "
+           f"fresh process per N; the timed call follows a compiling one. The "
+           f"{r['coreset_ratio']:.0%} column extrapolates ms/step to a "
+           f"{r['coreset_ratio']:.0%} coreset (time is linear in the steps)."]
+  lines += common.table(["N", "s (timed call)", "ms / step", f"s for a "
+                         f"{r['coreset_ratio']:.0%} coreset (extrapolated)", "features MiB",
+                         "working set MiB", "XLA scratch MiB", "XLA scratch bytes / point",
+                         "N x N float32 MiB"], rows)
+  good = [p for p in r["coreset"] if "working_set_bytes" in p]
+  if len(good) >= 2:
+    lo, hi = good[0], good[-1]
+    slope = (hi["working_set_bytes"] - lo["working_set_bytes"]) / (hi["n"] - lo["n"])
+    lines.append(f"\nFrom N = {lo['n']} to {hi['n']} (x{hi['n'] / lo['n']:.0f}) the working "
+                 f"set grows by {slope:.1f} bytes per added point (a constant "
+                 f"{(lo['working_set_bytes'] - slope * lo['n']) / 2**20:.0f} MiB besides); "
+                 "the features themselves are inputs, not counted.")
+  if r.get("n_by_n_limit"):
+    lines.append(f"\nAn N x N float32 distance matrix exceeds this machine's "
+                 f"{r['mem_total_bytes'] / 2**30:.1f} GiB beyond N = {r['n_by_n_limit']:,}.")
+  lines += ["", f"Scoring, seconds per test image (no backbone; random features; "
+            f"{r['num_test']} images per call; {r['train_images']} training images; "
+            f"PatchCore: {r['coreset_ratio']:.0%} bank of layer2 + 3 patches, k = 1; "
+            f"SPADE: K = {r['k_images']}, ensemble of layer1-3; both with maps at "
+            f"{r['image_size']}^2):"]
+  lines += common.table(["backbone shapes", "bank rows x D", "PatchCore s / image",
+                         "SPADE s / image", "SPADE / PatchCore"],
+                        [[s["profile"], f"{s['bank_rows']} x {s['bank_dim']}",
+                          f(s["patchcore_s_per_image"]), f(s["spade_s_per_image"]),
+                          f(s["spade_s_per_image"] / s["patchcore_s_per_image"])]
+                         for s in r["scoring"]])
+  sh = r["sharded"]
+  if sh.get("status") != "ok":
+    return lines + ["", f"Sharded bank: {sh.get('status')}"]
+  lines += ["", f"Sharded vs one device, {sh['devices']} fake CPU devices sharing this "
+            f"machine's cores (overhead, not speedup): coreset of N = {sh['n']} x "
+            f"{sh['dim']} (size {sh['size']}), PatchCore scoring of {sh['num_test']} images "
+            f"against a {sh['bank_rows']} x {sh['bank_dim']} bank."]
+  lines += common.table(["op", "one device s", "sharded s", "sharded / one device",
+                         "same result"],
+                        [["coreset", f(sh["coreset"]["one device"]["median_s"]),
+                          f(sh["coreset"]["sharded"]["median_s"]),
+                          f(sh["coreset"]["sharded"]["median_s"]
+                            / sh["coreset"]["one device"]["median_s"]),
+                          f(sh["coreset_same"])],
+                         ["patchcore_scores", f(sh["scoring"]["one device"]["median_s"]),
+                          f(sh["scoring"]["sharded"]["median_s"]),
+                          f(sh["scoring"]["sharded"]["median_s"]
+                            / sh["scoring"]["one device"]["median_s"]),
+                          f"max abs diff {sh['scoring_max_abs_diff']:.2g}"]])
+  return lines

@@ -1,0 +1,257 @@
+"""The flags the scripts share: the detector's (evaluate.py, fit.py, predict.py) and the
+compilation cache's (every script).
+
+  _DETECTOR = detector_flags.define_detector_flags()   # at module level, once
+  _CACHE = detector_flags.define_compilation_cache_flag()
+  flags.adopt_module_key_flags(detector_flags)        # listed by the script's --help
+  ...
+  detector_flags.enable_compilation_cache(_CACHE, "fit.py")   # before any JAX work
+  spade = detector_flags.make_detector(_DETECTOR.method.value, _DETECTOR.settings(),
+                                       _DETECTOR.batch_size.value)
+
+Adding a method: its name to METHODS, its own flags to define_detector_flags (with
+their holders in DetectorFlags and their values in settings()), and a branch in
+make_detector (and in spade_config's counterpart for its config).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from typing import Any
+
+from absl import flags
+
+from spade_jax.detector import PatchCoreConfig, SpadeConfig, SpadeIndex
+from spade_jax.evaluation.config import METHODS
+from spade_jax.features.backbones import BACKBONES
+
+_DEFAULT = SpadeConfig()
+_PATCHCORE = PatchCoreConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectorFlags:
+  """The detector's flag holders (see define_detector_flags)."""
+  method: flags.FlagHolder[str]
+  backbone: flags.FlagHolder[str]
+  weights: flags.FlagHolder[str]
+  k_images: flags.FlagHolder[int]
+  k_image_score: flags.FlagHolder[int]
+  kappa: flags.FlagHolder[int]
+  layers: flags.FlagHolder[list[str]]
+  combine: flags.FlagHolder[str]
+  metric: flags.FlagHolder[str]
+  sigma: flags.FlagHolder[float]
+  resize: flags.FlagHolder[int]
+  crop: flags.FlagHolder[int]
+  batch_size: flags.FlagHolder[int]
+  coreset_ratio: flags.FlagHolder[float]
+  patch_size: flags.FlagHolder[int]
+  reweight: flags.FlagHolder[bool]
+
+  def settings(self) -> dict[str, Any]:
+    """The detector settings as keyword arguments of evaluation.EvalConfig (weights
+    'none' -> None; layers not given -> the method's default)."""
+    weights = self.weights.value
+    method = self.method.value
+    layers = self.layers.value
+    if layers is None:
+      layers = (_DEFAULT if method == "spade" else _PATCHCORE).layers
+    return {
+        "method": method, "backbone": self.backbone.value,
+        "weights": None if weights.lower() == "none" else weights,
+        "k_images": self.k_images.value, "k_image_score": self.k_image_score.value,
+        "kappa": self.kappa.value, "layers": tuple(layers),
+        "combine": self.combine.value, "sigma": self.sigma.value, "metric": self.metric.value,
+        "resize": self.resize.value, "crop": self.crop.value,
+        "coreset_ratio": self.coreset_ratio.value, "patch_size": self.patch_size.value,
+        "reweight": self.reweight.value}
+
+  def given(self) -> set[str]:
+    """Names of the detector flags set on the command line (not left at their default)."""
+    return {f.name for f in dataclasses.fields(self) if getattr(self, f.name).present}
+
+
+def define_detector_flags() -> DetectorFlags:
+  """Defines the detector's flags (once per script); returns their holders."""
+  return DetectorFlags(
+      method=flags.DEFINE_enum(
+          "method", "spade", list(METHODS),
+          "Detector: spade (SPADE, Cohen & Hoshen 2020) or patchcore (PatchCore, Roth et "
+          "al. 2022: a coreset memory bank of locally aware patch features)."),
+      backbone=flags.DEFINE_enum(
+          "backbone", "efficientnet_lite0", list(BACKBONES),
+          "Feature extractor; wide_resnet50_2 reproduces the paper."),
+      weights=flags.DEFINE_string(
+          "weights", "imagenet", "'imagenet' (cached standard file), a .pth / converted "
+          "file path, or 'none' for random weights."),
+      k_images=flags.DEFINE_integer(
+          "k_images", _DEFAULT.k_images, "K: nearest normal images forming the pixel "
+          "gallery."),
+      k_image_score=flags.DEFINE_integer(
+          "k_image_score", _DEFAULT.k_image_score, "k of the image-level kNN score."),
+      kappa=flags.DEFINE_integer("kappa", _DEFAULT.kappa,
+                                 "kappa: nearest gallery features per pixel."),
+      layers=flags.DEFINE_list(
+          "layers", None, "Pyramid levels. Default: the method's, "
+          f"{','.join(_DEFAULT.layers)} for spade, {','.join(_PATCHCORE.layers)} for "
+          "patchcore."),
+      combine=flags.DEFINE_enum("combine", _DEFAULT.combine, ["ensemble", "cat"],
+                                "How levels combine."),
+      metric=flags.DEFINE_string("metric", _DEFAULT.metric,
+                                 "Distance kernel (spade_jax.METRICS)."),
+      sigma=flags.DEFINE_float("sigma", _DEFAULT.sigma,
+                               "Gaussian smoothing of the anomaly maps."),
+      resize=flags.DEFINE_integer("resize", _DEFAULT.resize,
+                                  "Shorter side is resized to this."),
+      crop=flags.DEFINE_integer("crop", _DEFAULT.crop, "Centre crop size."),
+      batch_size=flags.DEFINE_integer("batch_size", 8, "Images per backbone call."),
+      coreset_ratio=flags.DEFINE_float(
+          "coreset_ratio", _PATCHCORE.coreset_ratio, "patchcore: fraction of the training "
+          "patches kept in the memory bank by the greedy coreset (1: all)."),
+      patch_size=flags.DEFINE_integer(
+          "patch_size", _PATCHCORE.patch_size, "patchcore: p, the p x p neighbourhood "
+          "averaged into each patch feature."),
+      reweight=flags.DEFINE_bool(
+          "reweight", _PATCHCORE.reweight, "patchcore: reweight the image score by the "
+          "density of its nearest bank entry's neighbourhood (PatchCore, eq. 7)."),
+  )
+
+
+def spade_config(settings: dict[str, Any], batch_size: int) -> SpadeConfig:
+  """SpadeConfig of settings() (checked: ValueError naming a bad setting)."""
+  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
+  keys = ("k_images", "k_image_score", "kappa", "layers", "combine", "sigma", "metric",
+          "resize", "crop")
+  return SpadeConfig(**{k: settings[k] for k in keys}, batch_size=batch_size)
+
+
+def patchcore_config(settings: dict[str, Any], batch_size: int) -> PatchCoreConfig:
+  """PatchCoreConfig of settings() (checked: ValueError naming a bad setting)."""
+  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
+  keys = ("layers", "patch_size", "coreset_ratio", "reweight", "metric", "sigma", "resize",
+          "crop")
+  # An index's own feature settings (predict.py: settings_from_index) that no flag sets.
+  fixed = {k: settings[k] for k in ("embed_dim", "reduction", "reduction_seed")
+           if k in settings}
+  return PatchCoreConfig(**{k: settings[k] for k in keys}, **fixed, batch_size=batch_size)
+
+
+def detector_config(method: str, settings: dict[str, Any], batch_size: int):
+  """The config of detector `method` from settings() (ValueError naming a bad one)."""
+  if method == "spade":
+    return spade_config(settings, batch_size)
+  if method == "patchcore":
+    return patchcore_config(settings, batch_size)
+  raise ValueError(f"--method must be one of {METHODS}, got {method!r}")
+
+
+def make_detector(method: str, settings: dict[str, Any], batch_size: int):
+  """Loads the backbone and builds the detector `method` with `settings`.
+
+  Raises:
+    ValueError: a bad setting or weights file (FileNotFoundError: missing weights).
+  """
+  import spade_jax  # pylint: disable=import-outside-toplevel
+  config = detector_config(method, settings, batch_size)  # Before the backbone load.
+  backbone = spade_jax.load_backbone(settings["backbone"], weights=settings["weights"])
+  return (spade_jax.Spade if method == "spade" else spade_jax.PatchCore)(backbone, config)
+
+
+def settings_from_index(settings: dict[str, Any], given: set[str], contents,
+                        where: str) -> dict[str, Any]:
+  """`settings` completed from an index file (predict.py).
+
+  A flag given on the command line wins; otherwise the setting fit.py recorded in the
+  index (its "settings"), else the flag's default. Two kinds of setting are fixed by
+  the index: the method (the index's type), the backbone and the feature settings
+  (layers, resize, crop; PatchCore's patch features) are the index's, and a calibrated
+  threshold fixes the settings it holds for (SPADE: k_image_score, metric; PatchCore:
+  metric, coreset_ratio, patch_size, reweight). A flag given that contradicts them is
+  an error.
+
+  Args:
+    settings: DetectorFlags.settings().
+    given: DetectorFlags.given().
+    contents: spade_jax.detector.IndexFile (index, threshold, settings).
+    where: the index file, for messages.
+
+  Raises:
+    ValueError: a given flag contradicts the index (names both values and the fix).
+  """
+  out = dict(settings)
+  recorded = contents.settings or {}
+  for key in out:
+    if key not in given and key in recorded:
+      value = recorded[key]
+      out[key] = None if key == "weights" and value == "none" else _tuple_if_list(value)
+  fixed = dict(json.loads(contents.index.feature_config))
+  fixed["layers"] = tuple(fixed["layers"])
+  fixed["method"] = "spade" if isinstance(contents.index, SpadeIndex) else "patchcore"
+  for key, value in fixed.items():
+    if key in given and _tuple_if_list(settings[key]) != value:
+      raise ValueError(
+          f"--{key}={_flag_text(settings[key])} does not match the index {where}, which was "
+          f"fitted with {key}={_flag_text(value)}; drop --{key} (predict.py takes it from "
+          f"the index) or refit the index with fit.py --{key}={_flag_text(settings[key])}")
+    out[key] = value
+  if contents.threshold is not None:
+    for key, value in contents.threshold.settings.items():
+      if key in given and settings.get(key) != value:
+        raise ValueError(
+            f"--{key}={_flag_text(settings[key])} differs from the {key}={_flag_text(value)} "
+            f"the threshold in {where} was calibrated with, so the threshold would not hold; "
+            f"drop --{key} or refit with fit.py --calibrate --{key}={_flag_text(settings[key])}")
+      out[key] = value
+  return out
+
+
+def recorded_settings(method: str, settings: dict[str, Any]) -> dict[str, Any]:
+  """What fit.py records in the index (JSON values): the method and settings()."""
+  return {"method": method, **settings, "layers": list(settings["layers"]),
+          "weights": "none" if settings["weights"] is None else settings["weights"]}
+
+
+def _tuple_if_list(value: Any) -> Any:
+  return tuple(value) if isinstance(value, list) else value
+
+
+def _flag_text(value: Any) -> str:
+  """A setting as it is written on the command line (lists comma-separated)."""
+  return ",".join(value) if isinstance(value, (list, tuple)) else str(value)
+
+
+def define_compilation_cache_flag() -> flags.FlagHolder[str]:
+  """Defines --compilation_cache_dir (once per script)."""
+  return flags.DEFINE_string(
+      "compilation_cache_dir", None,
+      "JAX's persistent compilation cache: a rerun with the same shapes loads the "
+      "compiled programs instead of compiling them again. Default: "
+      "$SPADE_JAX_COMPILATION_CACHE if set, else $SPADE_JAX_CACHE/jax_compilation_cache "
+      "(~/.cache/spade_jax/jax_compilation_cache). '' or 'none' turns it off.")
+
+
+def enable_compilation_cache(holder: flags.FlagHolder[str], script: str) -> None:
+  """Sets up the cache the flag names (spade_jax.host.compilation_cache.enable), or exits
+  with '<script>: error: ...' when the folder cannot be used."""
+  from spade_jax.host import compilation_cache  # pylint: disable=import-outside-toplevel
+  try:
+    compilation_cache.enable(holder.value)
+  except ValueError as e:
+    sys.exit(f"{script}: error: {e}")
+
+
+def compilation_cache_note() -> str:
+  """'off', or '<folder> (<n> programs stored before this run)' (for reports)."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  from spade_jax.host import compilation_cache  # pylint: disable=import-outside-toplevel
+  folder = jax.config.jax_compilation_cache_dir
+  if not jax.config.jax_enable_compilation_cache or not folder:
+    return "off"
+  return f"{folder} ({len(compilation_cache.cache_entries(folder))} programs stored before "\
+         "this run)"

@@ -1,0 +1,91 @@
+r"""Fits the detector on a folder of normal images and writes its index.
+
+  python experiments/fit.py --train_dir=images/good --index=part.spade
+  python experiments/fit.py --train_dir=images/good --index=part.spade --calibrate \
+      --backbone=wide_resnet50_2 --k_images=20
+
+Every image under --train_dir is read, at any depth (png, jpg/jpeg, bmp, tif/tiff,
+webp, any case; names starting with '.' are skipped). A file that is not a readable
+image is reported (a warning naming it and why) and left out. The index
+(spade_jax.save_index: atomic, checksummed) records the backbone, the feature
+settings (--layers, --resize, --crop) and the other detector flags given here
+(--weights, --k_images, ...): predict.py takes them from it.
+
+--calibrate also stores a decision threshold, from the normal images alone: each
+training image is scored against an index fitted without it (leave-one-out; or
+--calibration_folds=F folds), and the threshold is the --calibration_quantile
+(default 0.99) quantile of those held-out image scores: about 1% of new normal images
+are expected above it. predict.py then adds an "anomalous" column. The threshold
+holds for the --k_image_score and --metric it was calibrated with (recorded with it).
+
+The detector's flags are evaluate.py's (detector_flags.py). Compiled programs are
+kept in JAX's persistent compilation cache (--compilation_cache_dir, default
+$SPADE_JAX_CACHE/jax_compilation_cache; 'none' turns it off), so a second fit with
+the same image size skips compiling. Progress (images done / total, rate, time
+left) goes to the log.
+"""
+
+from collections.abc import Sequence
+import sys
+
+from absl import app, flags, logging
+import detector_flags
+import numpy as np
+
+_TRAIN_DIR = flags.DEFINE_string("train_dir", None, "Folder of normal images (any depth).",
+                                 required=True)
+_INDEX = flags.DEFINE_string("index", None, "Index file to write (its folder must exist).",
+                             required=True)
+_CALIBRATE = flags.DEFINE_bool("calibrate", False,
+                               "Also store a decision threshold on the image score, "
+                               "calibrated on the training images by cross-validation.")
+_QUANTILE = flags.DEFINE_float("calibration_quantile", 0.99,
+                               "The threshold is this quantile of the held-out scores of "
+                               "the normal training images.")
+_FOLDS = flags.DEFINE_integer("calibration_folds", None,
+                              "Cross-validation folds of the calibration (>= 2). Default: "
+                              "leave-one-out (as many folds as images).")
+_DETECTOR = detector_flags.define_detector_flags()
+_CACHE_DIR = detector_flags.define_compilation_cache_flag()
+flags.adopt_module_key_flags(detector_flags)
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  from spade_jax.detector import calibration  # pylint: disable=import-outside-toplevel
+  from spade_jax.evaluation import folders  # pylint: disable=import-outside-toplevel
+  settings = _DETECTOR.settings()
+  try:  # Everything checkable before the backbone loads.
+    detector_flags.detector_config(_DETECTOR.method.value, settings,
+                                   _DETECTOR.batch_size.value)
+    if _CALIBRATE.value:
+      calibration.check_calibration_args(2, _QUANTILE.value, _FOLDS.value, 0)
+    folders.check_index_path(_INDEX.value)
+  except ValueError as e:
+    sys.exit(f"fit.py: error: {e}")
+  detector_flags.enable_compilation_cache(_CACHE_DIR, "fit.py")
+  try:
+    spade = detector_flags.make_detector(_DETECTOR.method.value, settings,
+                                         _DETECTOR.batch_size.value)
+    report = folders.fit_folder(
+        spade, _TRAIN_DIR.value, _INDEX.value, calibrate=_CALIBRATE.value,
+        quantile=_QUANTILE.value, folds=_FOLDS.value, log=logging.info,
+        settings=detector_flags.recorded_settings(_DETECTOR.method.value, settings))
+  except (ValueError, OSError) as e:  # Bad input: a message, not a traceback.
+    sys.exit(f"fit.py: error: {e}")
+  print(f"index: {report.index_path} ({report.num_images} images, backbone "
+        f"{settings['backbone']}, {report.seconds:.1f} s)")
+  if report.skipped:
+    print(f"skipped {len(report.skipped)} files that are not readable images: "
+          f"{', '.join(s.relative for s in report.skipped)}")
+  if report.threshold is not None:
+    t, scores = report.threshold, report.held_out_scores
+    folds = "leave-one-out" if t.folds == t.num_images else f"{t.folds}-fold"
+    print(f"threshold: {t.value:.6g} (quantile {t.quantile} of the {folds} held-out scores "
+          f"of {t.num_images} normal images: min {scores.min():.6g}, median "
+          f"{np.median(scores):.6g}, max {scores.max():.6g})")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,85 @@
+r"""Scores a folder of images with an index written by fit.py.
+
+  python experiments/predict.py --index=part.spade --images=incoming/ --output_dir=out/
+
+Every image under --images is scored (any depth; the formats fit.py reads), with the
+index alone: no training image is needed. Writes
+
+  out/scores.csv      "path,score" (path relative to --images, one row per image,
+                      sorted), plus "anomalous" (1 / 0: score above the threshold) when
+                      the index holds one (fit.py --calibrate)
+  out/heatmaps/<path>.png   per image: the image as the detector saw it (resized,
+                      centre-cropped) | its anomaly map over it, one colour scale for all
+  out/summary.png     the --num_summary most anomalous images with their maps
+  out/skipped.csv     "path,reason" of files that are not readable images (reported
+                      as warnings and left out; never fatal)
+
+Settings come from the index: the backbone and the feature settings (--layers,
+--resize, --crop) always (a flag given that disagrees is an error), and a calibrated
+index fixes --k_image_score and --metric (its threshold holds for those). Every
+other detector flag not given is the value fit.py recorded in the index (--weights,
+--k_images, --kappa, ...; an index saved from Python without them: the defaults);
+a flag given overrides it. --weights is recorded as given to fit.py: a weights file
+must be at the same path here, or be passed again as --weights=PATH.
+
+Compiled programs are kept in JAX's persistent compilation cache
+(--compilation_cache_dir, default $SPADE_JAX_CACHE/jax_compilation_cache; 'none' turns
+it off): a second run with the same index and image size skips compiling. Progress
+(images done / total, rate, time left) goes to the log.
+"""
+
+from collections.abc import Sequence
+import sys
+
+from absl import app, flags, logging
+import detector_flags
+
+_INDEX = flags.DEFINE_string("index", None, "Index file written by fit.py.", required=True)
+_IMAGES = flags.DEFINE_string("images", None, "Folder of images to score (any depth).",
+                              required=True)
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where scores.csv, heatmaps/ and "
+                                  "summary.png go (created).", required=True)
+_NUM_SUMMARY = flags.DEFINE_integer("num_summary", 8, "Most anomalous images shown in "
+                                    "summary.png (0: no summary).")
+_HEATMAPS = flags.DEFINE_bool("heatmaps", True, "Write a heatmap PNG per image.")
+_DETECTOR = detector_flags.define_detector_flags()
+_CACHE_DIR = detector_flags.define_compilation_cache_flag()
+flags.adopt_module_key_flags(detector_flags)
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  from spade_jax.detector import load_index_file  # pylint: disable=import-outside-toplevel
+  from spade_jax.evaluation import folders, predictions  # pylint: disable=import-outside-toplevel
+  detector_flags.enable_compilation_cache(_CACHE_DIR, "predict.py")
+  try:  # Everything checkable before the backbone loads.
+    if _NUM_SUMMARY.value < 0:
+      raise ValueError(f"--num_summary must be >= 0, got {_NUM_SUMMARY.value}")
+    contents = load_index_file(_INDEX.value)
+    index, threshold = contents.index, contents.threshold
+    settings = detector_flags.settings_from_index(
+        _DETECTOR.settings(), _DETECTOR.given(), contents, _INDEX.value)
+    detector_flags.detector_config(settings["method"], settings, _DETECTOR.batch_size.value)
+    predictions.check_output_dir(_OUTPUT_DIR.value)
+    spade = detector_flags.make_detector(settings["method"], settings,
+                                         _DETECTOR.batch_size.value)
+    report = folders.predict_folder(
+        spade, index, _IMAGES.value, _OUTPUT_DIR.value, threshold=threshold,
+        write_heatmaps=_HEATMAPS.value, num_summary=_NUM_SUMMARY.value, log=logging.info)
+  except (ValueError, OSError) as e:  # Bad input: a message, not a traceback.
+    sys.exit(f"predict.py: error: {e}")
+  print(f"scored {len(report.paths)} images in {report.seconds:.1f} s: {report.scores_csv}")
+  if threshold is not None:
+    flagged = int((report.scores > threshold.value).sum())
+    print(f"anomalous: {flagged} of {len(report.paths)} (score > threshold "
+          f"{threshold.value:.6g})")
+  if report.skipped:
+    print(f"skipped {len(report.skipped)} files that are not readable images (listed in "
+          f"{predictions.SKIPPED_FILE}): {', '.join(s.relative for s in report.skipped)}")
+  if report.summary_png is not None:
+    print(f"summary: {report.summary_png}")
+
+
+if __name__ == "__main__":
+  app.run(main)

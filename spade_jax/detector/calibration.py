@@ -1,0 +1,236 @@
+"""A decision threshold from normal images alone, by cross-validation.
+
+Without anomalous examples, the threshold is a high quantile of the scores that
+*unseen normal* images get. The training images are split into `folds` contiguous
+folds, in file order (folds = number of images: leave-one-out); each fold is scored
+against a detector fitted on the other folds, so no image is scored against itself,
+and the threshold is numpy.quantile(held-out scores, quantile) (linear interpolation).
+At the default quantile 0.99, about 1% of new normal images are expected above it.
+
+Held-out scores come from a gallery one fold smaller than the final index; SPADE's
+image score (mean distance to the k nearest training images) can only shrink when
+images are added, so leave-one-out (the default) is the closest estimate and fewer
+folds err towards a higher threshold (fewer false alarms).
+
+For SPADE the threshold is on the image score, which depends on the pooled features
+and on (k_image_score, metric) alone: Threshold.settings records those, and the
+threshold holds for an index with any pixel settings (k_images, kappa, sigma, ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+import dataclasses
+import json
+import math
+import numbers
+from typing import Any
+
+import numpy as np
+
+from spade_jax import scoring
+from spade_jax.detector.spade import Spade
+from spade_jax.host import progress as progress_lib
+
+# score_fold(train_indices, held_out_indices) -> scores of the held-out images [len].
+ScoreFold = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class Threshold:
+  """A decision threshold on image scores, calibrated on normal images.
+
+  Attributes:
+    value: images scoring above it are called anomalous.
+    quantile: which quantile of the held-out normal scores it is, in [0, 1].
+    folds: cross-validation folds (folds == num_images: leave-one-out).
+    num_images: normal images it was calibrated on.
+    settings: the scoring settings the scores depend on (SPADE: k_image_score and
+      metric); the threshold only holds for scores made with them.
+  """
+  value: float
+  quantile: float
+  folds: int
+  num_images: int
+  settings: dict[str, Any]
+
+  def to_json(self) -> str:
+    """Canonical JSON (sorted keys), as stored in an index file."""
+    return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+  @classmethod
+  def from_json(cls, text: str, where: str) -> Threshold:
+    """Parses and checks to_json's output.
+
+    Raises:
+      ValueError: not JSON, missing or extra fields, or a value out of range; the
+        message starts with `where`.
+    """
+    try:
+      obj = json.loads(text)
+    except (ValueError, RecursionError) as e:
+      raise ValueError(f"{where}: metadata field 'threshold' is not valid JSON ({e})") from None
+    names = sorted(f.name for f in dataclasses.fields(cls))
+    if not isinstance(obj, dict) or sorted(obj) != names:
+      got = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+      raise ValueError(f"{where}: metadata field 'threshold' must be a JSON object with the "
+                       f"fields {names}, got {got!r:.200}")
+    value, quantile = obj["value"], obj["quantile"]
+    folds, num_images = obj["folds"], obj["num_images"]
+
+    def real(x):
+      return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+    def count(x):
+      return isinstance(x, int) and not isinstance(x, bool)
+
+    problems = []
+    if not real(value):
+      problems.append(f"value={value!r:.50} is not a finite number")
+    if not real(quantile) or not 0 <= quantile <= 1:
+      problems.append(f"quantile={quantile!r:.50} is not in [0, 1]")
+    if not count(folds) or not count(num_images) or not 2 <= folds <= num_images:
+      problems.append(f"folds={folds!r:.50}, num_images={num_images!r:.50} are not counts "
+                      "with 2 <= folds <= num_images")
+    if not isinstance(obj["settings"], dict):
+      problems.append("settings is not an object")
+    if problems:
+      raise ValueError(f"{where}: metadata field 'threshold' is malformed: "
+                       f"{'; '.join(problems)}")
+    return cls(value=float(value), quantile=float(quantile), folds=folds,
+               num_images=num_images, settings=dict(obj["settings"]))
+
+  def conflicts(self, settings: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """{name: (calibrated, given)} for the recorded settings that `settings` changes."""
+    return {k: (v, settings[k]) for k, v in self.settings.items()
+            if k in settings and settings[k] != v}
+
+
+def check_calibration_args(num_images: int, quantile: float, folds: int | None,
+                           min_train: int, what: str = "k_image_score") -> int:
+  """Checks the arguments of a calibration; returns the number of folds used.
+
+  Args:
+    num_images: training images.
+    quantile: in [0, 1].
+    folds: >= 2, or None for leave-one-out; more folds than images is leave-one-out.
+    min_train: images each fold's detector needs (SPADE: k_image_score), named `what`.
+
+  Raises:
+    ValueError: naming the argument and the fix.
+  """
+  if isinstance(quantile, bool) or not isinstance(quantile, numbers.Real) or not (
+      0 <= quantile <= 1):
+    raise ValueError(f"calibration quantile must be in [0, 1] (e.g. 0.99), got {quantile!r}")
+  if folds is not None and (isinstance(folds, bool) or not isinstance(folds, int)
+                            or folds < 2):
+    raise ValueError(f"calibration folds must be an int >= 2 (or None: leave-one-out), got "
+                     f"{folds!r}")
+  if num_images < 2:
+    raise ValueError(f"calibration needs at least 2 training images, got {num_images}")
+  folds = num_images if folds is None else min(folds, num_images)
+  smallest_train = num_images - math.ceil(num_images / folds)
+  if smallest_train < min_train:
+    raise ValueError(
+        f"calibration with {folds} folds fits each fold on as few as {smallest_train} of the "
+        f"{num_images} training images, fewer than {what}={min_train}; use more folds (up "
+        f"to {num_images}: leave-one-out), a smaller {what}, or more training images")
+  return folds
+
+
+def held_out_scores(score_fold: ScoreFold, num_images: int, folds: int) -> np.ndarray:
+  """[num_images] scores, each image's from a detector fitted without its fold.
+
+  Folds are contiguous in image order (numpy.array_split of the indices).
+  """
+  scores = np.full(num_images, np.nan, np.float64)
+  indices = np.arange(num_images)
+  report = progress_lib.Progress("calibration: scored", num_images)
+  done = 0
+  for held_out in np.array_split(indices, folds):
+    train = np.setdiff1d(indices, held_out, assume_unique=True)
+    with progress_lib.quiet():
+      scores[held_out] = np.asarray(score_fold(train, held_out), np.float64)
+    done += len(held_out)
+    report.update(done)
+  return scores
+
+
+def spade_threshold(spade: Spade, train_pool: np.ndarray, *, quantile: float = 0.99,
+                    folds: int | None = None) -> tuple[Threshold, np.ndarray]:
+  """SPADE's threshold on image scores from its training images' pooled features.
+
+  Args:
+    spade: the detector (its config's k_image_score and metric are used).
+    train_pool: [N, D] float32 pooled features of the N training images (the index's
+      train_pool, or Spade.extract's first output), in file order.
+    quantile: the quantile of the held-out scores taken as the threshold.
+    folds: cross-validation folds; None: leave-one-out.
+
+  Returns:
+    (Threshold, held-out scores [N] float64).
+
+  Raises:
+    ValueError: see check_calibration_args.
+  """
+  cfg = spade.config
+  pool = np.asarray(train_pool, np.float32)
+  if pool.ndim != 2:
+    raise ValueError(f"train_pool must be [N, D], got shape {pool.shape}")
+  folds = check_calibration_args(pool.shape[0], quantile, folds, cfg.k_image_score)
+
+  def score_fold(train: np.ndarray, held_out: np.ndarray) -> np.ndarray:
+    scores, _ = scoring.image_scores(pool[held_out], pool[train], cfg.k_image_score,
+                                     cfg.metric)
+    return np.asarray(scores)
+
+  scores = held_out_scores(score_fold, pool.shape[0], folds)
+  threshold = Threshold(value=float(np.quantile(scores, quantile)), quantile=float(quantile),
+                        folds=folds, num_images=int(pool.shape[0]),
+                        settings={"k_image_score": cfg.k_image_score, "metric": cfg.metric})
+  return threshold, scores
+
+
+# PatchCore's default folds: leave-one-out would select one coreset per training image.
+PATCHCORE_FOLDS = 5
+
+
+def patchcore_threshold(patchcore, train_patches: np.ndarray, *, quantile: float = 0.99,
+                        folds: int | None = None) -> tuple[Threshold, np.ndarray]:
+  """PatchCore's threshold on image scores from its training images' patch features.
+
+  Each fold's images are scored against a memory bank (coreset included) fitted on
+  the other folds' patches, as PatchCore.fit_features fits the full one.
+
+  Args:
+    patchcore: the detector (spade_jax.PatchCore).
+    train_patches: [N, h, w, D] patch features of the N training images
+      (PatchCore.extract), in file order.
+    quantile: the quantile of the held-out scores taken as the threshold.
+    folds: cross-validation folds; None: PATCHCORE_FOLDS.
+
+  Returns:
+    (Threshold, held-out scores [N] float64).
+
+  Raises:
+    ValueError: see check_calibration_args.
+  """
+  cfg = patchcore.config
+  patches = np.asarray(train_patches, np.float32)
+  if patches.ndim != 4:
+    raise ValueError(f"train_patches must be [N, h, w, D], got shape {patches.shape}")
+  folds = check_calibration_args(patches.shape[0], quantile,
+                                 PATCHCORE_FOLDS if folds is None else folds, 1,
+                                 what="one training image")
+
+  def score_fold(train: np.ndarray, held_out: np.ndarray) -> np.ndarray:
+    index = patchcore.fit_features(patches[train])
+    scores, _ = patchcore.score_features(index, patches[held_out])
+    return np.asarray(scores)
+
+  scores = held_out_scores(score_fold, patches.shape[0], folds)
+  settings = {"metric": cfg.metric, "coreset_ratio": cfg.coreset_ratio,
+              "patch_size": cfg.patch_size, "reweight": cfg.reweight}
+  threshold = Threshold(value=float(np.quantile(scores, quantile)), quantile=float(quantile),
+                        folds=folds, num_images=int(patches.shape[0]), settings=settings)
+  return threshold, scores

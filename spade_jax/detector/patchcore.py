@@ -1,0 +1,433 @@
+"""The PatchCore detector (Roth et al., CVPR 2022): config, fitted index, fit / score.
+
+  patchcore = PatchCore(backbone, PatchCoreConfig())
+  index = patchcore.fit(train_images_uint8)       # PatchCoreIndex, no hidden state
+  scores, maps = patchcore.score(index, test_images_uint8)
+  save_index("bottle.patchcore", index); load_index("bottle.patchcore", expect=patchcore)
+  (save_index / load_index: index_file.py)
+
+`fit` runs preprocess -> backbone -> locally aware patch features
+(spade_jax.patch_features: p x p averaging, the coarser level resized to the finer
+grid, concatenation, optional channel reduction) in batches, then keeps a greedy
+coreset of all training patches (spade_jax.coreset, coreset_ratio of them) as the
+memory bank. `score` computes the test images' patch features, each patch's distance
+to its nearest bank entries, the image score (the largest patch score, optionally
+reweighted) and the anomaly maps (bilinear upsampling to the crop, Gaussian blur),
+per batch (spade_jax.scoring.memory_bank).
+
+The interface is Spade's: with a mesh (`fit(..., mesh=mesh)`, or one set with
+jax.set_mesh) the coreset is selected on the training patches sharded over the mesh
+axis `axis` and the memory bank is sharded over it; scoring searches it where it
+lies, and the numbers are the single-device ones. `extract`, `fit_features` and
+`score_features` split fit / score at the patch features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import dataclasses
+import hashlib
+import json
+from typing import Any
+
+from flax import struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spade_jax.features import patches as patches_lib
+from spade_jax.features.backbones import Backbone
+from spade_jax.host import progress
+from spade_jax.scoring import anomaly_map, memory_bank
+from spade_jax.search import coreset as coreset_lib
+from spade_jax.search import distances, rows, sharding
+
+Array = jax.Array
+Mesh = jax.sharding.Mesh
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchCoreConfig:
+  """PatchCore settings (defaults: the paper's MVTec AD setup, WRN50 layer2 + layer3).
+
+  Attributes:
+    layers: pyramid levels whose patch features are concatenated (paper: layer2, 3).
+    patch_size: p, neighbourhood of the local averaging (odd; paper: 3).
+    embed_dim: reduce the concatenated channels to this many when there are more
+      (PatchCore: 1024; None: keep all). EfficientNet-Lite0's layer2 + 3 have 152.
+    reduction: "adaptive_avg" (PatchCore) or "random_projection" (patches.py).
+    reduction_seed: fixes the random projection (unused by "adaptive_avg").
+    coreset_ratio: fraction of the training patches kept in the memory bank, in
+      (0, 1] (paper: 0.1; 1: all, no coreset).
+    projection_dim: the coreset greedy runs on random projections to this many
+      dimensions (paper: 128); None: on the patch features (exact greedy).
+    coreset_seed: seed of the coreset's projection.
+    k_nearest: bank entries averaged into a patch score (paper: 1).
+    reweight: PatchCore's reweighting of the image score (memory_bank.py).
+    num_neighbors: b, the support of the reweighting (anomalib: 9; >= 2).
+    metric: distance name in spade_jax.METRICS.
+    sigma: Gaussian sigma of the anomaly maps, in crop pixels (paper: 4).
+    resize: shorter side before the centre crop (paper: 256).
+    crop: centre crop = anomaly-map size (paper: 224).
+    batch_size: images per backbone call and per scoring step (speed/memory only).
+  """
+  layers: tuple[str, ...] = ("layer2", "layer3")
+  patch_size: int = 3
+  embed_dim: int | None = 1024
+  reduction: str = "adaptive_avg"
+  reduction_seed: int = 0
+  coreset_ratio: float = 0.1
+  projection_dim: int | None = 128
+  coreset_seed: int = 0
+  k_nearest: int = 1
+  reweight: bool = False
+  num_neighbors: int = 9
+  metric: str = "l2"
+  sigma: float = 4.0
+  resize: int = 256
+  crop: int = 224
+  batch_size: int = 8
+
+  def __post_init__(self):
+    for name in ("k_nearest", "num_neighbors", "resize", "crop", "batch_size"):
+      value = getattr(self, name)
+      if not _is_int(value) or value < 1:
+        raise ValueError(f"PatchCoreConfig.{name} must be a positive int, got {value!r}")
+    if isinstance(self.layers, str) or not self.layers or not all(
+        isinstance(l, str) for l in self.layers):
+      raise ValueError(f"PatchCoreConfig.layers must be a non-empty tuple of names, got "
+                       f"{self.layers!r}")
+    object.__setattr__(self, "layers", tuple(self.layers))
+    if len(set(self.layers)) != len(self.layers):
+      raise ValueError(f"PatchCoreConfig.layers has duplicates: {self.layers}")
+    for name, value in (("patch_size", self.patch_size), ("embed_dim", self.embed_dim),
+                        ("reduction", self.reduction), ("seed", self.reduction_seed)):
+      try:
+        patches_lib.check_settings(**{"patch_size": 3, "embed_dim": None,
+                                      "reduction": "adaptive_avg", "seed": 0, name: value})
+      except ValueError as e:
+        field = "reduction_seed" if name == "seed" else name
+        raise ValueError(f"PatchCoreConfig.{field}: {e}") from None
+    ratio = self.coreset_ratio
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float, np.number)) \
+        or not 0 < ratio <= 1:  # NaN fails too.
+      raise ValueError(f"PatchCoreConfig.coreset_ratio must be in (0, 1], got {ratio!r}")
+    if self.projection_dim is not None and (not _is_int(self.projection_dim)
+                                            or self.projection_dim < 1):
+      raise ValueError(f"PatchCoreConfig.projection_dim must be a positive int or None, got "
+                       f"{self.projection_dim!r}")
+    if not _is_int(self.coreset_seed) or self.coreset_seed < 0:
+      raise ValueError(f"PatchCoreConfig.coreset_seed must be a non-negative int, got "
+                       f"{self.coreset_seed!r}")
+    if not isinstance(self.reweight, (bool, np.bool_)):
+      raise ValueError(f"PatchCoreConfig.reweight must be a bool, got {self.reweight!r}")
+    if self.reweight and self.num_neighbors < 2:
+      raise ValueError(f"PatchCoreConfig.num_neighbors must be >= 2 with reweight (b = 1 "
+                       f"weights every score by 0), got {self.num_neighbors}")
+    if isinstance(self.sigma, bool) or not isinstance(self.sigma, (int, float, np.number)):
+      raise ValueError(f"PatchCoreConfig.sigma must be a number, got {self.sigma!r}")
+    if not 0 <= self.sigma <= self.crop:  # NaN and inf fail too.
+      raise ValueError(f"PatchCoreConfig.sigma must be finite, >= 0 and at most the crop "
+                       f"size {self.crop} (the maps' side), got {self.sigma!r}")
+    if self.metric not in distances.METRICS:
+      raise ValueError(f"PatchCoreConfig.metric must be one of {sorted(distances.METRICS)}, "
+                       f"got {self.metric!r}")
+    if self.crop > self.resize:
+      raise ValueError(f"PatchCoreConfig.crop={self.crop} is larger than resize="
+                       f"{self.resize}")
+
+  def feature_config(self, backbone_name: str) -> str:
+    """Canonical JSON of what determines the bank's features (not the scoring knobs,
+    nor the coreset: a bank is valid whatever its size)."""
+    config = {"backbone": backbone_name, "layers": list(self.layers), "resize": self.resize,
+              "crop": self.crop, "patch_size": self.patch_size, "embed_dim": self.embed_dim,
+              "reduction": self.reduction}
+    if self.reduction == "random_projection":
+      config["reduction_seed"] = self.reduction_seed
+    return json.dumps(config, sort_keys=True)
+
+  def coreset_size(self, num_patches: int) -> int:
+    """Bank rows kept of num_patches: int(ratio * num_patches), at least 1."""
+    return max(1, min(num_patches, int(self.coreset_ratio * num_patches)))
+
+
+def _fingerprint(feature_config: str) -> str:
+  return hashlib.sha256(feature_config.encode()).hexdigest()[:16]
+
+
+@struct.dataclass
+class PatchCoreIndex:
+  """A fitted PatchCore memory bank: a pytree of the bank + static metadata.
+
+  Attributes:
+    bank: [B, D] float32 coreset of the training patch features (or a
+      spade_jax.ShardedGallery of them).
+    backbone_name: the backbone that produced them (static).
+    feature_config: canonical JSON of backbone, layers, resize, crop, patch_size,
+      embed_dim, reduction (static); the index is valid for any scoring settings
+      (k_nearest, reweight, num_neighbors, metric, sigma) but only for these features.
+  """
+  bank: Array
+  backbone_name: str = struct.field(pytree_node=False)
+  feature_config: str = struct.field(pytree_node=False)
+
+  @property
+  def fingerprint(self) -> str:
+    """Short hash of feature_config."""
+    return _fingerprint(self.feature_config)
+
+  @property
+  def num_entries(self) -> int:
+    """B, the rows of the memory bank."""
+    if isinstance(self.bank, sharding.ShardedGallery):
+      return self.bank.size
+    return int(self.bank.shape[0])
+
+  @property
+  def is_sharded(self) -> bool:
+    return isinstance(self.bank, sharding.ShardedGallery)
+
+
+def shard_patchcore_index(index: PatchCoreIndex, mesh: Mesh | None = None,
+                          axis: str = "data") -> PatchCoreIndex:
+  """`index` with its bank sharded over `mesh`'s `axis` (spade_jax.shard_gallery)."""
+  mesh = sharding.resolve_mesh(mesh, axis)
+  return index.replace(bank=sharding.shard_gallery(index.bank, mesh, axis))
+
+
+def _mesh_or_none(mesh: Mesh | None, axis: str) -> Mesh | None:
+  """`mesh`, else the one set with jax.set_mesh, else None (one device); checks `axis`."""
+  if mesh is None and jax.sharding.get_mesh().empty:
+    return None
+  return sharding.resolve_mesh(mesh, axis)
+
+
+def check_compatible(index: PatchCoreIndex, backbone_name: str, config: PatchCoreConfig,
+                     where: str) -> None:
+  expected = config.feature_config(backbone_name)
+  if index.backbone_name != backbone_name or index.feature_config != expected:
+    raise ValueError(
+        f"{where}: the index was built for {index.feature_config} (fingerprint "
+        f"{index.fingerprint}) but this detector needs {expected} (fingerprint "
+        f"{_fingerprint(expected)}); refit with this backbone and config")
+
+
+def _check_bank_size(config: PatchCoreConfig, size: int) -> None:
+  names = ["k_nearest"] + (["num_neighbors"] if config.reweight else [])
+  for name in names:
+    if getattr(config, name) > size:
+      raise ValueError(f"PatchCoreConfig.{name}={getattr(config, name)} is larger than the "
+                       f"memory bank ({size} entries); raise coreset_ratio or lower it")
+
+
+class PatchCore:
+  """PatchCore with a frozen backbone. Holds no fitted state: fit returns an index."""
+
+  def __init__(self, backbone: Any, config: PatchCoreConfig | None = None):
+    """backbone: `.name` and `backbone(images [N, H, W, 3] float32) -> dict` with the
+    config's layers ([N, h, w, C])."""
+    self.backbone = backbone
+    self.config = PatchCoreConfig() if config is None else config
+    if not isinstance(self.config, PatchCoreConfig):
+      raise ValueError(f"config must be a PatchCoreConfig, got {type(self.config).__name__}")
+    known = getattr(backbone, "features", None)
+    if known is not None:
+      missing = [l for l in self.config.layers if l not in known]
+      if missing:
+        raise ValueError(f"backbone {backbone.name!r} has no features {missing}; it has "
+                         f"{list(known)}")
+
+  @property
+  def feature_config(self) -> str:
+    return self.config.feature_config(self.backbone.name)
+
+  def _batches(self, images, what: str, done: str = "patch features of"):
+    """Yields patch features [B, H, W, D] (device) per batch of preprocessed images.
+
+    Logs progress as "<what>: <done> i / N images, ..." (see host/progress.py).
+    """
+    from spade_jax.features.preprocessing import preprocess  # pylint: disable=import-outside-toplevel
+    cfg = self.config
+    if isinstance(images, (list, tuple)):
+      count = len(images)
+    else:
+      images = np.asarray(images)
+      if images.ndim != 4:
+        raise ValueError(f"{what} must be [N, H, W, 3] uint8 (or a list of [H, W, 3]), "
+                         f"got shape {images.shape}")
+      count = images.shape[0]
+    if count == 0:
+      raise ValueError(f"{what} is empty (0 images)")
+    report = progress.Progress(f"{what}: {done}", count)
+    for start in range(0, count, cfg.batch_size):
+      with progress.stage("backbone") as timed:  # Backbone and patch features.
+        batch = jnp.asarray(preprocess(images[start:start + cfg.batch_size],
+                                       resize=cfg.resize, crop=cfg.crop), jnp.float32)
+        # A spade_jax Backbone computes only the levels asked for (no head, no pool).
+        out = (self.backbone(batch, features=cfg.layers)
+               if isinstance(self.backbone, Backbone) else self.backbone(batch))
+        missing = [l for l in cfg.layers if l not in out]
+        if missing:
+          raise ValueError(f"backbone {self.backbone.name!r} returned no {missing}")
+        feats = timed.ready(patches_lib.patch_features(
+            out, cfg.layers, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
+            reduction=cfg.reduction, seed=cfg.reduction_seed))
+      yield feats
+      report.update(min(start + cfg.batch_size, count))
+
+  def extract(self, images: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+    """Patch features of images, on the host.
+
+    Args:
+      images: [N, H, W, 3] uint8 (or a list of [H, W, 3]).
+
+    Returns:
+      [N, h, w, D] float32 NumPy: the finest chosen level's grid, D channels (see
+      spade_jax.patch_features).
+    """
+    return np.concatenate([np.asarray(p) for p in self._batches(images, "images")])
+
+  def fit_features(self, train_patches: Any, *, mesh: Mesh | None = None,
+                   axis: str = "data", process_local: bool = False) -> PatchCoreIndex:
+    """A PatchCoreIndex from training patch features (e.g. from `extract`).
+
+    Args:
+      train_patches: [M, h, w, D] (or [P, D]) patch features of the training images.
+      mesh: select the coreset on patches sharded over this mesh's `axis` and shard
+        the bank over it; None: the mesh set with jax.set_mesh, else one device.
+      axis: the mesh axis that splits the patches and the bank.
+      process_local: several processes: the features are this process's share
+        (see spade_jax.shard_gallery); needs a mesh.
+
+    Returns:
+      PatchCoreIndex whose bank holds coreset_size(P) of the P training patches, in
+      the coreset's selection order (a ShardedGallery when there is a mesh).
+    """
+    cfg = self.config
+    if np.ndim(train_patches) not in (2, 4):
+      raise ValueError(f"train_patches must be [M, h, w, D] or [P, D], got shape "
+                       f"{np.shape(train_patches)}")
+    dim = int(np.shape(train_patches)[-1])
+    flat = (np.asarray(train_patches, np.float32) if process_local
+            else jnp.asarray(train_patches, jnp.float32)).reshape(-1, dim)
+    mesh = _mesh_or_none(mesh, axis)
+    if mesh is None:
+      if process_local:
+        raise ValueError("process_local=True needs a mesh (pass mesh=...)")
+      if flat.shape[0] == 0:
+        raise ValueError("train_patches is empty (0 patches)")
+      patches = flat
+      total = int(flat.shape[0])
+    else:
+      patches = sharding.shard_gallery(flat, mesh, axis, process_local=process_local)
+      total = patches.size
+    size = cfg.coreset_size(total)
+    _check_bank_size(cfg, size)
+    if size == total and (mesh is None or patches.contiguous):
+      bank = patches  # Ratio 1 (or a bank too small to subsample): every patch, in order.
+    else:
+      chosen = coreset_lib.coreset(patches, size, projection_dim=cfg.projection_dim,
+                                   key=cfg.coreset_seed)
+      bank = rows.take_rows(patches, chosen)
+      if mesh is not None:
+        bank = sharding.shard_gallery(bank, mesh, axis)
+    return PatchCoreIndex(bank=bank, backbone_name=self.backbone.name,
+                          feature_config=self.feature_config)
+
+  def fit(self, train_images: np.ndarray | Sequence[np.ndarray], *, mesh: Mesh | None = None,
+          axis: str = "data") -> PatchCoreIndex:
+    """Extracts the training patch features and keeps their coreset as the bank.
+
+    Args:
+      train_images: [M, H, W, 3] uint8 normal images (or a list of [H, W, 3]).
+      mesh: select the coreset and shard the bank over this jax.sharding.Mesh's `axis`
+        (other mesh axes spread the test patches); None: the mesh set with
+        jax.set_mesh, else one device.
+      axis: the mesh axis that splits the bank.
+
+    Returns:
+      PatchCoreIndex.
+    """
+    mesh = _mesh_or_none(mesh, axis)  # Checked before the backbone runs.
+    feats = jnp.concatenate(list(self._batches(train_images, "train_images")))
+    return self.fit_features(feats, mesh=mesh, axis=axis)
+
+  def _prepare_index(self, index: PatchCoreIndex, mesh: Mesh | None,
+                     axis: str) -> PatchCoreIndex:
+    if not isinstance(index, PatchCoreIndex):
+      raise ValueError(f"index must be a PatchCoreIndex, got {type(index).__name__}")
+    check_compatible(index, self.backbone.name, self.config, "PatchCore.score")
+    _check_bank_size(self.config, index.num_entries)
+    if index.is_sharded:
+      if mesh is not None and mesh != index.bank.mesh:
+        raise ValueError("PatchCore.score: the index is sharded over another mesh than "
+                         "`mesh`; refit, or pass mesh=None")
+      return index
+    mesh = _mesh_or_none(mesh, axis)
+    return index if mesh is None else shard_patchcore_index(index, mesh, axis)
+
+  def _score_batch(self, index: PatchCoreIndex, patches: Any) -> tuple[np.ndarray, np.ndarray]:
+    cfg = self.config
+    with progress.stage("search") as timed:  # The kNN searches and the image scores.
+      scores, score_maps = timed.ready(memory_bank.patchcore_scores(
+          patches, index.bank, k=cfg.k_nearest, metric=cfg.metric,
+          reweight_neighbors=cfg.num_neighbors if cfg.reweight else None))
+    with progress.stage("maps"):
+      # As Spade: blur one local copy of replicated maps (a host copy under jax.set_mesh).
+      if jax.sharding.get_mesh().empty:
+        score_maps = sharding.to_local(score_maps)
+      else:
+        score_maps = np.asarray(sharding.to_local(score_maps))
+      maps = anomaly_map.anomaly_maps(score_maps, (cfg.crop, cfg.crop), sigma=cfg.sigma)
+      return np.asarray(sharding.to_local(scores)), np.asarray(maps)
+
+  def score(self, index: PatchCoreIndex, images: np.ndarray | Sequence[np.ndarray], *,
+            mesh: Mesh | None = None, axis: str = "data") -> tuple[np.ndarray, np.ndarray]:
+    """Image scores and anomaly maps of test images.
+
+    Args:
+      index: from fit / load_index, for this backbone and feature config.
+      images: [N, H, W, 3] uint8 (or a list of [H, W, 3]).
+      mesh: an unsharded index is sharded over this mesh's `axis` first (None: the mesh
+        set with jax.set_mesh, else one device); a sharded index uses its own mesh.
+      axis: the mesh axis that splits the bank.
+
+    Returns:
+      (scores [N] float32, anomaly maps [N, crop, crop] float32), NumPy.
+    """
+    index = self._prepare_index(index, mesh, axis)
+    results = [self._score_batch(index, p)
+               for p in self._batches(images, "images", done="scored")]
+    return (np.concatenate([s for s, _ in results]),
+            np.concatenate([m for _, m in results]))
+
+  def score_features(self, index: PatchCoreIndex, patches: Any, *, mesh: Mesh | None = None,
+                     axis: str = "data") -> tuple[np.ndarray, np.ndarray]:
+    """`score` from test patch features (e.g. from `extract`), batch_size at a time.
+
+    Args:
+      index: as in `score`.
+      patches: [N, h, w, D] patch features of the test images.
+      mesh, axis: as in `score`.
+
+    Returns:
+      (scores [N] float32, anomaly maps [N, crop, crop] float32), NumPy.
+    """
+    index = self._prepare_index(index, mesh, axis)
+    if np.ndim(patches) != 4:
+      raise ValueError(f"patches must be [N, h, w, D], got shape {np.shape(patches)}")
+    count = int(np.shape(patches)[0])
+    if count == 0:
+      raise ValueError("patches hold 0 test images")
+    step, results = self.config.batch_size, []
+    report = progress.Progress("images: scored", count)
+    for start in range(0, count, step):
+      results.append(self._score_batch(index, patches[start:start + step]))
+      report.update(min(start + step, count))
+    return (np.concatenate([s for s, _ in results]),
+            np.concatenate([m for _, m in results]))
+

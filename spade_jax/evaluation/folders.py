@@ -1,0 +1,280 @@
+"""Fit on a folder of normal images, score a folder of new ones: fit.py and predict.py.
+
+  report = fit_folder(spade, "good/", "part.spade", calibrate=True)
+  contents = spade_jax.detector.load_index_file("part.spade")
+  report = predict_folder(spade, contents.index, "new/", "out/",
+                          threshold=contents.threshold)
+
+Both read every image under their folder (spade_jax.data.folder: any depth, the usual
+formats), in sorted order of their relative paths, a chunk at a time (memory holds
+one chunk of decoded images, not the folder). A file that is not a readable image is
+logged (a warning naming it and why), left out and listed in the report, never fatal.
+Chunks hold whole batches of readable images, so the detector sees the batches it
+would see for the same images passed at once: the numbers equal Spade.fit / score's.
+
+predict_folder writes scores.csv, heatmaps/ and summary.png (predictions.py). The
+heatmaps share one colour scale, the min and max over all the maps of the run, which
+is only known once every image is scored: the maps and the cropped images wait in
+memory-mapped files in a hidden temporary folder of the output folder meanwhile.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+import dataclasses
+import os
+import pathlib
+import tempfile
+import time
+from typing import Any
+
+from absl import logging
+import jax
+import numpy as np
+
+from spade_jax.data import folder
+from spade_jax.detector import calibration, index_file
+from spade_jax.detector import patchcore as patchcore_lib
+from spade_jax.detector import spade as spade_lib
+from spade_jax.detector.spade import Spade
+from spade_jax.evaluation import heatmaps, predictions
+from spade_jax.host import progress
+
+_CHUNK_BATCHES = 8  # Images read at once = this many detector batches.
+
+
+@dataclasses.dataclass(frozen=True)
+class FitReport:
+  """What fit_folder did.
+
+  Attributes:
+    index_path: the index file written.
+    num_images: training images in the index.
+    skipped: files left out (not readable images).
+    threshold: the calibrated threshold stored with the index, or None.
+    held_out_scores: [num_images] the calibration's held-out scores, or None.
+    seconds: wall time.
+  """
+  index_path: pathlib.Path
+  num_images: int
+  skipped: list[folder.Skipped]
+  threshold: calibration.Threshold | None
+  held_out_scores: np.ndarray | None
+  seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictReport:
+  """What predict_folder did.
+
+  Attributes:
+    paths: the scored images, relative to the image folder, sorted.
+    scores: [len(paths)] float32 image scores.
+    skipped: files left out (not readable images).
+    scores_csv: <output_dir>/scores.csv.
+    summary_png: <output_dir>/summary.png, or None (num_summary=0).
+    vmin, vmax: the heatmaps' colour scale.
+    seconds: wall time.
+  """
+  paths: list[str]
+  scores: np.ndarray
+  skipped: list[folder.Skipped]
+  scores_csv: pathlib.Path
+  summary_png: pathlib.Path | None
+  vmin: float
+  vmax: float
+  seconds: float
+
+
+def _warn_skip(skipped: list[folder.Skipped]) -> Callable[[folder.Skipped], None]:
+  def on_skip(item: folder.Skipped) -> None:
+    logging.warning("skipped %s: not a readable image (%s)", item.relative, item.reason)
+    skipped.append(item)
+  return on_skip
+
+
+def _image_files(images_dir, what: str, exclude=()) -> list[folder.ImageFile]:
+  try:
+    files = folder.list_images(images_dir, exclude=exclude)
+  except (FileNotFoundError, NotADirectoryError) as e:
+    raise ValueError(f"{what}: {e}") from e
+  if not files:
+    raise ValueError(f"{what}: no image file under {str(images_dir)!r} (looked for "
+                     f"{', '.join(folder.IMAGE_EXTENSIONS)} at any depth, any case)")
+  return files
+
+
+def _check_k(spade, count: int, where: str) -> None:
+  """SPADE's k_images / k_image_score need that many training images (PatchCore's
+  memory bank is checked when it is fitted)."""
+  for name in ("k_images", "k_image_score"):
+    value = getattr(spade.config, name, None)
+    if value is not None and value > count:
+      raise ValueError(f"{where} holds {count} training images, fewer than "
+                       f"{name}={value}; lower --{name} or add training images")
+
+
+def check_index_path(path: str | os.PathLike[str]) -> pathlib.Path:
+  """Checks that an index can be written at `path` (before any work).
+
+  Raises:
+    ValueError: `path` is a folder, or its folder does not exist or is not writable.
+  """
+  path = pathlib.Path(path)
+  fix = "choose another index path (--index)"
+  if path.is_dir():
+    raise ValueError(f"index path {str(path)!r} is a folder; name a file in it, e.g. "
+                     f"{str(path / 'index.spade')!r}")
+  if not path.parent.is_dir():
+    raise ValueError(f"cannot write index {str(path)!r}: folder {str(path.parent)!r} does "
+                     f"not exist; create it or {fix}")
+  try:
+    fd, probe = tempfile.mkstemp(dir=path.parent, prefix=".write_test.")
+    os.close(fd)
+    os.unlink(probe)
+  except OSError as e:
+    raise ValueError(f"cannot write index {str(path)!r}: folder {str(path.parent)!r} is not "
+                     f"writable ({e.strerror or e}); {fix}") from e
+  return path
+
+
+def fit_folder(spade, train_dir: str | os.PathLike[str], index_path: str | os.PathLike[str],
+               *, calibrate: bool = False, quantile: float = 0.99, folds: int | None = None,
+               settings: dict[str, Any] | None = None,
+               log: Callable[[str], None] = logging.info) -> FitReport:
+  """Fits `spade` on every image under `train_dir` and writes the index (save_index).
+
+  Args:
+    spade: a spade_jax.Spade or spade_jax.PatchCore (its config's batch_size sets the
+      chunking).
+    train_dir: the folder of normal images.
+    index_path: the index file to write (atomically; its folder must exist).
+    calibrate: also store a decision threshold (calibration.spade_threshold or
+      patchcore_threshold).
+    quantile, folds: of the calibration (folds None: SPADE leave-one-out, PatchCore
+      calibration.PATCHCORE_FOLDS folds).
+    settings: recorded in the index (save_index's `settings`), e.g. fit.py's flags.
+    log: progress lines.
+
+  Raises:
+    ValueError: no (readable) image, too few for k_images / the calibration, or an
+      unwritable index path; the message names the folder or file and the fix.
+  """
+  start = time.perf_counter()
+  index_path = check_index_path(index_path)
+  files = _image_files(train_dir, "training images")
+  _check_k(spade, len(files), f"training folder {str(train_dir)!r}")
+  is_spade = isinstance(spade, Spade)
+  if calibrate:  # Checked before any work; again below if files are skipped.
+    calibration.check_calibration_args(
+        len(files), quantile,
+        folds if is_spade or folds is not None else calibration.PATCHCORE_FOLDS,
+        spade.config.k_image_score if is_spade else 1)
+  log(f"fit: {len(files)} image files under {train_dir}")
+  skipped: list[folder.Skipped] = []
+  chunks = []  # extract() outputs: Spade's (pool, {level: ...}), PatchCore's patches.
+  report = progress.Progress("fit: features of", len(files), log=log)
+  chunk = _CHUNK_BATCHES * spade.config.batch_size
+  count = 0
+  for images, _ in folder.read_chunks(files, chunk, _warn_skip(skipped)):
+    with progress.quiet():
+      chunks.append(spade.extract(images))
+    count += len(images)
+    report.update(count + len(skipped))
+  if count == 0:
+    raise ValueError(f"training images: none of the {len(files)} image files under "
+                     f"{str(train_dir)!r} is readable (see the warnings above)")
+  _check_k(spade, count, f"training folder {str(train_dir)!r} (readable images)")
+  features = jax.tree.map(lambda *parts: np.concatenate(parts), *chunks)
+  index = spade.fit_features(*(features if is_spade else (features,)))
+  threshold = held_out = None
+  if calibrate:
+    how = ("leave-one-out" if is_spade and folds is None else
+           f"{folds or calibration.PATCHCORE_FOLDS}-fold")
+    log(f"calibrate: {how} image scores of the {count} training images, quantile "
+        f"{quantile}")
+    if is_spade:
+      threshold, held_out = calibration.spade_threshold(spade, features[0],
+                                                        quantile=quantile, folds=folds)
+    else:
+      threshold, held_out = calibration.patchcore_threshold(spade, features,
+                                                            quantile=quantile, folds=folds)
+  index_file.save_index(index_path, index, threshold=threshold, settings=settings)
+  return FitReport(index_path, count, skipped, threshold, held_out,
+                   time.perf_counter() - start)
+
+
+def predict_folder(spade, index, images_dir: str | os.PathLike[str],
+                   output_dir: str | os.PathLike[str], *,
+                   threshold: calibration.Threshold | None = None, write_heatmaps: bool = True,
+                   num_summary: int = 8, log: Callable[[str], None] = logging.info
+                   ) -> PredictReport:
+  """Scores every image under `images_dir` with `index`; writes predictions.py's files.
+
+  Args:
+    spade: a spade_jax.Spade or PatchCore whose backbone and feature config match the
+      index.
+    index: its SpadeIndex or PatchCoreIndex (e.g. load_index_file(...).index).
+    images_dir: the folder of images to score (an output_dir inside it is left out).
+    output_dir: where the files go (created).
+    threshold: adds the anomalous column and marks the summary (None: no decisions).
+    write_heatmaps: one heatmap PNG per image.
+    num_summary: images in summary.png (0: no summary).
+    log: progress lines.
+
+  Raises:
+    ValueError: no (readable) image, an unusable output_dir, an index for another
+      backbone or feature config.
+  """
+  start = time.perf_counter()
+  if isinstance(num_summary, bool) or not isinstance(num_summary, int) or num_summary < 0:
+    raise ValueError(f"num_summary must be an int >= 0, got {num_summary!r}")
+  cfg = spade.config
+  if isinstance(spade, Spade):
+    spade_lib.check_compatible(index, spade.backbone.name, cfg, "predict")
+    _check_k(spade, index.num_images, "the index")
+  else:
+    patchcore_lib.check_compatible(index, spade.backbone.name, cfg, "predict")
+  out = predictions.check_output_dir(output_dir)
+  files = _image_files(images_dir, "images", exclude=[out])
+  log(f"predict: {len(files)} image files under {images_dir}")
+  skipped: list[folder.Skipped] = []
+  paths, scores = [], []
+  report = progress.Progress("predict: processed", len(files), log=log)
+  with tempfile.TemporaryDirectory(dir=out, prefix=".predict-") as tmp:
+    shape = (len(files), cfg.crop, cfg.crop)
+    maps = np.memmap(pathlib.Path(tmp) / "maps", np.float32, "w+", shape=shape)
+    views = np.memmap(pathlib.Path(tmp) / "views", np.uint8, "w+", shape=(*shape, 3))
+    for images, read in folder.read_chunks(files, _CHUNK_BATCHES * cfg.batch_size,
+                                           _warn_skip(skipped)):
+      with progress.quiet():
+        chunk_scores, chunk_maps = spade.score(index, images)
+      rows = slice(len(paths), len(paths) + len(read))
+      maps[rows] = chunk_maps
+      views[rows] = heatmaps.model_view(images, resize=cfg.resize, crop=cfg.crop)
+      paths += [f.relative for f in read]
+      scores.append(chunk_scores)
+      report.update(len(paths) + len(skipped))
+    if not paths:
+      raise ValueError(f"images: none of the {len(files)} image files under "
+                       f"{str(images_dir)!r} is readable (see the warnings above)")
+    scores = np.concatenate(scores).astype(np.float32)
+    cut = None if threshold is None else threshold.value
+    scores_csv = predictions.write_scores(out, paths, scores, cut)
+    predictions.write_skipped(out, [(s.relative, s.reason) for s in skipped])
+    n = len(paths)
+    vmin, vmax = float(np.min(maps[:n])), float(np.max(maps[:n]))
+    if write_heatmaps:
+      for i, path in enumerate(paths):
+        figure = heatmaps.render_prediction(views[i], maps[i], vmin=vmin, vmax=vmax)
+        heatmaps.save_png(predictions.heatmap_path(out, path), figure)
+    summary = None
+    if num_summary:
+      top = np.argsort(-scores, kind="stable")[:num_summary]
+      captions = predictions.summary_captions([paths[i] for i in top], scores[top], cut)
+      figure = predictions.render_summary(views[top], maps[top], captions, vmin=vmin,
+                                          vmax=vmax)
+      summary = heatmaps.save_png(out / predictions.SUMMARY_FILE, figure)
+    del maps, views  # Close the memory maps before their folder goes.
+  return PredictReport(paths, scores, skipped, scores_csv, summary, vmin, vmax,
+                       time.perf_counter() - start)

@@ -1,0 +1,147 @@
+"""spade_jax.coreset (PatchCore's greedy k-center coreset) against a float64 NumPy greedy.
+
+Why exact equality holds with projection_dim=None:
+* on small-integer features, every squared distance sum_d (x_d - c_d)^2 is an integer
+  below 2^24, so float32 computes it exactly, like float64; running minima and the
+  argmax then agree bit for bit, ties included (both take the lowest index);
+* on Gaussian features, a float32 distance of D non-negative terms is within about
+  (D + 1) 2^-24 (1.5e-6 for D = 24) of the float64 one, relatively, so both select
+  the same point whenever the best running minimum beats the runner-up by more than
+  twice that; the test measures that margin on the reference's own run and requires
+  1e-5 at every step.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import spade_jax
+from spade_jax.search import coreset as coreset_lib
+
+MESH_AXIS = "data"
+
+
+def greedy_reference(x, size, start=0):
+  """Float64 k-center greedy: (selected indices, smallest best-vs-runner-up margin)."""
+  x = np.asarray(x, np.float64)
+  mins = np.full(len(x), np.inf)
+  mins[start] = -np.inf
+  chosen, margin = [start], np.inf
+  for _ in range(size - 1):
+    mins = np.minimum(mins, ((x - x[chosen[-1]]) ** 2).sum(1))
+    order = np.argsort(-mins, kind="stable")
+    best = order[0]
+    if len(order) > 1 and np.isfinite(mins[order[1]]):
+      margin = min(margin, (mins[best] - mins[order[1]]) / max(mins[best], 1e-300))
+    mins[best] = -np.inf
+    chosen.append(int(best))
+  return np.array(chosen), margin
+
+
+def _mesh():
+  return jax.make_mesh((len(jax.devices()),), (MESH_AXIS,))
+
+
+@pytest.mark.parametrize("start", [0, 17])
+def test_exact_greedy_on_integer_features_with_ties(start):
+  x = np.random.default_rng(0).integers(-3, 4, (301, 12)).astype(np.float32)
+  ref, margin = greedy_reference(x, 120, start)
+  assert margin == 0  # Integer features tie: the lowest-index rule is exercised.
+  out = spade_jax.coreset(x, 120, projection_dim=None, start=start)
+  assert out.dtype == jnp.int32 and out.shape == (120,)
+  np.testing.assert_array_equal(np.asarray(out), ref)
+
+
+def test_exact_greedy_on_gaussian_features():
+  x = np.random.default_rng(2).normal(size=(500, 24)).astype(np.float32)
+  ref, margin = greedy_reference(x, 150)
+  assert margin > 1e-5  # No near-ties: float32 must select the same points.
+  np.testing.assert_array_equal(np.asarray(spade_jax.coreset(x, 150, projection_dim=None)),
+                                ref)
+
+
+def test_selects_every_point_once_even_with_duplicates():
+  x = np.repeat(np.eye(3, dtype=np.float32), 4, axis=0)  # 3 distinct points, 4 copies each.
+  out = np.asarray(spade_jax.coreset(x, 12, projection_dim=None))
+  assert sorted(out) == list(range(12))
+  # After the three distinct points all minima are 0: lowest unselected index first.
+  np.testing.assert_array_equal(out, [0, 4, 8, 1, 2, 3, 5, 6, 7, 9, 10, 11])
+  np.testing.assert_array_equal(out, greedy_reference(x, 12)[0])
+
+
+def test_projection_is_the_greedy_on_projected_features():
+  x = np.random.default_rng(2).normal(size=(400, 64)).astype(np.float32)
+  key = jax.random.key(5)
+  projected = np.asarray(x, np.float64) @ np.asarray(
+      coreset_lib.projection_matrix(key, 64, 16), np.float64)
+  ref, margin = greedy_reference(projected, 80)
+  assert margin > 1e-5
+  np.testing.assert_array_equal(np.asarray(spade_jax.coreset(x, 80, projection_dim=16,
+                                                             key=key)), ref)
+  # The key fixes the selection; an int seed is a key.
+  np.testing.assert_array_equal(np.asarray(spade_jax.coreset(x, 80, projection_dim=16, key=5)),
+                                ref)
+  assert not np.array_equal(np.asarray(spade_jax.coreset(x, 80, projection_dim=16, key=6)),
+                            ref)
+  # projection_dim >= D: no projection, the exact greedy.
+  np.testing.assert_array_equal(np.asarray(spade_jax.coreset(x, 80, projection_dim=64)),
+                                greedy_reference(x, 80)[0])
+
+
+@pytest.mark.parametrize("rows,projection_dim", [(203, None), (517, 8), (8, None)])
+def test_sharded_equals_single_device(rows, projection_dim):
+  # Row counts that 8 devices do not divide: padding rows must never be selected.
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(rows, 20)).astype(np.float32)
+  size = min(rows, 90)
+  single = np.asarray(spade_jax.coreset(x, size, projection_dim=projection_dim, start=rows // 2))
+  gallery = spade_jax.shard_gallery(x, _mesh(), MESH_AXIS)
+  sharded = spade_jax.coreset(gallery, size, projection_dim=projection_dim, start=rows // 2)
+  np.testing.assert_array_equal(np.asarray(sharded), single)
+  assert sharded.sharding.is_fully_replicated
+  if projection_dim is None:
+    np.testing.assert_array_equal(single, greedy_reference(x, size, rows // 2)[0])
+  ints = rng.integers(-2, 3, (rows, 6)).astype(np.float32)  # Ties across shards.
+  np.testing.assert_array_equal(
+      np.asarray(spade_jax.coreset(spade_jax.shard_gallery(ints, _mesh(), MESH_AXIS), size,
+                                   projection_dim=None)),
+      greedy_reference(ints, size)[0])
+
+
+def test_memory_is_linear_in_n_never_n_squared():
+  # The compiled selection's scratch memory (XLA's own count) per point stays constant
+  # as N grows 4x, and is a tiny fraction of an N x N float32 matrix.
+  key_data = jax.random.key_data(jax.random.key(0))
+  temp = {}
+  for n in (4096, 16384):
+    compiled = coreset_lib._coreset_jit.lower(  # pylint: disable=protected-access
+        jax.ShapeDtypeStruct((n, 32), jnp.float32), key_data, jnp.int32(0), size=64,
+        projection_dim=8, impl="threefry2x32").compile()
+    temp[n] = compiled.memory_analysis().temp_size_in_bytes
+    assert temp[n] < 64 * n  # The projected copy (8 floats) + minima; N x N is 4 N^2.
+  assert temp[16384] < 4.5 * temp[4096]
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"size": 0}, "size"), ({"size": 41}, "size"), ({"size": 2.0}, "size"),
+    ({"projection_dim": 0}, "projection_dim"), ({"start": 40}, "start"),
+    ({"start": -1}, "start"), ({"key": "seed"}, "key"),
+])
+def test_validation(kwargs, message):
+  x = np.zeros((40, 4), np.float32)
+  args = {"size": 3, **kwargs}
+  with pytest.raises(ValueError, match=message):
+    spade_jax.coreset(x, args.pop("size"), **args)
+
+
+def test_bad_features():
+  with pytest.raises(ValueError, match=r"\[N, D\]"):
+    spade_jax.coreset(np.zeros((4, 2, 2), np.float32), 1)
+  with pytest.raises(ValueError, match="NaN or Inf"):
+    spade_jax.coreset(np.array([[0.0], [np.nan]], np.float32), 1)
+  with pytest.raises(ValueError, match="empty"):
+    spade_jax.coreset(np.zeros((0, 3), np.float32), 1)
+  gallery = spade_jax.shard_gallery(np.zeros((5, 3), np.float32), _mesh(), MESH_AXIS)
+  with pytest.raises(ValueError, match=r"size must be an int in \[1, 5\]"):
+    spade_jax.coreset(gallery, 6)  # 5 valid rows (8 with padding).

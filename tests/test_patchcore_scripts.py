@@ -1,0 +1,92 @@
+"""The scripts with --method=patchcore: evaluate.py records the method and its settings
+in results.json's "config", and fit.py then predict.py give the image scores that
+PatchCore.fit / score give in process (whose AUROC is evaluate.py's), with a k-fold
+threshold from the training images alone.
+
+efficientnet_lite0 with its packaged ImageNet weights (no network) at 64 x 64, on a
+tiny random category in MVTec layout (mvtec_fixtures).
+"""
+
+import json
+import types
+
+from mvtec_fixtures import write_category
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+from test_fit_predict import assert_clean_error, read_scores, run_script
+
+import spade_jax
+from spade_jax.data import mvtec
+
+SIZE = 64
+SETTINGS = ("--method=patchcore", f"--resize={SIZE}", f"--crop={SIZE}", "--coreset_ratio=0.5")
+
+
+@pytest.fixture(name="ws", scope="module")
+def fixture_workspace(tmp_path_factory):
+  root = tmp_path_factory.mktemp("patchcore_scripts")
+  data = root / "data"
+  write_category(data, "alpha", n_train=6, n_good=3, defects={"crack": 2, "hole": 2}, seed=5)
+  index = root / "alpha.patchcore"
+  fit = run_script("fit.py", f"--train_dir={data / 'alpha' / 'train' / 'good'}",
+                   f"--index={index}", *SETTINGS, "--calibrate", "--calibration_folds=3",
+                   "--calibration_quantile=0.5")
+  assert fit.returncode == 0, fit.stderr[-3000:]
+  out = root / "out"
+  predict = run_script("predict.py", f"--index={index}", f"--images={data / 'alpha' / 'test'}",
+                       f"--output_dir={out}", "--noheatmaps")
+  assert predict.returncode == 0, predict.stderr[-3000:]
+  evaluate = run_script("evaluate.py", f"--data_dir={data}", *SETTINGS, "--num_heatmaps=0",
+                        f"--output_dir={root / 'evaluate'}")
+  assert evaluate.returncode == 0, evaluate.stderr[-3000:]
+  return types.SimpleNamespace(root=root, data=data, index=index, out=out,
+                               results=json.loads((root / "evaluate" / "results.json")
+                                                  .read_text()))
+
+
+def test_results_record_the_method_and_its_settings(ws):
+  config = ws.results["config"]
+  assert config["method"] == "patchcore"
+  assert config["layers"] == ["layer2", "layer3"]  # PatchCore's default levels.
+  assert (config["coreset_ratio"], config["patch_size"], config["reweight"]) == (0.5, 3, False)
+  assert "k_images" not in config and "kappa" not in config  # SPADE's, not used.
+  assert set(ws.results["categories"]["alpha"]) >= {"image_auroc", "pixel_auroc", "au_pro",
+                                                    "n_train", "n_test", "seconds"}
+
+
+def test_fit_predict_give_the_in_process_scores(ws):
+  detector = spade_jax.PatchCore(
+      spade_jax.load_backbone("efficientnet_lite0", weights="imagenet"),
+      spade_jax.PatchCoreConfig(resize=SIZE, crop=SIZE, coreset_ratio=0.5))
+  data = mvtec.load_category(ws.data, "alpha")
+  scores, _ = detector.score(detector.fit(data.train_images), data.test_images)
+  expected = dict(zip([p.removeprefix("test/") for p in data.test_paths], scores))
+  header, rows = read_scores(ws.out / "scores.csv")
+  assert header == ["path", "score", "anomalous"]
+  got = {path: float(score) for path, score, _ in rows}
+  assert sorted(got) == sorted(expected)
+  for path, value in expected.items():
+    assert got[path] == pytest.approx(float(value), rel=1e-5), path
+  labels = dict(zip([p.removeprefix("test/") for p in data.test_paths], data.test_labels))
+  paths = sorted(got)
+  auroc = roc_auc_score([labels[p] for p in paths], [got[p] for p in paths])
+  assert ws.results["categories"]["alpha"]["image_auroc"] == pytest.approx(auroc, abs=1e-6)
+
+
+def test_threshold_is_a_k_fold_quantile(ws):
+  stored = spade_jax.detector.load_index_file(ws.index).threshold
+  assert (stored.quantile, stored.folds, stored.num_images) == (0.5, 3, 6)
+  assert stored.settings == {"metric": "l2", "coreset_ratio": 0.5, "patch_size": 3,
+                             "reweight": False}
+  _, rows = read_scores(ws.out / "scores.csv")
+  for _, score, flag in rows:
+    if abs(float(score) - stored.value) > 1e-5 * stored.value:
+      assert int(flag) == int(float(score) > stored.value)
+  assert np.isfinite(stored.value)
+
+
+def test_method_that_contradicts_the_index_is_refused(ws, tmp_path):
+  proc = run_script("predict.py", f"--index={ws.index}", "--method=spade",
+                    f"--images={ws.data / 'alpha' / 'test'}", f"--output_dir={tmp_path}")
+  assert_clean_error(proc, "predict.py", "--method=spade", "method=patchcore")
