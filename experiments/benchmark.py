@@ -10,6 +10,7 @@ Sections (see BENCHMARKS.md for what each figure means):
   scaling    weak scaling of knn on a sharded gallery over 1, 2, 4, 8 fake CPU devices
   memory     scoring working set (peak RSS - RSS with inputs) as the gallery grows 8x
   precision  bfloat16 distances and lax.approx_min_k: speed and accuracy vs exact search
+  kernels    spade_jax.kernels against L2: knn and pixel scoring seconds, ratios to L2
   coreset    PatchCore: coreset seconds and memory as N grows to 1M, scoring s / image
              against SPADE, a sharded memory bank against one device (fake devices)
   pipeline   end to end: images/s of fit and of scoring (backbone + search + maps) per
@@ -123,6 +124,13 @@ _PIPELINE_REPEATS = flags.DEFINE_integer("pipeline_repeats", 1,
                                          "Timed fit / score calls after the first.")
 _PIPELINE_CACHE = flags.DEFINE_integer("pipeline_cache_images", 8, "Images predict.py "
                                        "scores in the compilation-cache runs (0: none).")
+# kernels (spade_jax.kernels against L2: knn and pixel scoring, efficientnet_lite0 shapes)
+_KERNELS = flags.DEFINE_list("kernels_names", ["l2", "mahalanobis", "linear", "rbf",
+                                               "laplacian", "polynomial", "rff", "nystrom"],
+                             "Kernels timed against L2 (l2 included).")
+_KERNELS_CHANNELS = flags.DEFINE_list("kernels_channels", ["24", "40", "112"],
+                                      "Channels of layer1..3 (efficientnet_lite0).")
+_KERNELS_K = flags.DEFINE_integer("kernels_k_images", 50, "K of the kernels section.")
 
 
 def _ints(values: Sequence[str]) -> list[int]:
@@ -174,6 +182,10 @@ def section_kwargs() -> dict[str, dict]:
       "num_test": _CORESET_TEST.value, "repeats": repeats,
       "sharded_devices": _CORESET_DEVICES.value, "sharded_n": _CORESET_SHARDED_N.value,
       "grid": _PIXEL_GRID.value, "image_size": _IMAGE_SIZE.value}
+  every["kernels"] = {"names": _KERNELS.value, "grid": _PIXEL_GRID.value,
+                      "channels": _ints(_KERNELS_CHANNELS.value), "k_images": _KERNELS_K.value,
+                      "num_test": 1, "knn_level": 0, "repeats": repeats,
+                      "image_size": _IMAGE_SIZE.value}
   unknown = sorted(set(_SECTIONS.value) - set(every))
   if unknown:
     raise app.UsageError(f"unknown --sections {unknown}; valid: {', '.join(every)}")

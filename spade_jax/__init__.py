@@ -72,6 +72,7 @@ _SUBMODULES = {
     "backbones": "spade_jax.features.backbones",
     "checkpoint": "spade_jax.features.checkpoint",
     "cpu_kernel": "spade_jax.search.cpu_kernel",
+    "kernels": "spade_jax.search.kernels",
 }
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)

@@ -33,6 +33,8 @@ TINY = {
                 "profiles": ["efficientnet_lite0"], "train_images": 4, "k_images": 2,
                 "num_test": 1, "repeats": 1, "sharded_devices": 2, "sharded_n": 50,
                 "grid": 8, "image_size": 16},
+    "kernels": {**_TINY_PYRAMID, "names": ["l2", "mahalanobis", "polynomial"], "k_images": 3,
+                "num_test": 1, "knn_level": 1, "repeats": 1, "image_size": 16},
 }
 
 
@@ -78,6 +80,8 @@ def test_section_keys(results):
       coreset["coreset"][0])
   assert {"patchcore_s_per_image", "spade_s_per_image"} <= set(coreset["scoring"][0])
   assert coreset["sharded"]["status"] == "ok" and coreset["sharded"]["coreset_same"]
+  kernels = {r["kernel"]: r for r in sections["kernels"]["rows"]}
+  assert set(kernels) == {"l2", "mahalanobis", "polynomial"} and kernels["l2"]["knn_vs_l2"] == 1
   scaling = sections["scaling"]
   if scaling["status"] == "ok":
     assert {"efficiency", "sharded_over_unsharded", "indices_match"} <= set(scaling["rows"][1])

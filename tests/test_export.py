@@ -74,6 +74,32 @@ EXPORTS = (
     Export("pixel_scores-cat",
            lambda t, g, n: spade_jax.pixel_scores(t, g, n, kappa=2, combine="cat"),
            lambda: (_levels(3), _levels(20), _i32(3, 4)), uses_cpu_kernel=True),
+    # Kernels (spade_jax.kernels): parameters as constants of the exported function.
+    Export("knn-mahalanobis-k4", lambda q, g: spade_jax.knn(q, g, 4, _kernel("mahalanobis")),
+           lambda: (_f32(7, 16), _f32(40, 16)), uses_cpu_kernel=True),
+    Export("knn-rbf-k1", lambda q, g: spade_jax.knn(q, g, 1, _kernel("rbf")),
+           lambda: (_f32(7, 16), _f32(40, 16)), uses_cpu_kernel=True),
+    Export("knn-polynomial-k4", lambda q, g: spade_jax.knn(q, g, 4, _kernel("polynomial")),
+           lambda: (_f32(7, 16), _f32(40, 16))),  # XLA only: an elementwise proxy.
+    Export("knn-rff-k4", lambda q, g: spade_jax.knn(q, g, 4, _kernel("rff")),
+           lambda: (_f32(7, 16), _f32(40, 16)), uses_cpu_kernel=True),
+    Export("image_scores-mahalanobis-softmin",
+           lambda t, g: spade_jax.image_scores(t, g, 3, _kernel("mahalanobis"), num_neighbors=4,
+                                               aggregate="softmin", bandwidth=0.5),
+           lambda: (_f32(5, 16), _f32(40, 16)), uses_cpu_kernel=True),
+    Export("pixel_scores-ensemble-kernels",
+           lambda t, g, n: spade_jax.pixel_scores(t, g, n, kappa=2, metric=_level_kernels(),
+                                                  aggregate="kde", bandwidth=0.5),
+           lambda: (_levels(3), _levels(20), _i32(3, 4)), uses_cpu_kernel=True),
+    Export("sharded-knn-mahalanobis-k4",
+           lambda q, g: spade_jax.knn(q, g, 4, _kernel("mahalanobis")),
+           lambda: (_replicated(7, 16), _sharded(37, 16)), uses_cpu_kernel=True,
+           sharded=True),
+    Export("sharded-pixel_scores-ensemble-kernels",
+           lambda t, g, n: spade_jax.pixel_scores(t, g, n, kappa=2, metric=_level_kernels()),
+           lambda: (_levels(3, replicated=True), _sharded_levels(19),
+                    _replicated(3, 4, dtype=jnp.int32)),
+           uses_cpu_kernel=True, sharded=True),
     Export("anomaly_maps", lambda s: spade_jax.anomaly_maps(s, (32, 32), sigma=4.0),
            lambda: (_f32(3, 8, 8),)),
     # PatchCore: patch features, the greedy coreset, scores against a memory bank.
@@ -196,6 +222,21 @@ def _sharded_levels(rows: int) -> Any:
   """_levels(rows) as a dict of ShardedGallerys (one shard_gallery call), shape-only."""
   levels = {k: np.zeros(v.shape, np.float32) for k, v in _levels(rows).items()}
   return _shape_only(spade_jax.shard_gallery(levels, _mesh(), MESH_AXIS))
+
+
+@functools.cache
+def _kernel(name: str, dim: int = 16) -> Any:
+  """A kernel of spade_jax.kernels fitted on seeded random [64, dim] features (built
+  eagerly, even when first asked for inside the exported function's trace)."""
+  features = np.random.default_rng(dim).standard_normal((64, dim)).astype(np.float32)
+  with jax.ensure_compile_time_eval():
+    return spade_jax.kernels.from_features(name, features, **(
+        {"rff": {"num_features": 32}, "nystrom": {"num_landmarks": 8}}.get(name, {})))
+
+
+def _level_kernels() -> dict[str, Any]:
+  """One kernel per level of _levels: Mahalanobis (4 channels), RBF (6 channels)."""
+  return {"layer1": _kernel("mahalanobis", 4), "layer2": _kernel("rbf", 6)}
 
 
 @functools.cache

@@ -13,11 +13,11 @@ import time
 import traceback
 from typing import Any
 
-from . import backbone, coreset, knn, machine, memory, pipeline, pixel, precision, scaling
+from . import backbone, coreset, kernels, knn, machine, memory, pipeline, pixel, precision, scaling
 
 _MODULES = {"backbone": backbone, "knn": knn, "pixel": pixel, "scaling": scaling,
             "memory": memory, "precision": precision, "pipeline": pipeline,
-            "coreset": coreset}
+            "coreset": coreset, "kernels": kernels}
 SECTIONS = tuple(_MODULES)  # The order they run and are reported in.
 
 

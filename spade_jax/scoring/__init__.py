@@ -7,6 +7,10 @@ scores, and anomaly maps.
 * sharded.py: the same against training features sharded over a mesh;
 * api.py: the public `image_scores` / `pixel_scores` (validation, then local or sharded);
 * anomaly_map.py: score maps -> anomaly maps (bilinear upsampling, Gaussian blur);
+* aggregate.py: the k nearest distances -> a score (SPADE's mean, soft minimum,
+  truncated kernel density with a bandwidth);
+* variants.py: kernelized SPADE variants by name (kernels fitted on the training
+  features, per level), for experiments/kernels.py;
 * memory_bank.py: PatchCore's scores against a memory bank (spade_jax.patchcore_scores:
   nearest bank entries per patch, image score, optional reweighting).
 """

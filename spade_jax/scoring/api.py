@@ -5,28 +5,38 @@
 when the training features are a gallery sharded over a mesh (spade_jax.shard_gallery),
 their sharded forms (sharded.py), which return the same numbers. This module sits above
 both, so neither imports the other back.
+
+`metric` is a name, a Metric or a kernel (spade_jax.kernels); pixel_scores also takes
+a dict level -> metric ("ensemble": levels differ in size, so a fitted kernel is one
+per level). `aggregate` turns the k (kappa) nearest distances into a score
+(aggregate.py: "mean", SPADE's; "softmin" and "kde" with a bandwidth). Scores are
+differentiable with respect to the features and the kernels' parameters.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spade_jax.scoring import aggregate as aggregate_lib
 from spade_jax.scoring import local, sharded
 from spade_jax.search import distances, neighbors, sharding
 
 Array = jax.Array
 COMBINE_MODES = local.COMBINE_MODES
+AGGREGATES = aggregate_lib.AGGREGATES
 
 
 def image_scores(test_pool: Array, train_pool: Array, k: int,
                  metric: str | distances.Metric = "l2", *,
-                 num_neighbors: int | None = None,
+                 num_neighbors: int | None = None, aggregate: str = "mean",
+                 bandwidth: Any = None,
                  check_finite_inputs: bool = True) -> tuple[Array, Array]:
-  """DN2 image scores: mean distance to the k nearest training pooled features.
+  """DN2 image scores: the distances to the k nearest training pooled features, averaged.
 
   Args:
     test_pool: [N, D] float pooled features of the test images.
@@ -34,10 +44,12 @@ def image_scores(test_pool: Array, train_pool: Array, k: int,
       gallery (ShardedGallery / jax.Array split along axis 0): then searched where it
       lies, same results, replicated on its mesh.
     k: neighbours averaged into the score, 1 <= k <= M.
-    metric: name or Metric.
+    metric: name, Metric or kernel (spade_jax.kernels) of [D] features.
     num_neighbors: how many nearest training images to return (SPADE's K for the
       pixel gallery; may differ from k; one search serves both). Default k.
-    check_finite_inputs: reject NaN/Inf (one device reduction per input).
+    aggregate: "mean" (SPADE), "softmin" or "kde" (aggregate.py) over the k distances.
+    bandwidth: h > 0 of "softmin" / "kde" (a number or a traced scalar); None for "mean".
+    check_finite_inputs: reject NaN/Inf (one device reduction per input and kernel).
 
   Returns:
     (scores [N] float32, neighbor indices [N, num_neighbors] int32, nearest first).
@@ -52,17 +64,43 @@ def image_scores(test_pool: Array, train_pool: Array, k: int,
       or not 1 <= num_neighbors <= train_pool.shape[0]:
     raise ValueError(f"num_neighbors must be an int in [1, {train_pool.shape[0]}] (the "
                      f"number of training images), got {num_neighbors!r}")
+  aggregate_lib.check_aggregate(aggregate, bandwidth)
   if sharded_pool is not None:
     return sharded.image_scores(test_pool, sharded_pool, k, metric,
-                                num_neighbors=num_neighbors,
-                                check_finite_inputs=check_finite_inputs)
-  m = distances.get_metric(metric)
+                                num_neighbors=num_neighbors, aggregate=aggregate,
+                                bandwidth=bandwidth, check_finite_inputs=check_finite_inputs)
+  m = neighbors.resolve_metric(metric, train_pool.shape[1],
+                               check_finite_inputs=check_finite_inputs)
   if check_finite_inputs:
     neighbors.check_finite("test_pool", test_pool)
     neighbors.check_finite("train_pool", train_pool)
   chunk, query_block = neighbors.default_blocks(test_pool.shape[0], train_pool.shape[0])
-  return local.image_scores_jit(test_pool, train_pool, k=int(k), num_neighbors=int(num_neighbors),
-                           metric=m, chunk_size=chunk, query_block=query_block)
+  return local.image_scores_jit(test_pool, train_pool, m, _bandwidth(bandwidth), k=int(k),
+                                num_neighbors=int(num_neighbors), aggregate=aggregate,
+                                chunk_size=chunk, query_block=query_block)
+
+
+def _bandwidth(value: Any) -> Array:
+  """A bandwidth as a float32 scalar jit argument (1 when unused: "mean")."""
+  return jnp.asarray(1.0 if value is None else value, jnp.float32)
+
+
+def _per_part(value: Any, levels: tuple[str, ...], combine: str, what: str) -> tuple:
+  """A value or a dict level -> value as one entry per level ("ensemble") or one entry
+  ("cat", where the levels form one gallery).
+
+  Raises:
+    ValueError: a dict whose levels differ from `levels`, or a dict with "cat".
+  """
+  if isinstance(value, Mapping):
+    if combine == "cat":
+      raise ValueError(f'combine="cat" searches the concatenated levels: pass one {what}, '
+                       f"not a dict level -> {what}")
+    if set(value) != set(levels):
+      raise ValueError(f"{what} has levels {sorted(value)}, the features have "
+                       f"{sorted(levels)}")
+    return tuple(value[level] for level in levels)
+  return (value,) * (len(levels) if combine == "ensemble" else 1)
 
 
 # ----------------------------------------------------------------------------------
@@ -129,7 +167,7 @@ def _validate_pixel_args(test_features, train_features, neighbor_indices, kappa,
 
 def pixel_scores(test_features: Mapping[str, Array], train_features: Mapping[str, Array],
                  neighbor_indices: Array, kappa: int = 1, combine: str = "ensemble",
-                 metric: str | distances.Metric = "l2", *,
+                 metric: Any = "l2", *, aggregate: str = "mean", bandwidth: Any = None,
                  images_per_chunk: int | None = None, test_batch_size: int = 1,
                  check_finite_inputs: bool = True) -> Array:
   """SPADE pixel scores on the finest pyramid grid.
@@ -142,13 +180,19 @@ def pixel_scores(test_features: Mapping[str, Array], train_features: Mapping[str
       sharded_scoring.py); same results, replicated on the mesh.
     neighbor_indices: [N, K] int, the K nearest training images of each test image
       (from image_scores(..., num_neighbors=K)).
-    kappa: nearest gallery features averaged per position (paper: 1).
+    kappa: nearest gallery features per position (paper: 1).
     combine: "ensemble" or "cat" (see module docstring).
-    metric: name or Metric.
+    metric: name, Metric or kernel; or ("ensemble") a dict level -> one of those, e.g.
+      a kernel fitted on each level's features. "cat": one, for the concatenated levels.
+    aggregate: "mean" (SPADE), "softmin" or "kde" (aggregate.py) over the kappa
+      distances (with kappa = 1 all three are the nearest distance).
+    bandwidth: h > 0 of "softmin" / "kde", a number or a dict level -> number
+      ("ensemble"); None for "mean".
     images_per_chunk: training images per streamed gallery chunk; None targets ~8M
       proxy entries per chunk.
     test_batch_size: test images vmapped together (lax.map batch); 1 is fastest on CPU.
-    check_finite_inputs: reject NaN/Inf features (one device reduction per array).
+    check_finite_inputs: reject NaN/Inf features and kernel parameters (one device
+      reduction per array).
 
   Returns:
     [N, H0, W0] float32 score maps, (H0, W0) = the finest level's grid.
@@ -159,7 +203,16 @@ def pixel_scores(test_features: Mapping[str, Array], train_features: Mapping[str
     train_features = sharded_features
   levels, grid, n, _, k = _validate_pixel_args(test_features, train_features,
                                                neighbor_indices, kappa, combine)
-  m = distances.get_metric(metric)
+  aggregate_lib.check_aggregate(aggregate, bandwidth)
+  parts = levels if combine == "ensemble" else ("cat",)
+  dims = ([test_features[level].shape[-1] for level in levels] if combine == "ensemble"
+          else [sum(test_features[level].shape[-1] for level in levels)])
+  metrics = tuple(
+      neighbors.resolve_metric(m, dim, name=f"metric[{part!r}]" if part != "cat" else "metric",
+                               check_finite_inputs=check_finite_inputs)
+      for m, dim, part in zip(_per_part(metric, levels, combine, "metric"), dims, parts))
+  bandwidths = tuple(_bandwidth(h) for h in _per_part(bandwidth, levels, combine,
+                                                      "bandwidth"))
   if not _is_int(test_batch_size) or test_batch_size < 1:
     raise ValueError(f"test_batch_size must be a positive int, got {test_batch_size!r}")
   if images_per_chunk is not None and (not _is_int(images_per_chunk) or images_per_chunk < 1):
@@ -184,11 +237,13 @@ def pixel_scores(test_features: Mapping[str, Array], train_features: Mapping[str
   if sharded_features is not None:
     return sharded.pixel_scores(
         test_features, sharded_features, neighbor_indices, levels=levels, grid=grid,
-        kappa=int(kappa), combine=combine, metric=m, images_per_chunk=tuple(chunks),
+        kappa=int(kappa), combine=combine, metrics=metrics, aggregate=aggregate,
+        bandwidths=bandwidths, images_per_chunk=tuple(chunks),
         query_blocks=tuple(query_blocks), test_batch_size=int(min(test_batch_size, n)))
   return local.pixel_scores_jit(
       {level: test_features[level] for level in levels},
       {level: train_features[level] for level in levels},
-      jnp.asarray(neighbor_indices, jnp.int32), levels=levels, grid=grid,
-      kappa=int(kappa), combine=combine, metric=m, images_per_chunk=tuple(chunks),
-      query_blocks=tuple(query_blocks), test_batch_size=int(min(test_batch_size, n)))
+      jnp.asarray(neighbor_indices, jnp.int32), metrics, bandwidths, levels=levels,
+      grid=grid, kappa=int(kappa), combine=combine, aggregate=aggregate,
+      images_per_chunk=tuple(chunks), query_blocks=tuple(query_blocks),
+      test_batch_size=int(min(test_batch_size, n)))

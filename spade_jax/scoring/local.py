@@ -21,6 +21,13 @@ Combining the pyramid levels (layer1..3), both published ways:
   channels concatenated (256 + 512 + 1024 = 1792-d for wide_resnet50_2); the training
   images' levels are upsampled chunk by chunk inside the stream.
 
+The distances to the k (kappa) nearest become a score by aggregate.py: SPADE's mean,
+or a soft minimum / truncated kernel density with a bandwidth. The metric of each
+search is a jit argument: a Metric, or a kernel whose parameters are traced (one per
+level in "ensemble", since levels differ in size). A kernel that transforms rows
+(Mahalanobis, explicit feature maps) transforms the training features once per call
+("ensemble"), not once per test image (`prepare_levels`).
+
 These are the jit-compiled kernels; the public functions (validation, and the choice
 between this module and the sharded one, sharded.py) are in api.py.
 """
@@ -29,13 +36,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import functools
+from typing import Any
 
 import jax
 from jax import lax
 import jax.numpy as jnp
 
+from spade_jax.scoring import aggregate as aggregate_lib
 from spade_jax.scoring import anomaly_map
 from spade_jax.search import cpu_kernel, distances, neighbors
+from spade_jax.search.kernels import base
 
 Array = jax.Array
 COMBINE_MODES = ("ensemble", "cat")
@@ -45,13 +55,13 @@ COMBINE_MODES = ("ensemble", "cat")
 # Image-level scores.
 
 
-@functools.partial(jax.jit, static_argnames=("k", "num_neighbors", "metric", "chunk_size",
+@functools.partial(jax.jit, static_argnames=("k", "num_neighbors", "aggregate", "chunk_size",
                                              "query_block"))
-def image_scores_jit(test_pool, train_pool, *, k, num_neighbors, metric, chunk_size,
-                      query_block):
+def image_scores_jit(test_pool, train_pool, metric, bandwidth, *, k, num_neighbors,
+                      aggregate, chunk_size, query_block):
   dist, idx = neighbors.local_knn(test_pool, train_pool, max(k, num_neighbors), metric,
                                   chunk_size, query_block=query_block)
-  return jnp.mean(dist[:, :k], axis=1), idx[:, :num_neighbors]
+  return aggregate_lib.aggregate(dist[:, :k], aggregate, bandwidth), idx[:, :num_neighbors]
 
 
 # ----------------------------------------------------------------------------------
@@ -97,14 +107,15 @@ def _resize_at(feats: Array, image: Array, pos: Array, grid: tuple[int, int]) ->
 
 def uses_bank_kernel(metric: distances.Metric, bank: Array) -> bool:
   """Whether CPU lowerings search the K images in place (cpu_kernel.search_bank)."""
-  return neighbors._cpu_kernel_enabled("auto") and cpu_kernel.can_search_bank(  # pylint: disable=protected-access
+  return neighbors._cpu_kernel_enabled("auto", metric) and cpu_kernel.can_search_bank(  # pylint: disable=protected-access
       metric, bank)
 
 
 def _stream_images(queries: Array, nbrs: Array, rows_of, rows_at, positions: int,
                    images_per_chunk: int, kappa: int, metric: distances.Metric,
-                   query_block: int | None = None, bank: Array | None = None) -> Array:
-  """Mean distance of each query to its kappa nearest rows of the K-image gallery.
+                   reduce: Callable[[Array], Array], query_block: int | None = None,
+                   bank: Array | None = None) -> Array:
+  """Score of each query from its kappa nearest rows of the K-image gallery.
 
   Args:
     queries: [Q, D] raw query features.
@@ -114,34 +125,37 @@ def _stream_images(queries: Array, nbrs: Array, rows_of, rows_at, positions: int
     rows_at: (images [...], positions [...]) -> [..., D] raw rows, for the exact recompute.
     positions: gallery rows per image.
     images_per_chunk: B.
-    kappa: neighbours averaged.
-    metric: the Metric.
+    kappa: neighbours per query.
+    metric: the Metric or kernel.
+    reduce: [Q, kappa] distances -> [Q] scores (aggregate.py).
     query_block: queries per proxy block.
     bank: optional [N, positions, D] with rows_of(ids) == bank[ids].reshape(-1, D);
       on CPU the kernel then reads the K images' rows in place (no gathered chunks).
 
   Returns:
-    [Q] float32 scores.
+    [Q] float32 scores; differentiable (the search selects under stop_gradient, the
+    selected distances are recomputed from the live rows).
   """
-  q = metric.prepare(queries.astype(jnp.float32))
-  center = neighbors.search_center(metric, q)
-  q_emb = neighbors.embed_queries(metric, q, center)
+  search = base.frozen(metric)
+  q = search.prepare(lax.stop_gradient(queries).astype(jnp.float32))
+  center = neighbors.search_center(search, q)
+  q_emb = neighbors.embed_queries(search, q, center)
   num_images = nbrs.shape[0]
   b = min(images_per_chunk, num_images)
   num_full, tail = divmod(num_images, b)
 
   def chunk(start, count):
     ids = lax.dynamic_slice_in_dim(nbrs, start, count)
-    return metric.prepare(rows_of(ids).astype(jnp.float32)), None
+    return search.prepare(lax.stop_gradient(rows_of(ids)).astype(jnp.float32)), None
 
   def chunked():
     proxies, idx = neighbors.stream_topk(q_emb, lambda j: chunk(j * b, b), num_full,
-                                         b * positions, kappa, metric,
+                                         b * positions, kappa, search,
                                          query_block=query_block, center=center)
     if tail:
       start = num_full * b
       proxies, idx = neighbors.stream_topk(q_emb, lambda j: chunk(start, tail), 1,
-                                           tail * positions, kappa, metric,
+                                           tail * positions, kappa, search,
                                            carry=(proxies, idx),
                                            first_index=start * positions,
                                            query_block=query_block, center=center)
@@ -149,14 +163,16 @@ def _stream_images(queries: Array, nbrs: Array, rows_of, rows_at, positions: int
 
   proxies, idx = neighbors.cpu_or_xla(
       bank is not None and uses_bank_kernel(metric, bank),
-      lambda: cpu_kernel.search_bank(q_emb, bank, nbrs, kappa, metric, center=center),
+      lambda: cpu_kernel.search_bank(q_emb, lax.stop_gradient(bank), nbrs, kappa, search,
+                                     center=center),
       chunked)
 
   def gather_rows(i):
-    return metric.prepare(rows_at(nbrs[i // positions], i % positions).astype(jnp.float32))
+    return neighbors.prepare_rows(metric, rows_at(nbrs[i // positions], i % positions))
 
-  dist, _ = neighbors.exact_recompute(q, proxies, idx, gather_rows, metric)
-  return jnp.mean(dist, axis=1)
+  live_q = metric.prepare(queries.astype(jnp.float32))
+  dist, _ = neighbors.exact_recompute(live_q, proxies, idx, gather_rows, metric)
+  return reduce(dist)
 
 
 def pyramid_scores(test: dict[str, Array], train: dict[str, Array], nbrs: Array, *,
@@ -167,14 +183,15 @@ def pyramid_scores(test: dict[str, Array], train: dict[str, Array], nbrs: Array,
 
   The combine logic of SPADE, shared by the single-device and the sharded paths;
   `stream(queries [P, C], nbrs, *, rows_of, rows_at, positions, images_per_chunk,
-  query_block, bank) -> [P]` is the search of the positions of the K images (the sharded
-  one searches only the images a device holds and merges over the mesh); `bank` is the
-  level's [N, positions, C] features when rows_of gathers whole images from it ("ensemble")
-  and None otherwise ("cat" builds its rows).
+  query_block, bank, part) -> [P]` is the search of the positions of the K images (the
+  sharded one searches only the images a device holds and merges over the mesh); `bank`
+  is the level's [N, positions, C] features when rows_of gathers whole images from it
+  ("ensemble") and None otherwise ("cat" builds its rows); `part` is the index of the
+  level ("ensemble") or 0 ("cat"), which selects its metric and bandwidth.
   """
   if combine == "ensemble":
     maps = []
-    for level, b, qb in zip(levels, images_per_chunk, query_blocks):
+    for part, (level, b, qb) in enumerate(zip(levels, images_per_chunk, query_blocks)):
       h, w, c = test[level].shape
       feats = train[level]
       flat = feats.reshape(feats.shape[0], h * w, c)
@@ -182,7 +199,7 @@ def pyramid_scores(test: dict[str, Array], train: dict[str, Array], nbrs: Array,
           test[level].reshape(h * w, c), nbrs,
           rows_of=lambda ids, flat=flat, c=c: flat[ids].reshape(-1, c),
           rows_at=lambda img, pos, flat=flat: flat[img, pos],
-          positions=h * w, images_per_chunk=b, query_block=qb, bank=flat)
+          positions=h * w, images_per_chunk=b, query_block=qb, bank=flat, part=part)
       maps.append(_resize_rows(scores.reshape(1, h, w, 1), grid)[0, ..., 0])
     return jnp.mean(jnp.stack(maps), axis=0)
 
@@ -202,34 +219,63 @@ def pyramid_scores(test: dict[str, Array], train: dict[str, Array], nbrs: Array,
 
   scores = stream(queries, nbrs, rows_of=rows_of, rows_at=rows_at, positions=positions,
                   images_per_chunk=images_per_chunk[0], query_block=query_blocks[0],
-                  bank=None)
+                  bank=None, part=0)
   return scores.reshape(grid)
 
 
-def _pixel_scores_one(test: dict[str, Array], train: dict[str, Array], nbrs: Array, *,
+def prepare_levels(test: dict[str, Array], train: dict[str, Array], metrics: tuple[Any, ...],
+                   levels: tuple[str, ...], combine: str
+                   ) -> tuple[dict[str, Array], dict[str, Array], tuple[Any, ...]]:
+  """("ensemble") Each level's rows transformed once by its kernel's `prepare`, and the
+  kernel's PreparedView in its place, for kernels that transform rows (Mahalanobis,
+  explicit feature maps): the K-image galleries of every test image are then rows of
+  one transformed bank, read in place on CPU. Metrics (cosine) and "cat" (whose rows
+  are built per chunk) are unchanged."""
+  if combine != "ensemble":
+    return test, train, metrics
+  test, train, out = dict(test), dict(train), []
+  for level, metric in zip(levels, metrics):
+    if base.is_kernel(metric) and not metric.prepare_is_identity:
+      test[level] = neighbors.prepare_rows(metric, test[level])
+      train[level] = neighbors.prepare_rows(metric, train[level])
+      metric = base.PreparedView(metric)
+    out.append(metric)
+  return test, train, tuple(out)
+
+
+def reducer(aggregate: str, bandwidth: Array) -> Callable[[Array], Array]:
+  """[Q, kappa] distances -> [Q] scores (aggregate.py)."""
+  return functools.partial(aggregate_lib.aggregate, mode=aggregate, bandwidth=bandwidth)
+
+
+def _pixel_scores_one(test: dict[str, Array], train: dict[str, Array], nbrs: Array,
+                      metrics: tuple[Any, ...], bandwidths: tuple[Array, ...], *,
                       levels: tuple[str, ...], grid: tuple[int, int], kappa: int,
-                      combine: str, metric: distances.Metric,
-                      images_per_chunk: tuple[int, ...],
+                      combine: str, aggregate: str, images_per_chunk: tuple[int, ...],
                       query_blocks: tuple[int, ...]) -> Array:
   """Score map [H0, W0] of one test image, all K images on this device."""
 
   def stream(queries, nbrs, *, rows_of, rows_at, positions, images_per_chunk, query_block,
-             bank):
+             bank, part):
     return _stream_images(queries, nbrs, rows_of, rows_at, positions, images_per_chunk,
-                          kappa, metric, query_block, bank)
+                          kappa, metrics[part], reducer(aggregate, bandwidths[part]),
+                          query_block, bank)
 
   return pyramid_scores(test, train, nbrs, levels=levels, grid=grid, combine=combine,
                         images_per_chunk=images_per_chunk, query_blocks=query_blocks,
                         stream=stream)
 
 
-@functools.partial(jax.jit, static_argnames=("levels", "grid", "kappa", "combine", "metric",
-                                             "images_per_chunk", "query_blocks",
+@functools.partial(jax.jit, static_argnames=("levels", "grid", "kappa", "combine",
+                                             "aggregate", "images_per_chunk", "query_blocks",
                                              "test_batch_size"))
-def pixel_scores_jit(test, train, nbrs, *, levels, grid, kappa, combine, metric,
-                      images_per_chunk, query_blocks, test_batch_size):
-  one = functools.partial(_pixel_scores_one, levels=levels, grid=grid, kappa=kappa,
-                          combine=combine, metric=metric, images_per_chunk=images_per_chunk,
+def pixel_scores_jit(test, train, nbrs, metrics, bandwidths, *, levels, grid, kappa, combine,
+                      aggregate, images_per_chunk, query_blocks, test_batch_size):
+  """metrics / bandwidths: one per level ("ensemble") or one ("cat"), as tuples."""
+  test, train, metrics = prepare_levels(test, train, metrics, levels, combine)
+  one = functools.partial(_pixel_scores_one, metrics=metrics, bandwidths=bandwidths,
+                          levels=levels, grid=grid, kappa=kappa, combine=combine,
+                          aggregate=aggregate, images_per_chunk=images_per_chunk,
                           query_blocks=query_blocks)
   return lax.map(lambda xs: one(xs[0], train, xs[1]), (test, nbrs),
                  batch_size=test_batch_size)

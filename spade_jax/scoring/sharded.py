@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 import functools
+from typing import Any
 
 import jax
 from jax import lax
@@ -28,8 +29,10 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
+from spade_jax.scoring import aggregate as aggregate_lib
 from spade_jax.scoring import local
 from spade_jax.search import cpu_kernel, distances, neighbors, sharded_neighbors, sharding
+from spade_jax.search.kernels import base
 from spade_jax.search.sharding import ShardedGallery
 
 Array = jax.Array
@@ -38,8 +41,8 @@ Array = jax.Array
 def _held_stream(queries: Array, nbrs: Array, offset: Array, shard_rows: int,
                  rows_of: Callable[[Array], Array], rows_at: Callable[[Array, Array], Array],
                  positions: int, images_per_chunk: int, kappa: int, axis: str,
-                 metric: distances.Metric, query_block: int | None,
-                 bank: Array | None = None) -> Array:
+                 metric: distances.Metric, reduce: Callable[[Array], Array],
+                 query_block: int | None, bank: Array | None = None) -> Array:
   """Scores [Q] of queries against the K-image gallery, of which this device holds some.
 
   Args:
@@ -54,14 +57,16 @@ def _held_stream(queries: Array, nbrs: Array, offset: Array, shard_rows: int,
     images_per_chunk: B.
     kappa: neighbours averaged.
     axis: the gallery mesh axis (candidates are merged over it).
-    metric: the Metric.
+    metric: the Metric or kernel.
+    reduce: [Q, kappa] distances -> [Q] scores (aggregate.py).
     query_block: queries per proxy block.
     bank: optional [R/A, positions, D] local features with rows_of(ids) ==
       bank[ids].reshape(-1, D); on CPU the kernel then reads the held images in place
       (slots past the held ones are masked out and skipped).
 
   Returns:
-    [Q] float32 mean distance to the kappa nearest rows (same on every device).
+    [Q] float32 scores of the kappa nearest rows (same on every device); the search
+    selects under stop_gradient, the distances are recomputed from the live rows.
   """
   num_images = nbrs.shape[0]
   b = min(images_per_chunk, num_images)
@@ -76,9 +81,10 @@ def _held_stream(queries: Array, nbrs: Array, offset: Array, shard_rows: int,
   count = jnp.sum(held.astype(jnp.int32))
   slot_ok = jnp.arange(slots) < count
 
-  q = metric.prepare(queries.astype(jnp.float32))
-  center = neighbors.search_center(metric, q)
-  q_emb = neighbors.embed_queries(metric, q, center)
+  search = base.frozen(metric)
+  q = search.prepare(lax.stop_gradient(queries).astype(jnp.float32))
+  center = neighbors.search_center(search, q)
+  q_emb = neighbors.embed_queries(search, q, center)
   init = (jnp.full((q.shape[0], kappa), jnp.inf, jnp.float32),
           jnp.full((q.shape[0], kappa), -1, jnp.int32))
 
@@ -88,9 +94,9 @@ def _held_stream(queries: Array, nbrs: Array, offset: Array, shard_rows: int,
     def chunk(_):
       ids = lax.dynamic_slice_in_dim(slot_ids, start, b)
       ok = jnp.repeat(lax.dynamic_slice_in_dim(slot_ok, start, b), positions)
-      return metric.prepare(rows_of(ids).astype(jnp.float32)), ok
+      return search.prepare(lax.stop_gradient(rows_of(ids)).astype(jnp.float32)), ok
 
-    return neighbors.stream_topk(q_emb, chunk, 1, b * positions, kappa, metric, carry=carry,
+    return neighbors.stream_topk(q_emb, chunk, 1, b * positions, kappa, search, carry=carry,
                                  first_index=start * positions, query_block=query_block,
                                  center=center)
 
@@ -99,39 +105,46 @@ def _held_stream(queries: Array, nbrs: Array, offset: Array, shard_rows: int,
 
   def in_place():
     valid = jnp.broadcast_to(slot_ok[:, None], (slots, positions))
-    return cpu_kernel.search_bank(q_emb, bank, slot_ids, kappa, metric, valid, center)
+    return cpu_kernel.search_bank(q_emb, lax.stop_gradient(bank), slot_ids, kappa, search,
+                                  valid, center)
 
   proxies, slot_rows = neighbors.cpu_or_xla(
       bank is not None and local.uses_bank_kernel(metric, bank), in_place, chunked)
 
   def gather_rows(i):
-    return metric.prepare(rows_at(slot_ids[i // positions], i % positions).astype(jnp.float32))
+    return neighbors.prepare_rows(metric, rows_at(slot_ids[i // positions], i % positions))
 
-  dist, slot_rows = neighbors.exact_recompute(q, proxies, slot_rows, gather_rows, metric)
+  live_q = metric.prepare(queries.astype(jnp.float32))
+  dist, slot_rows = neighbors.exact_recompute(live_q, proxies, slot_rows, gather_rows, metric)
   s = jnp.maximum(slot_rows, 0)
   rows = jnp.where(slot_rows >= 0, order[s // positions] * positions + s % positions, -1)
   dist, _ = sharded_neighbors.merge_gathered(dist, rows, axis, kappa)
-  return jnp.mean(dist, axis=1)
+  return reduce(dist)
 
 
 def _pixel_scores_one(test: dict[str, Array], train: dict[str, Array], nbrs: Array,
-                      offset: Array, *, shard_rows: int, axis: str, levels: tuple[str, ...],
-                      grid: tuple[int, int], kappa: int, combine: str,
-                      metric: distances.Metric, images_per_chunk: tuple[int, ...],
+                      offset: Array, metrics: tuple[Any, ...], bandwidths: tuple[Array, ...],
+                      *, shard_rows: int, axis: str, levels: tuple[str, ...],
+                      grid: tuple[int, int], kappa: int, combine: str, aggregate: str,
+                      images_per_chunk: tuple[int, ...],
                       query_blocks: tuple[int, ...]) -> Array:
   """Score map [H0, W0] of one test image; train[level]: this device's [R/A, h, w, C]."""
-  stream = functools.partial(_held_stream, offset=offset, shard_rows=shard_rows,
-                             kappa=kappa, axis=axis, metric=metric)
+
+  def stream(queries, nbrs, *, part, **kwargs):
+    return _held_stream(queries, nbrs, offset=offset, shard_rows=shard_rows, kappa=kappa,
+                        axis=axis, metric=metrics[part],
+                        reduce=local.reducer(aggregate, bandwidths[part]), **kwargs)
+
   return local.pyramid_scores(test, train, nbrs, levels=levels, grid=grid, combine=combine,
                                 images_per_chunk=images_per_chunk, query_blocks=query_blocks,
                                 stream=stream)
 
 
-@functools.partial(jax.jit, static_argnames=("levels", "grid", "kappa", "combine", "metric",
-                                             "images_per_chunk", "query_blocks",
+@functools.partial(jax.jit, static_argnames=("levels", "grid", "kappa", "combine",
+                                             "aggregate", "images_per_chunk", "query_blocks",
                                              "test_batch_size"))
-def _pixel_scores_jit(test, train, nbrs, *, levels, grid, kappa, combine, metric,
-                      images_per_chunk, query_blocks, test_batch_size):
+def _pixel_scores_jit(test, train, nbrs, metrics, bandwidths, *, levels, grid, kappa,
+                      combine, aggregate, images_per_chunk, query_blocks, test_batch_size):
   first = train[levels[0]]
   mesh, axis, shard_rows = first.mesh, first.axis, first.shard_rows
   spec, ways = sharded_neighbors.query_spec(mesh, axis)
@@ -140,33 +153,38 @@ def _pixel_scores_jit(test, train, nbrs, *, levels, grid, kappa, combine, metric
           for l in levels}
   nbrs = sharding.constrain(sharded_neighbors.pad_rows(nbrs.astype(jnp.int32), ways), mesh, spec)
 
-  def local(test, train, nbrs):
+  def per_device(test, train, nbrs, metrics, bandwidths):
     offset = lax.axis_index(axis) * shard_rows
-    one = functools.partial(_pixel_scores_one, offset=offset, shard_rows=shard_rows,
-                            axis=axis, levels=levels, grid=grid, kappa=kappa,
-                            combine=combine, metric=metric,
-                            images_per_chunk=images_per_chunk, query_blocks=query_blocks)
+    test, train, level_metrics = local.prepare_levels(test, train, metrics, levels,
+                                                          combine)
+    one = functools.partial(_pixel_scores_one, offset=offset, metrics=level_metrics,
+                            bandwidths=bandwidths, shard_rows=shard_rows, axis=axis,
+                            levels=levels, grid=grid, kappa=kappa, combine=combine,
+                            aggregate=aggregate, images_per_chunk=images_per_chunk,
+                            query_blocks=query_blocks)
     return lax.map(lambda xs: one(xs[0], train, xs[1]), (test, nbrs),
                    batch_size=min(test_batch_size, nbrs.shape[0]))
 
-  maps = jax.shard_map(local, mesh=mesh, in_specs=(spec, P(axis), spec), out_specs=spec,
-                       check_vma=False)(test, {l: train[l].data for l in levels}, nbrs)
+  maps = jax.shard_map(per_device, mesh=mesh, in_specs=(spec, P(axis), spec, P(), P()),
+                       out_specs=spec, check_vma=False)(
+                           test, {l: train[l].data for l in levels}, nbrs, metrics, bandwidths)
   return sharding.constrain(maps, mesh, P())[:num_test]
 
 
 def pixel_scores(test_features: Mapping[str, Array],
                  train_features: Mapping[str, ShardedGallery], neighbor_indices: Array, *,
                  levels: tuple[str, ...], grid: tuple[int, int], kappa: int, combine: str,
-                 metric: distances.Metric, images_per_chunk: tuple[int, ...],
-                 query_blocks: tuple[int, ...], test_batch_size: int) -> Array:
+                 metrics: tuple[Any, ...], aggregate: str, bandwidths: tuple[Array, ...],
+                 images_per_chunk: tuple[int, ...], query_blocks: tuple[int, ...],
+                 test_batch_size: int) -> Array:
   """api.pixel_scores on sharded train features (arguments validated by the caller).
 
   Args:
     test_features: level -> [N, h, w, C] (host or any device; replicated onto the mesh).
     train_features: level -> ShardedGallery [M, h, w, C], all on one mesh / axis / layout.
     neighbor_indices: [N, K] int global training-image rows.
-    levels, grid, kappa, combine, metric, images_per_chunk, query_blocks,
-      test_batch_size: as resolved by api.pixel_scores.
+    levels, grid, kappa, combine, metrics, aggregate, bandwidths, images_per_chunk,
+      query_blocks, test_batch_size: as resolved by api.pixel_scores.
 
   Returns:
     [N, H0, W0] float32 score maps, replicated on the mesh.
@@ -176,34 +194,38 @@ def pixel_scores(test_features: Mapping[str, Array],
   if not isinstance(neighbor_indices, jax.Array):
     neighbor_indices = np.asarray(neighbor_indices, np.int32)
   nbrs = sharding.place_replicated(neighbor_indices, mesh)
-  return _pixel_scores_jit(test, {l: train_features[l] for l in levels}, nbrs, levels=levels,
-                           grid=grid, kappa=kappa, combine=combine, metric=metric,
-                           images_per_chunk=images_per_chunk, query_blocks=query_blocks,
-                           test_batch_size=test_batch_size)
+  metrics = sharded_neighbors.place_metric(metrics, mesh)
+  bandwidths = sharded_neighbors.place_metric(bandwidths, mesh)
+  return _pixel_scores_jit(test, {l: train_features[l] for l in levels}, nbrs, metrics,
+                           bandwidths, levels=levels, grid=grid, kappa=kappa, combine=combine,
+                           aggregate=aggregate, images_per_chunk=images_per_chunk,
+                           query_blocks=query_blocks, test_batch_size=test_batch_size)
 
 
 # ----------------------------------------------------------------------------------
 # Image-level scores.
 
 
-@functools.partial(jax.jit, static_argnames=("k", "num_neighbors", "metric", "chunk_size",
+@functools.partial(jax.jit, static_argnames=("k", "num_neighbors", "aggregate", "chunk_size",
                                              "query_block"))
-def _image_scores_jit(test_pool, train_pool, *, k, num_neighbors, metric, chunk_size,
-                      query_block):
+def _image_scores_jit(test_pool, train_pool, metric, bandwidth, *, k, num_neighbors,
+                      aggregate, chunk_size, query_block):
   dist, idx = sharded_neighbors.search_shards(test_pool, train_pool, max(k, num_neighbors),
                                               metric, chunk_size, query_block)
-  return jnp.mean(dist[:, :k], axis=1), idx[:, :num_neighbors]
+  return aggregate_lib.aggregate(dist[:, :k], aggregate, bandwidth), idx[:, :num_neighbors]
 
 
 def image_scores(test_pool: Array, train_pool: sharding.ShardedGallery, k: int,
                  metric: str | distances.Metric = "l2", *, num_neighbors: int | None = None,
+                 aggregate: str = "mean", bandwidth: Any = None,
                  check_finite_inputs: bool = True) -> tuple[Array, Array]:
   """api.image_scores on a sharded train_pool (validated by the caller).
 
   Returns:
     (scores [N] float32, neighbor indices [N, num_neighbors] int32), replicated.
   """
-  m = distances.get_metric(metric)
+  m = neighbors.resolve_metric(metric, train_pool.shape[1],
+                               check_finite_inputs=check_finite_inputs)
   num_neighbors = k if num_neighbors is None else num_neighbors
   sharded_neighbors.check_valid_rows("k", k, train_pool)
   sharded_neighbors.check_valid_rows("num_neighbors", num_neighbors, train_pool)
@@ -213,6 +235,10 @@ def image_scores(test_pool: Array, train_pool: sharding.ShardedGallery, k: int,
   chunk, block = sharded_neighbors.local_blocks(test_pool.shape[0], train_pool, None,
                                                 None)
   test_pool = sharding.place_replicated(test_pool, train_pool.mesh)
-  return _image_scores_jit(test_pool, train_pool, k=int(k), num_neighbors=int(num_neighbors),
-                           metric=m, chunk_size=chunk, query_block=block)
+  mesh = train_pool.mesh
+  h = jnp.asarray(1.0 if bandwidth is None else bandwidth, jnp.float32)
+  return _image_scores_jit(test_pool, train_pool, sharded_neighbors.place_metric(m, mesh),
+                           sharded_neighbors.place_metric(h, mesh),
+                           k=int(k), num_neighbors=int(num_neighbors), aggregate=aggregate,
+                           chunk_size=chunk, query_block=block)
 

@@ -1,7 +1,10 @@
 """Stage 2, search: exact, streamed nearest-neighbour search under a distance kernel.
 
 * distances.py: the Metric interface (matmul form + exact form) and l2 / sqeuclidean /
-  cosine; a new kernel is a new Metric;
+  cosine; a new fixed distance is a new Metric;
+* kernels/: distances with parameters (spade_jax.kernels): pytrees whose parameters
+  are traced, differentiable jit arguments (Mahalanobis, low-rank linear, RBF,
+  Laplacian, polynomial, random Fourier and Nystrom features), learned with optax;
 * neighbors.py: the streamed exact kNN on one device (running top-k, exact recompute);
 * cpu_kernel.py, csrc/knn_cpu.cc: the same search as an XLA FFI custom call on CPU
   (BLAS sgemm + in-cache selection), chosen only in CPU lowerings;

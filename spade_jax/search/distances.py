@@ -14,10 +14,13 @@ A Metric says how to compare feature vectors in the two forms the search needs:
   near-duplicate points (|q|^2 + |g|^2 - 2 q.g with all three terms ~1e4 loses ~1e-3
   absolute), so the reported distances never come from it.
 
-A new kernel (e.g. a kernelised distance through an explicit feature map) is a new
-Metric: write `prepare`, `embed_queries`, `embed_gallery`, `finalize`, `exact` and
-call `register_metric` (optionally `gallery_extra`, when the gallery embedding is the
-rows plus a few extra columns, as for L2). Everything here is written for plain arrays and is traced
+A fixed distance is a new Metric: write `prepare`, `embed_queries`, `embed_gallery`,
+`finalize`, `exact` and call `register_metric` (optionally `gallery_extra`, when the
+gallery embedding is the rows plus a few extra columns, as for L2). A distance with
+parameters (learnable, or fitted from data) is a kernel (kernels/base.py): the same
+forms, as methods of a pytree whose parameters are traced jit arguments. The search
+takes either (`get_metric`); a Metric is a pytree without leaves, so both travel as
+ordinary jit arguments. Everything here is written for plain arrays and is traced
 inside the callers' jit; nothing here calls jit itself.
 """
 
@@ -28,6 +31,8 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+
+from spade_jax.search.kernels import base
 
 Array = jax.Array
 
@@ -86,6 +91,11 @@ class Metric:
     return f"Metric({self.name!r})"
 
 
+# A Metric is a pytree without leaves (itself the static part, hashed by identity), so
+# the search passes a Metric and a kernel alike as a jit argument.
+jax.tree_util.register_static(Metric)
+
+
 def _identity(x: Array) -> Array:
   return x.astype(jnp.float32)
 
@@ -128,7 +138,8 @@ def _sqeuclidean_exact(x: Array, y: Array) -> Array:
 
 
 def _l2_exact(x: Array, y: Array) -> Array:
-  return jnp.sqrt(_sqeuclidean_exact(x, y))
+  # safe_sqrt: sqrt's value, but gradient 0 instead of NaN at distance 0.
+  return base.safe_sqrt(_sqeuclidean_exact(x, y))
 
 
 def _unit_rows(x: Array) -> Array:
@@ -175,26 +186,32 @@ def register_metric(metric: Metric, *, overwrite: bool = False) -> Metric:
   return metric
 
 
-def get_metric(metric: str | Metric) -> Metric:
-  """Resolves a registry name (or passes a Metric through).
+def get_metric(metric: str | Metric | base.Kernel) -> Metric | base.Kernel:
+  """Resolves a registry name (or passes a Metric or a kernel through).
 
   Raises:
     ValueError: unknown name.
   """
-  if isinstance(metric, Metric):
+  if isinstance(metric, (Metric, base.Kernel)):
     return metric
   if isinstance(metric, str) and metric in METRICS:
     return METRICS[metric]
-  raise ValueError(f"metric must be one of {sorted(METRICS)} or a Metric, got {metric!r}")
+  if isinstance(metric, str) and metric in base.KERNELS:
+    raise ValueError(
+        f"metric {metric!r} is a kernel with parameters: pass the kernel itself, e.g. "
+        f"spade_jax.kernels.from_features({metric!r}, train_features)")
+  raise ValueError(f"metric must be one of {sorted(METRICS)}, a Metric or a kernel "
+                   f"(spade_jax.kernels), got {metric!r}")
 
 
-def pairwise_distances(queries: Array, gallery: Array, metric: str | Metric = "l2") -> Array:
+def pairwise_distances(queries: Array, gallery: Array,
+                       metric: str | Metric | base.Kernel = "l2") -> Array:
   """All distances via the matmul form (materialises [Q, M]; for small problems, tests).
 
   Args:
     queries: [Q, D] float.
     gallery: [M, D] float.
-    metric: name or Metric.
+    metric: name, Metric or kernel.
 
   Returns:
     [Q, M] float32 distances (matmul precision, see module docstring).

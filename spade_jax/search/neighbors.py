@@ -33,6 +33,13 @@ translation costs O((Q + M) D) next to the search's O(Q M D).
 The building blocks are split for the sharded search (one shard = one `local_knn`
 with a validity mask and an index offset; shards' candidates are combined with
 `merge_topk`).
+
+Gradients: the metric is a jit argument (a Metric has no leaves; a kernel's parameters
+are traced), and the search selects under lax.stop_gradient (the neighbour indices are
+constants; no tangent reaches the CPU kernel's custom call), while the selected
+neighbours' distances are recomputed from the live inputs with the metric's exact form.
+So jax.grad of the distances with respect to queries, gallery and kernel parameters is
+that of the exact form at the chosen neighbours, on every path.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spade_jax.search import cpu_kernel, distances
+from spade_jax.search.kernels import base
 
 Array = jax.Array
 ChunkFn = Callable[[Array], tuple[Array, Array | None]]
@@ -307,7 +315,7 @@ def stream_topk(query_embeddings: Array, chunk_fn: ChunkFn, num_chunks: int,
     return (lax.dynamic_update_slice_in_dim(all_v, best_v, start, 0),
             lax.dynamic_update_slice_in_dim(all_i, best_i, start, 0))
 
-  use_cpu_kernel = _cpu_kernel_enabled(kernel)
+  use_cpu_kernel = _cpu_kernel_enabled(kernel, metric)
 
   def body(j, state):
     rows, valid = chunk_fn(j)
@@ -338,8 +346,12 @@ def _check_kernel(kernel: str) -> str:
   return kernel
 
 
-def _cpu_kernel_enabled(kernel: str) -> bool:
-  """Whether CPU lowerings should use the CPU kernel (see KERNELS)."""
+def _cpu_kernel_enabled(kernel: str, metric: Any = None) -> bool:
+  """Whether CPU lowerings should use the CPU kernel (see KERNELS) for `metric`: its
+  proxy must be the plain matmul of the embeddings (not a kernel's elementwise
+  transform of it, base.DotProductKernel)."""
+  if metric is not None and not getattr(metric, "matmul_proxy", True):
+    return False
   return _check_kernel(kernel) == "auto" and cpu_kernel.available()
 
 
@@ -356,11 +368,21 @@ def cpu_or_xla(use_cpu_kernel: bool, with_cpu_kernel: Callable[..., Any],
 def exact_recompute(queries: Array, proxies: Array, idx: Array,
                      gather_rows: Callable[[Array], Array],
                      metric: distances.Metric) -> tuple[Array, Array]:
-  """Replaces the selected proxies by exact distances and re-sorts by (distance, index)."""
+  """Replaces the selected proxies by exact distances and re-sorts by (distance, index).
+
+  `queries` and `gather_rows` should be the live (differentiable) prepared rows: the
+  distances returned are differentiable, the indices are constants.
+  """
+  proxies, idx = lax.stop_gradient((proxies, idx))
   rows = gather_rows(jnp.maximum(idx, 0))  # [Q, k, D]
   exact = jax.vmap(jax.vmap(metric.exact, (None, 0)), (0, 0))(queries, rows)
   exact = jnp.where(jnp.isinf(proxies), jnp.inf, exact.astype(jnp.float32))
   return lax.sort((exact, idx), dimension=1, num_keys=2)
+
+
+def prepare_rows(metric: Any, rows: Array) -> Array:
+  """metric.prepare of rows [..., D] (applied to them as [N, D] rows)."""
+  return base.map_rows(metric.prepare, rows.astype(jnp.float32))
 
 
 def local_knn(queries: Array, gallery: Array, k: int, metric: distances.Metric,
@@ -381,13 +403,15 @@ def local_knn(queries: Array, gallery: Array, k: int, metric: distances.Metric,
     kernel: "auto" or "xla" (see KERNELS).
 
   Returns:
-    (distances [Q, k] float32 ascending, indices [Q, k] int32), ties by lower index.
+    (distances [Q, k] float32 ascending, indices [Q, k] int32), ties by lower index;
+    the distances are differentiable (module docstring), the indices constants.
   """
   m_rows = gallery.shape[0]
-  q = metric.prepare(queries.astype(jnp.float32))
-  g = metric.prepare(gallery.astype(jnp.float32))
-  center = search_center(metric, q)
-  q_emb = embed_queries(metric, q, center)
+  search = base.frozen(metric)  # The selection: constants for differentiation.
+  q = search.prepare(lax.stop_gradient(queries).astype(jnp.float32))
+  g = search.prepare(lax.stop_gradient(gallery).astype(jnp.float32))
+  center = search_center(search, q)
+  q_emb = embed_queries(search, q, center)
   chunk_size = min(chunk_size, m_rows)
   num_full, tail = divmod(m_rows, chunk_size)
 
@@ -398,7 +422,7 @@ def local_knn(queries: Array, gallery: Array, k: int, metric: distances.Metric,
       ok = None if valid is None else lax.dynamic_slice_in_dim(valid, start, chunk_size)
       return rows, ok
 
-    proxies, idx = stream_topk(q_emb, full_chunk, num_full, chunk_size, k, metric,
+    proxies, idx = stream_topk(q_emb, full_chunk, num_full, chunk_size, k, search,
                                query_block=query_block, kernel="xla", center=center)
     if tail:
       # The tail is one more (smaller, static-shape) chunk: nothing is dropped and no
@@ -406,29 +430,30 @@ def local_knn(queries: Array, gallery: Array, k: int, metric: distances.Metric,
       start = num_full * chunk_size
       tail_valid = None if valid is None else valid[start:]
       proxies, idx = stream_topk(q_emb, lambda j: (g[start:], tail_valid), 1, tail, k,
-                                 metric, carry=(proxies, idx), first_index=start,
+                                 search, carry=(proxies, idx), first_index=start,
                                  query_block=query_block, kernel="xla", center=center)
     return proxies, idx
 
   def with_cpu_kernel():
     # One call for the whole gallery, read in place (the kernel blocks it itself).
-    bank, extra, shift = cpu_kernel.gallery_parts(metric, g, center)
+    bank, extra, shift = cpu_kernel.gallery_parts(search, g, center)
     empty = (jnp.full((q.shape[0], k), jnp.inf, jnp.float32),
              jnp.full((q.shape[0], k), -1, jnp.int32))
     return cpu_kernel.topk(q_emb, bank[None], extra[None], jnp.zeros((1,), jnp.int32),
                            *empty, valid=None if valid is None else valid[None],
                            center=shift)
 
-  proxies, idx = cpu_or_xla(_cpu_kernel_enabled(kernel), with_cpu_kernel, with_xla)
-  dist, idx = exact_recompute(q, proxies, idx, lambda i: g[i], metric)
+  proxies, idx = cpu_or_xla(_cpu_kernel_enabled(kernel, metric), with_cpu_kernel, with_xla)
+  live_queries = metric.prepare(queries.astype(jnp.float32))
+  dist, idx = exact_recompute(live_queries, proxies, idx,
+                              lambda i: prepare_rows(metric, gallery[i]), metric)
   idx = jnp.where(idx >= 0, idx + index_offset, -1)
   return dist, idx.astype(jnp.int32)
 
 
-@functools.partial(jax.jit,
-                   static_argnames=("k", "metric", "chunk_size", "query_block", "kernel"))
-def _knn_jit(queries: Array, gallery: Array, *, k: int, metric: distances.Metric,
-             chunk_size: int, query_block: int, kernel: str) -> tuple[Array, Array]:
+@functools.partial(jax.jit, static_argnames=("k", "chunk_size", "query_block", "kernel"))
+def _knn_jit(queries: Array, gallery: Array, metric: Any, *, k: int, chunk_size: int,
+             query_block: int, kernel: str) -> tuple[Array, Array]:
   return local_knn(queries, gallery, k, metric, chunk_size, query_block=query_block,
                    kernel=kernel)
 
@@ -500,6 +525,24 @@ def validate_knn_args(queries, gallery, k: int, *, queries_name: str = "queries"
                      f"got k={k}")
 
 
+def resolve_metric(metric: Any, dim: int, *, name: str = "metric",
+                   check_finite_inputs: bool = True) -> Any:
+  """A name, Metric or kernel -> the Metric or kernel (Python, before tracing).
+
+  Raises:
+    ValueError: unknown name; a kernel for features of another size than `dim`, or
+      (check_finite_inputs) with NaN/Inf parameters.
+  """
+  m = distances.get_metric(metric)
+  if base.is_kernel(m):
+    expected = m.input_dim
+    if expected is not None and expected != dim:
+      raise ValueError(f"{name} {m!r} takes {expected}-d features, got {dim}-d ones")
+    if check_finite_inputs and not base.leaves_finite(m):
+      raise ValueError(f"{name} {m!r} has NaN or Inf parameters")
+  return m
+
+
 def _positive_int_or_none(name: str, value) -> None:
   if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))
                             or value < 1):
@@ -511,7 +554,7 @@ def knn(queries: Array, gallery: Array, k: int, metric: str | distances.Metric =
         check_finite_inputs: bool = True, kernel: str = "auto") -> tuple[Array, Array]:
   """spade_jax.knn on a gallery held by one device (validated here); see api.knn."""
   validate_knn_args(queries, gallery, k)
-  m = distances.get_metric(metric)
+  m = resolve_metric(metric, gallery.shape[1], check_finite_inputs=check_finite_inputs)
   _check_kernel(kernel)
   _positive_int_or_none("chunk_size", chunk_size)
   _positive_int_or_none("query_block", query_block)
@@ -523,5 +566,5 @@ def knn(queries: Array, gallery: Array, k: int, metric: str | distances.Metric =
   if check_finite_inputs:
     check_finite("queries", queries)
     check_finite("gallery", gallery)
-  return _knn_jit(queries, gallery, k=int(k), metric=m, chunk_size=chunk_size,
+  return _knn_jit(queries, gallery, m, k=int(k), chunk_size=chunk_size,
                   query_block=max(1, query_block), kernel=kernel)

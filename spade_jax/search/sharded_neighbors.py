@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import jax
 from jax import lax
@@ -68,7 +69,7 @@ def search_shards(queries: Array, gallery: ShardedGallery, k: int, metric: dista
   queries = sharding.constrain(pad_rows(queries, ways), mesh, spec)
   rows = gallery.shard_rows
 
-  def local(q, g, valid):
+  def local(q, g, valid, metric):
     offset = lax.axis_index(axis) * rows
     dist, idx = neighbors.local_knn(q, g, min(k, rows), metric, chunk_size, valid=valid,
                                     index_offset=offset, query_block=query_block,
@@ -78,17 +79,18 @@ def search_shards(queries: Array, gallery: ShardedGallery, k: int, metric: dista
       idx = jnp.pad(idx, ((0, 0), (0, k - rows)), constant_values=-1)
     return merge_gathered(dist, idx, axis, k)
 
-  dist, idx = jax.shard_map(local, mesh=mesh, in_specs=(spec, P(axis), P(axis)),
+  # A kernel's parameters enter replicated (P()), as arguments: shard_map does not
+  # take closed-over arrays of a mesh with Explicit axes.
+  dist, idx = jax.shard_map(local, mesh=mesh, in_specs=(spec, P(axis), P(axis), P()),
                             out_specs=(spec, spec), check_vma=False)(
-                                queries, gallery.data, gallery.valid)
+                                queries, gallery.data, gallery.valid, metric)
   dist = sharding.constrain(dist, mesh, P())[:num_queries]
   idx = sharding.constrain(idx, mesh, P())[:num_queries]
   return dist, idx
 
 
-@functools.partial(jax.jit,
-                   static_argnames=("k", "metric", "chunk_size", "query_block", "kernel"))
-def _knn_jit(queries, gallery, *, k, metric, chunk_size, query_block, kernel):
+@functools.partial(jax.jit, static_argnames=("k", "chunk_size", "query_block", "kernel"))
+def _knn_jit(queries, gallery, metric, *, k, chunk_size, query_block, kernel):
   return search_shards(queries, gallery, k, metric, chunk_size, query_block, kernel)
 
 
@@ -102,6 +104,11 @@ def local_blocks(num_queries: int, gallery: ShardedGallery, chunk_size: int | No
   if query_block is None:
     query_block = neighbors.default_query_block(local_queries, chunk)
   return chunk, max(1, min(int(query_block), local_queries))
+
+
+def place_metric(metric: Any, mesh: Mesh) -> Any:
+  """A kernel's parameters replicated on `mesh` (a Metric has none)."""
+  return jax.tree.map(lambda x: sharding.place_replicated(x, mesh), metric)
 
 
 def check_valid_rows(name: str, value: int, gallery: ShardedGallery) -> None:
@@ -127,7 +134,8 @@ def knn(queries: Array, gallery: ShardedGallery, k: int,
   """
   neighbors.validate_knn_args(queries, gallery, k)
   check_valid_rows("k", k, gallery)
-  m = distances.get_metric(metric)
+  m = neighbors.resolve_metric(metric, gallery.shape[1],
+                               check_finite_inputs=check_finite_inputs)
   neighbors._check_kernel(kernel)  # pylint: disable=protected-access
   neighbors._positive_int_or_none("chunk_size", chunk_size)  # pylint: disable=protected-access
   neighbors._positive_int_or_none("query_block", query_block)  # pylint: disable=protected-access
@@ -136,5 +144,5 @@ def knn(queries: Array, gallery: ShardedGallery, k: int,
     neighbors.check_finite("gallery", gallery.data)
   chunk, block = local_blocks(queries.shape[0], gallery, chunk_size, query_block)
   queries = sharding.place_replicated(queries, gallery.mesh)
-  return _knn_jit(queries, gallery, k=int(k), metric=m, chunk_size=chunk, query_block=block,
-                  kernel=kernel)
+  return _knn_jit(queries, gallery, place_metric(m, gallery.mesh), k=int(k), chunk_size=chunk,
+                  query_block=block, kernel=kernel)

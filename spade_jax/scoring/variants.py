@@ -1,0 +1,179 @@
+"""Kernelized SPADE variants by name: fit on the training features, then score.
+
+A variant says which kernel measures distances (one fitted per feature set: the
+pooled vectors and each pyramid level, whose sizes differ) and how the k (kappa)
+nearest distances become a score (aggregate.py):
+
+    fitted = variants.fit_variant("mahalanobis", train_pool, train_features)
+    scores, nbrs = image_scores(test_pool, train_pool, k, **fitted.image_kwargs())
+    maps = pixel_scores(test_features, train_features, nbrs, kappa, **fitted.pixel_kwargs())
+
+* "l2": SPADE (L2, mean);
+* "mahalanobis", "linear", "rbf", "laplacian", "polynomial", "rff", "nystrom": the
+  kernel of spade_jax.kernels of that name, from_features on each feature set;
+* "learned": Mahalanobis whose shrinkage and bandwidth are learned with optax on the
+  training features only (kernels.learn; default objective: likelihood
+  cross-validation over 5 folds of images; "synthetic": the pooled kernel learns from
+  synthetic anomalies, whose features the caller passes);
+* "softmin", "kde": L2 with the soft scores of aggregate.py, the bandwidth h set from
+  the training images alone: the median distance of a training image (or of its
+  positions) to its nearest other training image (median heuristic).
+
+Everything is fitted from normal training features; no test image is seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+
+from spade_jax.scoring import api
+from spade_jax.search import api as search_api
+from spade_jax.search import kernels
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """kernel: a spade_jax.kernels name (None: L2); learned: fit with optax;
+  aggregate: aggregate.AGGREGATES."""
+  kernel: str | None = None
+  learned: bool = False
+  aggregate: str = "mean"
+
+
+VARIANTS = {
+    "l2": Variant(),
+    "mahalanobis": Variant("mahalanobis"),
+    "learned": Variant("mahalanobis", learned=True),
+    "linear": Variant("linear"),
+    "rbf": Variant("rbf"),
+    "laplacian": Variant("laplacian"),
+    "polynomial": Variant("polynomial"),
+    "rff": Variant("rff"),
+    "nystrom": Variant("nystrom"),
+    "softmin": Variant(aggregate="softmin"),
+    "kde": Variant(aggregate="kde"),
+}
+OBJECTIVES = ("loo", "synthetic")
+
+
+@dataclasses.dataclass(frozen=True)
+class FittedVariant:
+  """A variant's fitted metrics and bandwidths.
+
+  Attributes:
+    name: the variant's name.
+    pool_metric: the metric of the image scores (a kernel, or a metric name).
+    level_metrics: level -> the metric of its pixel scores.
+    aggregate: "mean", "softmin" or "kde".
+    pool_bandwidth: h of the image scores (None for "mean").
+    level_bandwidths: level -> h of its pixel scores (None for "mean").
+    losses: feature set -> the learning curve (learned variants).
+  """
+  name: str
+  pool_metric: Any
+  level_metrics: dict[str, Any]
+  aggregate: str = "mean"
+  pool_bandwidth: float | None = None
+  level_bandwidths: dict[str, float] | None = None
+  losses: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+  def image_kwargs(self) -> dict[str, Any]:
+    """metric / aggregate / bandwidth keyword arguments of spade_jax.image_scores."""
+    return {"metric": self.pool_metric, "aggregate": self.aggregate,
+            "bandwidth": self.pool_bandwidth}
+
+  def pixel_kwargs(self) -> dict[str, Any]:
+    """metric / aggregate / bandwidth keyword arguments of spade_jax.pixel_scores
+    ("ensemble": one metric and bandwidth per level)."""
+    return {"metric": dict(self.level_metrics), "aggregate": self.aggregate,
+            "bandwidth": None if self.level_bandwidths is None else dict(self.level_bandwidths)}
+
+  def kernels(self) -> dict[str, Any]:
+    """{"pool": metric, level: metric}: what kernels.kernel_to_arrays stores."""
+    return {"pool": self.pool_metric, **self.level_metrics}
+
+
+def median_bandwidths(train_pool: Any, train_features: Mapping[str, Any], *,
+                      k_images: int = 5, max_images: int = 8) -> tuple[float, dict[str, float]]:
+  """The median heuristic of the soft scores, from the training images alone: h of the
+  image scores = the median distance of a training image to its nearest other one;
+  h of a level = the median distance of a training image's positions to their nearest
+  position in its k_images nearest other images (max_images images used)."""
+  num = int(np.shape(train_pool)[0])
+  if num < 2:
+    raise ValueError("the soft scores' bandwidth needs at least 2 training images")
+  dist, idx = search_api.knn(train_pool, train_pool, min(num, k_images + 1))
+  dist, idx = np.asarray(dist), np.asarray(idx)
+  others = [row[row != i][:k_images] for i, row in enumerate(idx)]
+  pool_h = float(np.median([d[row != i][0] for i, (d, row) in enumerate(zip(dist, idx))]))
+  chosen = np.linspace(0, num - 1, min(num, max_images)).astype(int)
+  nbrs = np.stack([others[i] for i in chosen]).astype(np.int32)
+  levels = {}
+  for level, feats in train_features.items():
+    maps = api.pixel_scores({level: np.asarray(feats)[chosen]}, {level: feats}, nbrs)
+    levels[level] = float(np.median(np.asarray(maps)))
+  return pool_h, levels
+
+
+def fit_variant(name: str, train_pool: Any, train_features: Mapping[str, Any], *,
+                objective: str = "loo", steps: int = 100, learning_rate: float = 0.05,
+                key: Array | None = None, anomalies: tuple[Any, Any] | None = None
+                ) -> FittedVariant:
+  """Fits variant `name` (VARIANTS) on normal training features.
+
+  Args:
+    name: a key of VARIANTS.
+    train_pool: [M, D] pooled training features.
+    train_features: level -> [M, h, w, C] training features.
+    objective: "loo" (kernels.DEFAULT_OBJECTIVE) or "synthetic" (the pooled kernel
+      learns from `anomalies`; the levels by "loo") for learned variants.
+    steps, learning_rate: Adam's, for learned variants.
+    key: PRNG key (random kernels, folds).
+    anomalies: ([A, D] pooled features of synthetic anomalies of the training images,
+      [A] their source images), for objective="synthetic".
+
+  Returns:
+    The FittedVariant.
+
+  Raises:
+    ValueError: unknown name or objective, missing anomalies.
+  """
+  if name not in VARIANTS:
+    raise ValueError(f"unknown variant {name!r}; known: {sorted(VARIANTS)}")
+  if objective not in OBJECTIVES:
+    raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+  variant = VARIANTS[name]
+  key = jax.random.key(0) if key is None else key
+  feats = {"pool": train_pool, **train_features}
+  losses = {}
+  if variant.kernel is None:
+    metrics = {part: "l2" for part in feats}
+  elif not variant.learned:
+    metrics = kernels.for_levels(variant.kernel, feats, key=key)
+  else:
+    metrics = {}
+    for i, (part, x) in enumerate(feats.items()):
+      part_key = jax.random.fold_in(key, i)
+      goal = None
+      if objective == "synthetic" and part == "pool":
+        if anomalies is None:
+          raise ValueError('objective="synthetic" needs the anomalies\' pooled features')
+        goal = kernels.SyntheticAUROC(anomalies=np.asarray(anomalies[0]),
+                                      sources=np.asarray(anomalies[1]), folds=5)
+      metrics[part], curve = kernels.learn(variant.kernel, x, objective=goal, steps=steps,
+                                           learning_rate=learning_rate, key=part_key)
+      losses[part] = np.asarray(curve)
+  pool_h, level_h = None, None
+  if variant.aggregate != "mean":
+    pool_h, level_h = median_bandwidths(train_pool, train_features)
+  return FittedVariant(name=name, pool_metric=metrics["pool"],
+                       level_metrics={l: metrics[l] for l in train_features},
+                       aggregate=variant.aggregate, pool_bandwidth=pool_h,
+                       level_bandwidths=level_h, losses=losses)

@@ -1,0 +1,101 @@
+"""Kernels as files: a flat {name: array} dict plus a JSON-able description.
+
+    arrays, spec = kernel_to_arrays({"pool": k_pool, "layer1": k1, "layer2": "l2"})
+    # arrays: {"pool/eigvecs": ndarray, ...}; spec: {"pool": {"kernel": "mahalanobis",
+    #   "static": {"complete": false}, "arrays": ["center", ...]}, "layer2": {"metric": "l2"}}
+    kernels = kernel_from_arrays(arrays, spec)
+
+The arrays fit an index file (safetensors: flat names, arrays) and the spec its JSON
+metadata. A value may be a kernel, a registered Metric (or its name), or a dict of
+those (one level of nesting: a kernel per pyramid level, say).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+import json
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from spade_jax.search import distances
+from spade_jax.search.kernels import (
+  base,
+  families,  # noqa: F401  (imported: the registry)
+)
+
+SEPARATOR = "/"
+
+
+def _one_to_arrays(value: Any, prefix: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  if isinstance(value, str):
+    value = distances.get_metric(value)
+  if isinstance(value, distances.Metric):
+    if distances.METRICS.get(value.name) is not value:
+      raise ValueError(f"metric {value.name!r} is not registered; only registered metrics "
+                       "and kernels can be stored")
+    return {}, {"metric": value.name}
+  if not base.is_kernel(value):
+    raise ValueError(f"cannot store {type(value).__name__}: expected a kernel, a Metric "
+                     "or a metric name")
+  if base.KERNELS.get(value.name) is not type(value):
+    raise ValueError(f"kernel class {type(value).__name__} is not registered as "
+                     f"{value.name!r} (base.register_kernel)")
+  static = value.static()
+  json.dumps(static)  # Static fields must be JSON-able (ints, floats, strings).
+  params = value.params()
+  arrays = {prefix + name: np.asarray(v) for name, v in params.items()}
+  return arrays, {"kernel": value.name, "static": static, "arrays": sorted(params)}
+
+
+def kernel_to_arrays(value: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  """(arrays, spec) of a kernel / metric, or of a dict name -> kernel / metric.
+
+  Raises:
+    ValueError: an unregistered metric or kernel class, a name with SEPARATOR.
+  """
+  if not isinstance(value, Mapping):
+    return _one_to_arrays(value, "")
+  arrays, spec = {}, {}
+  for name, item in value.items():
+    if not isinstance(name, str) or SEPARATOR in name or not name:
+      raise ValueError(f"names must be non-empty strings without {SEPARATOR!r}, got {name!r}")
+    a, s = _one_to_arrays(item, name + SEPARATOR)
+    arrays.update(a)
+    spec[name] = s
+  return arrays, {"levels": spec}
+
+
+def _one_from_arrays(arrays: Mapping[str, Any], spec: Mapping[str, Any], prefix: str) -> Any:
+  if not isinstance(spec, Mapping):
+    raise ValueError(f"kernel spec must be an object, got {spec!r}")
+  if "metric" in spec:
+    return distances.get_metric(spec["metric"])
+  name = spec.get("kernel")
+  if name not in base.KERNELS:
+    raise ValueError(f"unknown kernel {name!r}; registered: {sorted(base.KERNELS)}")
+  names = list(spec.get("arrays", []))
+  missing = [prefix + n for n in names if prefix + n not in arrays]
+  if missing:
+    raise ValueError(f"arrays {missing} of kernel {name!r} are missing")
+  fields = {n: jnp.asarray(np.asarray(arrays[prefix + n])) for n in names}
+  try:
+    kernel = base.KERNELS[name](**fields, **dict(spec.get("static", {})))
+  except TypeError as e:
+    raise ValueError(f"kernel {name!r} cannot be built from {sorted(fields)}: {e}") from e
+  if not base.leaves_finite(kernel):
+    raise ValueError(f"kernel {name!r} has NaN or Inf parameters")
+  return kernel
+
+
+def kernel_from_arrays(arrays: Mapping[str, Any], spec: Mapping[str, Any]) -> Any:
+  """The kernel / metric (or dict of them) that kernel_to_arrays described.
+
+  Raises:
+    ValueError: an unknown kernel or metric, missing arrays, a malformed spec.
+  """
+  if isinstance(spec, Mapping) and "levels" in spec:
+    return {name: _one_from_arrays(arrays, s, name + SEPARATOR)
+            for name, s in spec["levels"].items()}
+  return _one_from_arrays(arrays, spec, "")
