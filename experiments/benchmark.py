@@ -116,7 +116,8 @@ _CORESET_SHARDED_N = flags.DEFINE_integer("coreset_sharded_n", 200000,
 # pipeline
 _PIPELINE_BACKBONE = flags.DEFINE_string("pipeline_backbone", "wide_resnet50_2",
                                          "Backbone of the end-to-end runs (random weights).")
-_PIPELINE_METHODS = flags.DEFINE_list("pipeline_methods", ["spade"], "Detectors to run.")
+_PIPELINE_METHODS = flags.DEFINE_list("pipeline_methods", ["spade", "patchcore"],
+                                      "Detectors to run.")
 _PIPELINE_TRAIN = flags.DEFINE_integer("pipeline_train", 50, "Training images (>= K).")
 _PIPELINE_TEST = flags.DEFINE_integer("pipeline_test", 16, "Test images.")
 _PIPELINE_K = flags.DEFINE_integer("pipeline_k_images", 50, "K.")

@@ -26,8 +26,8 @@ TINY = {
                "rows": 200, "k_images": 2, "train_images": 4},
     "precision": {**_TINY_QUERIES, "gallery": 301, "k": 3, "repeats": 1,
                   "recall_target": 0.95},
-    "pipeline": {"backbone": "efficientnet_lite0", "methods": ["spade"], "num_train": 2,
-                 "num_test": 2, "image_size": 32, "k_images": 2, "batch_size": 2,
+    "pipeline": {"backbone": "efficientnet_lite0", "methods": ["spade", "patchcore"],
+                 "num_train": 2, "num_test": 2, "image_size": 32, "k_images": 2, "batch_size": 2,
                  "repeats": 1, "cache_images": 2},
     "coreset": {"ns": [300, 600], "dim": 8, "size": 5, "projection_dim": None,
                 "profiles": ["efficientnet_lite0"], "train_images": 4, "k_images": 2,
@@ -69,7 +69,9 @@ def test_section_keys(results):
   pipeline = sections["pipeline"]
   assert {"fit_images_per_s", "score_images_per_s", "stage_s_per_image"} <= set(
       pipeline["rows"][0])
-  assert set(pipeline["rows"][0]["stage_s_per_image"]) == {"backbone", "search", "maps"}
+  assert [r["method"] for r in pipeline["rows"]] == ["spade", "patchcore"]
+  for row in pipeline["rows"]:
+    assert set(row["stage_s_per_image"]) == {"backbone", "search", "maps"}, row["method"]
   assert set(pipeline["cache"]["runs"]) == {"off", "cold", "warm"}
   assert pipeline["cache"]["runs"]["cold"]["cache_entries"] > 0
   precision = {r["variant"]: r for r in sections["precision"]["rows"]}

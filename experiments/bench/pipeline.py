@@ -42,9 +42,18 @@ def _spade(backbone, *, k_images: int, batch_size: int, resize: int, crop: int
   return detector.fit, detector.score
 
 
+def _patchcore(backbone, *, k_images: int, batch_size: int, resize: int, crop: int
+               ) -> tuple[Callable[[np.ndarray], Any], Callable[[Any, np.ndarray], Any]]:
+  del k_images  # PatchCore scores against its whole coreset memory bank.
+  config = spade_jax.PatchCoreConfig(batch_size=batch_size, resize=resize, crop=crop)
+  detector = spade_jax.PatchCore(backbone, config)
+  return detector.fit, detector.score
+
+
 # method -> make(backbone, k_images=, batch_size=, resize=, crop=) -> (fit, score), with
 # fit(train_images) -> index and score(index, test_images) -> (scores, maps).
-METHODS: dict[str, Callable[..., tuple[Callable, Callable]]] = {"spade": _spade}
+METHODS: dict[str, Callable[..., tuple[Callable, Callable]]] = {"spade": _spade,
+                                                                 "patchcore": _patchcore}
 
 
 def _images(seed: int, count: int, size: int) -> np.ndarray:
