@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The accelerator run of BENCHMARKS.md: one GPU (or TPU) machine, one call, about 9 minutes.
+# The accelerator run of BENCHMARKS.md: one GPU (or TPU) machine, one call, about 7 minutes.
 #
 #   OUT=results/accelerator bash experiments/accelerator.sh          # on the accelerator
 #   OUT=/tmp/acc bash experiments/accelerator.sh --smoke              # tiny sizes, any machine
@@ -52,18 +52,17 @@ else
   # references (tests written for CPU; those needing 8 fake CPU devices or the CPU kernel
   # skip or fail for that reason alone, which the log shows).
   echo "=== tests on the device $(date -u +%T)"
-  JAX_PLATFORMS= XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 95 "$PY" -m pytest -q -p no:cacheprovider -n 4 -k "not sharded" \
+  JAX_PLATFORMS= XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 100 "$PY" -m pytest -q -p no:cacheprovider --tb=line -n 4 -k "not sharded" \
     tests/test_neighbors.py tests/test_scoring.py tests/test_anomaly_map.py \
-    tests/test_distances.py tests/test_kernels.py tests/test_coreset.py 2>&1 |
+    tests/test_distances.py tests/test_kernels.py tests/test_coreset.py tests/test_memory_bank.py 2>&1 |
     tail -40 | tee -a "$OUT/device.txt"
   # The figures: knn against the device's own matmul, pixel scoring per test image
   # (wide_resnet50_2 shapes, K = 50), peak device memory, end to end per method.
-  step knn_pixel 110 --sections=knn,pixel,precision --knn_kernel_blocks=
-  step memory 80 --sections=memory --memory_kinds=knn,pixel_k --memory_scales=1,2,4,8
-  step pipeline 140 --sections=pipeline --pipeline_test=32 --backbone_batch=16 \
+  step knn_pixel 70 --sections=knn,pixel,precision --knn_kernel_blocks=
+  step pipeline 80 --sections=pipeline --pipeline_test=32 --backbone_batch=16 \
     --pipeline_cache_images=0
-  step kernels 60 --sections=kernels
-  step backbone 40 --sections=backbone --backbone_batch=32
+  step memory 70 --sections=memory --memory_kinds=knn,pixel_k --memory_scales=1,8
+  step kernels 90 --sections=kernels --repeats=2
 fi
 tar -czf "$OUT/bench_json.tgz" -C "$OUT" json && rm -rf "$OUT/json"
 echo "done $(date -u +%T)"

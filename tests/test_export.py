@@ -311,3 +311,35 @@ def test_cpu_export_uses_the_cpu_kernel(case):
   text = _export(case, ("cpu",)).mlir_module()
   assert cpu_kernel.TARGET in custom_call_targets(text)
 
+
+
+# A float32 product on a GPU or TPU runs at the backend's default precision unless it
+# asks for HIGHEST: TensorFloat-32 on NVIDIA GPUs since Ampere, bfloat16 passes on TPUs.
+# The distances' expansion |q|^2 + |g|^2 - 2 q.g amplifies that rounding (an H200 moved
+# distances by up to 4% and changed neighbours), so every float32 dot of the exported
+# functions must carry precision HIGHEST (spade_jax.search.matmul).
+_DOT = re.compile(r"stablehlo\.dot(?:_general)?\b[^\n]*")
+
+
+def low_precision_dots(module_text: str) -> list[str]:
+  """The float32 dot / dot_general lines of an MLIR module not at precision HIGHEST."""
+  return [line for line in _DOT.findall(module_text)
+          if "xf32>" in line.split(":")[-1] and "precision = [HIGHEST, HIGHEST]" not in line]
+
+
+def test_low_precision_dot_regex():
+  default = ("%2 = stablehlo.dot_general %0, %1, contracting_dims = [1] x [1] : "
+             "(tensor<7x16xf32>, tensor<40x16xf32>) -> tensor<7x40xf32>")
+  highest = default.replace(": (", ", precision = [HIGHEST, HIGHEST] : (")
+  bf16 = default.replace("xf32>", "xbf16>")
+  assert low_precision_dots(default) == [default[len("%2 = "):]]
+  assert not low_precision_dots(highest) and not low_precision_dots(bf16)
+
+
+@pytest.mark.parametrize("case", [c for c in EXPORTS if not c.name.endswith(".apply")],
+                         ids=lambda c: c.name)
+def test_accelerator_export_multiplies_at_full_float32_precision(case):
+  text = _export(case, ("cuda",)).mlir_module()
+  if "stablehlo.dot" not in text:
+    pytest.skip(f"{case.name}: no product in the lowering (exact differences)")
+  assert not low_precision_dots(text), (case.name, low_precision_dots(text)[:3])

@@ -83,7 +83,8 @@ def approx_knn(q: jax.Array, g: jax.Array, *, k: int, chunk: int,
   num_full, tail = divmod(m, chunk)
 
   def select(rows, offset, best):
-    proxy = jnp.sum(rows * rows, 1)[None, :] - 2.0 * jnp.dot(q, rows.T)
+    proxy = (jnp.sum(rows * rows, 1)[None, :]
+             - 2.0 * jnp.dot(q, rows.T, precision=lax.Precision.HIGHEST))
     vals, idx = lax.approx_min_k(proxy, k, recall_target=recall_target)
     return _merge(*best, vals, idx.astype(jnp.int32) + offset, k)
 

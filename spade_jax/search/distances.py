@@ -32,6 +32,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from spade_jax.search import matmul
 from spade_jax.search.kernels import base
 
 Array = jax.Array
@@ -84,8 +85,7 @@ class Metric:
 
   def pairwise(self, query_embeddings: Array, gallery_embeddings: Array) -> Array:
     """[Q, E] x [C, E] -> proxy [Q, C] float32 (one matmul)."""
-    return jnp.dot(query_embeddings, gallery_embeddings.T,
-                   preferred_element_type=jnp.float32)
+    return matmul.dot_t(query_embeddings, gallery_embeddings)
 
   def __repr__(self) -> str:
     return f"Metric({self.name!r})"

@@ -40,6 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spade_jax.search import matmul
+
 Array = jax.Array
 
 # name -> kernel class, filled by register_kernel.
@@ -93,7 +95,7 @@ class Kernel:
 
   def pairwise(self, query_embeddings: Array, gallery_embeddings: Array) -> Array:
     """[Q, E] x [C, E] -> proxy [Q, C] float32 (one matmul)."""
-    return jnp.dot(query_embeddings, gallery_embeddings.T, preferred_element_type=jnp.float32)
+    return matmul.dot_t(query_embeddings, gallery_embeddings)
 
   def finalize(self, proxy: Array, q: Array) -> Array:
     raise NotImplementedError
@@ -220,8 +222,7 @@ class DotProductKernel(Kernel):
     return jnp.concatenate([g, self.kappa(squared_norms(g))], axis=-1)
 
   def pairwise(self, query_embeddings: Array, gallery_embeddings: Array) -> Array:
-    dot = jnp.dot(query_embeddings[:, :-1], gallery_embeddings[:, :-1].T,
-                  preferred_element_type=jnp.float32)
+    dot = matmul.dot_t(query_embeddings[:, :-1], gallery_embeddings[:, :-1])
     return gallery_embeddings[:, -1][None, :] - 2.0 * self.kappa(dot)
 
   def finalize(self, proxy: Array, q: Array) -> Array:
@@ -229,7 +230,8 @@ class DotProductKernel(Kernel):
 
   def exact(self, x: Array, y: Array) -> Array:
     x, y = x.astype(jnp.float32), y.astype(jnp.float32)
-    sq = self.kappa(jnp.dot(x, x)) + self.kappa(jnp.dot(y, y)) - 2.0 * self.kappa(jnp.dot(x, y))
+    sq = (self.kappa(matmul.vdot(x, x)) + self.kappa(matmul.vdot(y, y))
+          - 2.0 * self.kappa(matmul.vdot(x, y)))
     return safe_sqrt(jnp.maximum(sq, 0.0))
 
 

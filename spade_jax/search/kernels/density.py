@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spade_jax.search import neighbors
+from spade_jax.search import matmul, neighbors
 from spade_jax.search.kernels import base
 
 Array = jax.Array
@@ -48,7 +48,7 @@ def mean_features(kernel: Any, bank: Array) -> Array:
 
 @jax.jit
 def _density(kernel, queries, mean):
-  return jnp.dot(kernel.prepare(queries), mean)
+  return matmul.dot(kernel.prepare(queries), mean)
 
 
 def memory_density(kernel: Any, queries: Array, bank: Array | None = None, *,

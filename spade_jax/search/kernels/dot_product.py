@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spade_jax.search import matmul
 from spade_jax.search.kernels import base
 
 Array = jax.Array
@@ -58,14 +59,15 @@ class Polynomial(base.DotProductKernel):
     x, y = x.astype(jnp.float32), y.astype(jnp.float32)
     gamma, c, p = jnp.exp(self.log_gamma), jnp.exp(self.log_offset), self.degree
     delta = x - y
-    u = gamma * jnp.dot(x, x) + c
-    v = gamma * jnp.dot(y, y) + c
-    w = gamma * jnp.dot(x, y) + c
-    u_minus_v = gamma * jnp.dot(x + y, delta)
+    u = gamma * matmul.vdot(x, x) + c
+    v = gamma * matmul.vdot(y, y) + c
+    w = gamma * matmul.vdot(x, y) + c
+    u_minus_v = gamma * matmul.vdot(x + y, delta)
     # S(u, w) - S(v, w) = sum_{i<p} (u^i - v^i) w^(p-1-i), u^i - v^i = (u - v) S_i(u, v).
     diff = sum((u_minus_v * _power_sum(u, v, i) * w ** (p - 1 - i) for i in range(1, p)),
                jnp.zeros_like(u))
-    sq = gamma * jnp.dot(delta, delta) * _power_sum(u, w, p) + gamma * jnp.dot(y, delta) * diff
+    sq = (gamma * matmul.vdot(delta, delta) * _power_sum(u, w, p)
+          + gamma * matmul.vdot(y, delta) * diff)
     return base.safe_sqrt(jnp.maximum(sq, 0.0))
 
   @classmethod

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spade_jax.search import matmul
 from spade_jax.search.kernels import base, shift_invariant
 
 Array = jax.Array
@@ -52,7 +53,7 @@ class RandomFourier(base.L2Kernel):
 
   def features(self, x: Array) -> Array:
     num = self.omega.shape[1]
-    arg = jnp.dot(x, self.omega) * jnp.exp(-self.log_bandwidth) + self.phase
+    arg = matmul.dot(x, self.omega) * jnp.exp(-self.log_bandwidth) + self.phase
     return np.sqrt(2.0 / num) * jnp.cos(arg)
 
   @classmethod

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spade_jax.search import matmul
 from spade_jax.search.kernels import base, shift_invariant
 
 Array = jax.Array
@@ -52,7 +53,7 @@ class Nystrom(base.L2Kernel):
   def base_kernel(self, x: Array, y: Array) -> Array:
     """[N, D] x [L, D] -> [N, L] base kernel values (matmul form of the distances)."""
     sq = (jnp.sum(x * x, axis=-1)[:, None] + jnp.sum(y * y, axis=-1)[None, :]
-          - 2.0 * jnp.dot(x, y.T, precision=jax.lax.Precision.HIGHEST))
+          - 2.0 * matmul.dot_t(x, y))
     sq = jnp.maximum(sq, 0.0)
     if self.kind == "rbf":
       return jnp.exp(-0.5 * sq * jnp.exp(-2.0 * self.log_bandwidth))
@@ -61,7 +62,7 @@ class Nystrom(base.L2Kernel):
   def features(self, x: Array) -> Array:
     e, u = jnp.linalg.eigh(self.base_kernel(self.landmarks, self.landmarks))
     e = jnp.maximum(e, self.jitter * jnp.max(e))
-    return jnp.dot(self.base_kernel(x, self.landmarks), u * jax.lax.rsqrt(e))
+    return matmul.dot(self.base_kernel(x, self.landmarks), u * jax.lax.rsqrt(e))
 
   @classmethod
   def from_features(cls, features, *, num_landmarks: int = 256,

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spade_jax.search import matmul
 from spade_jax.search.kernels import base, whitening
 
 Array = jax.Array
@@ -42,7 +43,7 @@ class Linear(base.L2Kernel):
     return int(self.projection.shape[0])
 
   def features(self, x: Array) -> Array:
-    return jnp.dot(x - self.center, self.projection)
+    return matmul.dot(x - self.center, self.projection)
 
   def log_normalizer(self) -> Array:
     rank = self.projection.shape[1]

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spade_jax.search import matmul
 from spade_jax.search.kernels import base
 
 Array = jax.Array
@@ -149,11 +150,11 @@ class Mahalanobis(base.L2Kernel):
   def features(self, x: Array) -> Array:
     xc = x - self.center
     a, b = self._scales()
-    inside = jnp.dot(xc, self.eigvecs)
+    inside = matmul.dot(xc, self.eigvecs)
     if self.complete:
-      z = jnp.dot(inside * a, self.eigvecs.T)
+      z = matmul.dot_t(inside * a, self.eigvecs)
     else:
-      z = b * xc + jnp.dot(inside * (a - b), self.eigvecs.T)
+      z = b * xc + matmul.dot_t(inside * (a - b), self.eigvecs)
     return z * jnp.exp(-self.log_bandwidth)
 
   def log_normalizer(self) -> Array:
@@ -168,7 +169,7 @@ class Mahalanobis(base.L2Kernel):
   def covariance(self) -> Array:
     """[D, D] h^2 Sigma (for inspection and tests)."""
     lam = self.shrinkage
-    s = self.eigvecs * ((1.0 - lam) * self.eigvals) @ self.eigvecs.T
+    s = matmul.dot_t(self.eigvecs * ((1.0 - lam) * self.eigvals), self.eigvecs)
     s += lam * self.mean_eigenvalue * jnp.eye(self.center.shape[0])
     return s * jnp.exp(2.0 * self.log_bandwidth)
 
