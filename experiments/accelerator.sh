@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The accelerator run of BENCHMARKS.md: one GPU (or TPU) machine, one call, about 7 minutes.
+# The accelerator run of BENCHMARKS.md: one GPU (or TPU) machine, one call, about 8 minutes.
 #
 #   OUT=results/accelerator bash experiments/accelerator.sh          # on the accelerator
 #   OUT=/tmp/acc bash experiments/accelerator.sh --smoke              # tiny sizes, any machine
@@ -62,7 +62,8 @@ else
   step pipeline 80 --sections=pipeline --pipeline_test=32 --backbone_batch=16 \
     --pipeline_cache_images=0
   step memory 70 --sections=memory --memory_kinds=knn,pixel_k --memory_scales=1,8
-  step kernels 90 --sections=kernels --repeats=2
+  step kernels 120 --sections=kernels --repeats=2 --kernels_names=l2,mahalanobis,rbf,polynomial,rff
+  step backbone 60 --sections=backbone --backbones=wide_resnet50_2 --backbone_batch=32
 fi
 tar -czf "$OUT/bench_json.tgz" -C "$OUT" json && rm -rf "$OUT/json"
 echo "done $(date -u +%T)"

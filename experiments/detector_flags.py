@@ -23,9 +23,11 @@ from typing import Any
 
 from absl import flags
 
-from spade_jax.detector import PatchCoreConfig, SpadeConfig, SpadeIndex
-from spade_jax.evaluation.config import METHODS
+from spade_jax.detector import KERNEL_METRICS, PatchCoreConfig, SpadeConfig, SpadeIndex
+from spade_jax.evaluation.config import METHODS, check_patchcore_scoring
 from spade_jax.features.backbones import BACKBONES
+from spade_jax.scoring.aggregate import AGGREGATES
+from spade_jax.search.distances import METRICS
 
 _DEFAULT = SpadeConfig()
 _PATCHCORE = PatchCoreConfig()
@@ -43,6 +45,8 @@ class DetectorFlags:
   layers: flags.FlagHolder[list[str]]
   combine: flags.FlagHolder[str]
   metric: flags.FlagHolder[str]
+  aggregate: flags.FlagHolder[str]
+  bandwidth: flags.FlagHolder[float]
   sigma: flags.FlagHolder[float]
   resize: flags.FlagHolder[int]
   crop: flags.FlagHolder[int]
@@ -65,6 +69,7 @@ class DetectorFlags:
         "k_images": self.k_images.value, "k_image_score": self.k_image_score.value,
         "kappa": self.kappa.value, "layers": tuple(layers),
         "combine": self.combine.value, "sigma": self.sigma.value, "metric": self.metric.value,
+        "aggregate": self.aggregate.value, "bandwidth": self.bandwidth.value,
         "resize": self.resize.value, "crop": self.crop.value,
         "coreset_ratio": self.coreset_ratio.value, "patch_size": self.patch_size.value,
         "reweight": self.reweight.value}
@@ -100,8 +105,18 @@ def define_detector_flags() -> DetectorFlags:
           "patchcore."),
       combine=flags.DEFINE_enum("combine", _DEFAULT.combine, ["ensemble", "cat"],
                                 "How levels combine."),
-      metric=flags.DEFINE_string("metric", _DEFAULT.metric,
-                                 "Distance kernel (spade_jax.METRICS)."),
+      metric=flags.DEFINE_string(
+          "metric", _DEFAULT.metric, f"Distance: a fixed metric ({', '.join(sorted(METRICS))})"
+          f" or, spade only, a kernel fitted per layer on the training features "
+          f"({', '.join(KERNEL_METRICS)}; spade_jax.kernels, combine=ensemble)."),
+      aggregate=flags.DEFINE_enum(
+          "aggregate", _DEFAULT.aggregate, list(AGGREGATES), "spade: how the k (kappa) "
+          "nearest distances become a score: mean (SPADE), softmin or kde (soft scores with "
+          "a bandwidth, --bandwidth)."),
+      bandwidth=flags.DEFINE_float(
+          "bandwidth", _DEFAULT.bandwidth, "spade, --aggregate=softmin|kde: the bandwidth h "
+          "(> 0, in the metric's distance units). Default: the median heuristic of the "
+          "training images, fitted with the index."),
       sigma=flags.DEFINE_float("sigma", _DEFAULT.sigma,
                                "Gaussian smoothing of the anomaly maps."),
       resize=flags.DEFINE_integer("resize", _DEFAULT.resize,
@@ -125,7 +140,7 @@ def spade_config(settings: dict[str, Any], batch_size: int) -> SpadeConfig:
   if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
     raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
   keys = ("k_images", "k_image_score", "kappa", "layers", "combine", "sigma", "metric",
-          "resize", "crop")
+          "aggregate", "bandwidth", "resize", "crop")
   return SpadeConfig(**{k: settings[k] for k in keys}, batch_size=batch_size)
 
 
@@ -133,6 +148,8 @@ def patchcore_config(settings: dict[str, Any], batch_size: int) -> PatchCoreConf
   """PatchCoreConfig of settings() (checked: ValueError naming a bad setting)."""
   if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
     raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
+  check_patchcore_scoring(settings["metric"], settings.get("aggregate", "mean"),
+                          settings.get("bandwidth"))
   keys = ("layers", "patch_size", "coreset_ratio", "reweight", "metric", "sigma", "resize",
           "crop")
   # An index's own feature settings (predict.py: settings_from_index) that no flag sets.
@@ -167,12 +184,14 @@ def settings_from_index(settings: dict[str, Any], given: set[str], contents,
   """`settings` completed from an index file (predict.py).
 
   A flag given on the command line wins; otherwise the setting fit.py recorded in the
-  index (its "settings"), else the flag's default. Two kinds of setting are fixed by
-  the index: the method (the index's type), the backbone and the feature settings
-  (layers, resize, crop; PatchCore's patch features) are the index's, and a calibrated
-  threshold fixes the settings it holds for (SPADE: k_image_score, metric; PatchCore:
-  metric, coreset_ratio, patch_size, reweight). A flag given that contradicts them is
-  an error.
+  index (its "settings"; for a SPADE index saved from Python without them, --metric is
+  the metric its kernels were fitted for), else the flag's default. Two kinds of
+  setting are fixed by the index: the method (the index's type), the backbone and the
+  feature settings (layers, resize, crop; PatchCore's patch features) are the
+  index's, and a calibrated threshold fixes the settings it holds for (SPADE:
+  k_image_score, metric, aggregate, bandwidth, a threshold without the last two being
+  "mean"'s; PatchCore: metric, coreset_ratio, patch_size, reweight). A flag given that
+  contradicts them is an error.
 
   Args:
     settings: DetectorFlags.settings().
@@ -189,9 +208,13 @@ def settings_from_index(settings: dict[str, Any], given: set[str], contents,
     if key not in given and key in recorded:
       value = recorded[key]
       out[key] = None if key == "weights" and value == "none" else _tuple_if_list(value)
+  is_spade = isinstance(contents.index, SpadeIndex)
+  if is_spade and "metric" not in given and "metric" not in recorded \
+      and contents.index.fitted_metric is not None:
+    out["metric"] = contents.index.fitted_metric
   fixed = dict(json.loads(contents.index.feature_config))
   fixed["layers"] = tuple(fixed["layers"])
-  fixed["method"] = "spade" if isinstance(contents.index, SpadeIndex) else "patchcore"
+  fixed["method"] = "spade" if is_spade else "patchcore"
   for key, value in fixed.items():
     if key in given and _tuple_if_list(settings[key]) != value:
       raise ValueError(
@@ -200,7 +223,10 @@ def settings_from_index(settings: dict[str, Any], given: set[str], contents,
           f"the index) or refit the index with fit.py --{key}={_flag_text(settings[key])}")
     out[key] = value
   if contents.threshold is not None:
-    for key, value in contents.threshold.settings.items():
+    calibrated = dict(contents.threshold.settings)
+    if is_spade:  # Thresholds without them were calibrated on "mean" scores.
+      calibrated = {"aggregate": "mean", "bandwidth": None, **calibrated}
+    for key, value in calibrated.items():
       if key in given and settings.get(key) != value:
         raise ValueError(
             f"--{key}={_flag_text(settings[key])} differs from the {key}={_flag_text(value)} "

@@ -7,6 +7,19 @@ r"""Evaluates SPADE on data in the MVTec AD layout (default: the built-in benchm
 Writes <output_dir>/results.json, heatmaps/<category>/*.png and prints a Markdown
 table. A rerun with the same flags skips finished categories.
 
+Kernelized SPADE: --metric names a fixed distance (l2, sqeuclidean, cosine) or a kernel
+fitted per layer on each category's training images (mahalanobis, learned, linear, rbf,
+laplacian, polynomial, rff, nystrom), and --aggregate=mean|softmin|kde (with
+--bandwidth, default the median heuristic) how the nearest distances become a score,
+e.g.
+
+  python experiments/evaluate.py --metric=mahalanobis --aggregate=softmin \
+      --output_dir=results/builtin_mahalanobis_softmin
+
+results.json's "config" records metric, aggregate and bandwidth (a file written
+before they existed resumes as "mean"). --method=patchcore keeps its fixed metrics and
+the mean.
+
 Several processes (jax.distributed; each reads its share of the images, process 0
 writes the results), e.g. two CPU processes on this machine:
 

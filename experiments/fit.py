@@ -16,7 +16,14 @@ training image is scored against an index fitted without it (leave-one-out; or
 --calibration_folds=F folds), and the threshold is the --calibration_quantile
 (default 0.99) quantile of those held-out image scores: about 1% of new normal images
 are expected above it. predict.py then adds an "anomalous" column. The threshold
-holds for the --k_image_score and --metric it was calibrated with (recorded with it).
+holds for the --k_image_score, --metric and --aggregate (--bandwidth) it was
+calibrated with (recorded with it); each held-out image is scored as predict.py will
+score it, with a kernel metric's pooled kernel (and a soft aggregate's median
+bandwidth) fitted without it.
+
+--metric=<kernel> (e.g. mahalanobis; see evaluate.py) fits one kernel per layer on the
+training images and --aggregate=softmin|kde without --bandwidth the median-heuristic
+bandwidths: the index stores them (checksummed with the features).
 
 The detector's flags are evaluate.py's (detector_flags.py). Compiled programs are
 kept in JAX's persistent compilation cache (--compilation_cache_dir, default

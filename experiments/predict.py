@@ -16,11 +16,15 @@ index alone: no training image is needed. Writes
 
 Settings come from the index: the backbone and the feature settings (--layers,
 --resize, --crop) always (a flag given that disagrees is an error), and a calibrated
-index fixes --k_image_score and --metric (its threshold holds for those). Every
-other detector flag not given is the value fit.py recorded in the index (--weights,
---k_images, --kappa, ...; an index saved from Python without them: the defaults);
-a flag given overrides it. --weights is recorded as given to fit.py: a weights file
-must be at the same path here, or be passed again as --weights=PATH.
+index fixes --k_image_score, --metric, --aggregate and --bandwidth (its threshold holds
+for those). Every other detector flag not given is the value fit.py recorded in the
+index (--weights, --k_images, --kappa, --metric, --aggregate, ...; an index saved from
+Python without them: the defaults, and the metric its kernels were fitted for); a flag
+given overrides it. The kernels of a kernel --metric (and the median bandwidths of
+--aggregate=softmin|kde) come from the index; a --metric the index holds no kernels
+for gets them fitted from the index's own training features first. --weights is
+recorded as given to fit.py: a weights file must be at the same path here, or be
+passed again as --weights=PATH.
 
 Compiled programs are kept in JAX's persistent compilation cache
 (--compilation_cache_dir, default $SPADE_JAX_CACHE/jax_compilation_cache; 'none' turns

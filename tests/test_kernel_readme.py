@@ -67,3 +67,18 @@ def test_readme_kernel_is_registered():
   assert kernels.KERNELS["diagonal"] is Diagonal
   with pytest.raises(ValueError, match="already registered"):
     kernels.register_kernel(Diagonal)
+
+
+def test_readme_shows_this_files_kernel():
+  # The README's block is this file's, character for character, so the two cannot drift.
+  import pathlib  # pylint: disable=import-outside-toplevel
+  readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+  section = readme[readme.index("**A new kernel in about 20 lines**"):]
+  block = section[section.index("```python\n") + len("```python\n"):]
+  block = block[:block.index("```")]
+  here = pathlib.Path(__file__).read_text()
+  start = "# --- The README's example, verbatim. ---\n"
+  end = "# --- End of the README's example. ---"
+  example = here[here.index(start) + len(start):here.index(end)]
+  assert block.strip() == example.strip()
+  assert len(block.strip().splitlines()) <= 25

@@ -19,9 +19,15 @@ from spade_jax.detector.patchcore import (
   PatchCoreIndex,
   shard_patchcore_index,
 )
-from spade_jax.detector.spade import Spade, SpadeConfig, SpadeIndex, shard_index
+from spade_jax.detector.spade import (
+  KERNEL_METRICS,
+  Spade,
+  SpadeConfig,
+  SpadeIndex,
+  shard_index,
+)
 
-__all__ = ["INDEX_FORMAT", "INDEX_VERSION", "PATCHCORE_INDEX_FORMAT", "IndexFile",
-           "PatchCore", "PatchCoreConfig", "PatchCoreIndex", "Spade", "SpadeConfig",
-           "SpadeIndex", "Threshold", "load_index", "load_index_file", "save_index",
-           "shard_index", "shard_patchcore_index", "spade_threshold"]
+__all__ = ["INDEX_FORMAT", "INDEX_VERSION", "KERNEL_METRICS", "PATCHCORE_INDEX_FORMAT",
+           "IndexFile", "PatchCore", "PatchCoreConfig", "PatchCoreIndex", "Spade",
+           "SpadeConfig", "SpadeIndex", "Threshold", "load_index", "load_index_file",
+           "save_index", "shard_index", "shard_patchcore_index", "spade_threshold"]

@@ -13,8 +13,13 @@ images are added, so leave-one-out (the default) is the closest estimate and few
 folds err towards a higher threshold (fewer false alarms).
 
 For SPADE the threshold is on the image score, which depends on the pooled features
-and on (k_image_score, metric) alone: Threshold.settings records those, and the
-threshold holds for an index with any pixel settings (k_images, kappa, sigma, ...).
+and on (k_image_score, metric, aggregate, bandwidth) alone: Threshold.settings records
+those (aggregate and bandwidth only when the aggregate is not "mean": a threshold
+without them is "mean"'s), and the threshold holds for an index with any pixel
+settings (k_images, kappa, sigma, ...). Each fold scores as Spade.score does: with a
+kernel metric the pooled kernel, and with "softmin" / "kde" without a bandwidth the
+median-heuristic bandwidth, are fitted on the fold's training images (metric_fit), as
+Spade.fit fits them on all of them.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from spade_jax import scoring
+from spade_jax.detector import metric_fit
 from spade_jax.detector.spade import Spade
 from spade_jax.host import progress as progress_lib
 
@@ -46,7 +52,8 @@ class Threshold:
     folds: cross-validation folds (folds == num_images: leave-one-out).
     num_images: normal images it was calibrated on.
     settings: the scoring settings the scores depend on (SPADE: k_image_score and
-      metric); the threshold only holds for scores made with them.
+      metric, plus aggregate and bandwidth unless the aggregate is "mean"); the
+      threshold only holds for scores made with them.
   """
   value: float
   quantile: float
@@ -161,7 +168,8 @@ def spade_threshold(spade: Spade, train_pool: np.ndarray, *, quantile: float = 0
   """SPADE's threshold on image scores from its training images' pooled features.
 
   Args:
-    spade: the detector (its config's k_image_score and metric are used).
+    spade: the detector (its config's k_image_score, metric, aggregate and bandwidth
+      are used).
     train_pool: [N, D] float32 pooled features of the N training images (the index's
       train_pool, or Spade.extract's first output), in file order.
     quantile: the quantile of the held-out scores taken as the threshold.
@@ -180,14 +188,19 @@ def spade_threshold(spade: Spade, train_pool: np.ndarray, *, quantile: float = 0
   folds = check_calibration_args(pool.shape[0], quantile, folds, cfg.k_image_score)
 
   def score_fold(train: np.ndarray, held_out: np.ndarray) -> np.ndarray:
+    kernels, bandwidths = metric_fit.fit_metric(cfg, pool[train], {})  # "pool" alone.
     scores, _ = scoring.image_scores(pool[held_out], pool[train], cfg.k_image_score,
-                                     cfg.metric)
+                                     kernels.get("pool", cfg.metric),
+                                     aggregate=cfg.aggregate,
+                                     bandwidth=bandwidths.get("pool", cfg.bandwidth))
     return np.asarray(scores)
 
   scores = held_out_scores(score_fold, pool.shape[0], folds)
+  settings = {"k_image_score": cfg.k_image_score, "metric": cfg.metric}
+  if cfg.aggregate != "mean":
+    settings.update(aggregate=cfg.aggregate, bandwidth=cfg.bandwidth)
   threshold = Threshold(value=float(np.quantile(scores, quantile)), quantile=float(quantile),
-                        folds=folds, num_images=int(pool.shape[0]),
-                        settings={"k_image_score": cfg.k_image_score, "metric": cfg.metric})
+                        folds=folds, num_images=int(pool.shape[0]), settings=settings)
   return threshold, scores
 
 

@@ -1,10 +1,13 @@
 """Index files of both detectors: save_index / load_index, integrity-checked, atomic.
 
 An index file is safetensors. A SpadeIndex holds tensors "pool" [M, D] and
-"features/<level>" [M, h, w, C]; a PatchCoreIndex holds "bank" [B, D] (the memory
-bank, without a sharded bank's padding); all float32. The string metadata are
+"features/<level>" [M, h, w, C], plus "kernels/<part>/<parameter>" when it holds
+fitted kernels; a PatchCoreIndex holds "bank" [B, D] (the memory bank, without a
+sharded bank's padding); all float32. The string metadata are
   format          INDEX_FORMAT (SPADE) or PATCHCORE_INDEX_FORMAT
-  version         INDEX_VERSION (both formats: 2, checksummed)
+  version         "2" (checksummed), or INDEX_VERSION = "3" for a SPADE file with a
+                  "kernels" field (so that a spade_jax that reads version 2 only
+                  refuses it with a clear message); both are read
   backbone        the backbone name
   feature_config  the index's feature_config (JSON: SPADE: backbone, layers, resize,
                   crop; PatchCore: also patch_size, embed_dim, reduction and, for a
@@ -17,8 +20,15 @@ bank, without a sharded bank's padding); all float32. The string metadata are
                   (calibration.Threshold's JSON)
   settings        optional: the detector settings the index was fitted with (a JSON
                   object, e.g. fit.py's k_images, kappa, weights), scripts' defaults
-The optional fields are covered by "__metadata__" too. load_index checks all of it
-before it returns an index; load_index_file also returns the optional fields.
+  kernels         optional (SPADE): what was fitted for a kernel metric or a soft
+                  aggregate (SpadeIndex.kernels / fitted_metric / bandwidths), JSON
+                  {"metric": fitted_metric, "spec": kernels.kernel_to_arrays' spec of
+                  {part: kernel} (null for a fixed metric), "bandwidths": {part: h}}
+The optional fields are covered by "__metadata__" too, the kernels' tensors by their
+own checksums. load_index checks all of it before it returns an index; load_index_file
+also returns the optional fields. Nothing in a file is executed: the kernel spec is
+JSON, checked field by field (kernels.io.check_spec), and its kernel names are only
+looked up in the registry (spade_jax.kernels.KERNELS).
 """
 
 from __future__ import annotations
@@ -35,7 +45,7 @@ import numpy as np
 from safetensors import numpy as safetensors_numpy
 from safetensors import safe_open
 
-from spade_jax.detector import patchcore
+from spade_jax.detector import index_kernels, patchcore
 from spade_jax.detector.calibration import Threshold
 from spade_jax.detector.patchcore import PatchCore, PatchCoreConfig, PatchCoreIndex
 from spade_jax.detector.spade import Spade, SpadeConfig, SpadeIndex, check_compatible
@@ -45,7 +55,9 @@ from spade_jax.search import sharding
 
 INDEX_FORMAT = "spade_jax.SpadeIndex"
 PATCHCORE_INDEX_FORMAT = "spade_jax.PatchCoreIndex"
-INDEX_VERSION = "2"  # 2: checksums (1 had none; PatchCore files start at 2).
+INDEX_VERSION = "3"  # 3: kernels; 2: checksums (1 had none; PatchCore files start at 2).
+_READ_VERSIONS = ("2", "3")
+_PLAIN_VERSION = "2"  # What a file without kernels is written as.
 
 
 _CHECKSUM_ALGORITHM = "sha256"
@@ -56,11 +68,12 @@ _PATCHCORE_CONFIG_KEYS = sorted(json.loads(PatchCoreConfig().feature_config(""))
 _FORMATS = {INDEX_FORMAT: "SpadeIndex", PATCHCORE_INDEX_FORMAT: "PatchCoreIndex"}
 
 
-def _tensor_names(fmt: str, levels: Sequence[str]) -> list[str]:
-  """The tensors an index file of format `fmt` holds, in order."""
-  if fmt == PATCHCORE_INDEX_FORMAT:
+def _tensor_names(where: str, metadata: dict[str, str], levels: Sequence[str]) -> list[str]:
+  """The tensors an index file with `metadata` holds, in order (checks "kernels")."""
+  if metadata.get("format") == PATCHCORE_INDEX_FORMAT:
     return ["bank"]
-  return ["pool", *[f"features/{l}" for l in levels]]
+  kernels = index_kernels.check_field(where, metadata, levels)
+  return ["pool", *[f"features/{l}" for l in levels], *(kernels[3] if kernels else [])]
 
 
 def _save_file(tensors: dict[str, np.ndarray], path: str, metadata: dict[str, str]) -> None:
@@ -209,7 +222,11 @@ def _check_tensor_specs(where: str, specs: dict[str, tuple[str, Sequence[int]]],
   if metadata is not None and metadata.get("format") == PATCHCORE_INDEX_FORMAT:
     _check_bank_spec(where, specs, metadata)
     return
-  expected = ["pool", *[f"features/{l}" for l in levels]]
+  expected = _tensor_names(where, metadata or {}, levels)
+  for name in expected:
+    if name.startswith(index_kernels.PREFIX) and name in specs and specs[name][0] != "F32":
+      raise ValueError(f"{where}: tensor {name!r} has dtype {specs[name][0]}, expected F32 "
+                       "(float32)")
   missing = [n for n in expected if n not in specs]
   if missing:
     raise ValueError(f"{where}: no tensor {missing[0]!r} (levels are {list(levels)})")
@@ -219,6 +236,8 @@ def _check_tensor_specs(where: str, specs: dict[str, tuple[str, Sequence[int]]],
                      f"{expected})")
   num_images = None
   for name in expected:
+    if name.startswith(index_kernels.PREFIX):
+      continue  # Shapes are the kernel's own (checked when it is built).
     dtype, shape = specs[name]
     if dtype != "F32":
       raise ValueError(f"{where}: tensor {name!r} has dtype {dtype}, expected F32 (float32)")
@@ -276,13 +295,16 @@ def save_index(path: str | os.PathLike, index: SpadeIndex | PatchCoreIndex, *,
     fmt, tensors = INDEX_FORMAT, {"pool": _host(index.train_pool)}
     tensors.update({f"features/{l}": _host(v) for l, v in index.train_features.items()})
     levels = list(index.train_features)
+    kernels_field = index_kernels.to_file(where, index, tensors)
   for name, value in tensors.items():
     if not jnp.issubdtype(value.dtype, jnp.floating):
       raise ValueError(f"{where}: tensor {name!r} has dtype {value.dtype}, not float")
   tensors = {k: np.ascontiguousarray(v, dtype="<f4") for k, v in tensors.items()}
-  metadata = {"format": fmt, "version": INDEX_VERSION,
+  metadata = {"format": fmt, "version": _PLAIN_VERSION,
               "backbone": index.backbone_name, "feature_config": index.feature_config,
               "levels": json.dumps(levels)}
+  if fmt == INDEX_FORMAT and kernels_field is not None:
+    metadata.update(version=INDEX_VERSION, kernels=kernels_field)
   if threshold is not None:
     metadata["threshold"] = Threshold.from_json(threshold.to_json(), where).to_json()
   if settings is not None:
@@ -339,9 +361,10 @@ def _check_metadata(where: str, metadata: dict[str, str] | None
     raise ValueError(f"{where}: index version 1 was written by an older spade_jax without "
                      "checksums; refit the index and save it again (its contents cannot "
                      "be checked)")
-  if version != INDEX_VERSION:
+  if version not in _READ_VERSIONS:
     raise ValueError(f"{where}: unsupported index version {version!r:.100} (this spade_jax "
-                     f"reads version {INDEX_VERSION}; written by a newer spade_jax?)")
+                     f"reads versions {', '.join(_READ_VERSIONS)}; written by a newer "
+                     "spade_jax?)")
   for key in _REQUIRED_METADATA:
     if key not in metadata:
       raise ValueError(f"{where}: index metadata has no {key!r} field; the file is "
@@ -351,7 +374,7 @@ def _check_metadata(where: str, metadata: dict[str, str] | None
   if not isinstance(checksums, dict):
     raise ValueError(f"{where}: metadata field 'checksums' must be a JSON object, got "
                      f"{type(checksums).__name__}")
-  expected = [_METADATA_DIGEST_KEY, *_tensor_names(metadata["format"], levels)]
+  expected = [_METADATA_DIGEST_KEY, *_tensor_names(where, metadata, levels)]
   missing = [n for n in expected if n not in checksums]
   if missing:
     raise ValueError(f"{where}: metadata field 'checksums' has no entry for {missing[0]!r}")
@@ -439,7 +462,7 @@ def load_index_file(path: str | os.PathLike, expect: Expect | None = None) -> In
       tensor = f.get_slice(name)
       specs[name] = (tensor.get_dtype(), tuple(tensor.get_shape()))
     _check_tensor_specs(where, specs, levels, metadata)
-    for name in _tensor_names(metadata["format"], levels):
+    for name in _tensor_names(where, metadata, levels):
       try:
         value = f.get_tensor(name)
       except Exception as e:  # pylint: disable=broad-except
@@ -458,6 +481,9 @@ def load_index_file(path: str | os.PathLike, expect: Expect | None = None) -> In
                                        for l in levels},
                        backbone_name=metadata["backbone"],
                        feature_config=metadata["feature_config"])
+    field = index_kernels.check_field(where, metadata, levels)
+    if field is not None:
+      index = index_kernels.from_file(where, index, field, tensors)
   if expect is not None:
     _check_expected(path, index, expect)
   threshold, settings = metadata.get("threshold"), metadata.get("settings")

@@ -17,6 +17,17 @@ galleries sharded over the mesh axis `axis` (spade_jax.shard_gallery) and scorin
 searches them where they lie; the numbers are the single-device ones. `extract`,
 `fit_features` and `score_features` split fit / score at the features, for runs
 where each process computes the features of its share of the images.
+
+Kernel metrics and soft scores (SpadeConfig.metric / aggregate / bandwidth): with a
+kernel name (KERNEL_METRICS, e.g. "mahalanobis") `fit` also fits one kernel per part,
+the pooled vectors ("pool") and each layer, on the training features
+(scoring.variants.fit_variant), and with aggregate "softmin" / "kde" and no bandwidth
+the median-heuristic bandwidths (scoring.variants.median_bandwidths, in the metric's
+units); the SpadeIndex carries them (`kernels`, `bandwidths`, `fitted_metric`) and
+score uses them. An index holding none, or those of another metric, is refused by
+score with a clear error: `index = spade.fit_kernels(index)` fits them from the
+index's own training features (never silently per score call: a learned kernel takes
+seconds). The defaults (metric "l2", aggregate "mean") fit nothing: SPADE as published.
 """
 
 from __future__ import annotations
@@ -33,12 +44,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from spade_jax import scoring
+from spade_jax.detector import metric_fit
 from spade_jax.host import progress
 from spade_jax.scoring import anomaly_map
 from spade_jax.search import distances, sharding
 
 Array = jax.Array
 Mesh = jax.sharding.Mesh
+KERNEL_METRICS = metric_fit.KERNEL_METRICS
+AGGREGATES = metric_fit.AGGREGATES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +71,15 @@ class SpadeConfig:
       reports it ~+0.2 pixel AUROC over "cat", and it is ~6x cheaper for
       wide_resnet50_2: the 56x56 level is searched in 256-d instead of 1792-d) or "cat".
     sigma: Gaussian sigma of the anomaly maps, in crop pixels (paper: 4).
-    metric: distance name in spade_jax.METRICS.
+    metric: a fixed distance of spade_jax.METRICS ("l2", ...), or the name of a kernel
+      fitted on the training features, one per part (KERNEL_METRICS: "mahalanobis",
+      "learned", "linear", "rbf", "laplacian", "polynomial", "rff", "nystrom"; needs
+      combine="ensemble").
+    aggregate: how the k (kappa) nearest distances become a score: "mean" (SPADE),
+      "softmin" or "kde" (scoring/aggregate.py).
+    bandwidth: h > 0 of "softmin" / "kde", in the metric's distance units, for the
+      image and the pixel scores alike; None: the median heuristic of the training
+      images per part (scoring.variants.median_bandwidths), fitted with the index.
     resize: shorter side before the centre crop (paper: 256).
     crop: centre crop = anomaly-map size (paper: 224).
     batch_size: images per backbone call and per scoring step (speed/memory only).
@@ -72,6 +94,8 @@ class SpadeConfig:
   resize: int = 256
   crop: int = 224
   batch_size: int = 8
+  aggregate: str = "mean"
+  bandwidth: float | None = None
 
   def __post_init__(self):
     for name in ("k_images", "k_image_score", "kappa", "resize", "crop", "batch_size"):
@@ -93,11 +117,36 @@ class SpadeConfig:
     if not 0 <= self.sigma <= self.crop:  # NaN and inf fail too.
       raise ValueError(f"SpadeConfig.sigma must be finite, >= 0 and at most the crop size "
                        f"{self.crop} (the maps' side), got {self.sigma!r}")
-    if self.metric not in distances.METRICS:
-      raise ValueError(f"SpadeConfig.metric must be one of {sorted(distances.METRICS)}, got "
-                       f"{self.metric!r}")
+    if self.metric not in distances.METRICS and self.metric not in KERNEL_METRICS:
+      raise ValueError(f"SpadeConfig.metric must be a metric {sorted(distances.METRICS)} or "
+                       f"a kernel {sorted(KERNEL_METRICS)}, got {self.metric!r}")
+    if self.metric in KERNEL_METRICS and self.combine != "ensemble":
+      raise ValueError(f"SpadeConfig.metric={self.metric!r} fits one kernel per layer, which "
+                       f"needs combine='ensemble' (combine={self.combine!r} searches the "
+                       "concatenated layers)")
+    if self.aggregate not in AGGREGATES:
+      raise ValueError(f"SpadeConfig.aggregate must be one of {AGGREGATES}, got "
+                       f"{self.aggregate!r}")
+    metric_fit.check_bandwidth(self.bandwidth, self.aggregate)
+    if self.bandwidth is not None:
+      object.__setattr__(self, "bandwidth", float(self.bandwidth))
     if self.crop > self.resize:
       raise ValueError(f"SpadeConfig.crop={self.crop} is larger than resize={self.resize}")
+
+  @property
+  def is_kernel(self) -> bool:
+    """Whether `metric` names a kernel fitted on the training features."""
+    return self.metric in KERNEL_METRICS
+
+  @property
+  def needs_bandwidths(self) -> bool:
+    """Whether scoring takes median-heuristic bandwidths from the index."""
+    return self.aggregate != "mean" and self.bandwidth is None
+
+  def bandwidth_parts(self) -> tuple[str, ...]:
+    """The parts with a bandwidth of their own: "pool" and each layer ("ensemble") or
+    "cat" (the concatenated layers)."""
+    return ("pool", *(self.layers if self.combine == "ensemble" else ("cat",)))
 
   def feature_config(self, backbone_name: str) -> str:
     """Canonical JSON of what determines the stored features (not the scoring knobs)."""
@@ -120,13 +169,25 @@ class SpadeIndex:
       ShardedGallery's on the same mesh).
     backbone_name: the backbone that produced them (static).
     feature_config: canonical JSON of backbone, layers, resize, crop (static); an index
-      is valid for any scoring settings (k_images, kappa, combine, sigma, metric) but
-      only for this feature configuration.
+      is valid for any scoring settings (k_images, kappa, combine, sigma, metric,
+      aggregate) but only for this feature configuration. A kernel metric, or a soft
+      aggregate without a bandwidth, also needs what was fitted for it (below;
+      Spade.fit_kernels fits it from the index's own features).
+    kernels: part ("pool", each layer) -> the kernel fitted for `fitted_metric` (small,
+      unsharded, replicated on the mesh of a sharded index); {} for fixed metrics.
+    fitted_metric: the SpadeConfig.metric that `kernels` and `bandwidths` were fitted
+      for (static); None: nothing fitted (fixed metric and "mean", older files).
+    bandwidths: ((part, h), ...) median-heuristic bandwidths of the soft scores in
+      fitted_metric's units, part = "pool", a layer or "cat", sorted by part
+      (static); () if none.
   """
   train_pool: Array
   train_features: dict[str, Array]
   backbone_name: str = struct.field(pytree_node=False)
   feature_config: str = struct.field(pytree_node=False)
+  kernels: dict[str, Any] = struct.field(default_factory=dict)
+  fitted_metric: str | None = struct.field(pytree_node=False, default=None)
+  bandwidths: tuple[tuple[str, float], ...] = struct.field(pytree_node=False, default=())
 
   @property
   def fingerprint(self) -> str:
@@ -143,13 +204,34 @@ class SpadeIndex:
   def is_sharded(self) -> bool:
     return isinstance(self.train_pool, sharding.ShardedGallery)
 
+  def missing_fits(self, config: SpadeConfig) -> list[str]:
+    """What scoring with `config` needs that this index lacks (empty: ready)."""
+    missing = []
+    same = self.fitted_metric == config.metric
+    if config.is_kernel:
+      absent = [p for p in ("pool", *config.layers) if p not in self.kernels]
+      if not same or absent:
+        missing.append(f"the kernels of metric {config.metric!r}")
+    if config.needs_bandwidths:
+      known = dict(self.bandwidths)
+      if not same or any(p not in known for p in config.bandwidth_parts()):
+        missing.append(f"the median bandwidths of aggregate={config.aggregate!r} in metric "
+                       f"{config.metric!r}")
+    return missing
+
+
+def _replicate(tree: Any, mesh: Mesh) -> Any:
+  return jax.tree.map(lambda x: sharding.place_replicated(x, mesh), tree)
+
 
 def shard_index(index: SpadeIndex, mesh: Mesh | None = None, axis: str = "data") -> SpadeIndex:
-  """`index` with its galleries sharded over `mesh`'s `axis` (spade_jax.shard_gallery)."""
+  """`index` with its galleries sharded over `mesh`'s `axis` (spade_jax.shard_gallery)
+  and its kernels replicated on the mesh."""
   mesh = sharding.resolve_mesh(mesh, axis)
   return index.replace(train_pool=sharding.shard_gallery(index.train_pool, mesh, axis),
                        train_features=sharding.shard_gallery(index.train_features, mesh,
-                                                             axis))
+                                                             axis),
+                       kernels=_replicate(index.kernels, mesh))
 
 
 def _mesh_or_none(mesh: Mesh | None, axis: str) -> Mesh | None:
@@ -265,7 +347,8 @@ class Spade:
         (see spade_jax.shard_gallery); needs a mesh.
 
     Returns:
-      SpadeIndex (its galleries are ShardedGallery's when there is a mesh).
+      SpadeIndex (its galleries are ShardedGallery's when there is a mesh), with the
+      kernels and bandwidths the config's metric and aggregate need (fit_kernels).
     """
     missing = [l for l in self.config.layers if l not in train_features]
     if missing:
@@ -286,7 +369,45 @@ class Spade:
     index = SpadeIndex(train_pool=pool, train_features=feats,
                        backbone_name=self.backbone.name, feature_config=self.feature_config)
     _check_k(self.config, index.num_images)
-    return index
+    return self.fit_kernels(index)
+
+  def fit_kernels(self, index: SpadeIndex) -> SpadeIndex:
+    """`index` with what this config's metric and aggregate need fitted on its own
+    training features: a kernel per part for a kernel metric, the median bandwidths
+    for "softmin" / "kde" without a bandwidth (fit_metric). `index` itself when it
+    holds them already, or when nothing is needed (a fixed metric with "mean").
+
+    Fitting from the index gives what fit / fit_features would have fitted from the
+    same features. A sharded index's features are gathered on the host first (with
+    several processes, every process gathers all of them and fits the same kernels);
+    the kernels are replicated on its mesh.
+
+    Raises:
+      ValueError: index is not a SpadeIndex for this backbone and feature config.
+    """
+    if not isinstance(index, SpadeIndex):
+      raise ValueError(f"index must be a SpadeIndex, got {type(index).__name__}")
+    check_compatible(index, self.backbone.name, self.config, "Spade.fit_kernels")
+    cfg = self.config
+    if not index.missing_fits(cfg):
+      return index
+    same = index.fitted_metric == cfg.metric
+    parts = ("pool", *cfg.layers)
+    reuse = None  # This metric's kernels, when only bandwidths are missing.
+    if same and cfg.is_kernel and all(p in index.kernels for p in parts):
+      reuse = jax.tree.map(sharding.to_local, {p: index.kernels[p] for p in parts})
+    kernels, bandwidths = metric_fit.fit_metric(
+        cfg, metric_fit.host_rows(index.train_pool),
+        {l: metric_fit.host_rows(index.train_features[l]) for l in cfg.layers}, kernels=reuse)
+    if reuse is not None:
+      kernels = {}
+    elif index.is_sharded:
+      kernels = _replicate(kernels, index.train_pool.mesh)
+    if same:  # Keep what was fitted for this metric too.
+      kernels = {**index.kernels, **kernels}
+      bandwidths = {**dict(index.bandwidths), **bandwidths}
+    return index.replace(kernels=kernels, fitted_metric=cfg.metric,
+                         bandwidths=tuple(sorted(bandwidths.items())))
 
   def fit(self, train_images: np.ndarray | Sequence[np.ndarray], *, mesh: Mesh | None = None,
           axis: str = "data") -> SpadeIndex:
@@ -310,6 +431,15 @@ class Spade:
       raise ValueError(f"index must be a SpadeIndex, got {type(index).__name__}")
     check_compatible(index, self.backbone.name, self.config, "Spade.score")
     _check_k(self.config, index.num_images)
+    missing = index.missing_fits(self.config)
+    if missing:
+      held = ("nothing fitted" if index.fitted_metric is None else
+              f"what was fitted for metric {index.fitted_metric!r}")
+      raise ValueError(
+          f"Spade.score: this config (metric={self.config.metric!r}, aggregate="
+          f"{self.config.aggregate!r}) needs {' and '.join(missing)}, but the index holds "
+          f"{held}; call index = spade.fit_kernels(index) (fits them on the index's own "
+          "training features) or fit the index with this config")
     if index.is_sharded:
       if mesh is not None and mesh != index.train_pool.mesh:
         raise ValueError("Spade.score: the index is sharded over another mesh than `mesh`; "
@@ -318,15 +448,35 @@ class Spade:
     mesh = _mesh_or_none(mesh, axis)
     return index if mesh is None else shard_index(index, mesh, axis)
 
-  def _score_batch(self, index: SpadeIndex, pool: Any, levels: dict[str, Any]
+  def scoring_kwargs(self, index: SpadeIndex) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(image_scores', pixel_scores') metric / aggregate / bandwidth keyword arguments
+    of this config with `index` (its kernels and median bandwidths where the config
+    needs them; see SpadeIndex.missing_fits)."""
+    cfg = self.config
+    if cfg.is_kernel:
+      pool_metric, level_metric = index.kernels["pool"], {l: index.kernels[l]
+                                                          for l in cfg.layers}
+    else:
+      pool_metric = level_metric = cfg.metric
+    pool_h = level_h = cfg.bandwidth
+    if cfg.needs_bandwidths:
+      known = dict(index.bandwidths)
+      pool_h = known["pool"]
+      level_h = known["cat"] if cfg.combine == "cat" else {l: known[l] for l in cfg.layers}
+    return ({"metric": pool_metric, "aggregate": cfg.aggregate, "bandwidth": pool_h},
+            {"metric": level_metric, "aggregate": cfg.aggregate, "bandwidth": level_h})
+
+  def _score_batch(self, index: SpadeIndex, pool: Any, levels: dict[str, Any],
+                   kwargs: tuple[dict[str, Any], dict[str, Any]]
                    ) -> tuple[np.ndarray, np.ndarray]:
     cfg = self.config
+    image_kwargs, pixel_kwargs = kwargs
     with progress.stage("search") as timed:  # The kNN searches and the pixel scores.
       scores, nbrs = scoring.image_scores(pool, index.train_pool, cfg.k_image_score,
-                                          cfg.metric, num_neighbors=cfg.k_images)
+                                          num_neighbors=cfg.k_images, **image_kwargs)
       score_maps = timed.ready(scoring.pixel_scores(
           levels, index.train_features, nbrs, kappa=cfg.kappa, combine=cfg.combine,
-          metric=cfg.metric))
+          **pixel_kwargs))
     with progress.stage("maps"):
       # Sharded scoring returns replicated maps: blur one local copy, not one per device
       # (under jax.set_mesh, jit wants mesh arrays or host ones: a host copy, it is small).
@@ -352,9 +502,10 @@ class Spade:
       (scores [N] float32, anomaly maps [N, crop, crop] float32), NumPy.
     """
     index = self._prepare_index(index, mesh, axis)
+    kwargs = self.scoring_kwargs(index)
     all_scores, all_maps = [], []
     for pool, levels in self._batches(images, "images", done="scored"):
-      scores, maps = self._score_batch(index, pool, levels)
+      scores, maps = self._score_batch(index, pool, levels, kwargs)
       all_scores.append(scores)
       all_maps.append(maps)
     return np.concatenate(all_scores), np.concatenate(all_maps)
@@ -374,6 +525,7 @@ class Spade:
       (scores [N] float32, anomaly maps [N, crop, crop] float32), NumPy.
     """
     index = self._prepare_index(index, mesh, axis)
+    kwargs = self.scoring_kwargs(index)
     missing = [l for l in self.config.layers if l not in features]
     if missing:
       raise ValueError(f"features has no levels {missing}")
@@ -385,7 +537,7 @@ class Spade:
     for start in range(0, count, self.config.batch_size):
       batch = slice(start, start + self.config.batch_size)
       scores, maps = self._score_batch(
-          index, pool[batch], {l: features[l][batch] for l in self.config.layers})
+          index, pool[batch], {l: features[l][batch] for l in self.config.layers}, kwargs)
       all_scores.append(scores)
       all_maps.append(maps)
       report.update(min(start + self.config.batch_size, count))

@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from spade_jax.detector import PatchCoreConfig, SpadeConfig
+from spade_jax.detector import KERNEL_METRICS, PatchCoreConfig, SpadeConfig
+from spade_jax.search import distances
 
 _DEFAULT = SpadeConfig()
 _PATCHCORE = PatchCoreConfig()
@@ -29,7 +30,7 @@ METHODS = ("spade", "patchcore")
 _COMMON_KEYS = ("data_dir", "method", "backbone", "weights", "layers", "sigma", "metric",
                 "resize", "crop")
 _METHOD_KEYS = {
-    "spade": ("k_images", "k_image_score", "kappa", "combine"),
+    "spade": ("k_images", "k_image_score", "kappa", "combine", "aggregate", "bandwidth"),
     "patchcore": ("coreset_ratio", "patch_size", "reweight"),
 }
 
@@ -49,8 +50,11 @@ class EvalConfig:
   data_dir is stored normalised (no trailing slash, no '.' parts), so equivalent
   spellings give equal configs. layers=None means the method's default (SPADE:
   layer1..3; PatchCore: layer2 + layer3). Only the settings of the chosen method are
-  recorded (to_json): k_images, k_image_score, kappa and combine for "spade";
-  coreset_ratio, patch_size and reweight for "patchcore".
+  recorded (to_json): k_images, k_image_score, kappa, combine, aggregate and bandwidth
+  for "spade"; coreset_ratio, patch_size and reweight for "patchcore". metric may name
+  a kernel fitted on the training features (SPADE only: KERNEL_METRICS, e.g.
+  "mahalanobis"); aggregate ("mean", "softmin", "kde") and bandwidth (None: the median
+  heuristic) are SPADE's (SpadeConfig).
 
   Raises:
     ValueError: a setting out of range (the message names it).
@@ -65,6 +69,8 @@ class EvalConfig:
   combine: str = _DEFAULT.combine
   sigma: float = _DEFAULT.sigma
   metric: str = _DEFAULT.metric
+  aggregate: str = _DEFAULT.aggregate
+  bandwidth: float | None = _DEFAULT.bandwidth
   resize: int = _DEFAULT.resize
   crop: int = _DEFAULT.crop
   method: str = "spade"
@@ -96,14 +102,18 @@ class EvalConfig:
           f"crop={self.crop} pixels (a wider blur only flattens the maps)")
     self.detector_config(batch_size=1)  # The method's checks (k's, layers, crop, ...).
     object.__setattr__(self, "sigma", float(sigma))
+    if self.bandwidth is not None:
+      object.__setattr__(self, "bandwidth", float(self.bandwidth))
 
   def spade_config(self, batch_size: int) -> SpadeConfig:
     return SpadeConfig(k_images=self.k_images, k_image_score=self.k_image_score,
                        kappa=self.kappa, layers=tuple(self.layers), combine=self.combine,
-                       sigma=self.sigma, metric=self.metric, resize=self.resize,
-                       crop=self.crop, batch_size=batch_size)
+                       sigma=self.sigma, metric=self.metric, aggregate=self.aggregate,
+                       bandwidth=self.bandwidth, resize=self.resize, crop=self.crop,
+                       batch_size=batch_size)
 
   def patchcore_config(self, batch_size: int) -> PatchCoreConfig:
+    check_patchcore_scoring(self.metric, self.aggregate, self.bandwidth)
     return PatchCoreConfig(layers=tuple(self.layers), patch_size=self.patch_size,
                            coreset_ratio=self.coreset_ratio, reweight=self.reweight,
                            metric=self.metric, sigma=self.sigma, resize=self.resize,
@@ -128,6 +138,25 @@ class EvalConfig:
     d = dataclasses.asdict(self)
     d["layers"] = list(self.layers)
     return {key: d[key] for key in _COMMON_KEYS + _METHOD_KEYS[self.method]}
+
+
+def check_patchcore_scoring(metric: str, aggregate: str, bandwidth: float | None) -> None:
+  """PatchCore keeps its fixed metrics and its own image score: no kernel metric, no
+  soft aggregate (SPADE's, method "spade").
+
+  Raises:
+    ValueError: naming the setting and the fix.
+  """
+  if metric in KERNEL_METRICS:
+    raise ValueError(
+        f"metric {metric!r} is a kernel fitted on the training features, which only SPADE "
+        f"supports (method 'spade'); PatchCore's memory bank takes one of "
+        f"{sorted(distances.METRICS)}")
+  if aggregate != "mean" or bandwidth is not None:
+    raise ValueError(
+        f"aggregate={aggregate!r}, bandwidth={bandwidth!r}: the soft scores are SPADE's "
+        "(method 'spade'); PatchCore scores by its nearest bank entries, so leave "
+        "aggregate='mean' and bandwidth unset")
 
 
 def check_test_labels(name: str, labels: Sequence[int], n_train: int,

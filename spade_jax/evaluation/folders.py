@@ -214,7 +214,9 @@ def predict_folder(spade, index, images_dir: str | os.PathLike[str],
   Args:
     spade: a spade_jax.Spade or PatchCore whose backbone and feature config match the
       index.
-    index: its SpadeIndex or PatchCoreIndex (e.g. load_index_file(...).index).
+    index: its SpadeIndex or PatchCoreIndex (e.g. load_index_file(...).index). A
+      SpadeIndex without the kernels / bandwidths spade's config needs (fitted for
+      another metric) gets them first, from its own training features (fit_kernels).
     images_dir: the folder of images to score (an output_dir inside it is left out).
     output_dir: where the files go (created).
     threshold: adds the anomalous column and marks the summary (None: no decisions).
@@ -233,6 +235,10 @@ def predict_folder(spade, index, images_dir: str | os.PathLike[str],
   if isinstance(spade, Spade):
     spade_lib.check_compatible(index, spade.backbone.name, cfg, "predict")
     _check_k(spade, index.num_images, "the index")
+    if index.missing_fits(cfg):  # Once here, not per chunk of images.
+      log(f"predict: fitting what metric={cfg.metric!r}, aggregate={cfg.aggregate!r} need "
+          f"on the index's {index.num_images} training images")
+      index = spade.fit_kernels(index)
   else:
     patchcore_lib.check_compatible(index, spade.backbone.name, cfg, "predict")
   out = predictions.check_output_dir(output_dir)

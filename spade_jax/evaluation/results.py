@@ -119,9 +119,13 @@ def check_heatmaps_dir(out: pathlib.Path, num_heatmaps: int) -> None:
 def _config_key(config_json: Mapping[str, Any]) -> dict[str, Any]:
   """A config as compared: equivalent data_dir spellings ('data/', './data', an absolute
   path to the same folder) compare equal, also in files written before they were
-  normalised, and files written before "method" was recorded are SPADE's."""
+  normalised, files written before "method" was recorded are SPADE's, and SPADE files
+  written before "aggregate" / "bandwidth" were recorded are "mean"'s (no bandwidth)."""
   key = dict(config_json)
   key.setdefault("method", "spade")  # Files written before PatchCore were SPADE's.
+  if key["method"] == "spade":  # Files written before soft scores averaged (no bandwidth).
+    key.setdefault("aggregate", "mean")
+    key.setdefault("bandwidth", None)
   data_dir = key.get("data_dir")
   if isinstance(data_dir, str) and data_dir:
     key["data_dir"] = os.path.realpath(data_dir)

@@ -101,23 +101,48 @@ class FittedVariant:
 
 
 def median_bandwidths(train_pool: Any, train_features: Mapping[str, Any], *,
-                      k_images: int = 5, max_images: int = 8) -> tuple[float, dict[str, float]]:
+                      k_images: int = 5, max_images: int = 8,
+                      metrics: Mapping[str, Any] | None = None,
+                      combine: str = "ensemble") -> tuple[float, dict[str, float]]:
   """The median heuristic of the soft scores, from the training images alone: h of the
   image scores = the median distance of a training image to its nearest other one;
   h of a level = the median distance of a training image's positions to their nearest
-  position in its k_images nearest other images (max_images images used)."""
+  position in its k_images nearest other images (max_images images used).
+
+  Args:
+    train_pool: [M, D] pooled training features (M >= 2).
+    train_features: level -> [M, h, w, C] training features (may be empty).
+    k_images: nearest other images whose positions form a level's gallery.
+    max_images: training images whose positions are scored (evenly spaced).
+    metrics: part -> metric (a name, Metric or kernel) the distances are measured in:
+      "pool" and each level ("ensemble") or "cat"; a missing part is L2.
+    combine: "ensemble" (one h per level) or "cat" (one h, under the key "cat", for
+      the concatenated levels, as pixel_scores(combine="cat") measures them).
+
+  Returns:
+    (h of the image scores, {level or "cat": h}), in the metrics' distance units.
+  """
+  metrics = dict(metrics or {})
   num = int(np.shape(train_pool)[0])
   if num < 2:
     raise ValueError("the soft scores' bandwidth needs at least 2 training images")
-  dist, idx = search_api.knn(train_pool, train_pool, min(num, k_images + 1))
+  dist, idx = search_api.knn(train_pool, train_pool, min(num, k_images + 1),
+                             metrics.get("pool", "l2"))
   dist, idx = np.asarray(dist), np.asarray(idx)
   others = [row[row != i][:k_images] for i, row in enumerate(idx)]
   pool_h = float(np.median([d[row != i][0] for i, (d, row) in enumerate(zip(dist, idx))]))
   chosen = np.linspace(0, num - 1, min(num, max_images)).astype(int)
   nbrs = np.stack([others[i] for i in chosen]).astype(np.int32)
   levels = {}
+  if combine == "cat" and train_features:
+    maps = api.pixel_scores({l: np.asarray(f)[chosen] for l, f in train_features.items()},
+                            dict(train_features), nbrs, combine="cat",
+                            metric=metrics.get("cat", "l2"))
+    levels["cat"] = float(np.median(np.asarray(maps)))
+    return pool_h, levels
   for level, feats in train_features.items():
-    maps = api.pixel_scores({level: np.asarray(feats)[chosen]}, {level: feats}, nbrs)
+    maps = api.pixel_scores({level: np.asarray(feats)[chosen]}, {level: feats}, nbrs,
+                            metric=metrics.get(level, "l2"))
     levels[level] = float(np.median(np.asarray(maps)))
   return pool_h, levels
 

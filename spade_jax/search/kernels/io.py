@@ -7,13 +7,16 @@
 
 The arrays fit an index file (safetensors: flat names, arrays) and the spec its JSON
 metadata. A value may be a kernel, a registered Metric (or its name), or a dict of
-those (one level of nesting: a kernel per pyramid level, say).
+those (one level of nesting: a kernel per pyramid level, say). `check_spec` checks a
+spec read from an untrusted file before anything is built from it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+import dataclasses
 import json
+import math
 from typing import Any
 
 import jax.numpy as jnp
@@ -99,3 +102,64 @@ def kernel_from_arrays(arrays: Mapping[str, Any], spec: Mapping[str, Any]) -> An
     return {name: _one_from_arrays(arrays, s, name + SEPARATOR)
             for name, s in spec["levels"].items()}
   return _one_from_arrays(arrays, spec, "")
+
+
+def _check_one_spec(spec: Any, where: str) -> list[str]:
+  """The array names of one kernel / metric spec (without prefix), checked strictly."""
+  if not isinstance(spec, Mapping):
+    raise ValueError(f"{where}: expected an object, got {type(spec).__name__}")
+  if "metric" in spec:
+    if set(spec) != {"metric"} or spec["metric"] not in distances.METRICS:
+      raise ValueError(f"{where}: a metric entry is {{'metric': one of "
+                       f"{sorted(distances.METRICS)}}}, got {dict(spec)!r:.200}")
+    return []
+  if set(spec) != {"kernel", "static", "arrays"}:
+    raise ValueError(f"{where}: a kernel entry has the fields ['arrays', 'kernel', "
+                     f"'static'], got {sorted(spec)!r:.200}")
+  name = spec["kernel"]
+  if not isinstance(name, str) or name not in base.KERNELS:
+    raise ValueError(f"{where}: unknown kernel {name!r:.100}; registered: "
+                     f"{sorted(base.KERNELS)}")
+  fields = dataclasses.fields(base.KERNELS[name])
+  array_fields = sorted(f.name for f in fields if f.metadata.get("pytree_node", True))
+  static_fields = sorted(f.name for f in fields if not f.metadata.get("pytree_node", True))
+  arrays, static = spec["arrays"], spec["static"]
+  if not isinstance(arrays, list) or not all(isinstance(a, str) for a in arrays) \
+      or sorted(arrays) != array_fields:
+    raise ValueError(f"{where}: kernel {name!r} has the arrays {array_fields}, the spec "
+                     f"lists {arrays!r:.200}")
+  if not isinstance(static, Mapping) or sorted(static) != static_fields:
+    got = sorted(static) if isinstance(static, Mapping) else type(static).__name__
+    raise ValueError(f"{where}: kernel {name!r} has the static fields {static_fields}, the "
+                     f"spec gives {got!r:.200}")
+  for key, value in static.items():
+    if not isinstance(value, (str, int, float)) or (
+        isinstance(value, float) and not math.isfinite(value)):
+      raise ValueError(f"{where}: static field {key!r} of kernel {name!r} must be a string, "
+                       f"a bool or a finite number, got {value!r:.100}")
+  return sorted(arrays)
+
+
+def check_spec(spec: Any) -> list[str]:
+  """The names of the arrays that `spec` (from kernel_to_arrays) needs, after checking
+  it strictly: the layout kernel_to_arrays writes, registered kernel and metric names
+  only, each kernel with exactly its class's array and static fields, and static
+  values that are JSON scalars. For specs read from files: nothing in a spec is ever
+  executed, names are only looked up in the registries.
+
+  Raises:
+    ValueError: naming what is wrong.
+  """
+  if isinstance(spec, Mapping) and "levels" in spec:
+    levels = spec["levels"]
+    if set(spec) != {"levels"} or not isinstance(levels, Mapping) or not levels:
+      raise ValueError(f"kernel spec: expected {{'levels': {{name: entry, ...}}}}, got "
+                       f"{spec!r:.200}")
+    names = []
+    for name, item in levels.items():
+      if not isinstance(name, str) or not name or SEPARATOR in name:
+        raise ValueError(f"kernel spec: names must be non-empty strings without "
+                         f"{SEPARATOR!r}, got {name!r:.100}")
+      names += [name + SEPARATOR + a for a in _check_one_spec(item, f"kernel spec {name!r}")]
+    return names
+  return _check_one_spec(spec, "kernel spec")
