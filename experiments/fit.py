@@ -51,7 +51,8 @@ _QUANTILE = flags.DEFINE_float("calibration_quantile", 0.99,
                                "the normal training images.")
 _FOLDS = flags.DEFINE_integer("calibration_folds", None,
                               "Cross-validation folds of the calibration (>= 2). Default: "
-                              "leave-one-out (as many folds as images).")
+                              "leave-one-out (as many folds as images); 5 for "
+                              "--method=patchcore and --metric=learned, which fit per fold.")
 _DETECTOR = detector_flags.define_detector_flags()
 _CACHE_DIR = detector_flags.define_compilation_cache_flag()
 flags.adopt_module_key_flags(detector_flags)

@@ -66,6 +66,8 @@ def test_section_keys(results):
   memory = sections["memory"]
   assert {"working_set_bytes", "inputs_rss_bytes"} <= set(memory["rows"][0])
   assert "working_set_ratio" in memory["ratios"]["knn"]
+  assert memory["ratios"]["knn"]["memory"] == "host"  # CPU: the scoring buffers are host's.
+  assert memory["rows"][0]["device_working_set_bytes"] is None
   pipeline = sections["pipeline"]
   assert {"fit_images_per_s", "score_images_per_s", "stage_s_per_image"} <= set(
       pipeline["rows"][0])

@@ -447,3 +447,21 @@ def test_predict_script_takes_the_scoring_from_the_index(data_dir, fitted_index,
               f"--output_dir={tmp_path / 'other'}", "--aggregate=mean")
   assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
   assert "predict.py: error:" in proc.stderr and "--aggregate=mean" in proc.stderr
+
+
+@pytest.mark.parametrize("metric,expected_folds", [("mahalanobis", 12), ("learned", 5)])
+def test_calibration_default_folds(monkeypatch, metric, expected_folds):
+  # Leave-one-out by default, but a learned kernel is learned once per fold (optax, seconds
+  # each): 5 folds then. The stub fits a closed-form kernel and counts the fits.
+  pool = np.random.default_rng(4).standard_normal((12, 4)).astype(np.float32)
+  fits = []
+
+  def fit_metric(config, train_pool, train_features, **_):
+    del config, train_features
+    fits.append(len(train_pool))
+    return {"pool": kernels.mahalanobis(train_pool)}, {}
+
+  monkeypatch.setattr(calibration.metric_fit, "fit_metric", fit_metric)
+  threshold, scores = calibration.spade_threshold(_spade(metric=metric, k_image_score=2), pool)
+  assert threshold.folds == expected_folds and len(fits) == expected_folds
+  assert scores.shape == (12,) and np.all(np.isfinite(scores))

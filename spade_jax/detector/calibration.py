@@ -42,6 +42,12 @@ from spade_jax.host import progress as progress_lib
 ScoreFold = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
+# Metrics whose kernel is learned with optax per fit: their calibration defaults to
+# LEARNED_FOLDS folds instead of leave-one-out (one optax run per fold).
+LEARNED_METRICS = ("learned",)
+LEARNED_FOLDS = 5
+
+
 @dataclasses.dataclass(frozen=True)
 class Threshold:
   """A decision threshold on image scores, calibrated on normal images.
@@ -173,7 +179,9 @@ def spade_threshold(spade: Spade, train_pool: np.ndarray, *, quantile: float = 0
     train_pool: [N, D] float32 pooled features of the N training images (the index's
       train_pool, or Spade.extract's first output), in file order.
     quantile: the quantile of the held-out scores taken as the threshold.
-    folds: cross-validation folds; None: leave-one-out.
+    folds: cross-validation folds; None: leave-one-out, except for a learned kernel
+      (metric "learned": every fold learns its kernel with optax, seconds each), where
+      None means LEARNED_FOLDS folds.
 
   Returns:
     (Threshold, held-out scores [N] float64).
@@ -185,6 +193,8 @@ def spade_threshold(spade: Spade, train_pool: np.ndarray, *, quantile: float = 0
   pool = np.asarray(train_pool, np.float32)
   if pool.ndim != 2:
     raise ValueError(f"train_pool must be [N, D], got shape {pool.shape}")
+  if folds is None and cfg.metric in LEARNED_METRICS:
+    folds = LEARNED_FOLDS
   folds = check_calibration_args(pool.shape[0], quantile, folds, cfg.k_image_score)
 
   def score_fold(train: np.ndarray, held_out: np.ndarray) -> np.ndarray:
