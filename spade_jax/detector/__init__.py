@@ -1,6 +1,7 @@
 """Stage 4, the detector: SpadeConfig, the fitted SpadeIndex (a pytree value), Spade's
 fit / score over the stages below (spade.py), PatchCore's config, memory-bank index and
-fit / score (patchcore.py), index files of both (index_file.py), and a
+fit / score (patchcore.py), what both share (common.py), a config's kernels and
+bandwidths (metric_fit.py), index files of both (index_file.py, index_kernels.py), and a
 decision threshold calibrated on normal images alone (calibration.py)."""
 
 from spade_jax.detector.calibration import Threshold, spade_threshold

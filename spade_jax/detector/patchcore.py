@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 import dataclasses
-import hashlib
 import json
 from typing import Any
 
@@ -35,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spade_jax.detector import common
 from spade_jax.features import patches as patches_lib
 from spade_jax.features.backbones import Backbone
 from spade_jax.host import progress
@@ -155,10 +155,6 @@ class PatchCoreConfig:
     return max(1, min(num_patches, int(self.coreset_ratio * num_patches)))
 
 
-def _fingerprint(feature_config: str) -> str:
-  return hashlib.sha256(feature_config.encode()).hexdigest()[:16]
-
-
 @struct.dataclass
 class PatchCoreIndex:
   """A fitted PatchCore memory bank: a pytree of the bank + static metadata.
@@ -178,7 +174,7 @@ class PatchCoreIndex:
   @property
   def fingerprint(self) -> str:
     """Short hash of feature_config."""
-    return _fingerprint(self.feature_config)
+    return common.fingerprint(self.feature_config)
 
   @property
   def num_entries(self) -> int:
@@ -199,21 +195,7 @@ def shard_patchcore_index(index: PatchCoreIndex, mesh: Mesh | None = None,
   return index.replace(bank=sharding.shard_gallery(index.bank, mesh, axis))
 
 
-def _mesh_or_none(mesh: Mesh | None, axis: str) -> Mesh | None:
-  """`mesh`, else the one set with jax.set_mesh, else None (one device); checks `axis`."""
-  if mesh is None and jax.sharding.get_mesh().empty:
-    return None
-  return sharding.resolve_mesh(mesh, axis)
-
-
-def check_compatible(index: PatchCoreIndex, backbone_name: str, config: PatchCoreConfig,
-                     where: str) -> None:
-  expected = config.feature_config(backbone_name)
-  if index.backbone_name != backbone_name or index.feature_config != expected:
-    raise ValueError(
-        f"{where}: the index was built for {index.feature_config} (fingerprint "
-        f"{index.fingerprint}) but this detector needs {expected} (fingerprint "
-        f"{_fingerprint(expected)}); refit with this backbone and config")
+check_compatible = common.check_compatible
 
 
 def _check_bank_size(config: PatchCoreConfig, size: int) -> None:
@@ -234,12 +216,7 @@ class PatchCore:
     self.config = PatchCoreConfig() if config is None else config
     if not isinstance(self.config, PatchCoreConfig):
       raise ValueError(f"config must be a PatchCoreConfig, got {type(self.config).__name__}")
-    known = getattr(backbone, "features", None)
-    if known is not None:
-      missing = [l for l in self.config.layers if l not in known]
-      if missing:
-        raise ValueError(f"backbone {backbone.name!r} has no features {missing}; it has "
-                         f"{list(known)}")
+    common.check_backbone_levels(backbone, self.config.layers)
 
   @property
   def feature_config(self) -> str:
@@ -252,32 +229,17 @@ class PatchCore:
     """
     from spade_jax.features.preprocessing import preprocess  # pylint: disable=import-outside-toplevel
     cfg = self.config
-    if isinstance(images, (list, tuple)):
-      count = len(images)
-    else:
-      images = np.asarray(images)
-      if images.ndim != 4:
-        raise ValueError(f"{what} must be [N, H, W, 3] uint8 (or a list of [H, W, 3]), "
-                         f"got shape {images.shape}")
-      count = images.shape[0]
-    if count == 0:
-      raise ValueError(f"{what} is empty (0 images)")
-    report = progress.Progress(f"{what}: {done}", count)
-    for start in range(0, count, cfg.batch_size):
+    for chunk in common.image_batches(images, what, done, cfg.batch_size):
       with progress.stage("backbone") as timed:  # Backbone and patch features.
-        batch = jnp.asarray(preprocess(images[start:start + cfg.batch_size],
-                                       resize=cfg.resize, crop=cfg.crop), jnp.float32)
+        batch = jnp.asarray(preprocess(chunk, resize=cfg.resize, crop=cfg.crop), jnp.float32)
         # A spade_jax Backbone computes only the levels asked for (no head, no pool).
         out = (self.backbone(batch, features=cfg.layers)
                if isinstance(self.backbone, Backbone) else self.backbone(batch))
-        missing = [l for l in cfg.layers if l not in out]
-        if missing:
-          raise ValueError(f"backbone {self.backbone.name!r} returned no {missing}")
+        common.check_returned_levels(self.backbone, out, cfg.layers)
         feats = timed.ready(patches_lib.patch_features(
             out, cfg.layers, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
             reduction=cfg.reduction, seed=cfg.reduction_seed))
       yield feats
-      report.update(min(start + cfg.batch_size, count))
 
   def extract(self, images: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
     """Patch features of images, on the host.
@@ -314,7 +276,7 @@ class PatchCore:
     dim = int(np.shape(train_patches)[-1])
     flat = (np.asarray(train_patches, np.float32) if process_local
             else jnp.asarray(train_patches, jnp.float32)).reshape(-1, dim)
-    mesh = _mesh_or_none(mesh, axis)
+    mesh = common.mesh_or_none(mesh, axis)
     if mesh is None:
       if process_local:
         raise ValueError("process_local=True needs a mesh (pass mesh=...)")
@@ -352,7 +314,7 @@ class PatchCore:
     Returns:
       PatchCoreIndex.
     """
-    mesh = _mesh_or_none(mesh, axis)  # Checked before the backbone runs.
+    mesh = common.mesh_or_none(mesh, axis)  # Checked before the backbone runs.
     feats = jnp.concatenate(list(self._batches(train_images, "train_images")))
     return self.fit_features(feats, mesh=mesh, axis=axis)
 
@@ -367,7 +329,7 @@ class PatchCore:
         raise ValueError("PatchCore.score: the index is sharded over another mesh than "
                          "`mesh`; refit, or pass mesh=None")
       return index
-    mesh = _mesh_or_none(mesh, axis)
+    mesh = common.mesh_or_none(mesh, axis)
     return index if mesh is None else shard_patchcore_index(index, mesh, axis)
 
   def _score_batch(self, index: PatchCoreIndex, patches: Any) -> tuple[np.ndarray, np.ndarray]:

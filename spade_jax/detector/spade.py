@@ -34,7 +34,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 import dataclasses
-import hashlib
 import json
 from typing import Any
 
@@ -44,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spade_jax import scoring
-from spade_jax.detector import metric_fit
+from spade_jax.detector import common, metric_fit
 from spade_jax.host import progress
 from spade_jax.scoring import anomaly_map
 from spade_jax.search import distances, sharding
@@ -154,10 +153,6 @@ class SpadeConfig:
                        "resize": self.resize, "crop": self.crop}, sort_keys=True)
 
 
-def _fingerprint(feature_config: str) -> str:
-  return hashlib.sha256(feature_config.encode()).hexdigest()[:16]
-
-
 @struct.dataclass
 class SpadeIndex:
   """A fitted SPADE gallery: a pytree of the training features + static metadata.
@@ -192,7 +187,7 @@ class SpadeIndex:
   @property
   def fingerprint(self) -> str:
     """Short hash of feature_config."""
-    return _fingerprint(self.feature_config)
+    return common.fingerprint(self.feature_config)
 
   @property
   def num_images(self) -> int:
@@ -234,21 +229,7 @@ def shard_index(index: SpadeIndex, mesh: Mesh | None = None, axis: str = "data")
                        kernels=_replicate(index.kernels, mesh))
 
 
-def _mesh_or_none(mesh: Mesh | None, axis: str) -> Mesh | None:
-  """`mesh`, else the one set with jax.set_mesh, else None (one device); checks `axis`."""
-  if mesh is None and jax.sharding.get_mesh().empty:
-    return None
-  return sharding.resolve_mesh(mesh, axis)
-
-
-def check_compatible(index: SpadeIndex, backbone_name: str, config: SpadeConfig,
-                      where: str) -> None:
-  expected = config.feature_config(backbone_name)
-  if index.backbone_name != backbone_name or index.feature_config != expected:
-    raise ValueError(
-        f"{where}: the index was built for {index.feature_config} (fingerprint "
-        f"{index.fingerprint}) but this detector needs {expected} (fingerprint "
-        f"{_fingerprint(expected)}); refit with this backbone and config")
+check_compatible = common.check_compatible
 
 
 def _check_k(config: SpadeConfig, num_train: int) -> None:
@@ -268,12 +249,7 @@ class Spade:
     self.config = SpadeConfig() if config is None else config
     if not isinstance(self.config, SpadeConfig):
       raise ValueError(f"config must be a SpadeConfig, got {type(self.config).__name__}")
-    known = getattr(backbone, "features", None)
-    if known is not None:
-      missing = [l for l in (*self.config.layers, "pool") if l not in known]
-      if missing:
-        raise ValueError(f"backbone {backbone.name!r} has no features {missing}; it has "
-                         f"{list(known)}")
+    common.check_backbone_levels(backbone, (*self.config.layers, "pool"))
 
   @property
   def feature_config(self) -> str:
@@ -285,29 +261,13 @@ class Spade:
     Logs progress as "<what>: <done> i / N images, ..." (see host/progress.py).
     """
     from spade_jax.features.preprocessing import preprocess  # pylint: disable=import-outside-toplevel
-    if isinstance(images, (list, tuple)):
-      count = len(images)
-    else:
-      images = np.asarray(images)
-      if images.ndim != 4:
-        raise ValueError(f"{what} must be [N, H, W, 3] uint8 (or a list of [H, W, 3]), "
-                         f"got shape {images.shape}")
-      count = images.shape[0]
-    if count == 0:
-      raise ValueError(f"{what} is empty (0 images)")
-    step = self.config.batch_size
-    # Progress on long loops (e.g. thousands of STC frames), at most every 10 s.
-    report = progress.Progress(f"{what}: {done}", count)
-    for start in range(0, count, step):
+    cfg = self.config
+    for chunk in common.image_batches(images, what, done, cfg.batch_size):
       with progress.stage("backbone") as timed:
-        batch = preprocess(images[start:start + step], resize=self.config.resize,
-                           crop=self.config.crop)
+        batch = preprocess(chunk, resize=cfg.resize, crop=cfg.crop)
         out = timed.ready(self.backbone(jnp.asarray(batch, jnp.float32)))
-      missing = [l for l in (*self.config.layers, "pool") if l not in out]
-      if missing:
-        raise ValueError(f"backbone {self.backbone.name!r} returned no {missing}")
-      yield out["pool"], {l: out[l] for l in self.config.layers}
-      report.update(min(start + step, count))
+      common.check_returned_levels(self.backbone, out, (*cfg.layers, "pool"))
+      yield out["pool"], {l: out[l] for l in cfg.layers}
 
   def _features(self, images, what: str) -> tuple[Array, dict[str, Array]]:
     """All images' (pool [N, D], {level: [N, h, w, C]}) float32, on the default device."""
@@ -353,7 +313,7 @@ class Spade:
     missing = [l for l in self.config.layers if l not in train_features]
     if missing:
       raise ValueError(f"train_features has no levels {missing}")
-    mesh = _mesh_or_none(mesh, axis)
+    mesh = common.mesh_or_none(mesh, axis)
     feats = {l: train_features[l] for l in self.config.layers}
     if mesh is None:
       if process_local:
@@ -422,7 +382,7 @@ class Spade:
     Returns:
       SpadeIndex with M images.
     """
-    mesh = _mesh_or_none(mesh, axis)  # Checked before the backbone runs.
+    mesh = common.mesh_or_none(mesh, axis)  # Checked before the backbone runs.
     pool, feats = self._features(train_images, "train_images")
     return self.fit_features(pool, feats, mesh=mesh, axis=axis)
 
@@ -445,7 +405,7 @@ class Spade:
         raise ValueError("Spade.score: the index is sharded over another mesh than `mesh`; "
                          "refit, or pass mesh=None")
       return index
-    mesh = _mesh_or_none(mesh, axis)
+    mesh = common.mesh_or_none(mesh, axis)
     return index if mesh is None else shard_index(index, mesh, axis)
 
   def scoring_kwargs(self, index: SpadeIndex) -> tuple[dict[str, Any], dict[str, Any]]:

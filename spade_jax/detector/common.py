@@ -1,0 +1,84 @@
+"""What both detectors (spade.py, patchcore.py) share: an index's fingerprint, the check
+that an index fits a detector, the mesh a call runs on, the backbone's levels, and the
+loop over batches of input images (validation and progress lines)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+import hashlib
+from typing import Any
+
+import jax
+import numpy as np
+
+from spade_jax.host import progress
+from spade_jax.search import sharding
+
+Mesh = jax.sharding.Mesh
+
+
+def fingerprint(feature_config: str) -> str:
+  """Short hash (16 hex digits) of a canonical feature-configuration JSON."""
+  return hashlib.sha256(feature_config.encode()).hexdigest()[:16]
+
+
+def check_compatible(index: Any, backbone_name: str, config: Any, where: str) -> None:
+  """Raises a ValueError naming both fingerprints unless `index` (with backbone_name and
+  feature_config) was built by this backbone with config's feature settings
+  (config.feature_config(backbone_name))."""
+  expected = config.feature_config(backbone_name)
+  if index.backbone_name != backbone_name or index.feature_config != expected:
+    raise ValueError(
+        f"{where}: the index was built for {index.feature_config} (fingerprint "
+        f"{fingerprint(index.feature_config)}) but this detector needs {expected} "
+        f"(fingerprint {fingerprint(expected)}); refit with this backbone and config")
+
+
+def mesh_or_none(mesh: Mesh | None, axis: str) -> Mesh | None:
+  """`mesh`, else the one set with jax.set_mesh, else None (one device); checks `axis`."""
+  if mesh is None and jax.sharding.get_mesh().empty:
+    return None
+  return sharding.resolve_mesh(mesh, axis)
+
+
+def check_backbone_levels(backbone: Any, levels: Sequence[str]) -> None:
+  """Raises a ValueError if `backbone` declares its features and lacks one of `levels`."""
+  known = getattr(backbone, "features", None)
+  if known is not None:
+    missing = [l for l in levels if l not in known]
+    if missing:
+      raise ValueError(f"backbone {backbone.name!r} has no features {missing}; it has "
+                       f"{list(known)}")
+
+
+def check_returned_levels(backbone: Any, out: dict[str, Any], levels: Sequence[str]) -> None:
+  """Raises a ValueError if the backbone's output `out` lacks one of `levels`."""
+  missing = [l for l in levels if l not in out]
+  if missing:
+    raise ValueError(f"backbone {backbone.name!r} returned no {missing}")
+
+
+def image_batches(images: np.ndarray | Sequence[np.ndarray], what: str, done: str,
+                  batch_size: int) -> Iterator[np.ndarray | Sequence[np.ndarray]]:
+  """Consecutive batches of at most batch_size images ([B, H, W, 3] uint8, or a list).
+
+  Logs "<what>: <done> i / N images, ..." (host/progress.py) as each batch is consumed.
+
+  Raises:
+    ValueError: an array that is not [N, H, W, 3], or no images.
+  """
+  if isinstance(images, (list, tuple)):
+    count = len(images)
+  else:
+    images = np.asarray(images)
+    if images.ndim != 4:
+      raise ValueError(f"{what} must be [N, H, W, 3] uint8 (or a list of [H, W, 3]), "
+                       f"got shape {images.shape}")
+    count = images.shape[0]
+  if count == 0:
+    raise ValueError(f"{what} is empty (0 images)")
+  # Progress on long loops (e.g. thousands of STC frames), at most every 10 s.
+  report = progress.Progress(f"{what}: {done}", count)
+  for start in range(0, count, batch_size):
+    yield images[start:start + batch_size]
+    report.update(min(start + batch_size, count))
