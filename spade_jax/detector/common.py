@@ -12,6 +12,7 @@ import jax
 import numpy as np
 
 from spade_jax.host import progress
+from spade_jax.scoring import anomaly_map
 from spade_jax.search import sharding
 
 Mesh = jax.sharding.Mesh
@@ -82,3 +83,20 @@ def image_batches(images: np.ndarray | Sequence[np.ndarray], what: str, done: st
   for start in range(0, count, batch_size):
     yield images[start:start + batch_size]
     report.update(min(start + batch_size, count))
+
+
+def scores_and_maps(scores: Any, score_maps: Any, crop: int, sigma: float
+                    ) -> tuple[np.ndarray, np.ndarray]:
+  """(scores [N], score maps [N, h, w]) of a scoring call -> host (scores [N], anomaly maps
+  [N, crop, crop]): upsampled and blurred (scoring.anomaly_map), in the "maps" stage.
+
+  Sharded scoring returns replicated maps: one local copy is blurred, not one per device
+  (under jax.set_mesh, jit wants mesh arrays or host ones: a host copy, it is small).
+  """
+  with progress.stage("maps"):
+    if jax.sharding.get_mesh().empty:
+      score_maps = sharding.to_local(score_maps)
+    else:
+      score_maps = np.asarray(sharding.to_local(score_maps))
+    maps = anomaly_map.anomaly_maps(score_maps, (crop, crop), sigma=sigma)
+    return np.asarray(sharding.to_local(scores)), np.asarray(maps)

@@ -38,7 +38,7 @@ from spade_jax.detector import common
 from spade_jax.features import patches as patches_lib
 from spade_jax.features.backbones import Backbone
 from spade_jax.host import progress
-from spade_jax.scoring import anomaly_map, memory_bank
+from spade_jax.scoring import memory_bank
 from spade_jax.search import coreset as coreset_lib
 from spade_jax.search import distances, rows, sharding
 
@@ -338,14 +338,7 @@ class PatchCore:
       scores, score_maps = timed.ready(memory_bank.patchcore_scores(
           patches, index.bank, k=cfg.k_nearest, metric=cfg.metric,
           reweight_neighbors=cfg.num_neighbors if cfg.reweight else None))
-    with progress.stage("maps"):
-      # As Spade: blur one local copy of replicated maps (a host copy under jax.set_mesh).
-      if jax.sharding.get_mesh().empty:
-        score_maps = sharding.to_local(score_maps)
-      else:
-        score_maps = np.asarray(sharding.to_local(score_maps))
-      maps = anomaly_map.anomaly_maps(score_maps, (cfg.crop, cfg.crop), sigma=cfg.sigma)
-      return np.asarray(sharding.to_local(scores)), np.asarray(maps)
+    return common.scores_and_maps(scores, score_maps, cfg.crop, cfg.sigma)
 
   def score(self, index: PatchCoreIndex, images: np.ndarray | Sequence[np.ndarray], *,
             mesh: Mesh | None = None, axis: str = "data") -> tuple[np.ndarray, np.ndarray]:

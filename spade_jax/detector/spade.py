@@ -45,7 +45,6 @@ import numpy as np
 from spade_jax import scoring
 from spade_jax.detector import common, metric_fit
 from spade_jax.host import progress
-from spade_jax.scoring import anomaly_map
 from spade_jax.search import distances, sharding
 
 Array = jax.Array
@@ -437,15 +436,7 @@ class Spade:
       score_maps = timed.ready(scoring.pixel_scores(
           levels, index.train_features, nbrs, kappa=cfg.kappa, combine=cfg.combine,
           **pixel_kwargs))
-    with progress.stage("maps"):
-      # Sharded scoring returns replicated maps: blur one local copy, not one per device
-      # (under jax.set_mesh, jit wants mesh arrays or host ones: a host copy, it is small).
-      if jax.sharding.get_mesh().empty:
-        score_maps = sharding.to_local(score_maps)
-      else:
-        score_maps = np.asarray(sharding.to_local(score_maps))
-      maps = anomaly_map.anomaly_maps(score_maps, (cfg.crop, cfg.crop), sigma=cfg.sigma)
-      return np.asarray(sharding.to_local(scores)), np.asarray(maps)
+    return common.scores_and_maps(scores, score_maps, cfg.crop, cfg.sigma)
 
   def score(self, index: SpadeIndex, images: np.ndarray | Sequence[np.ndarray], *,
             mesh: Mesh | None = None, axis: str = "data") -> tuple[np.ndarray, np.ndarray]:
