@@ -8,7 +8,7 @@ shares of 3 fill 2 devices per process as 2 + 1 rows, so padding sits inside the
 gallery (end of process 0's block), not only at its end; 5 test images make uneven
 shares (3 + 2). The metrics must agree to 1e-6: an image's features do not depend on
 which process computed them and the sharded search returns the single-device
-neighbours.
+neighbours. The same holds for PatchCore and for SPADE with a kernel metric (METHODS).
 """
 
 import json
@@ -54,12 +54,21 @@ def _finish(procs: list[subprocess.Popen], timeout: float) -> list[tuple[int, st
   return outs
 
 
-def test_two_processes_match_one(tmp_path):
+# SPADE as published; PatchCore (its coreset selected over the 4 devices of 2 processes,
+# its memory bank sharded); SPADE with a Mahalanobis kernel and soft scores (the kernels
+# fitted on the gathered training features, replicated on the mesh).
+METHODS = {"spade": [], "patchcore": ["--method=patchcore", "--coreset_ratio=0.25"],
+           "mahalanobis-softmin": ["--metric=mahalanobis", "--aggregate=softmin"]}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_two_processes_match_one(tmp_path, method):
   data = builtin.generate_builtin_benchmark(tmp_path / "data", categories=["brick"],
                                             num_train=6, num_test=5)
-  common = [f"--data_dir={data}", "--categories=brick", "--k_images=3",
-            "--k_image_score=2", "--resize=96", "--crop=96", "--num_heatmaps=1",
-            "--batch_size=4"]
+  common = [f"--data_dir={data}", "--categories=brick", "--resize=96", "--crop=96",
+            "--num_heatmaps=1", "--batch_size=4", *METHODS[method]]
+  if method != "patchcore":
+    common += ["--k_images=3", "--k_image_score=2"]
   port = _free_port()
   multi = [_start(*common, f"--output_dir={tmp_path / 'two'}",
                   f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
