@@ -1,6 +1,6 @@
 r"""spade_jax performance suite: prints Markdown tables and writes a JSON file.
 
-  python experiments/benchmark.py                              # whole suite (4-7 min, 2 CPUs)
+  python experiments/benchmark.py                              # whole suite (over 13 min, 2 CPUs)
   python experiments/benchmark.py --sections=knn,memory --output_md=/tmp/bench.md
 
 Sections (see BENCHMARKS.md for what each figure means):
