@@ -179,9 +179,7 @@ class PatchCoreIndex:
   @property
   def num_entries(self) -> int:
     """B, the rows of the memory bank."""
-    if isinstance(self.bank, sharding.ShardedGallery):
-      return self.bank.size
-    return int(self.bank.shape[0])
+    return sharding.num_rows(self.bank)
 
   @property
   def is_sharded(self) -> bool:

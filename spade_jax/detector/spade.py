@@ -190,9 +190,7 @@ class SpadeIndex:
 
   @property
   def num_images(self) -> int:
-    if isinstance(self.train_pool, sharding.ShardedGallery):
-      return self.train_pool.size
-    return int(self.train_pool.shape[0])
+    return sharding.num_rows(self.train_pool)
 
   @property
   def is_sharded(self) -> bool:

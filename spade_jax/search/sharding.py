@@ -203,6 +203,11 @@ def is_sharded(x: Any) -> bool:
   return as_sharded(x) is not None
 
 
+def num_rows(x: Any) -> int:
+  """Rows of a gallery: ShardedGallery.size (padding excluded) or x.shape[0]."""
+  return x.size if isinstance(x, ShardedGallery) else int(x.shape[0])
+
+
 def data_of(x: Any) -> Any:
   """The array behind a gallery: ShardedGallery.data (padding included) or `x` itself."""
   return x.data if isinstance(x, ShardedGallery) else x
