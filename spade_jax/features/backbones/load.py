@@ -126,7 +126,7 @@ def load_backbone(name: str, weights: str | os.PathLike | None = None, *,
     name: one of spade_jax.BACKBONES.
     weights: None for a seeded random init (tests); "imagenet" for the standard
       pretrained file (torchvision V1 for ResNets, downloaded into the cache if
-      absent; the packaged checkpoint for efficientnet_lite0); or a path to a
+      absent; the packaged checkpoint for efficientnet_lite0..2); or a path to a
       torchvision / lukemelas .pth or a converted .safetensors / .npz file. A
       checkpoint without a classifier gives a backbone without 'logits'.
     seed: PRNG seed of the random init (weights=None only).
