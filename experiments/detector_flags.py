@@ -135,6 +135,34 @@ def define_detector_flags() -> DetectorFlags:
   )
 
 
+# Flags that only one method reads (the others are both methods'): giving one of them
+# with the other method is an error (check_method_flags), never silently ignored.
+METHOD_FLAGS = {
+    "spade": ("k_images", "k_image_score", "kappa", "combine", "aggregate", "bandwidth"),
+    "patchcore": ("coreset_ratio", "patch_size", "reweight"),
+}
+
+
+def check_method_flags(method: str, given: set[str]) -> None:
+  """Raises a ValueError naming the flags in `given` (DetectorFlags.given()) that
+  `method` does not read (another method's: METHOD_FLAGS)."""
+  foreign = sorted(name for other, names in METHOD_FLAGS.items() if other != method
+                   for name in names if name in given)
+  if foreign:
+    listed = ", ".join(f"--{name}" for name in foreign)
+    owners = sorted({other for other, names in METHOD_FLAGS.items()
+                     if set(names) & set(foreign)})
+    raise ValueError(f"{listed} {'is' if len(foreign) == 1 else 'are'} not used by "
+                     f"--method={method} (only by --method={'/'.join(owners)}); drop "
+                     f"{'it' if len(foreign) == 1 else 'them'} or choose that method")
+
+
+def own_settings(method: str, settings: dict[str, Any]) -> dict[str, Any]:
+  """`settings` without the other methods' (METHOD_FLAGS), e.g. what fit.py records."""
+  foreign = {n for other, names in METHOD_FLAGS.items() if other != method for n in names}
+  return {k: v for k, v in settings.items() if k not in foreign}
+
+
 def spade_config(settings: dict[str, Any], batch_size: int) -> SpadeConfig:
   """SpadeConfig of settings() (checked: ValueError naming a bad setting)."""
   if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -152,8 +180,10 @@ def patchcore_config(settings: dict[str, Any], batch_size: int) -> PatchCoreConf
                           settings.get("bandwidth"))
   keys = ("layers", "patch_size", "coreset_ratio", "reweight", "metric", "sigma", "resize",
           "crop")
-  # An index's own feature settings (predict.py: settings_from_index) that no flag sets.
-  fixed = {k: settings[k] for k in ("embed_dim", "reduction", "reduction_seed")
+  # An index's own feature settings and a threshold's scoring settings (predict.py:
+  # settings_from_index) that no flag sets.
+  fixed = {k: settings[k] for k in ("embed_dim", "reduction", "reduction_seed", "k_nearest",
+                                    "num_neighbors", "projection_dim", "coreset_seed")
            if k in settings}
   return PatchCoreConfig(**{k: settings[k] for k in keys}, **fixed, batch_size=batch_size)
 
@@ -188,10 +218,12 @@ def settings_from_index(settings: dict[str, Any], given: set[str], contents,
   the metric its kernels were fitted for), else the flag's default. Two kinds of
   setting are fixed by the index: the method (the index's type), the backbone and the
   feature settings (layers, resize, crop; PatchCore's patch features) are the
-  index's, and a calibrated threshold fixes the settings it holds for (SPADE:
-  k_image_score, metric, aggregate, bandwidth, a threshold without the last two being
-  "mean"'s; PatchCore: metric, coreset_ratio, patch_size, reweight). A flag given that
-  contradicts them is an error.
+  index's, and a calibrated threshold fixes the settings it holds for (its
+  detector config's score_settings(); SPADE: k_image_score, metric, aggregate,
+  bandwidth, a threshold without the last two being "mean"'s; PatchCore: metric,
+  k_nearest, reweight, num_neighbors, the coreset settings, patch_size). A flag given
+  that contradicts them is an error, as is a flag of the other method
+  (check_method_flags).
 
   Args:
     settings: DetectorFlags.settings().
@@ -200,7 +232,8 @@ def settings_from_index(settings: dict[str, Any], given: set[str], contents,
     where: the index file, for messages.
 
   Raises:
-    ValueError: a given flag contradicts the index (names both values and the fix).
+    ValueError: a given flag contradicts the index (names both values and the fix),
+      or is not read by the index's method.
   """
   out = dict(settings)
   recorded = contents.settings or {}
@@ -222,6 +255,7 @@ def settings_from_index(settings: dict[str, Any], given: set[str], contents,
           f"fitted with {key}={_flag_text(value)}; drop --{key} (predict.py takes it from "
           f"the index) or refit the index with fit.py --{key}={_flag_text(settings[key])}")
     out[key] = value
+  check_method_flags(fixed["method"], given)
   if contents.threshold is not None:
     calibrated = dict(contents.threshold.settings)
     if is_spade:  # Thresholds without them were calibrated on "mean" scores.
@@ -237,7 +271,9 @@ def settings_from_index(settings: dict[str, Any], given: set[str], contents,
 
 
 def recorded_settings(method: str, settings: dict[str, Any]) -> dict[str, Any]:
-  """What fit.py records in the index (JSON values): the method and settings()."""
+  """What fit.py records in the index (JSON values): the method and its own settings()
+  (own_settings: not the other method's)."""
+  settings = own_settings(method, settings)
   return {"method": method, **settings, "layers": list(settings["layers"]),
           "weights": "none" if settings["weights"] is None else settings["weights"]}
 

@@ -74,6 +74,7 @@ def main(argv: Sequence[str]) -> None:
   batch_size = _DETECTOR.batch_size.value
   try:
     # Settings first: a bad flag fails at once, before JAX, data or output are touched.
+    detector_flags.check_method_flags(_DETECTOR.method.value, _DETECTOR.given())
     evaluation.EvalConfig(data_dir=_DATA_DIR.value or "", **settings)
     if batch_size < 1:
       raise ValueError(f"--batch_size must be >= 1, got {batch_size}")

@@ -12,21 +12,26 @@ settings (--layers, --resize, --crop) and the other detector flags given here
 (--weights, --k_images, ...): predict.py takes them from it.
 
 --calibrate also stores a decision threshold, from the normal images alone: each
-training image is scored against an index fitted without it (leave-one-out; or
---calibration_folds=F folds), and the threshold is the --calibration_quantile
-(default 0.99) quantile of those held-out image scores: about 1% of new normal images
-are expected above it. predict.py then adds an "anomalous" column. The threshold
-holds for the --k_image_score, --metric and --aggregate (--bandwidth) it was
-calibrated with (recorded with it); each held-out image is scored as predict.py will
-score it, with a kernel metric's pooled kernel (and a soft aggregate's median
-bandwidth) fitted without it.
+training image is scored against an index fitted without it (leave-one-out for SPADE;
+5 folds for --method=patchcore and --metric=learned, which refit per fold; or
+--calibration_folds=F folds; the folds are checked, and logged, before any image is
+read), and the threshold is the --calibration_quantile (default 0.99) quantile of
+those held-out image scores: about 1% of new normal images are expected above it.
+predict.py then adds an "anomalous" column. The threshold holds for the scoring
+settings it was calibrated with (recorded with it: SPADE's --k_image_score, --metric,
+--aggregate and --bandwidth; PatchCore's --metric, --reweight and its other scoring
+settings); each held-out image is scored as predict.py will score it, with a kernel
+metric's pooled kernel (and a soft aggregate's median bandwidth) fitted without it.
 
 --metric=<kernel> (e.g. mahalanobis; see evaluate.py) fits one kernel per layer on the
 training images and --aggregate=softmin|kde without --bandwidth the median-heuristic
 bandwidths: the index stores them (checksummed with the features).
 
-The detector's flags are evaluate.py's (detector_flags.py). Compiled programs are
-kept in JAX's persistent compilation cache (--compilation_cache_dir, default
+The detector's flags are evaluate.py's (detector_flags.py); a flag that --method does
+not read (e.g. --kappa with --method=patchcore) is an error. The index also records the
+identity (SHA-256) of the backbone's weights: predict.py refuses other weights.
+
+Compiled programs are kept in JAX's persistent compilation cache (--compilation_cache_dir, default
 $SPADE_JAX_CACHE/jax_compilation_cache; 'none' turns it off), so a second fit with
 the same image size skips compiling. Progress (images done / total, rate, time
 left) goes to the log.
@@ -65,6 +70,7 @@ def main(argv: Sequence[str]) -> None:
   from spade_jax.evaluation import folders  # pylint: disable=import-outside-toplevel
   settings = _DETECTOR.settings()
   try:  # Everything checkable before the backbone loads.
+    detector_flags.check_method_flags(_DETECTOR.method.value, _DETECTOR.given())
     detector_flags.detector_config(_DETECTOR.method.value, settings,
                                    _DETECTOR.batch_size.value)
     if _CALIBRATE.value:

@@ -11,8 +11,16 @@ index alone: no training image is needed. Writes
   out/heatmaps/<path>.png   per image: the image as the detector saw it (resized,
                       centre-cropped) | its anomaly map over it, one colour scale for all
   out/summary.png     the --num_summary most anomalous images with their maps
-  out/skipped.csv     "path,reason" of files that are not readable images (reported
-                      as warnings and left out; never fatal)
+  out/skipped.csv     "path,reason" of files that are not readable images, and of
+                      image formats not read (GIF, HEIC, ...): reported as warnings
+                      and left out; never fatal
+  out/.predict-complete   written last: the outputs beside it are one complete run's
+
+A run replaces the previous run's outputs as a whole once it has finished (one that
+fails or is killed leaves the previous run as it was), and locks the folder: a second
+run on the same --output_dir is refused. Other files in it are left alone. See
+spade_jax/evaluation/predictions.py for file names that are not UTF-8 or look like
+spreadsheet formulas.
 
 Settings come from the index: the backbone and the feature settings (--layers,
 --resize, --crop) always (a flag given that disagrees is an error), and a calibrated
@@ -24,7 +32,10 @@ given overrides it. The kernels of a kernel --metric (and the median bandwidths 
 --aggregate=softmin|kde) come from the index; a --metric the index holds no kernels
 for gets them fitted from the index's own training features first. --weights is
 recorded as given to fit.py: a weights file must be at the same path here, or be
-passed again as --weights=PATH.
+passed again as --weights=PATH. The index records the identity (SHA-256) of the
+weights its features came from: other weights are refused, as are flags that the
+index's method does not read (e.g. --kappa with a PatchCore index), and a threshold
+is only applied with the scoring settings it was calibrated with.
 
 Compiled programs are kept in JAX's persistent compilation cache
 (--compilation_cache_dir, default $SPADE_JAX_CACHE/jax_compilation_cache; 'none' turns
@@ -73,16 +84,18 @@ def main(argv: Sequence[str]) -> None:
         write_heatmaps=_HEATMAPS.value, num_summary=_NUM_SUMMARY.value, log=logging.info)
   except (ValueError, OSError) as e:  # Bad input: a message, not a traceback.
     sys.exit(f"predict.py: error: {e}")
-  print(f"scored {len(report.paths)} images in {report.seconds:.1f} s: {report.scores_csv}")
+  show = predictions.display_name  # Names escaped: one line each, any bytes.
+  print(f"scored {len(report.paths)} images in {report.seconds:.1f} s: "
+        f"{show(str(report.scores_csv))}")
   if threshold is not None:
     flagged = int((report.scores > threshold.value).sum())
     print(f"anomalous: {flagged} of {len(report.paths)} (score > threshold "
           f"{threshold.value:.6g})")
   if report.skipped:
     print(f"skipped {len(report.skipped)} files that are not readable images (listed in "
-          f"{predictions.SKIPPED_FILE}): {', '.join(s.relative for s in report.skipped)}")
+          f"{predictions.SKIPPED_FILE}): {', '.join(show(s.relative) for s in report.skipped)}")
   if report.summary_png is not None:
-    print(f"summary: {report.summary_png}")
+    print(f"summary: {show(str(report.summary_png))}")
 
 
 if __name__ == "__main__":

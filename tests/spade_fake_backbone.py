@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spade_jax.features.backbones.backbone import weights_identity
+
 CHANNELS = {"layer1": 6, "layer2": 8, "layer3": 10, "layer4": 12}
 
 
@@ -29,6 +31,8 @@ class FakeBackbone:
       self.weights[level] = jnp.asarray(rng.standard_normal((c_in, c)).astype(np.float32))
       c_in = c
     self.features = {**CHANNELS, "pool": CHANNELS["layer4"]}
+    # As a real Backbone's: the identity of these weights (another seed: other weights).
+    self.weights_id = weights_identity(self.weights)
     self._apply = jax.jit(self._forward)
 
   def _forward(self, weights, images):

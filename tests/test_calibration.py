@@ -45,7 +45,8 @@ def test_threshold_matches_brute_force_cross_validation(folds, metric):
   np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-6)
   assert threshold.value == pytest.approx(np.quantile(expected, 0.9), rel=1e-5)
   assert (threshold.folds, threshold.num_images, threshold.quantile) == (used, 11, 0.9)
-  assert threshold.settings == {"k_image_score": 3, "metric": metric}
+  assert threshold.settings == {"k_image_score": 3, "metric": metric, "aggregate": "mean",
+                                "bandwidth": None}
 
 
 def test_threshold_from_fitted_index_pool():

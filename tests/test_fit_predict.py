@@ -115,7 +115,8 @@ def test_threshold_column_is_the_leave_one_out_quantile(ws, reference):
   stored = spade_jax.detector.load_index_file(ws.index).threshold
   assert stored.value == pytest.approx(threshold, rel=1e-5)
   assert (stored.quantile, stored.folds, stored.num_images) == (QUANTILE, 6, 6)
-  assert stored.settings == {"k_image_score": K_IMAGE_SCORE, "metric": "l2"}
+  assert stored.settings == {"k_image_score": K_IMAGE_SCORE, "metric": "l2",
+                             "aggregate": "mean", "bandwidth": None}
   assert "leave-one-out" in ws.fit.stdout
   _, rows = read_scores(ws.out / "scores.csv")
   decisions = {path: int(flag) for path, _, flag in rows}
@@ -139,8 +140,8 @@ def test_output_files(ws):
   assert figure.shape == (SIZE, 2 * SIZE + 4, 3)  # image | gap | overlay.
   assert (ws.out / "summary.png").is_file()
   assert not (ws.out / "skipped.csv").exists()
-  assert sorted(p.name for p in ws.out.iterdir()) == ["heatmaps", "scores.csv",
-                                                      "summary.png"]  # No temporaries.
+  assert sorted(p.name for p in ws.out.iterdir()) == [  # No temporaries.
+      ".predict-complete", ".predict.lock", "heatmaps", "scores.csv", "summary.png"]
 
 
 def test_unreadable_files_are_reported_and_skipped(ws):
@@ -185,6 +186,13 @@ def test_flags_that_contradict_the_index_are_refused(ws, tmp_path, flag, needles
                     f"--images={ws.data / 'alpha' / 'test'}", f"--output_dir={tmp_path}", flag)
   assert_clean_error(proc, "predict.py", str(ws.index), *needles)
   assert not (tmp_path / "scores.csv").exists()
+
+
+def test_other_weights_than_the_index_are_refused(ws, tmp_path):
+  proc = run_script("predict.py", f"--index={ws.index}", f"--images={ws.data / 'alpha' / 'test'}",
+                    f"--output_dir={tmp_path / 'out'}", "--weights=none")
+  assert_clean_error(proc, "predict.py", "other efficientnet_lite0 weights", "--weights")
+  assert not (tmp_path / "out" / "scores.csv").exists()
 
 
 def _corrupt(path: pathlib.Path) -> None:

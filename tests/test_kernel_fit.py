@@ -2,7 +2,9 @@
 objectives' guards, kernels stored as arrays + a JSON spec, memory-bank densities and
 the synthetic-anomaly images."""
 
+import functools
 import json
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +17,8 @@ from sklearn.metrics import roc_auc_score
 import spade_jax
 from spade_jax import kernels
 from spade_jax.data import synthetic
+from spade_jax.scoring import variants
+from spade_jax.search.kernels import io as kernel_io
 
 
 def _normalised(c):
@@ -173,6 +177,122 @@ def test_memory_density_is_one_dot_product_per_query():
   assert np.isfinite(np.asarray(grad)).all() and np.abs(np.asarray(grad)).max() > 0
   with pytest.raises(ValueError, match="explicit features"):
     kernels.memory_density(kernels.rbf(1.0), queries, bank)
+
+
+def _kernel_values(a, b, h):
+  """The three shift-invariant kernels of the rff spectra, float64 [Q, M]."""
+  diff = np.asarray(a, np.float64)[:, None, :] - np.asarray(b, np.float64)[None, :, :]
+  return {"gaussian": np.exp(-np.sum(diff**2, -1) / (2 * h * h)),
+          "laplacian": np.exp(-np.sqrt(np.sum(diff**2, -1)) / h),
+          "laplacian_l1": np.exp(-np.sum(np.abs(diff), -1) / h)}
+
+
+@pytest.mark.parametrize("spectrum", ["gaussian", "laplacian", "laplacian_l1"])
+def test_random_fourier_spectra_approximate_their_kernels(spectrum):
+  # z(a) . z(b) = (1/E) sum_j t_j, t_j = 2 cos(w_j a / h + b_j) cos(w_j b / h + b_j)
+  #   = cos(w_j (a - b) / h) + cos(w_j (a + b) / h + 2 b_j): mean k(a - b) when w_j is
+  # drawn from k's spectral density (the second term has mean 0 over b_j), variance
+  # <= E[cos^2] + 1/2 <= 3/2. So the Monte-Carlo error is <= sqrt(1.5 / E) per pair (one
+  # standard deviation); 5 of them bound all 120 pairs (each |t_j| <= 2).
+  rng = np.random.default_rng(9)
+  a = rng.standard_normal((6, 3)) * 0.8
+  b = rng.standard_normal((20, 3)) * 0.8
+  h, num = 1.3, 50_000
+  rff = kernels.random_fourier(3, num, h, jax.random.key(1), spectrum=spectrum)
+  assert rff.spectrum == spectrum
+  exact = _kernel_values(a, b, h)
+  w, phase = np.asarray(rff.omega, np.float64), np.asarray(rff.phase, np.float64)
+  z = lambda x: np.sqrt(2.0 / num) * np.cos(x @ w / h + phase)
+  tol = 5.0 * np.sqrt(1.5 / num)
+  np.testing.assert_allclose(z(a) @ z(b).T, exact[spectrum], atol=tol)
+  # The library's float32 features give the same kernel (float32 cosines of arguments
+  # up to |w| |x| / h: a few 1e-3 at most on the heavy-tailed frequencies, averaged).
+  zl = lambda x: np.asarray(rff.features(jnp.asarray(x, jnp.float32)), np.float64)
+  np.testing.assert_allclose(zl(a) @ zl(b).T, exact[spectrum], atol=tol + 1e-3)
+  # The three kernels differ by far more than the tolerance on these pairs: the test
+  # tells which kernel a spectrum approximates.
+  for other, values in exact.items():
+    if other != spectrum:
+      assert np.abs(values - exact[spectrum]).max() > 4 * tol, other
+
+
+def test_old_cauchy_spectrum_is_refused_with_its_new_name():
+  key = jax.random.key(1)
+  with pytest.raises(ValueError, match="'cauchy' was renamed 'laplacian_l1'.*L1 norm"):
+    kernels.random_fourier(3, 8, 1.0, key, spectrum="cauchy")
+  with pytest.raises(ValueError, match="renamed 'laplacian_l1'"):
+    kernels.from_features("rff", np.eye(4, 3), spectrum="cauchy")
+  with pytest.raises(ValueError, match="spectrum must be one of"):
+    kernels.random_fourier(3, 8, 1.0, key, spectrum="student")
+  # laplacian_l1 draws what "cauchy" drew: i.i.d. standard Cauchy frequencies.
+  l1 = kernels.random_fourier(3, 8, 1.0, key, spectrum="laplacian_l1")
+  np.testing.assert_array_equal(
+      l1.omega, jax.random.cauchy(jax.random.split(key)[0], (3, 8)).astype(jnp.float32))
+  # A stored spec with the old name (an index file's JSON) is refused by the strict
+  # check of files and when built, with the same message (no KeyError, nothing built).
+  arrays, spec = kernels.kernel_to_arrays({"pool": l1})
+  spec = json.loads(json.dumps(spec).replace('"laplacian_l1"', '"cauchy"'))
+  with pytest.raises(ValueError, match="kernel spec 'pool': kernel 'rff': spectrum 'cauchy' "
+                     "was renamed 'laplacian_l1'"):
+    kernel_io.check_spec(spec)
+  with pytest.raises(ValueError, match="renamed 'laplacian_l1'"):
+    kernels.kernel_from_arrays(arrays, spec)
+  with pytest.raises(ValueError, match="renamed 'laplacian_l1'"):
+    l1.replace(spectrum="cauchy")
+
+
+def test_learned_variant_with_fewer_images_than_folds(caplog):
+  # Cross-fitting over min(5, M) folds of images: M = 3 and 4 give exactly what an
+  # explicit LooLogLikelihood(folds=M) gives; fewer than 3 images are refused up front.
+  # (The pooled features alone: every part gets the same objective.)
+  assert [variants.learned_folds(m) for m in (3, 4, 5, 6, 50)] == [3, 4, 5, 5, 5]
+  for m in (0, 1, 2):
+    with pytest.raises(ValueError, match="metric='learned' needs at least 3 training images, "
+                       f"got {m}"):
+      variants.learned_folds(m)
+  with pytest.raises(ValueError, match="metric='learned' needs at least 3"):
+    variants.fit_variant("learned", np.eye(1, 6, dtype=np.float32), {}, steps=2)
+  rng = np.random.default_rng(11)
+  key = jax.random.key(4)
+  for m in (3, 4):
+    pool = rng.standard_normal((m, 6)).astype(np.float32)
+    with caplog.at_level(logging.INFO):
+      fitted = variants.fit_variant("learned", pool, {}, steps=3, key=key)
+    assert f"{m} training images, so {m} folds instead of 5" in caplog.text
+    want, losses = kernels.learn(
+        "mahalanobis", pool, objective=kernels.LooLogLikelihood(k=50, folds=m, batch_size=512),
+        steps=3, learning_rate=0.05, key=jax.random.fold_in(key, 0))
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-6),
+                 fitted.pool_metric, want)
+    np.testing.assert_allclose(fitted.losses["pool"], losses, rtol=1e-6)
+    assert np.isfinite(np.asarray(losses)).all() and 0 < float(want.shrinkage) < 1
+  # The synthetic objective too (its k nearest normal images: at most the rest's 3).
+  anomalies = (rng.standard_normal((4, 6)).astype(np.float32), np.arange(4))
+  fitted = variants.fit_variant("learned", pool, {}, steps=2, objective="synthetic",
+                                anomalies=anomalies)
+  assert np.isfinite(fitted.losses["pool"]).all()
+
+
+def test_learned_kernel_of_constant_features_is_finite():
+  # Identical training images (all black): the Mahalanobis kernel is L2 / (h sqrt(lambda))
+  # (whitening.py), so learning it neither crashes nor leaves the finite numbers.
+  row = np.random.default_rng(12).standard_normal(6).astype(np.float32)
+  pool = np.tile(row, (6, 1))
+  levels = {"a": np.tile(np.random.default_rng(13).standard_normal((1, 3, 3, 4)),
+                         (6, 1, 1, 1)).astype(np.float32)}
+  fitted = variants.fit_variant("learned", pool, levels, steps=3)
+  test = np.random.default_rng(14).standard_normal((3, 6)).astype(np.float32)
+  scores, nbrs = spade_jax.image_scores(test, pool, 2, num_neighbors=3,
+                                        **fitted.image_kwargs())
+  kernel = fitted.pool_metric
+  lam, h = float(kernel.shrinkage), float(kernel.bandwidth)
+  assert np.isfinite(fitted.losses["pool"]).all() and 0 < lam <= 1 and 0 < h
+  # Every training row is the same: the score is the distance to it.
+  np.testing.assert_allclose(scores, np.linalg.norm(test.astype(np.float64) - row, axis=1)
+                             / (h * np.sqrt(lam)), rtol=1e-5)
+  maps = spade_jax.pixel_scores({"a": levels["a"][:3] + 1.0}, levels, nbrs,
+                                **fitted.pixel_kwargs())
+  assert np.isfinite(np.asarray(maps)).all()
 
 
 def test_synthetic_anomalies_change_only_their_masks():

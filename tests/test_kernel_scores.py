@@ -129,7 +129,7 @@ def test_score_arguments_are_checked():
     spade_jax.image_scores(pool, pool, 2, aggregate="softmin")
   with pytest.raises(ValueError, match="only used by"):
     spade_jax.image_scores(pool, pool, 2, bandwidth=1.0)
-  with pytest.raises(ValueError, match="bandwidth must be a finite scalar > 0"):
+  with pytest.raises(ValueError, match="bandwidth must be a finite number > 0"):
     spade_jax.image_scores(pool, pool, 2, aggregate="kde", bandwidth=-1.0)
   with pytest.raises(ValueError, match="pass one metric"):
     spade_jax.pixel_scores(test, train, nbrs, combine="cat",
@@ -139,6 +139,51 @@ def test_score_arguments_are_checked():
   with pytest.raises(ValueError, match=r"metric\['layer2'\].*takes 4-d features, got 5-d"):
     spade_jax.pixel_scores(test, train, nbrs,
                            metric={l: kernels.mahalanobis(train["layer1"]) for l in train})
+
+
+def test_bandwidth_must_be_one_positive_number():
+  # A bandwidth that is not a real number > 0 is a ValueError naming it, before any
+  # tracing (a dict passed to image_scores used to end in a TypeError in jnp.asarray).
+  rng = np.random.default_rng(6)
+  train, test = _pyramid(rng, 4), _pyramid(rng, 2)
+  nbrs = np.array([[0, 1], [2, 3]], np.int32)
+  pool = rng.standard_normal((4, 3)).astype(np.float32)
+  for bad in ({"pool": 1.0}, {}):
+    with pytest.raises(ValueError, match="bandwidth must be None or a finite number > 0"):
+      spade_jax.image_scores(pool, pool, 2, aggregate="softmin", bandwidth=bad)
+  for bad in ("1.0", True, [0.5], np.ones(2), 1 + 0j, object(), float("inf"), 0, None):
+    match = "needs a bandwidth" if bad is None else "bandwidth must be a finite number > 0"
+    with pytest.raises(ValueError, match=match):
+      spade_jax.image_scores(pool, pool, 2, aggregate="kde", bandwidth=bad)
+    with pytest.raises(ValueError, match=match):
+      spade_jax.pixel_scores(test, train, nbrs, aggregate="kde", bandwidth=bad)
+  with pytest.raises(ValueError, match=r"bandwidth\['layer2'\] must be a finite number > 0"):
+    spade_jax.pixel_scores(test, train, nbrs, aggregate="kde",
+                           bandwidth={"layer1": 0.5, "layer2": "0.5"})
+  with pytest.raises(ValueError, match="or a dict level -> h"):
+    spade_jax.pixel_scores(test, train, nbrs, aggregate="kde", bandwidth={})
+  with pytest.raises(ValueError, match="bandwidth has levels"):
+    spade_jax.pixel_scores(test, train, nbrs, aggregate="kde", bandwidth={"layer1": 0.5})
+  with pytest.raises(ValueError, match="pass one bandwidth"):
+    spade_jax.pixel_scores(test, train, nbrs, aggregate="kde", combine="cat",
+                           bandwidth={"layer1": 0.5, "layer2": 0.5})
+  with pytest.raises(ValueError, match=r"bandwidth must be a finite number > 0.*traced float32 "
+                     r"of shape \(2,\)"):
+    jax.jit(lambda h: spade_jax.image_scores(pool, pool, 2, aggregate="kde", bandwidth=h)[0])(
+        jnp.ones(2))
+  # The kernels' bandwidths too.
+  with pytest.raises(ValueError, match="bandwidth must be a real number"):
+    kernels.rbf({"pool": 1.0})
+  # Every form of one number gives the reference's scores.
+  dist = np.sort(np.sqrt(reference.l2_squared(pool, pool)), axis=1)[:, :2]
+  for h in (0.5, np.float32(0.5), np.asarray(0.5), jnp.asarray(0.5), 1, np.int64(1)):
+    scores, _ = spade_jax.image_scores(pool, pool, 2, aggregate="kde", bandwidth=h)
+    np.testing.assert_allclose(scores, reference.truncated_kde(dist, float(h)), rtol=RTOL,
+                               atol=ATOL)
+  jitted = jax.jit(lambda h: spade_jax.image_scores(pool, pool, 2, aggregate="kde",
+                                                    bandwidth=h)[0])
+  np.testing.assert_allclose(jitted(0.5), reference.truncated_kde(dist, 0.5), rtol=RTOL,
+                             atol=ATOL)
 
 
 def test_traced_bandwidth_is_differentiable():

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import kernel_reference as reference
 import numpy as np
 import pytest
+from sklearn.covariance import LedoitWolf
 import tolerances
 
 import spade_jax
@@ -76,6 +77,90 @@ def test_mahalanobis_shrinkage_extremes():
   np.testing.assert_allclose(_exact(plain, queries, train),
                              np.sqrt(np.einsum("qmd,de,qme->qm", diff, precision, diff)),
                              rtol=2e-4)
+
+
+def _shrunk_mahalanobis(queries, gallery, train, lam, h=1.0):
+  """float64 reference of whitening.py's formula from the raw training rows:
+  |x - y|_{Sigma^-1} / h, Sigma = (1 - lam) S + lam mu I, S the MLE covariance,
+  mu = tr(S) / D, or mu = 1 when S = 0 (all training rows equal)."""
+  train = np.asarray(train, np.float64)
+  dim = train.shape[1]
+  cov = np.cov(train.T, bias=True).reshape(dim, dim)
+  mu = np.trace(cov) / dim if np.trace(cov) > 0 else 1.0
+  sigma = (1 - lam) * cov + lam * mu * np.eye(dim)
+  diff = np.asarray(queries, np.float64)[:, None] - np.asarray(gallery, np.float64)[None]
+  return np.sqrt(np.einsum("qmd,qmd->qm", diff, np.linalg.solve(sigma, diff[..., None])[
+      ..., 0])) / h
+
+
+@pytest.mark.parametrize("n,d", [(5, 8), (20, 4)])  # N <= D (Gram path) and N > D.
+def test_mahalanobis_of_constant_features_is_scaled_l2(n, d):
+  # All training rows equal (S = 0, e.g. all-black images): Sigma = lambda I with mu = 1,
+  # lambda = 1 by default, so d = |x - y| / (h sqrt(lambda)): L2's / h. Rows equal up to
+  # a float32 ulp count as equal (a spread float32 cannot resolve).
+  rng = np.random.default_rng(d)
+  row = rng.standard_normal(d).astype(np.float32)
+  queries = rng.standard_normal((4, d)).astype(np.float32)
+  ulp = np.tile(row, (n, 1))
+  ulp[1] = np.nextafter(ulp[1], np.float32(np.inf))
+  for train in (np.zeros((n, d), np.float32), np.tile(row, (n, 1)), ulp):
+    l2 = np.linalg.norm(queries[:, None].astype(np.float64) - train[None], axis=-1)
+    kernel = kernels.mahalanobis(train)
+    assert kernel.eigvecs.shape == (d, 0) and float(kernel.shrinkage) == 1.0
+    equal = train[:1].repeat(2, 0)  # What the formula sees: S = 0 (ulps included).
+    np.testing.assert_allclose(_exact(kernel, queries, train),
+                               _shrunk_mahalanobis(queries, train, equal, 1.0), rtol=1e-5)
+    np.testing.assert_allclose(_exact(kernel, queries, train), l2, rtol=1e-5)
+    dist, _ = spade_jax.knn(queries, train, 2, kernel)
+    np.testing.assert_allclose(dist, np.sort(l2, axis=1)[:, :2], rtol=1e-5)
+    scores, _ = spade_jax.image_scores(queries, train, 2, kernel)
+    np.testing.assert_allclose(scores, l2.mean(1), rtol=1e-5)
+    # An explicit shrinkage and bandwidth: |x - y| / (h sqrt(lambda)).
+    scaled = kernels.mahalanobis(train, shrinkage=0.25, bandwidth=2.0)
+    np.testing.assert_allclose(_exact(scaled, queries, train), l2 / (2.0 * 0.5), rtol=1e-5)
+    np.testing.assert_allclose(
+        _exact(scaled, queries, train),
+        _shrunk_mahalanobis(queries, train, equal, 0.25, h=2.0), rtol=1e-5)
+    with pytest.raises(ValueError, match="shrinkage=0 needs a covariance of full rank"):
+      kernels.mahalanobis(train, shrinkage=0.0)
+  assert kernels.ledoit_wolf_shrinkage(np.tile(row, (n, 1))) == 0.0
+
+
+def test_mahalanobis_of_rank_deficient_features_matches_its_formula():
+  rng = np.random.default_rng(3)
+  queries = rng.standard_normal((5, 6)).astype(np.float32)
+  wide = rng.standard_normal((4, 6))  # N < D: rank 3.
+  tall = rng.standard_normal((40, 6))  # N > D, a dead channel, a constant one, a copy.
+  tall[:, 1], tall[:, 2], tall[:, 4] = 0.0, 3.0, tall[:, 0]
+  for train in (wide.astype(np.float32), tall.astype(np.float32)):
+    for shrinkage in (None, 0.3):
+      kernel = kernels.mahalanobis(train, shrinkage=shrinkage)
+      assert not kernel.complete
+      lam = LedoitWolf().fit(train.astype(np.float64)).shrinkage_ if shrinkage is None \
+          else shrinkage
+      assert float(kernel.shrinkage) == pytest.approx(lam, rel=1e-5)
+      got = _exact(kernel, queries, train)
+      assert np.isfinite(got).all()
+      np.testing.assert_allclose(got, _shrunk_mahalanobis(queries, train, train, lam),
+                                 rtol=5e-4)
+  # 2 rows: Ledoit-Wolf's estimate is 0 (the centred outer products are equal) and S has
+  # rank 1: lambda is the smallest logit's, sigmoid(-30), not an error. S = u u^T with
+  # u = (x_1 - x_2) / 2, so Sigma = lam mu I + (1 - lam) u u^T has the eigenvalue
+  # lam mu + (1 - lam) |u|^2 along u and lam mu across it (a float64 solve would not
+  # resolve lam mu ~ 1e-13 |u|^2 against S's rounding errors).
+  two = rng.standard_normal((2, 6)).astype(np.float32)
+  kernel = kernels.mahalanobis(two)
+  lam = float(jax.nn.sigmoid(jnp.float32(-30.0)))
+  assert float(kernel.shrinkage) == pytest.approx(lam, rel=1e-6)
+  got = _exact(kernel, queries, two)
+  assert np.isfinite(got).all()
+  u = (two[0].astype(np.float64) - two[1]) / 2
+  mu = u @ u / 6
+  diff = queries[:, None].astype(np.float64) - two[None]
+  along = diff @ (u / np.linalg.norm(u))
+  across = np.sum(diff**2, -1) - along**2
+  want = np.sqrt(across / (lam * mu) + along**2 / (lam * mu + (1 - lam) * (u @ u)))
+  np.testing.assert_allclose(got, want, rtol=1e-4)
 
 
 def test_polynomial_exact_form_keeps_near_duplicates():

@@ -78,7 +78,8 @@ def test_threshold_is_a_k_fold_quantile(ws):
   stored = spade_jax.detector.load_index_file(ws.index).threshold
   assert (stored.quantile, stored.folds, stored.num_images) == (0.5, 3, 6)
   assert stored.settings == {"metric": "l2", "coreset_ratio": 0.5, "patch_size": 3,
-                             "reweight": False}
+                             "reweight": False, "k_nearest": 1, "projection_dim": 128,
+                             "coreset_seed": 0}
   _, rows = read_scores(ws.out / "scores.csv")
   for _, score, flag in rows:
     if abs(float(score) - stored.value) > 1e-5 * stored.value:
@@ -90,3 +91,9 @@ def test_method_that_contradicts_the_index_is_refused(ws, tmp_path):
   proc = run_script("predict.py", f"--index={ws.index}", "--method=spade",
                     f"--images={ws.data / 'alpha' / 'test'}", f"--output_dir={tmp_path}")
   assert_clean_error(proc, "predict.py", "--method=spade", "method=patchcore")
+
+
+def test_flags_of_spade_are_refused_with_a_patchcore_index(ws, tmp_path):
+  proc = run_script("predict.py", f"--index={ws.index}", f"--images={ws.data / 'alpha' / 'test'}",
+                    f"--output_dir={tmp_path / 'out'}", "--kappa=7")
+  assert_clean_error(proc, "predict.py", "--kappa is not used by --method=patchcore")

@@ -14,12 +14,14 @@ folds err towards a higher threshold (fewer false alarms).
 
 For SPADE the threshold is on the image score, which depends on the pooled features
 and on (k_image_score, metric, aggregate, bandwidth) alone: Threshold.settings records
-those (aggregate and bandwidth only when the aggregate is not "mean": a threshold
-without them is "mean"'s), and the threshold holds for an index with any pixel
-settings (k_images, kappa, sigma, ...). Each fold scores as Spade.score does: with a
-kernel metric the pooled kernel, and with "softmin" / "kde" without a bandwidth the
-median-heuristic bandwidth, are fitted on the fold's training images (metric_fit), as
-Spade.fit fits them on all of them.
+those (SpadeConfig.score_settings; older thresholds without aggregate and bandwidth
+were "mean"'s), and the threshold holds for an index with any pixel settings
+(k_images, kappa, sigma, ...). PatchCore's records PatchCoreConfig.score_settings.
+Threshold.check(config) refuses a config the threshold does not hold for; every
+library path that applies a threshold (predict_folder, Threshold.anomalous) calls it.
+Each fold scores as Spade.score does: with a kernel metric the pooled kernel, and
+with "softmin" / "kde" without a bandwidth the median-heuristic bandwidth, are fitted
+on the fold's training images (metric_fit), as Spade.fit fits them on all of them.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from spade_jax import scoring
 from spade_jax.detector import metric_fit
 from spade_jax.detector.spade import Spade
 from spade_jax.host import progress as progress_lib
+from spade_jax.scoring import variants
 
 # score_fold(train_indices, held_out_indices) -> scores of the held-out images [len].
 ScoreFold = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -46,6 +49,8 @@ ScoreFold = Callable[[np.ndarray, np.ndarray], np.ndarray]
 # LEARNED_FOLDS folds instead of leave-one-out (one optax run per fold).
 LEARNED_METRICS = ("learned",)
 LEARNED_FOLDS = 5
+# PatchCore's default folds: leave-one-out would select one coreset per training image.
+PATCHCORE_FOLDS = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,9 +62,10 @@ class Threshold:
     quantile: which quantile of the held-out normal scores it is, in [0, 1].
     folds: cross-validation folds (folds == num_images: leave-one-out).
     num_images: normal images it was calibrated on.
-    settings: the scoring settings the scores depend on (SPADE: k_image_score and
-      metric, plus aggregate and bandwidth unless the aggregate is "mean"); the
-      threshold only holds for scores made with them.
+    settings: the scoring settings the scores depend on (the detector config's
+      score_settings(): SPADE's k_image_score, metric, aggregate and bandwidth;
+      PatchCore's metric, k_nearest, reweight, coreset and patch settings); the
+      threshold only holds for scores made with them (check(), anomalous()).
   """
   value: float
   quantile: float
@@ -118,6 +124,51 @@ class Threshold:
     return {k: (v, settings[k]) for k, v in self.settings.items()
             if k in settings and settings[k] != v}
 
+  def check(self, config: Any, where: str = "threshold") -> None:
+    """Raises a ValueError unless this threshold holds for scores made with `config`.
+
+    A threshold holds for the detector and the scoring settings it was calibrated
+    with (config.score_settings(): SPADE's k_image_score, metric, aggregate and
+    bandwidth; PatchCore's metric, k_nearest, reweight, ...). A setting that an
+    older threshold did not record is taken as that detector's default, which is what
+    such thresholds were calibrated with (fit.py had no flag for it).
+
+    Args:
+      config: the scoring detector's config (SpadeConfig or PatchCoreConfig).
+      where: the caller, for the message.
+
+    Raises:
+      ValueError: a threshold of the other detector, or settings that change the
+        scores; names each setting, both values and the fix.
+    """
+    given = config.score_settings()
+    unknown = sorted(set(self.settings) - set(dataclasses.asdict(config)))
+    if unknown:
+      raise ValueError(
+          f"{where}: the threshold was calibrated for another detector (it records "
+          f"{unknown}, which a {type(config).__name__} does not have); use the detector "
+          "it was calibrated for, or calibrate this one")
+    recorded = {**type(config)().score_settings(), **self.settings}
+    changed = {k: (recorded[k], v) for k, v in given.items() if k in recorded
+               and recorded[k] != v}
+    if changed:
+      listed = ", ".join(f"{k}={v!r} (calibrated with {c!r})"
+                         for k, (c, v) in sorted(changed.items()))
+      raise ValueError(
+          f"{where}: the threshold does not hold for these scores: {listed}; score with "
+          "the settings it was calibrated with, or recalibrate (fit.py --calibrate, "
+          "spade_threshold / patchcore_threshold) with these")
+
+  def anomalous(self, scores: Any, config: Any) -> np.ndarray:
+    """[N] bool: scores > value, for image scores made with `config` (check()ed first).
+
+    Args:
+      scores: [N] image scores (Spade.score / PatchCore.score).
+      config: the config of the detector that made them (detector.config).
+    """
+    self.check(config, "Threshold.anomalous")
+    return np.asarray(scores) > self.value
+
 
 def check_calibration_args(num_images: int, quantile: float, folds: int | None,
                            min_train: int, what: str = "k_image_score") -> int:
@@ -149,6 +200,48 @@ def check_calibration_args(num_images: int, quantile: float, folds: int | None,
         f"{num_images} training images, fewer than {what}={min_train}; use more folds (up "
         f"to {num_images}: leave-one-out), a smaller {what}, or more training images")
   return folds
+
+
+# A learned kernel is fitted with held-out images (scoring.variants.learned_folds): each
+# fold's detector needs at least this many training images.
+LEARNED_MIN_IMAGES = variants.MIN_LEARNED_IMAGES
+
+
+def calibration_folds(detector: Any, num_images: int, quantile: float = 0.99,
+                      folds: int | None = None) -> int:
+  """The folds a calibration of `detector` on num_images images runs, checked before any
+  work (fit.py, fit_folder, spade_threshold and patchcore_threshold all use it).
+
+  folds None is the detector's default: leave-one-out for SPADE, LEARNED_FOLDS for
+  SPADE with metric "learned" (one optax run per fold), PATCHCORE_FOLDS for PatchCore
+  (one coreset per fold); more folds than images is leave-one-out.
+
+  Raises:
+    ValueError: see check_calibration_args; also a learned kernel whose folds would
+      be fitted on fewer than LEARNED_MIN_IMAGES images.
+  """
+  cfg = detector.config
+  if isinstance(detector, Spade):
+    learned = cfg.metric in LEARNED_METRICS
+    if folds is None and learned:
+      folds = LEARNED_FOLDS
+    folds = check_calibration_args(num_images, quantile, folds, cfg.k_image_score)
+    smallest_train = num_images - math.ceil(num_images / folds)
+    if learned and smallest_train < LEARNED_MIN_IMAGES:
+      raise ValueError(
+          f"calibration with {folds} folds fits each fold's learned kernel (metric="
+          f"'learned') on as few as {smallest_train} of the {num_images} training images; "
+          f"it needs at least {LEARNED_MIN_IMAGES}: add training images or use another "
+          "metric")
+    return folds
+  return check_calibration_args(num_images, quantile,
+                                PATCHCORE_FOLDS if folds is None else folds, 1,
+                                what="one training image")
+
+
+def describe_folds(folds: int, num_images: int) -> str:
+  """"leave-one-out" or "<folds>-fold", for log lines and reports."""
+  return "leave-one-out" if folds == num_images else f"{folds}-fold"
 
 
 def held_out_scores(score_fold: ScoreFold, num_images: int, folds: int) -> np.ndarray:
@@ -193,9 +286,7 @@ def spade_threshold(spade: Spade, train_pool: np.ndarray, *, quantile: float = 0
   pool = np.asarray(train_pool, np.float32)
   if pool.ndim != 2:
     raise ValueError(f"train_pool must be [N, D], got shape {pool.shape}")
-  if folds is None and cfg.metric in LEARNED_METRICS:
-    folds = LEARNED_FOLDS
-  folds = check_calibration_args(pool.shape[0], quantile, folds, cfg.k_image_score)
+  folds = calibration_folds(spade, pool.shape[0], quantile, folds)
 
   def score_fold(train: np.ndarray, held_out: np.ndarray) -> np.ndarray:
     kernels, bandwidths = metric_fit.fit_metric(cfg, pool[train], {})  # "pool" alone.
@@ -206,16 +297,10 @@ def spade_threshold(spade: Spade, train_pool: np.ndarray, *, quantile: float = 0
     return np.asarray(scores)
 
   scores = held_out_scores(score_fold, pool.shape[0], folds)
-  settings = {"k_image_score": cfg.k_image_score, "metric": cfg.metric}
-  if cfg.aggregate != "mean":
-    settings.update(aggregate=cfg.aggregate, bandwidth=cfg.bandwidth)
+  settings = cfg.score_settings()
   threshold = Threshold(value=float(np.quantile(scores, quantile)), quantile=float(quantile),
                         folds=folds, num_images=int(pool.shape[0]), settings=settings)
   return threshold, scores
-
-
-# PatchCore's default folds: leave-one-out would select one coreset per training image.
-PATCHCORE_FOLDS = 5
 
 
 def patchcore_threshold(patchcore, train_patches: np.ndarray, *, quantile: float = 0.99,
@@ -242,9 +327,7 @@ def patchcore_threshold(patchcore, train_patches: np.ndarray, *, quantile: float
   patches = np.asarray(train_patches, np.float32)
   if patches.ndim != 4:
     raise ValueError(f"train_patches must be [N, h, w, D], got shape {patches.shape}")
-  folds = check_calibration_args(patches.shape[0], quantile,
-                                 PATCHCORE_FOLDS if folds is None else folds, 1,
-                                 what="one training image")
+  folds = calibration_folds(patchcore, patches.shape[0], quantile, folds)
 
   def score_fold(train: np.ndarray, held_out: np.ndarray) -> np.ndarray:
     index = patchcore.fit_features(patches[train])
@@ -252,8 +335,7 @@ def patchcore_threshold(patchcore, train_patches: np.ndarray, *, quantile: float
     return np.asarray(scores)
 
   scores = held_out_scores(score_fold, patches.shape[0], folds)
-  settings = {"metric": cfg.metric, "coreset_ratio": cfg.coreset_ratio,
-              "patch_size": cfg.patch_size, "reweight": cfg.reweight}
+  settings = cfg.score_settings()
   threshold = Threshold(value=float(np.quantile(scores, quantile)), quantile=float(quantile),
                         folds=folds, num_images=int(patches.shape[0]), settings=settings)
   return threshold, scores

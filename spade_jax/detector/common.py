@@ -18,21 +18,50 @@ from spade_jax.search import sharding
 Mesh = jax.sharding.Mesh
 
 
-def fingerprint(feature_config: str) -> str:
-  """Short hash (16 hex digits) of a canonical feature-configuration JSON."""
-  return hashlib.sha256(feature_config.encode()).hexdigest()[:16]
+def fingerprint(feature_config: str, weights_id: str | None = None) -> str:
+  """Short hash (16 hex digits) of a canonical feature-configuration JSON and, when
+  known, the backbone's weights identity (Backbone.weights_id)."""
+  text = feature_config if weights_id is None else f"{feature_config}\0{weights_id}"
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def check_compatible(index: Any, backbone_name: str, config: Any, where: str) -> None:
-  """Raises a ValueError naming both fingerprints unless `index` (with backbone_name and
-  feature_config) was built by this backbone with config's feature settings
-  (config.feature_config(backbone_name))."""
+def weights_id(backbone: Any) -> str | None:
+  """The identity of `backbone`'s weights (Backbone.weights_id: "sha256:<hex>"), or None
+  for a backbone that declares none (test doubles)."""
+  return getattr(backbone, "weights_id", None)
+
+
+def short_weights(weights: str | None) -> str:
+  """A weights identity as shown in messages ("sha256:<first 16 hex digits>")."""
+  return "unknown" if weights is None else weights[:len("sha256:") + 16]
+
+
+def check_compatible(index: Any, backbone_name: str, config: Any, where: str, *,
+                     weights: str | None = None) -> None:
+  """Raises a ValueError unless `index` was built by this backbone, with these weights
+  and config's feature settings (config.feature_config(backbone_name)).
+
+  Args:
+    index: a SpadeIndex or PatchCoreIndex (backbone_name, feature_config, weights_id).
+    backbone_name: the detector's backbone.
+    config: the detector's config.
+    where: the caller, for messages.
+    weights: the detector's Backbone.weights_id; compared with the index's when both
+      are known (an index saved before weights were recorded has none).
+  """
   expected = config.feature_config(backbone_name)
   if index.backbone_name != backbone_name or index.feature_config != expected:
     raise ValueError(
         f"{where}: the index was built for {index.feature_config} (fingerprint "
         f"{fingerprint(index.feature_config)}) but this detector needs {expected} "
         f"(fingerprint {fingerprint(expected)}); refit with this backbone and config")
+  fitted = getattr(index, "weights_id", None)
+  if weights is not None and fitted is not None and weights != fitted:
+    raise ValueError(
+        f"{where}: the index was fitted with other {backbone_name} weights "
+        f"({short_weights(fitted)}) than this detector's ({short_weights(weights)}): its "
+        "features would be compared with features of another network; load the weights "
+        "the index was fitted with (fit.py's --weights) or refit the index with these")
 
 
 def mesh_or_none(mesh: Mesh | None, axis: str) -> Mesh | None:

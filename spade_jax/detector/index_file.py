@@ -18,6 +18,9 @@ sharded bank's padding); all float32. The string metadata are
                   shape and bytes, plus "__metadata__" over the other fields.
   threshold       optional: a decision threshold calibrated on the training images
                   (calibration.Threshold's JSON)
+  weights         optional: the identity of the backbone's weights the features were
+                  computed with (Backbone.weights_id, "sha256:<64 hex digits>");
+                  scoring and load_index(expect=detector) refuse other weights
   settings        optional: the detector settings the index was fitted with (a JSON
                   object, e.g. fit.py's k_images, kappa, weights), scripts' defaults
   kernels         optional (SPADE): what was fitted for a kernel metric or a soft
@@ -45,7 +48,7 @@ import numpy as np
 from safetensors import numpy as safetensors_numpy
 from safetensors import safe_open
 
-from spade_jax.detector import index_kernels, patchcore
+from spade_jax.detector import common, index_kernels, patchcore
 from spade_jax.detector.calibration import Threshold
 from spade_jax.detector.patchcore import PatchCore, PatchCoreConfig, PatchCoreIndex
 from spade_jax.detector.spade import Spade, SpadeConfig, SpadeIndex, check_compatible
@@ -305,6 +308,8 @@ def save_index(path: str | os.PathLike, index: SpadeIndex | PatchCoreIndex, *,
               "levels": json.dumps(levels)}
   if fmt == INDEX_FORMAT and kernels_field is not None:
     metadata.update(version=INDEX_VERSION, kernels=kernels_field)
+  if index.weights_id is not None:
+    metadata["weights"] = _check_weights_id(where, index.weights_id)
   if threshold is not None:
     metadata["threshold"] = Threshold.from_json(threshold.to_json(), where).to_json()
   if settings is not None:
@@ -324,8 +329,10 @@ def save_index(path: str | os.PathLike, index: SpadeIndex | PatchCoreIndex, *,
 def _check_expected(path: pathlib.Path, index: SpadeIndex | PatchCoreIndex,
                     expect: Expect) -> None:
   """Refuses `index` unless it is for `expect`'s detector, backbone and features."""
+  weights = None
   if isinstance(expect, (Spade, PatchCore)):
     name, config = expect.backbone.name, expect.config
+    weights = common.weights_id(expect.backbone)
   elif isinstance(expect, tuple) and len(expect) == 2:
     name, config = expect
   else:
@@ -336,12 +343,12 @@ def _check_expected(path: pathlib.Path, index: SpadeIndex | PatchCoreIndex,
     if not isinstance(index, PatchCoreIndex):
       raise ValueError(f"{where}: the file holds a SpadeIndex but a PatchCoreIndex is "
                        "expected; fit PatchCore and save its index")
-    patchcore.check_compatible(index, name, config, where)
+    patchcore.check_compatible(index, name, config, where, weights=weights)
   elif isinstance(config, SpadeConfig):
     if not isinstance(index, SpadeIndex):
       raise ValueError(f"{where}: the file holds a PatchCoreIndex but a SpadeIndex is "
                        "expected; fit Spade and save its index")
-    check_compatible(index, name, config, where)
+    check_compatible(index, name, config, where, weights=weights)
   else:
     raise ValueError(f"expect's config must be a SpadeConfig or a PatchCoreConfig, got "
                      f"{type(config).__name__}")
@@ -395,7 +402,20 @@ def _check_metadata(where: str, metadata: dict[str, str] | None
     Threshold.from_json(metadata["threshold"], where)
   if "settings" in metadata:
     _check_settings(where, metadata["settings"])
+  if "weights" in metadata:
+    _check_weights_id(where, metadata["weights"])
   return metadata, levels, checksums
+
+
+def _check_weights_id(where: str, value: Any) -> str:
+  """The optional "weights" field: "sha256:<64 hex digits>" (Backbone.weights_id)."""
+  prefix = f"{_CHECKSUM_ALGORITHM}:"
+  if not (isinstance(value, str) and value.startswith(prefix)
+          and len(value) == len(prefix) + 64
+          and all(c in "0123456789abcdef" for c in value[len(prefix):])):
+    raise ValueError(f"{where}: the weights identity {value!r:.100} is not "
+                     f"{prefix}<64 hex digits> (Backbone.weights_id)")
+  return value
 
 
 def _check_settings(where: str, text: str) -> dict[str, Any]:
@@ -474,13 +494,15 @@ def load_index_file(path: str | os.PathLike, expect: Expect | None = None) -> In
   if metadata["format"] == PATCHCORE_INDEX_FORMAT:
     index = PatchCoreIndex(bank=jnp.asarray(tensors["bank"]),
                            backbone_name=metadata["backbone"],
-                           feature_config=metadata["feature_config"])
+                           feature_config=metadata["feature_config"],
+                           weights_id=metadata.get("weights"))
   else:
     index = SpadeIndex(train_pool=jnp.asarray(tensors["pool"]),
                        train_features={l: jnp.asarray(tensors[f"features/{l}"])
                                        for l in levels},
                        backbone_name=metadata["backbone"],
-                       feature_config=metadata["feature_config"])
+                       feature_config=metadata["feature_config"],
+                       weights_id=metadata.get("weights"))
     field = index_kernels.check_field(where, metadata, levels)
     if field is not None:
       index = index_kernels.from_file(where, index, field, tensors)

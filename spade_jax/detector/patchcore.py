@@ -140,6 +140,20 @@ class PatchCoreConfig:
       raise ValueError(f"PatchCoreConfig.crop={self.crop} is larger than resize="
                        f"{self.resize}")
 
+  def score_settings(self) -> dict[str, Any]:
+    """The settings PatchCore's image score depends on besides the bank's features:
+    the metric, k_nearest, the reweighting (with its support num_neighbors), and what
+    selected the bank (coreset_ratio, projection_dim, coreset_seed: a calibration
+    refits the bank per fold with them) and patch_size. A calibrated threshold records
+    them (calibration.Threshold) and holds only for scores made with them."""
+    settings = {"metric": self.metric, "k_nearest": self.k_nearest,
+                "reweight": bool(self.reweight), "coreset_ratio": float(self.coreset_ratio),
+                "projection_dim": self.projection_dim, "coreset_seed": self.coreset_seed,
+                "patch_size": self.patch_size}
+    if self.reweight:
+      settings["num_neighbors"] = self.num_neighbors
+    return settings
+
   def feature_config(self, backbone_name: str) -> str:
     """Canonical JSON of what determines the bank's features (not the scoring knobs,
     nor the coreset: a bank is valid whatever its size)."""
@@ -166,15 +180,18 @@ class PatchCoreIndex:
     feature_config: canonical JSON of backbone, layers, resize, crop, patch_size,
       embed_dim, reduction (static); the index is valid for any scoring settings
       (k_nearest, reweight, num_neighbors, metric, sigma) but only for these features.
+    weights_id: the identity of the backbone's weights (Backbone.weights_id; static);
+      None: not recorded. Scoring refuses an index of other weights.
   """
   bank: Array
   backbone_name: str = struct.field(pytree_node=False)
   feature_config: str = struct.field(pytree_node=False)
+  weights_id: str | None = struct.field(pytree_node=False, default=None)
 
   @property
   def fingerprint(self) -> str:
-    """Short hash of feature_config."""
-    return common.fingerprint(self.feature_config)
+    """Short hash of feature_config and weights_id."""
+    return common.fingerprint(self.feature_config, self.weights_id)
 
   @property
   def num_entries(self) -> int:
@@ -296,7 +313,8 @@ class PatchCore:
       if mesh is not None:
         bank = sharding.shard_gallery(bank, mesh, axis)
     return PatchCoreIndex(bank=bank, backbone_name=self.backbone.name,
-                          feature_config=self.feature_config)
+                          feature_config=self.feature_config,
+                          weights_id=common.weights_id(self.backbone))
 
   def fit(self, train_images: np.ndarray | Sequence[np.ndarray], *, mesh: Mesh | None = None,
           axis: str = "data") -> PatchCoreIndex:
@@ -320,7 +338,8 @@ class PatchCore:
                      axis: str) -> PatchCoreIndex:
     if not isinstance(index, PatchCoreIndex):
       raise ValueError(f"index must be a PatchCoreIndex, got {type(index).__name__}")
-    check_compatible(index, self.backbone.name, self.config, "PatchCore.score")
+    check_compatible(index, self.backbone.name, self.config, "PatchCore.score",
+                     weights=common.weights_id(self.backbone))
     _check_bank_size(self.config, index.num_entries)
     if index.is_sharded:
       if mesh is not None and mesh != index.bank.mesh:

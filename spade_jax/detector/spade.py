@@ -146,6 +146,14 @@ class SpadeConfig:
     "cat" (the concatenated layers)."""
     return ("pool", *(self.layers if self.combine == "ensemble" else ("cat",)))
 
+  def score_settings(self) -> dict[str, Any]:
+    """The settings SPADE's image score depends on besides the index: k_image_score,
+    metric, aggregate and bandwidth (the pixel settings k_images, kappa, combine and
+    sigma change the maps only). A calibrated threshold records them
+    (calibration.Threshold) and holds only for scores made with them."""
+    return {"k_image_score": self.k_image_score, "metric": self.metric,
+            "aggregate": self.aggregate, "bandwidth": self.bandwidth}
+
   def feature_config(self, backbone_name: str) -> str:
     """Canonical JSON of what determines the stored features (not the scoring knobs)."""
     return json.dumps({"backbone": backbone_name, "layers": list(self.layers),
@@ -174,6 +182,9 @@ class SpadeIndex:
     bandwidths: ((part, h), ...) median-heuristic bandwidths of the soft scores in
       fitted_metric's units, part = "pool", a layer or "cat", sorted by part
       (static); () if none.
+    weights_id: the identity of the backbone's weights (Backbone.weights_id,
+      "sha256:<hex>"; static); None: not recorded (an older file, a test double).
+      Scoring refuses an index of other weights.
   """
   train_pool: Array
   train_features: dict[str, Array]
@@ -182,11 +193,12 @@ class SpadeIndex:
   kernels: dict[str, Any] = struct.field(default_factory=dict)
   fitted_metric: str | None = struct.field(pytree_node=False, default=None)
   bandwidths: tuple[tuple[str, float], ...] = struct.field(pytree_node=False, default=())
+  weights_id: str | None = struct.field(pytree_node=False, default=None)
 
   @property
   def fingerprint(self) -> str:
-    """Short hash of feature_config."""
-    return common.fingerprint(self.feature_config)
+    """Short hash of feature_config and weights_id."""
+    return common.fingerprint(self.feature_config, self.weights_id)
 
   @property
   def num_images(self) -> int:
@@ -324,7 +336,8 @@ class Spade:
           {l: np.asarray(v, np.float32) if process_local else v for l, v in feats.items()},
           mesh, axis, process_local=process_local)
     index = SpadeIndex(train_pool=pool, train_features=feats,
-                       backbone_name=self.backbone.name, feature_config=self.feature_config)
+                       backbone_name=self.backbone.name, feature_config=self.feature_config,
+                       weights_id=common.weights_id(self.backbone))
     _check_k(self.config, index.num_images)
     return self.fit_kernels(index)
 
@@ -344,7 +357,8 @@ class Spade:
     """
     if not isinstance(index, SpadeIndex):
       raise ValueError(f"index must be a SpadeIndex, got {type(index).__name__}")
-    check_compatible(index, self.backbone.name, self.config, "Spade.fit_kernels")
+    check_compatible(index, self.backbone.name, self.config, "Spade.fit_kernels",
+                     weights=common.weights_id(self.backbone))
     cfg = self.config
     if not index.missing_fits(cfg):
       return index
@@ -386,7 +400,8 @@ class Spade:
   def _prepare_index(self, index: SpadeIndex, mesh: Mesh | None, axis: str) -> SpadeIndex:
     if not isinstance(index, SpadeIndex):
       raise ValueError(f"index must be a SpadeIndex, got {type(index).__name__}")
-    check_compatible(index, self.backbone.name, self.config, "Spade.score")
+    check_compatible(index, self.backbone.name, self.config, "Spade.score",
+                     weights=common.weights_id(self.backbone))
     _check_k(self.config, index.num_images)
     missing = index.missing_fits(self.config)
     if missing:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import dataclasses
+import datetime
 import os
 import pathlib
 import tempfile
@@ -33,7 +34,7 @@ import jax
 import numpy as np
 
 from spade_jax.data import folder
-from spade_jax.detector import calibration, index_file
+from spade_jax.detector import calibration, common, index_file
 from spade_jax.detector import patchcore as patchcore_lib
 from spade_jax.detector import spade as spade_lib
 from spade_jax.detector.spade import Spade
@@ -114,6 +115,17 @@ def _check_k(spade, count: int, where: str) -> None:
                        f"{name}={value}; lower --{name} or add training images")
 
 
+def _check_learned(spade, count: int, where: str) -> None:
+  """A learned kernel (metric "learned") is fitted on held-out images: it needs at least
+  calibration.LEARNED_MIN_IMAGES training images."""
+  if getattr(spade.config, "metric", None) in calibration.LEARNED_METRICS \
+      and count < calibration.LEARNED_MIN_IMAGES:
+    raise ValueError(f"{where} holds {count} training image(s); metric='learned' learns its "
+                     f"kernel on held-out images and needs at least "
+                     f"{calibration.LEARNED_MIN_IMAGES}: add training images or use another "
+                     "--metric")
+
+
 def check_index_path(path: str | os.PathLike[str]) -> pathlib.Path:
   """Checks that an index can be written at `path` (before any work).
 
@@ -165,11 +177,9 @@ def fit_folder(spade, train_dir: str | os.PathLike[str], index_path: str | os.Pa
   files = _image_files(train_dir, "training images")
   _check_k(spade, len(files), f"training folder {str(train_dir)!r}")
   is_spade = isinstance(spade, Spade)
+  _check_learned(spade, len(files), f"training folder {str(train_dir)!r}")
   if calibrate:  # Checked before any work; again below if files are skipped.
-    calibration.check_calibration_args(
-        len(files), quantile,
-        folds if is_spade or folds is not None else calibration.PATCHCORE_FOLDS,
-        spade.config.k_image_score if is_spade else 1)
+    calibration.calibration_folds(spade, len(files), quantile, folds)
   log(f"fit: {len(files)} image files under {train_dir}")
   skipped: list[folder.Skipped] = []
   chunks = []  # extract() outputs: Spade's (pool, {level: ...}), PatchCore's patches.
@@ -185,14 +195,16 @@ def fit_folder(spade, train_dir: str | os.PathLike[str], index_path: str | os.Pa
     raise ValueError(f"training images: none of the {len(files)} image files under "
                      f"{str(train_dir)!r} is readable (see the warnings above)")
   _check_k(spade, count, f"training folder {str(train_dir)!r} (readable images)")
+  _check_learned(spade, count, f"training folder {str(train_dir)!r} (readable images)")
+  if calibrate:  # The plan, checked and logged before the index is fitted.
+    how = calibration.describe_folds(
+        calibration.calibration_folds(spade, count, quantile, folds), count)
+    log(f"calibrate (after the fit): {how} image scores of the {count} training images, "
+        f"quantile {quantile}")
   features = jax.tree.map(lambda *parts: np.concatenate(parts), *chunks)
   index = spade.fit_features(*(features if is_spade else (features,)))
   threshold = held_out = None
   if calibrate:
-    how = ("leave-one-out" if is_spade and folds is None else
-           f"{folds or calibration.PATCHCORE_FOLDS}-fold")
-    log(f"calibrate: {how} image scores of the {count} training images, quantile "
-        f"{quantile}")
     if is_spade:
       threshold, held_out = calibration.spade_threshold(spade, features[0],
                                                         quantile=quantile, folds=folds)
@@ -232,25 +244,35 @@ def predict_folder(spade, index, images_dir: str | os.PathLike[str],
   if isinstance(num_summary, bool) or not isinstance(num_summary, int) or num_summary < 0:
     raise ValueError(f"num_summary must be an int >= 0, got {num_summary!r}")
   cfg = spade.config
+  if threshold is not None:  # Before any work: a threshold applied under other settings.
+    threshold.check(cfg, "predict")
   if isinstance(spade, Spade):
-    spade_lib.check_compatible(index, spade.backbone.name, cfg, "predict")
+    spade_lib.check_compatible(index, spade.backbone.name, cfg, "predict",
+                               weights=common.weights_id(spade.backbone))
     _check_k(spade, index.num_images, "the index")
     if index.missing_fits(cfg):  # Once here, not per chunk of images.
       log(f"predict: fitting what metric={cfg.metric!r}, aggregate={cfg.aggregate!r} need "
           f"on the index's {index.num_images} training images")
       index = spade.fit_kernels(index)
   else:
-    patchcore_lib.check_compatible(index, spade.backbone.name, cfg, "predict")
-  out = predictions.check_output_dir(output_dir)
-  files = _image_files(images_dir, "images", exclude=[out])
-  log(f"predict: {len(files)} image files under {images_dir}")
+    patchcore_lib.check_compatible(index, spade.backbone.name, cfg, "predict",
+                                   weights=common.weights_id(spade.backbone))
+  # The images first: a run with nothing to score creates no output folder.
+  files = _image_files(images_dir, "images", exclude=[output_dir])
+  predictions.check_output_dir(output_dir)
   skipped: list[folder.Skipped] = []
+  for item in folder.list_unsupported(images_dir, exclude=[output_dir]):
+    _warn_skip(skipped)(item)  # GIF, HEIC, ...: listed in skipped.csv, not read.
+  unsupported = len(skipped)
+  log(f"predict: {len(files)} image files under {images_dir}")
   paths, scores = [], []
   report = progress.Progress("predict: processed", len(files), log=log)
-  with tempfile.TemporaryDirectory(dir=out, prefix=".predict-") as tmp:
+  # Every output is built in the run's staging folder and put in place at the end
+  # (predictions.start_run): the folder holds the previous complete run until then.
+  with predictions.start_run(output_dir) as run:
     shape = (len(files), cfg.crop, cfg.crop)
-    maps = np.memmap(pathlib.Path(tmp) / "maps", np.float32, "w+", shape=shape)
-    views = np.memmap(pathlib.Path(tmp) / "views", np.uint8, "w+", shape=(*shape, 3))
+    maps = np.memmap(run.stage / "maps", np.float32, "w+", shape=shape)
+    views = np.memmap(run.stage / "views", np.uint8, "w+", shape=(*shape, 3))
     for images, read in folder.read_chunks(files, _CHUNK_BATCHES * cfg.batch_size,
                                            _warn_skip(skipped)):
       with progress.quiet():
@@ -260,27 +282,40 @@ def predict_folder(spade, index, images_dir: str | os.PathLike[str],
       views[rows] = heatmaps.model_view(images, resize=cfg.resize, crop=cfg.crop)
       paths += [f.relative for f in read]
       scores.append(chunk_scores)
-      report.update(len(paths) + len(skipped))
+      report.update(len(paths) + len(skipped) - unsupported)
     if not paths:
       raise ValueError(f"images: none of the {len(files)} image files under "
                        f"{str(images_dir)!r} is readable (see the warnings above)")
     scores = np.concatenate(scores).astype(np.float32)
+    skipped.sort(key=lambda s: s.relative)
     cut = None if threshold is None else threshold.value
-    scores_csv = predictions.write_scores(out, paths, scores, cut)
-    predictions.write_skipped(out, [(s.relative, s.reason) for s in skipped])
+    predictions.write_scores(run.stage, paths, scores, cut)
+    predictions.write_skipped(run.stage, [(s.relative, s.reason) for s in skipped])
     n = len(paths)
     vmin, vmax = float(np.min(maps[:n])), float(np.max(maps[:n]))
     if write_heatmaps:
       for i, path in enumerate(paths):
         figure = heatmaps.render_prediction(views[i], maps[i], vmin=vmin, vmax=vmax)
-        heatmaps.save_png(predictions.heatmap_path(out, path), figure)
-    summary = None
+        heatmaps.save_png(predictions.heatmap_path(run.stage, path), figure)
     if num_summary:
       top = np.argsort(-scores, kind="stable")[:num_summary]
       captions = predictions.summary_captions([paths[i] for i in top], scores[top], cut)
       figure = predictions.render_summary(views[top], maps[top], captions, vmin=vmin,
                                           vmax=vmax)
-      summary = heatmaps.save_png(out / predictions.SUMMARY_FILE, figure)
+      heatmaps.save_png(run.stage / predictions.SUMMARY_FILE, figure)
     del maps, views  # Close the memory maps before their folder goes.
-  return PredictReport(paths, scores, skipped, scores_csv, summary, vmin, vmax,
-                       time.perf_counter() - start)
+    run.commit(_run_record(spade, images_dir, n, len(skipped), cut))
+  return PredictReport(paths, scores, skipped, run.out / predictions.SCORES_FILE,
+                       run.out / predictions.SUMMARY_FILE if num_summary else None, vmin,
+                       vmax, time.perf_counter() - start)
+
+
+def _run_record(spade, images_dir, num_images: int, num_skipped: int,
+                threshold: float | None) -> dict[str, Any]:
+  """What <output_dir>/.predict-complete says about a predict run."""
+  return {"finished": datetime.datetime.now(datetime.timezone.utc).isoformat(
+              timespec="seconds"),
+          "images_dir": os.path.abspath(images_dir), "images": num_images,
+          "skipped": num_skipped, "method": type(spade).__name__,
+          "backbone": spade.backbone.name,
+          "threshold": None if threshold is None else float(threshold)}

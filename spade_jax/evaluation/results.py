@@ -43,12 +43,7 @@ from typing import Any
 import numpy as np
 
 from spade_jax.evaluation.config import EvalConfig
-from spade_jax.host import atomic
-
-try:
-  import fcntl
-except ImportError:  # Not POSIX: runs sharing an output_dir are not serialised.
-  fcntl = None
+from spade_jax.host import atomic, locks
 
 METRIC_NAMES = ("image_auroc", "pixel_auroc", "au_pro")
 RESULTS_FILE = "results.json"
@@ -250,15 +245,8 @@ class ResultsFile:
 
   @contextlib.contextmanager
   def _locked(self) -> Iterator[None]:
-    if fcntl is None:
+    with locks.exclusive(self.out / LOCK_FILE):  # Waits for the other run's merge.
       yield
-      return
-    fd = os.open(self.out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-      fcntl.flock(fd, fcntl.LOCK_EX)
-      yield
-    finally:
-      os.close(fd)  # Releases the lock.
 
   def read(self) -> dict[str, Any]:
     """The validated file (a fresh dict if there is none); no lock needed (atomic writes)."""

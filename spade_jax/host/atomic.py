@@ -14,7 +14,9 @@ stays. Temporary files are therefore named after their destination and their wri
 (the host tag is a hash of the host name and pid namespace), and every new write to a
 destination first removes that destination's temporary files whose writer ran on this
 host and is no longer alive. A live writer's file, or one from another host (a shared
-folder), is never touched.
+folder), is never touched. Temporary folders (new_temp_dir: work built in place, then
+moved, as predict.py's runs) are named the same way; stale_temps(path, folders=True)
+lists those of dead writers for their owner to clean up.
 """
 
 from __future__ import annotations
@@ -77,6 +79,48 @@ def _is_alive(pid: int) -> bool:
   return not (fields and fields[0] in ("Z", "X"))
 
 
+def stale_temps(path: PathLike, *, folders: bool = False,
+                include_own: bool = False) -> list[pathlib.Path]:
+  """The temporary files (or folders) of destination `path` left by dead writers.
+
+  Only entries named as this module names temporaries for `path` and written on this
+  host by a process that no longer runs; with include_own, also this process's own
+  (for a caller that knows none of them is in use, e.g. under a lock).
+
+  Args:
+    path: the destination.
+    folders: list temporary folders (new_temp_dir) instead of regular files.
+    include_own: also list those of this process.
+
+  Returns:
+    Sorted paths; [] if the folder cannot be read.
+  """
+  path = pathlib.Path(path)
+  folder = path.parent
+  prefix = f".{path.name}{TEMP_MARK}"
+  pattern = _temp_pattern(path.name)
+  found = []
+  try:
+    entries = [e for e in os.scandir(folder) if e.name.startswith(prefix)]
+  except OSError:
+    return found
+  for entry in entries:
+    match = pattern.fullmatch(entry.name)
+    if match is None or match.group(1) != _host_tag():
+      continue
+    pid = int(match.group(2))
+    if (pid == os.getpid() and not include_own) or (pid != os.getpid() and _is_alive(pid)):
+      continue
+    try:
+      kind_ok = (entry.is_dir(follow_symlinks=False) if folders
+                 else entry.is_file(follow_symlinks=False))
+    except OSError:
+      continue
+    if kind_ok:
+      found.append(folder / entry.name)
+  return sorted(found)
+
+
 def remove_stale_temps(path: PathLike) -> list[pathlib.Path]:
   """Removes the temporary files of destination `path` left by dead writers.
 
@@ -87,26 +131,13 @@ def remove_stale_temps(path: PathLike) -> list[pathlib.Path]:
   Returns:
     The removed files.
   """
-  path = pathlib.Path(path)
-  folder = path.parent
-  prefix = f".{path.name}{TEMP_MARK}"
-  pattern = _temp_pattern(path.name)
   removed = []
-  try:
-    entries = [e for e in os.scandir(folder) if e.name.startswith(prefix)]
-  except OSError:
-    return removed
-  for entry in entries:
-    match = pattern.fullmatch(entry.name)
-    if match is None or match.group(1) != _host_tag() or _is_alive(int(match.group(2))):
-      continue
+  for stale in stale_temps(path):
     try:
-      if not entry.is_file(follow_symlinks=False):
-        continue
-      os.unlink(entry.path)
+      os.unlink(stale)
     except OSError:
       continue
-    removed.append(folder / entry.name)
+    removed.append(stale)
   return removed
 
 
@@ -126,6 +157,18 @@ def new_temp(path: PathLike, suffix: str = ".tmp") -> pathlib.Path:
       suffix=suffix)
   os.close(fd)
   return pathlib.Path(tmp)
+
+
+def new_temp_dir(path: PathLike) -> pathlib.Path:
+  """Creates an empty temporary folder for destination `path`, in its folder.
+
+  Named like new_temp's files (no suffix), so stale_temps(path, folders=True) finds
+  it once its writer is dead. Nothing is removed here: the caller decides what to do
+  with stale folders (they may hold finished work). The caller owns the folder.
+  """
+  path = pathlib.Path(path)
+  return pathlib.Path(tempfile.mkdtemp(
+      dir=path.parent, prefix=f".{path.name}{TEMP_MARK}{_host_tag()}.{os.getpid()}."))
 
 
 def publish(tmp: PathLike, dest: PathLike) -> None:

@@ -19,6 +19,8 @@ differentiable in the distances and in h (a learnable bandwidth: pass a traced v
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -78,9 +80,48 @@ def aggregate(distances: Array, mode: str, bandwidth: Array | float | None = Non
   raise ValueError(f"aggregate must be one of {AGGREGATES}, got {mode!r}")
 
 
-def check_aggregate(mode: str, bandwidth) -> None:
+def check_bandwidth(value, name: str = "bandwidth") -> None:
+  """Validates one bandwidth h in Python: a real number > 0 and finite (a Python or
+  NumPy number, a 0-d array), or a traced real scalar (its value is not checked).
+
+  Raises:
+    ValueError: naming `name`, for anything else (a dict, a string, a bool, an array
+      of several values, a complex number, NaN, Inf, h <= 0).
+  """
+  what = (f"{name} must be a finite number > 0 (a Python or NumPy number, a 0-d array, "
+          "or a traced scalar under jit)")
+  if isinstance(value, (bool, np.bool_, str, bytes)):
+    raise ValueError(f"{what}, got {value!r:.100}")
+  if isinstance(value, jax.core.Tracer):
+    if value.shape != () or not _real(value.dtype):
+      raise ValueError(f"{what}, got a traced {value.dtype} of shape {value.shape}")
+    return
+  try:
+    host = np.asarray(value)
+  except Exception:  # pylint: disable=broad-except  (whatever NumPy cannot read)
+    raise ValueError(f"{what}, got {value!r:.100}") from None
+  if host.ndim != 0 or not _real(host.dtype):
+    raise ValueError(f"{what}, got {value!r:.100}")
+  host = host.astype(np.float64)
+  if not np.isfinite(host) or host <= 0:
+    raise ValueError(f"{what}, got {value!r:.100}")
+
+
+def _real(dtype) -> bool:
+  """A real number type: floats (bfloat16 included) and ints, not bools or complex."""
+  return bool(jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer))
+
+
+def check_aggregate(mode: str, bandwidth, *, levels: tuple[str, ...] | None = None) -> None:
   """Validates (aggregate, bandwidth) in Python: "mean" takes no bandwidth, "softmin"
   and "kde" need one > 0 (checked when concrete; a traced one is not).
+
+  Args:
+    mode: the aggregate (AGGREGATES).
+    bandwidth: None, or one h (check_bandwidth); with `levels`, also a dict level -> h
+      (pixel_scores' "ensemble": its keys are checked against the levels there).
+    levels: the levels that may each have their own h (None: one h only, as for
+      image_scores).
 
   Raises:
     ValueError: naming the bad argument.
@@ -94,10 +135,14 @@ def check_aggregate(mode: str, bandwidth) -> None:
     return
   if bandwidth is None:
     raise ValueError(f'aggregate="{mode}" needs a bandwidth h > 0 (distance units)')
-  values = bandwidth.values() if isinstance(bandwidth, dict) else [bandwidth]
-  for value in values:
-    if isinstance(value, jax.core.Tracer):
-      continue
-    host = np.asarray(value, np.float64)
-    if host.ndim != 0 or not np.isfinite(host) or host <= 0:
-      raise ValueError(f"bandwidth must be a finite scalar > 0, got {value!r}")
+  if isinstance(bandwidth, Mapping):
+    if levels is None:
+      raise ValueError(f"bandwidth must be None or a finite number > 0 (one h for the image "
+                       f"scores), got a dict {bandwidth!r:.100}")
+    if not bandwidth:
+      raise ValueError(f"bandwidth must be None, a finite number > 0 or a dict level -> h "
+                       f"of the levels {list(levels)}, got an empty dict")
+    for level, value in bandwidth.items():
+      check_bandwidth(value, f"bandwidth[{level!r}]")
+    return
+  check_bandwidth(bandwidth)

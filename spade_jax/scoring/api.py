@@ -48,11 +48,15 @@ def image_scores(test_pool: Array, train_pool: Array, k: int,
     num_neighbors: how many nearest training images to return (SPADE's K for the
       pixel gallery; may differ from k; one search serves both). Default k.
     aggregate: "mean" (SPADE), "softmin" or "kde" (aggregate.py) over the k distances.
-    bandwidth: h > 0 of "softmin" / "kde" (a number or a traced scalar); None for "mean".
+    bandwidth: h > 0 of "softmin" / "kde" (a finite number, a 0-d array or a traced
+      scalar); None for "mean".
     check_finite_inputs: reject NaN/Inf (one device reduction per input and kernel).
 
   Returns:
     (scores [N] float32, neighbor indices [N, num_neighbors] int32, nearest first).
+
+  Raises:
+    ValueError: naming a bad argument (e.g. a bandwidth that is not one number > 0).
   """
   sharded_pool = sharding.as_sharded(train_pool, "train_pool")
   if sharded_pool is not None:
@@ -186,8 +190,8 @@ def pixel_scores(test_features: Mapping[str, Array], train_features: Mapping[str
       a kernel fitted on each level's features. "cat": one, for the concatenated levels.
     aggregate: "mean" (SPADE), "softmin" or "kde" (aggregate.py) over the kappa
       distances (with kappa = 1 all three are the nearest distance).
-    bandwidth: h > 0 of "softmin" / "kde", a number or a dict level -> number
-      ("ensemble"); None for "mean".
+    bandwidth: h > 0 of "softmin" / "kde", a finite number (or 0-d array, or traced
+      scalar) or a dict level -> number ("ensemble"); None for "mean".
     images_per_chunk: training images per streamed gallery chunk; None targets ~8M
       proxy entries per chunk.
     test_batch_size: test images vmapped together (lax.map batch); 1 is fastest on CPU.
@@ -196,6 +200,9 @@ def pixel_scores(test_features: Mapping[str, Array], train_features: Mapping[str
 
   Returns:
     [N, H0, W0] float32 score maps, (H0, W0) = the finest level's grid.
+
+  Raises:
+    ValueError: naming a bad argument.
   """
   sharded_features = (sharding.resolve_levels(train_features, "train_features")
                       if isinstance(train_features, Mapping) and train_features else None)
@@ -203,7 +210,7 @@ def pixel_scores(test_features: Mapping[str, Array], train_features: Mapping[str
     train_features = sharded_features
   levels, grid, n, _, k = _validate_pixel_args(test_features, train_features,
                                                neighbor_indices, kappa, combine)
-  aggregate_lib.check_aggregate(aggregate, bandwidth)
+  aggregate_lib.check_aggregate(aggregate, bandwidth, levels=levels)
   parts = levels if combine == "ensemble" else ("cat",)
   dims = ([test_features[level].shape[-1] for level in levels] if combine == "ensemble"
           else [sum(test_features[level].shape[-1] for level in levels)])

@@ -13,7 +13,8 @@ nearest distances become a score (aggregate.py):
   kernel of spade_jax.kernels of that name, from_features on each feature set;
 * "learned": Mahalanobis whose shrinkage and bandwidth are learned with optax on the
   training features only (kernels.learn; default objective: likelihood
-  cross-validation over 5 folds of images; "synthetic": the pooled kernel learns from
+  cross-validation over 5 folds of images, min(5, M) with M < 5 training images and
+  at least 3 of them: learned_folds; "synthetic": the pooled kernel learns from
   synthetic anomalies, whose features the caller passes);
 * "softmin", "kde": L2 with the soft scores of aggregate.py, the bandwidth h set from
   the training images alone: the median distance of a training image (or of its
@@ -28,6 +29,7 @@ from collections.abc import Mapping
 import dataclasses
 from typing import Any
 
+from absl import logging
 import jax
 import numpy as np
 
@@ -61,6 +63,37 @@ VARIANTS = {
     "kde": Variant(aggregate="kde"),
 }
 OBJECTIVES = ("loo", "synthetic")
+# Folds of training images that the learned variants cross-fit over (fewer with fewer
+# images: learned_folds).
+LEARNED_FOLDS = 5
+# The fewest training images of a learned variant: each fold's Mahalanobis covariance
+# is estimated on the other images' pooled features, which needs 2 of them.
+MIN_LEARNED_IMAGES = 3
+
+
+def learned_folds(num_images: int) -> int:
+  """The folds of images that metric="learned" cross-fits over with `num_images`
+  training images: min(LEARNED_FOLDS, num_images). A pure check that callers can make
+  before any feature extraction.
+
+  Args:
+    num_images: the number of training images (M).
+
+  Returns:
+    The number of folds F, 3 <= F <= LEARNED_FOLDS.
+
+  Raises:
+    ValueError: fewer than MIN_LEARNED_IMAGES (3) training images, or not an int.
+  """
+  if isinstance(num_images, bool) or not isinstance(num_images, (int, np.integer)):
+    raise ValueError(f"num_images must be an int, got {num_images!r}")
+  if num_images < MIN_LEARNED_IMAGES:
+    raise ValueError(
+        f"metric='learned' needs at least {MIN_LEARNED_IMAGES} training images, got "
+        f"{num_images}: it cross-fits its kernels over folds of training images, each "
+        f"fold's covariance estimated on the pooled features of the other images (at "
+        f"least 2 of them)")
+  return int(min(LEARNED_FOLDS, num_images))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,7 +201,8 @@ def fit_variant(name: str, train_pool: Any, train_features: Mapping[str, Any], *
     The FittedVariant.
 
   Raises:
-    ValueError: unknown name or objective, missing anomalies.
+    ValueError: unknown name or objective, missing anomalies, fewer than 3 training
+      images for a learned variant (learned_folds).
   """
   if name not in VARIANTS:
     raise ValueError(f"unknown variant {name!r}; known: {sorted(VARIANTS)}")
@@ -183,15 +217,23 @@ def fit_variant(name: str, train_pool: Any, train_features: Mapping[str, Any], *
   elif not variant.learned:
     metrics = kernels.for_levels(variant.kernel, feats, key=key)
   else:
+    num_images = int(np.shape(train_pool)[0])
+    folds = learned_folds(num_images)
+    if folds < LEARNED_FOLDS:
+      logging.info("variant %r: %d training images, so %d folds instead of %d", name,
+                   num_images, folds, LEARNED_FOLDS)
     metrics = {}
     for i, (part, x) in enumerate(feats.items()):
       part_key = jax.random.fold_in(key, i)
-      goal = None
+      goal = dataclasses.replace(kernels.DEFAULT_OBJECTIVE, folds=folds)
       if objective == "synthetic" and part == "pool":
         if anomalies is None:
           raise ValueError('objective="synthetic" needs the anomalies\' pooled features')
+        # Its k nearest normal images come from the rest of a fold (its default k = 5).
+        rest = num_images - num_images // folds
         goal = kernels.SyntheticAUROC(anomalies=np.asarray(anomalies[0]),
-                                      sources=np.asarray(anomalies[1]), folds=5)
+                                      sources=np.asarray(anomalies[1]), folds=folds,
+                                      k=min(kernels.SyntheticAUROC.k, rest))
       metrics[part], curve = kernels.learn(variant.kernel, x, objective=goal, steps=steps,
                                            learning_rate=learning_rate, key=part_key)
       losses[part] = np.asarray(curve)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 import dataclasses
 import functools
+import hashlib
+import json
 from typing import Any
 
 import flax.linen as nn
@@ -30,6 +32,24 @@ def _compiled_apply(module: nn.Module, features: tuple[str, ...] | None):
   return jax.jit(apply)
 
 
+def weights_identity(variables: Any) -> str:
+  """"sha256:<hex>" of a backbone's variables: every leaf's path, dtype, shape and bytes.
+
+  The identity of the weights themselves, not of the file they came from: a torch
+  checkpoint and its converted .safetensors give the same identity, another training
+  run or a random init another. Index files record it (Spade / PatchCore refuse an
+  index fitted with other weights).
+  """
+  digest = hashlib.sha256()
+  leaves = jax.tree_util.tree_flatten_with_path(variables)[0]
+  for path, leaf in sorted(leaves, key=lambda item: jax.tree_util.keystr(item[0])):
+    value = np.ascontiguousarray(np.asarray(leaf))
+    digest.update(json.dumps([jax.tree_util.keystr(path), value.dtype.str,
+                              list(value.shape)]).encode() + b"\0")
+    digest.update(value.reshape(-1).view(np.uint8))
+  return f"sha256:{digest.hexdigest()}"
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Backbone:
   """A frozen backbone.
@@ -39,11 +59,18 @@ class Backbone:
     module: the Flax Linen module (hashable; the jit cache key).
     variables: {'params': ..., 'batch_stats': ...} pytree.
     features: name -> FeatureInfo for every feature the module returns.
+    weights_id: weights_identity(variables) ("sha256:<hex>"), computed on first use;
+      fitted indexes record it, and scoring refuses an index of other weights.
   """
   name: str
   module: nn.Module
   variables: Any
   features: Mapping[str, FeatureInfo]
+
+  @functools.cached_property
+  def weights_id(self) -> str:
+    """weights_identity(self.variables), computed once."""
+    return weights_identity(self.variables)
 
   def apply(self, variables: Any, images: jax.Array) -> dict[str, jax.Array]:
     """The pure function: images [N, H, W, 3] float32 -> {feature: array}.

@@ -134,6 +134,16 @@ class Kernel:
     return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
             if not f.metadata.get("pytree_node", True)}
 
+  @classmethod
+  def check_static(cls, static: dict[str, Any]) -> None:
+    """Checks the values of the static fields (read from a file's spec, io.check_spec)
+    before anything is built; a subclass with constrained static fields overrides it.
+
+    Raises:
+      ValueError: naming the bad value.
+    """
+    del static
+
   def __repr__(self) -> str:
     shapes = ", ".join(f"{k}={tuple(np.shape(v))}" for k, v in self.params().items())
     static = "".join(f", {k}={v!r}" for k, v in self.static().items())
@@ -306,10 +316,18 @@ def as_param(value: Any, name: str, *, positive: bool = False) -> Array:
   """A float32 array parameter from a Python number or array (checked when concrete).
 
   Raises:
-    ValueError: not finite, or not > 0 when positive.
+    ValueError: not real numbers (a dict, a string, a bool...), not finite, or not > 0
+      when positive.
   """
   if not isinstance(value, jax.core.Tracer):
-    host = np.asarray(value, np.float64)
+    try:
+      host = np.asarray(value)
+    except Exception:  # pylint: disable=broad-except  (whatever NumPy cannot read)
+      host = np.asarray(None)
+    if not (jnp.issubdtype(host.dtype, jnp.floating)  # bfloat16 included.
+            or jnp.issubdtype(host.dtype, jnp.integer)):
+      raise ValueError(f"{name} must be a real number or array of them, got {value!r:.100}")
+    host = host.astype(np.float64)
     if not np.isfinite(host).all():
       raise ValueError(f"{name} must be finite, got {value!r}")
     if positive and not (host > 0).all():

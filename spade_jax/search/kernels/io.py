@@ -137,6 +137,10 @@ def _check_one_spec(spec: Any, where: str) -> list[str]:
         isinstance(value, float) and not math.isfinite(value)):
       raise ValueError(f"{where}: static field {key!r} of kernel {name!r} must be a string, "
                        f"a bool or a finite number, got {value!r:.100}")
+  try:  # The class's own checks of its static values (e.g. a renamed rff spectrum).
+    base.KERNELS[name].check_static(dict(static))
+  except ValueError as e:
+    raise ValueError(f"{where}: kernel {name!r}: {e}") from None
   return sorted(arrays)
 
 
@@ -144,8 +148,10 @@ def check_spec(spec: Any) -> list[str]:
   """The names of the arrays that `spec` (from kernel_to_arrays) needs, after checking
   it strictly: the layout kernel_to_arrays writes, registered kernel and metric names
   only, each kernel with exactly its class's array and static fields, and static
-  values that are JSON scalars. For specs read from files: nothing in a spec is ever
-  executed, names are only looked up in the registries.
+  values that are JSON scalars its class accepts (Kernel.check_static: an rff kernel
+  stored with the old spectrum name "cauchy" is refused with its new name). For specs
+  read from files: nothing in a spec is ever executed, names are only looked up in the
+  registries.
 
   Raises:
     ValueError: naming what is wrong.

@@ -18,6 +18,24 @@ kernel is small for pooled features with N << D:
 all divided by h (without the b terms when r = D). The trainable parameters are the
 shrinkage (as a logit) and log h; the spectrum is a statistic of the data, re-estimated
 by `refit` when an objective cross-fits (held-out features must not shape it).
+
+Degenerate covariances have a defined kernel:
+
+* S = 0 (every training row equal, e.g. the features of identical all-black images;
+  a spread below float32's resolution of the rows counts as 0: mu <= (4 eps_32)^2
+  |x|^2 / D on average over the rows, or mu below float32's smallest normal number):
+  there is no scale to whiten by, so mu is taken as 1 and Ledoit-Wolf's lambda as 1
+  (S carries no information). Then Sigma = lambda I, r = 0 and
+
+      d(x, y) = |x - y| / (h sqrt(lambda)),
+
+  L2's distance / h by default (an explicit shrinkage in (0, 1] is kept; 0 is refused).
+* S rank deficient (r < D): lambda > 0 makes Sigma invertible. A Ledoit-Wolf estimate
+  of 0 (2 rows, whose centred outer products are all equal) is stored as the smallest
+  shrinkage logit, lambda = sigmoid(-30) ~ 1e-13, like every estimate below it.
+
+A feature constant over the training rows has exactly 0 variance (it is centred on its
+value, not on a rounded mean).
 """
 
 from __future__ import annotations
@@ -35,6 +53,12 @@ Array = jax.Array
 _MAX_LOGIT = 30.0
 # Eigenvalues below this fraction of the largest are S's null space (rank deficiency).
 _RANK_TOL = 1e-10
+# A covariance is 0 (the rows are constant) when mu = tr(S) / D is at most
+# _CONSTANT_TOL times the rows' mean square |x|^2 / D (a spread below about 4 float32
+# ulps of the rows, which float32 features cannot resolve: e.g. identical images whose
+# features differ by rounding), or below float32's smallest normal number.
+_CONSTANT_TOL = float(4.0 * np.finfo(np.float32).eps) ** 2
+_MIN_MEAN_EIGENVALUE = float(np.finfo(np.float32).tiny)
 
 
 def _as_rows(features, name: str = "features") -> np.ndarray:
@@ -55,14 +79,24 @@ def _as_rows(features, name: str = "features") -> np.ndarray:
   return x
 
 
+def _centred(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(mean [D], x - mean [N, D]) of float64 rows, with the columns that are constant
+  over the rows centred exactly (their value, not a rounded mean): all-equal rows then
+  have a covariance of exactly 0, not one of rounding errors."""
+  mean = x.mean(axis=0)
+  constant = np.all(x == x[0], axis=0)
+  mean = np.where(constant, x[0], mean)
+  return mean, x - mean
+
+
 def ledoit_wolf_shrinkage(features) -> float:
   """Ledoit & Wolf's (2004) shrinkage of the covariance of features [N, D] toward
-  mu I, as scikit-learn's LedoitWolf computes it (data centred, MLE covariance).
+  mu I, as scikit-learn's LedoitWolf computes it (data centred, MLE covariance); 0 for
+  a covariance of 0 (all rows equal).
 
   Host NumPy, float64; O(N D min(N, D)).
   """
-  x = _as_rows(features)
-  x = x - x.mean(axis=0)
+  _, x = _centred(_as_rows(features))
   n, p = x.shape
   x2 = x * x
   trace = x2.sum(axis=0) / n  # Diagonal of S.
@@ -73,26 +107,32 @@ def ledoit_wolf_shrinkage(features) -> float:
   beta = (beta_ / n - delta_) / (p * n)
   delta = (delta_ - 2.0 * mu * trace.sum() + p * mu**2) / p
   beta = min(beta, delta)
-  return 0.0 if beta == 0 else float(beta / delta)
+  return 0.0 if beta == 0 or delta == 0 else float(beta / delta)
+
+
+def _top_eigenvalues(e: np.ndarray) -> np.ndarray:
+  """[r] mask of the eigenvalues above _RANK_TOL of the largest (none of a 0 matrix)."""
+  if e.size == 0:
+    return np.zeros(0, bool)
+  return e > _RANK_TOL * max(float(e.max()), 1e-300)
 
 
 def covariance_spectrum(features) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
   """(mean [D], V [D, r], s [r], mu) of the MLE covariance S = V diag(s) V^T of [N, D]
   features, with the r eigenvalues above _RANK_TOL of the largest; mu = tr(S) / D.
-  Through the N x N Gram matrix when N < D. Host NumPy, float64."""
-  x = _as_rows(features)
-  mean = x.mean(axis=0)
-  xc = x - mean
+  All rows equal: r = 0 (V [D, 0], s [0]) and mu = 0. Through the N x N Gram matrix
+  when N < D. Host NumPy, float64."""
+  mean, xc = _centred(_as_rows(features))
   n, p = xc.shape
   if p <= n:
     s, v = np.linalg.eigh(xc.T @ xc / n)
   else:
     e, u = np.linalg.eigh(xc @ xc.T / n)
-    keep = e > _RANK_TOL * max(float(e.max()), 1e-300)
+    keep = _top_eigenvalues(e)
     s, u = e[keep], u[:, keep]
     v = xc.T @ u / np.sqrt(n * s)
   mu = float(np.sum(xc * xc) / (n * p))
-  keep = s > _RANK_TOL * max(float(s.max()), 1e-300)
+  keep = _top_eigenvalues(s)
   return mean, v[:, keep], s[keep], mu
 
 
@@ -194,9 +234,11 @@ def mahalanobis(features, shrinkage: float | None = None, *,
   """The Mahalanobis kernel of training features.
 
   Args:
-    features: [N, D] (or [N, ..., D]: every row of the last axis) training features.
-    shrinkage: lambda in [0, 1]; None: Ledoit-Wolf's estimate. 0 needs a covariance of
-      full rank (N > D and no constant direction).
+    features: [N, D] (or [N, ..., D]: every row of the last axis) training features,
+      N >= 2 rows. All rows equal (a covariance of 0) give the scaled L2 distance
+      |x - y| / (h sqrt(lambda)) (module docstring).
+    shrinkage: lambda in [0, 1]; None: Ledoit-Wolf's estimate (1 for a covariance of
+      0). 0 needs a covariance of full rank (N > D and no constant direction).
     bandwidth: h > 0 (distances are divided by it).
 
   Returns:
@@ -208,16 +250,20 @@ def mahalanobis(features, shrinkage: float | None = None, *,
   """
   mean, v, s, mu = covariance_spectrum(features)
   dim = mean.shape[0]
-  if shrinkage is None:
-    shrinkage = ledoit_wolf_shrinkage(features)
+  mean_square = mu + float(np.sum(mean * mean)) / dim  # Of the rows, about 0.
+  # S = 0: Sigma = lambda I (module docstring).
+  constant = mu <= max(_MIN_MEAN_EIGENVALUE, _CONSTANT_TOL * mean_square)
+  if constant:
+    v, s, mu = v[:, :0], s[:0], 1.0
+  given = shrinkage is not None
+  if not given:
+    shrinkage = 1.0 if constant else ledoit_wolf_shrinkage(features)
   elif isinstance(shrinkage, bool) or not 0.0 <= float(shrinkage) <= 1.0:
     raise ValueError(f"shrinkage must be in [0, 1] (None: Ledoit-Wolf), got {shrinkage!r}")
   complete = s.shape[0] == dim
-  if float(shrinkage) == 0.0 and not complete:
+  if given and float(shrinkage) == 0.0 and not complete:
     raise ValueError(f"shrinkage=0 needs a covariance of full rank, but these {dim}-d "
                      f"features span {s.shape[0]} dimensions; pass shrinkage > 0 or None")
-  if mu <= 0:
-    raise ValueError("features are all equal: their covariance is 0")
   base.as_param(bandwidth, "bandwidth", positive=True)
   log_h = jnp.asarray(np.log(float(bandwidth)), jnp.float32)
   return Mahalanobis(center=jnp.asarray(mean, jnp.float32),
