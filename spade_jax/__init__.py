@@ -7,13 +7,14 @@ Public API (see README.md):
   index = spade.fit(train_images_uint8)              # a pytree value
   scores, maps = spade.score(index, test_images_uint8)
   patchcore = spade_jax.PatchCore(backbone, spade_jax.PatchCoreConfig())  # the same calls
+  padim = spade_jax.Padim(backbone, spade_jax.PadimConfig())              # the same calls
 
 The package is the pipeline, one folder per stage (docs/ARCHITECTURE.md):
 features/ (images -> pyramid and patch features), search/ (distance kernels, exact kNN,
 sharded galleries, coreset), scoring/ (image scores, pixel correspondence, memory-bank
-scores, anomaly maps), detector/ (Spade and PatchCore: fit / score, index files),
-evaluation/ (benchmark loop, metrics, results.json), data/ (data sets), host/ (atomic
-files, cache paths, multi-process setup).
+scores, PaDiM's Gaussians, anomaly maps), detector/ (Spade, PatchCore and PaDiM:
+fit / score, index files), evaluation/ (benchmark loop, metrics, results.json), data/
+(data sets), host/ (atomic files, cache paths, multi-process setup).
 
 Names are resolved lazily (PEP 562) so that `import spade_jax` stays cheap and
 submodules are only imported when used.
@@ -38,6 +39,7 @@ _EXPORTS = {
     "preprocess": "spade_jax.features.preprocessing",
     "preprocess_masks": "spade_jax.features.preprocessing",
     "patch_features": "spade_jax.features.patches",
+    "padim_embedding": "spade_jax.features.embedding",
     # Stage 2, search: distance kernels, nearest neighbours, sharded galleries.
     "Metric": "spade_jax.search.distances",
     "METRICS": "spade_jax.search.distances",
@@ -53,6 +55,8 @@ _EXPORTS = {
     "gaussian_blur": "spade_jax.scoring.anomaly_map",
     "anomaly_maps": "spade_jax.scoring.anomaly_map",
     "patchcore_scores": "spade_jax.scoring.memory_bank",
+    "fit_gaussians": "spade_jax.scoring.gaussian",
+    "mahalanobis_distances": "spade_jax.scoring.gaussian",
     # Stage 4, the detector.
     "SpadeConfig": "spade_jax.detector.spade",
     "Spade": "spade_jax.detector.spade",
@@ -60,6 +64,9 @@ _EXPORTS = {
     "PatchCore": "spade_jax.detector.patchcore",
     "PatchCoreConfig": "spade_jax.detector.patchcore",
     "PatchCoreIndex": "spade_jax.detector.patchcore",
+    "Padim": "spade_jax.detector.padim",
+    "PadimConfig": "spade_jax.detector.padim",
+    "PadimIndex": "spade_jax.detector.padim",
     "save_index": "spade_jax.detector.index_file",
     "load_index": "spade_jax.detector.index_file",
 }
@@ -128,13 +135,16 @@ sys.meta_path.insert(0, _SubmoduleAliases())
 
 if TYPE_CHECKING:  # Static type checkers see the real imports.
   from spade_jax.detector.index_file import load_index, save_index
+  from spade_jax.detector.padim import Padim, PadimConfig, PadimIndex
   from spade_jax.detector.patchcore import PatchCore, PatchCoreConfig, PatchCoreIndex
   from spade_jax.detector.spade import Spade, SpadeConfig, SpadeIndex
   from spade_jax.features.backbones import BACKBONES, Backbone, load_backbone
+  from spade_jax.features.embedding import padim_embedding
   from spade_jax.features.patches import patch_features
   from spade_jax.features.preprocessing import preprocess, preprocess_masks
   from spade_jax.scoring.anomaly_map import anomaly_maps, gaussian_blur, upsample_bilinear
   from spade_jax.scoring.api import image_scores, pixel_scores
+  from spade_jax.scoring.gaussian import fit_gaussians, mahalanobis_distances
   from spade_jax.scoring.memory_bank import patchcore_scores
   from spade_jax.search.api import knn
   from spade_jax.search.coreset import coreset

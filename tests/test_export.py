@@ -113,6 +113,18 @@ EXPORTS = (
     Export("patchcore_scores",
            lambda t, b: spade_jax.patchcore_scores(t, b, reweight_neighbors=3),
            lambda: (_f32(2, 4, 4, 16), _f32(40, 16)), uses_cpu_kernel=True),
+    # PaDiM: embedding, per-position Gaussians (QR: cuSOLVER's geqrf on cuda),
+    # Mahalanobis distances.
+    Export("padim_embedding",
+           lambda l: spade_jax.padim_embedding(l, ("layer1", "layer2"), channels=(0, 5, 7)),
+           lambda: (_levels(3),)),
+    Export("fit_gaussians-paper", lambda x: spade_jax.fit_gaussians(x),
+           lambda: (_f32(10, 5, 6),)),
+    Export("fit_gaussians-ledoit_wolf-chunked",
+           lambda x: spade_jax.fit_gaussians(x, regularization="ledoit_wolf", chunk_size=4),
+           lambda: (_f32(10, 5, 6),)),
+    Export("mahalanobis_distances", spade_jax.mahalanobis_distances,
+           lambda: (_f32(3, 10, 6), _f32(10, 6), _f32(10, 6, 6))),
     # Backbones (random weights; variables passed as arguments, not baked in).
     Export("efficientnet_lite0.apply", lambda v, x: _backbone("efficientnet_lite0").apply(v, x),
            lambda: (_variables("efficientnet_lite0"), _f32(1, 64, 64, 3))),
@@ -145,6 +157,11 @@ EXPORTS = (
            lambda t, b: spade_jax.patchcore_scores(t, b, k=2, reweight_neighbors=3),
            lambda: (_replicated(2, 4, 4, 16), _sharded(37, 16)), uses_cpu_kernel=True,
            sharded=True),
+    Export("sharded-fit_gaussians", lambda x: spade_jax.fit_gaussians(x, chunk_size=2),
+           lambda: (_sharded_array(37, 5, 6),), sharded=True),
+    Export("sharded-mahalanobis_distances", spade_jax.mahalanobis_distances,
+           lambda: (_replicated(3, 37, 6), _sharded_array(37, 6), _sharded_array(37, 6, 6)),
+           sharded=True),
 )
 
 # Accelerator platforms exported for: each alone, and both in one multi-platform module.
@@ -156,7 +173,8 @@ PLATFORMS = (("cuda",), ("tpu",), ("cuda", "tpu"))
 # assertions, TPU (Pallas) kernels and TPU linear algebra / approximate top-k.
 # Observed with JAX 0.10.2: the functions of EXPORTS lower to no custom call at all on
 # cuda and tpu (with Shardy the sharding is carried by sdy ops; lax.top_k is
-# chlo.top_k), so this list is what jax may add, not what the library needs.
+# chlo.top_k), so this list is what jax may add, not what the library needs; the one
+# exception is fit_gaussians' QR factorisation, cuSOLVER's geqrf on cuda.
 ACCELERATOR_TARGETS = frozenset({
     "Sharding",
     "SPMDFullToShardShape",
@@ -165,6 +183,7 @@ ACCELERATOR_TARGETS = frozenset({
     "AllocateBuffer",
     "shape_assertion",
     "tpu_custom_call",
+    "cusolver_geqrf_ffi",  # QR on cuda (PaDiM's fit_gaussians).
     "ApproxTopK",
     "Eigh",
     "Qr",
@@ -216,6 +235,11 @@ def _sharded(rows: int, dim: int) -> Any:
   """A [rows, dim] ShardedGallery from spade_jax.shard_gallery, its leaves shape-only."""
   gallery = spade_jax.shard_gallery(np.zeros((rows, dim), np.float32), _mesh(), MESH_AXIS)
   return _shape_only(gallery)
+
+
+def _sharded_array(*shape: int) -> Any:
+  """A ShardedGallery of `shape` (rows first) from spade_jax.shard_gallery, shape-only."""
+  return _shape_only(spade_jax.shard_gallery(np.zeros(shape, np.float32), _mesh(), MESH_AXIS))
 
 
 def _sharded_levels(rows: int) -> Any:

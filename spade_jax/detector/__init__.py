@@ -1,6 +1,7 @@
 """Stage 4, the detector: SpadeConfig, the fitted SpadeIndex (a pytree value), Spade's
 fit / score over the stages below (spade.py), PatchCore's config, memory-bank index and
-fit / score (patchcore.py), what both share (common.py), a config's kernels and
+fit / score (patchcore.py), PaDiM's config, per-position Gaussian index and fit / score
+(padim.py), what the detectors share (common.py), a config's kernels and
 bandwidths (metric_fit.py), index files of both (index_file.py, index_kernels.py), and a
 decision threshold calibrated on normal images alone (calibration.py)."""
 
@@ -14,6 +15,7 @@ from spade_jax.detector.index_file import (
   load_index_file,
   save_index,
 )
+from spade_jax.detector.padim import Padim, PadimConfig, PadimIndex, shard_padim_index
 from spade_jax.detector.patchcore import (
   PatchCore,
   PatchCoreConfig,
@@ -29,6 +31,7 @@ from spade_jax.detector.spade import (
 )
 
 __all__ = ["INDEX_FORMAT", "INDEX_VERSION", "KERNEL_METRICS", "PATCHCORE_INDEX_FORMAT",
-           "IndexFile", "PatchCore", "PatchCoreConfig", "PatchCoreIndex", "Spade",
-           "SpadeConfig", "SpadeIndex", "Threshold", "load_index", "load_index_file",
-           "save_index", "shard_index", "shard_patchcore_index", "spade_threshold"]
+           "IndexFile", "Padim", "PadimConfig", "PadimIndex", "PatchCore", "PatchCoreConfig",
+           "PatchCoreIndex", "Spade", "SpadeConfig", "SpadeIndex", "Threshold", "load_index",
+           "load_index_file", "save_index", "shard_index", "shard_padim_index",
+           "shard_patchcore_index", "spade_threshold"]
