@@ -23,14 +23,24 @@ from typing import Any
 
 from absl import flags
 
-from spade_jax.detector import KERNEL_METRICS, PatchCoreConfig, SpadeConfig, SpadeIndex
-from spade_jax.evaluation.config import METHODS, check_patchcore_scoring
+from spade_jax.detector import (
+  KERNEL_METRICS,
+  PadimConfig,
+  PadimIndex,
+  PatchCoreConfig,
+  SpadeConfig,
+  SpadeIndex,
+)
+from spade_jax.detector.patchcore import IMAGE_SCORES
+from spade_jax.evaluation.config import METHODS, check_padim_scoring, check_patchcore_scoring
 from spade_jax.features.backbones import BACKBONES
+from spade_jax.features.patches import REDUCTIONS
 from spade_jax.scoring.aggregate import AGGREGATES
 from spade_jax.search.distances import METRICS
 
 _DEFAULT = SpadeConfig()
 _PATCHCORE = PatchCoreConfig()
+_PADIM = PadimConfig()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +64,13 @@ class DetectorFlags:
   coreset_ratio: flags.FlagHolder[float]
   patch_size: flags.FlagHolder[int]
   reweight: flags.FlagHolder[bool]
+  image_score: flags.FlagHolder[str | None]
+  topk: flags.FlagHolder[int | None]
+  reduction: flags.FlagHolder[str]
+  num_features: flags.FlagHolder[int]
+  feature_seed: flags.FlagHolder[int]
+  regularization: flags.FlagHolder[str]
+  epsilon: flags.FlagHolder[float]
 
   def settings(self) -> dict[str, Any]:
     """The detector settings as keyword arguments of evaluation.EvalConfig (weights
@@ -62,7 +79,7 @@ class DetectorFlags:
     method = self.method.value
     layers = self.layers.value
     if layers is None:
-      layers = (_DEFAULT if method == "spade" else _PATCHCORE).layers
+      layers = {"spade": _DEFAULT, "padim": _PADIM}.get(method, _PATCHCORE).layers
     return {
         "method": method, "backbone": self.backbone.value,
         "weights": None if weights.lower() == "none" else weights,
@@ -72,7 +89,10 @@ class DetectorFlags:
         "aggregate": self.aggregate.value, "bandwidth": self.bandwidth.value,
         "resize": self.resize.value, "crop": self.crop.value,
         "coreset_ratio": self.coreset_ratio.value, "patch_size": self.patch_size.value,
-        "reweight": self.reweight.value}
+        "reweight": self.reweight.value, "image_score": self.image_score.value,
+        "topk": self.topk.value, "reduction": self.reduction.value,
+        "num_features": self.num_features.value, "feature_seed": self.feature_seed.value,
+        "regularization": self.regularization.value, "epsilon": self.epsilon.value}
 
   def given(self) -> set[str]:
     """Names of the detector flags set on the command line (not left at their default)."""
@@ -84,8 +104,10 @@ def define_detector_flags() -> DetectorFlags:
   return DetectorFlags(
       method=flags.DEFINE_enum(
           "method", "spade", list(METHODS),
-          "Detector: spade (SPADE, Cohen & Hoshen 2020) or patchcore (PatchCore, Roth et "
-          "al. 2022: a coreset memory bank of locally aware patch features)."),
+          "Detector: spade (SPADE, Cohen & Hoshen 2020), patchcore (PatchCore, Roth et "
+          "al. 2022: a coreset memory bank of locally aware patch features) or padim "
+          "(PaDiM, Defard et al. 2020: a Gaussian per position of random-subset "
+          "embeddings, Mahalanobis distances)."),
       backbone=flags.DEFINE_enum(
           "backbone", "efficientnet_lite0", list(BACKBONES),
           "Feature extractor; wide_resnet50_2 reproduces the paper."),
@@ -101,8 +123,8 @@ def define_detector_flags() -> DetectorFlags:
                                  "kappa: nearest gallery features per pixel."),
       layers=flags.DEFINE_list(
           "layers", None, "Pyramid levels. Default: the method's, "
-          f"{','.join(_DEFAULT.layers)} for spade, {','.join(_PATCHCORE.layers)} for "
-          "patchcore."),
+          f"{','.join(_DEFAULT.layers)} for spade and padim, {','.join(_PATCHCORE.layers)} "
+          "for patchcore."),
       combine=flags.DEFINE_enum("combine", _DEFAULT.combine, ["ensemble", "cat"],
                                 "How levels combine."),
       metric=flags.DEFINE_string(
@@ -131,23 +153,63 @@ def define_detector_flags() -> DetectorFlags:
           "averaged into each patch feature."),
       reweight=flags.DEFINE_bool(
           "reweight", _PATCHCORE.reweight, "patchcore: reweight the image score by the "
-          "density of its nearest bank entry's neighbourhood (PatchCore, eq. 7)."),
+          "density of its nearest bank entry's neighbourhood (PatchCore, eq. 7); the same "
+          "as --image_score=reweight."),
+      image_score=flags.DEFINE_enum(
+          "image_score", None, list(IMAGE_SCORES), "patchcore: the image score from its "
+          "patch scores: max (the paper's: the largest), reweight (the paper's eq. 7, as "
+          "--reweight) or topk (the mean of the --topk largest). Default: reweight with "
+          "--reweight, topk with --topk, else max."),
+      topk=flags.DEFINE_integer(
+          "topk", None, "patchcore, --image_score=topk: how many of an image's largest "
+          "patch scores are averaged (1 to its patches, e.g. 28 x 28 = 784 with layer2 at "
+          "crop 224); giving it chooses topk."),
+      reduction=flags.DEFINE_enum(
+          "reduction", _PATCHCORE.reduction, list(REDUCTIONS), "patchcore: how the levels' "
+          f"channels are reduced to {_PATCHCORE.embed_dim} when they have more "
+          "(wide_resnet50_2: 512 + 1024): per_level (the paper's code, "
+          "patchcore-inspection: each level pooled to 1024, then together), adaptive_avg "
+          "(one pooling over the concatenated levels; the default before per_level) or "
+          "random_projection. Fewer channels are kept whatever it is."),
+      num_features=flags.DEFINE_integer(
+          "num_features", _PADIM.num_features, "padim: d, the random subset of the "
+          "layers' concatenated channels (paper: 100 for resnet18, 550 for "
+          "wide_resnet50_2). Default: min(100, the channels)."),
+      feature_seed=flags.DEFINE_integer(
+          "feature_seed", _PADIM.feature_seed, "padim: seed of the random channel "
+          "subset."),
+      regularization=flags.DEFINE_enum(
+          "regularization", _PADIM.regularization, ["paper", "ledoit_wolf"], "padim: "
+          "each position's covariance: paper (sample covariance + epsilon I) or "
+          "ledoit_wolf (Ledoit-Wolf shrinkage, no epsilon)."),
+      epsilon=flags.DEFINE_float(
+          "epsilon", _PADIM.epsilon, "padim, --regularization=paper: the epsilon added "
+          "to each covariance's diagonal (> 0)."),
   )
 
 
-# Flags that only one method reads (the others are both methods'): giving one of them
-# with the other method is an error (check_method_flags), never silently ignored.
+# Flags that not every method reads, by the methods that read them (the flags listed
+# nowhere are every method's): giving one with a method that does not list it is an
+# error (check_method_flags), never silently ignored.
 METHOD_FLAGS = {
-    "spade": ("k_images", "k_image_score", "kappa", "combine", "aggregate", "bandwidth"),
-    "patchcore": ("coreset_ratio", "patch_size", "reweight"),
+    "spade": ("k_images", "k_image_score", "kappa", "combine", "aggregate", "bandwidth",
+              "metric"),
+    "patchcore": ("coreset_ratio", "patch_size", "reweight", "metric", "image_score", "topk",
+                  "reduction"),
+    "padim": ("num_features", "feature_seed", "regularization", "epsilon"),
 }
+
+
+def _foreign_flags(method: str) -> set[str]:
+  """The flags of METHOD_FLAGS that `method` does not read."""
+  return {n for other, names in METHOD_FLAGS.items() if other != method
+          for n in names} - set(METHOD_FLAGS.get(method, ()))
 
 
 def check_method_flags(method: str, given: set[str]) -> None:
   """Raises a ValueError naming the flags in `given` (DetectorFlags.given()) that
-  `method` does not read (another method's: METHOD_FLAGS)."""
-  foreign = sorted(name for other, names in METHOD_FLAGS.items() if other != method
-                   for name in names if name in given)
+  `method` does not read (other methods' only: METHOD_FLAGS)."""
+  foreign = sorted(_foreign_flags(method) & set(given))
   if foreign:
     listed = ", ".join(f"--{name}" for name in foreign)
     owners = sorted({other for other, names in METHOD_FLAGS.items()
@@ -159,7 +221,7 @@ def check_method_flags(method: str, given: set[str]) -> None:
 
 def own_settings(method: str, settings: dict[str, Any]) -> dict[str, Any]:
   """`settings` without the other methods' (METHOD_FLAGS), e.g. what fit.py records."""
-  foreign = {n for other, names in METHOD_FLAGS.items() if other != method for n in names}
+  foreign = _foreign_flags(method)
   return {k: v for k, v in settings.items() if k not in foreign}
 
 
@@ -181,11 +243,22 @@ def patchcore_config(settings: dict[str, Any], batch_size: int) -> PatchCoreConf
   keys = ("layers", "patch_size", "coreset_ratio", "reweight", "metric", "sigma", "resize",
           "crop")
   # An index's own feature settings and a threshold's scoring settings (predict.py:
-  # settings_from_index) that no flag sets.
+  # settings_from_index) that no flag sets, and flags that settings from before them lack.
   fixed = {k: settings[k] for k in ("embed_dim", "reduction", "reduction_seed", "k_nearest",
-                                    "num_neighbors", "projection_dim", "coreset_seed")
-           if k in settings}
+                                    "num_neighbors", "projection_dim", "coreset_seed",
+                                    "image_score", "topk") if k in settings}
   return PatchCoreConfig(**{k: settings[k] for k in keys}, **fixed, batch_size=batch_size)
+
+
+def padim_config(settings: dict[str, Any], batch_size: int) -> PadimConfig:
+  """PadimConfig of settings() (checked: ValueError naming a bad setting)."""
+  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
+  check_padim_scoring(settings.get("metric", _DEFAULT.metric),
+                      settings.get("aggregate", "mean"), settings.get("bandwidth"))
+  keys = ("layers", "num_features", "feature_seed", "regularization", "epsilon", "sigma",
+          "resize", "crop")
+  return PadimConfig(**{k: settings[k] for k in keys}, batch_size=batch_size)
 
 
 def detector_config(method: str, settings: dict[str, Any], batch_size: int):
@@ -194,6 +267,8 @@ def detector_config(method: str, settings: dict[str, Any], batch_size: int):
     return spade_config(settings, batch_size)
   if method == "patchcore":
     return patchcore_config(settings, batch_size)
+  if method == "padim":
+    return padim_config(settings, batch_size)
   raise ValueError(f"--method must be one of {METHODS}, got {method!r}")
 
 
@@ -206,7 +281,9 @@ def make_detector(method: str, settings: dict[str, Any], batch_size: int):
   import spade_jax  # pylint: disable=import-outside-toplevel
   config = detector_config(method, settings, batch_size)  # Before the backbone load.
   backbone = spade_jax.load_backbone(settings["backbone"], weights=settings["weights"])
-  return (spade_jax.Spade if method == "spade" else spade_jax.PatchCore)(backbone, config)
+  detector = {"spade": spade_jax.Spade, "patchcore": spade_jax.PatchCore,
+              "padim": spade_jax.Padim}[method]
+  return detector(backbone, config)
 
 
 def settings_from_index(settings: dict[str, Any], given: set[str], contents,
@@ -215,15 +292,19 @@ def settings_from_index(settings: dict[str, Any], given: set[str], contents,
 
   A flag given on the command line wins; otherwise the setting fit.py recorded in the
   index (its "settings"; for a SPADE index saved from Python without them, --metric is
-  the metric its kernels were fitted for), else the flag's default. Two kinds of
+  the metric its kernels were fitted for), else the flag's default (PatchCore's
+  --reweight, --image_score and --topk go together: one given, the others are their
+  flags' too, not the recorded ones). Two kinds of
   setting are fixed by the index: the method (the index's type), the backbone and the
-  feature settings (layers, resize, crop; PatchCore's patch features) are the
+  feature settings (layers, resize, crop; PatchCore's patch features; PaDiM's
+  num_features, feature_seed and its fit settings regularization and epsilon) are the
   index's, and a calibrated threshold fixes the settings it holds for (its
   detector config's score_settings(); SPADE: k_image_score, metric, aggregate,
   bandwidth, a threshold without the last two being "mean"'s; PatchCore: metric,
-  k_nearest, reweight, num_neighbors, the coreset settings, patch_size). A flag given
-  that contradicts them is an error, as is a flag of the other method
-  (check_method_flags).
+  k_nearest, reweight, num_neighbors, topk (and image_score with it), the coreset
+  settings, patch_size; PaDiM: regularization, epsilon, sigma). A flag given that
+  contradicts them is an error, as
+  is a flag of another method (check_method_flags).
 
   Args:
     settings: DetectorFlags.settings().
@@ -237,8 +318,11 @@ def settings_from_index(settings: dict[str, Any], given: set[str], contents,
   """
   out = dict(settings)
   recorded = contents.settings or {}
+  # PatchCore's image score is chosen by these together: one given, none is recorded's.
+  image_score = {"reweight", "image_score", "topk"}
   for key in out:
-    if key not in given and key in recorded:
+    if key not in given and key in recorded and not (key in image_score
+                                                     and image_score & set(given)):
       value = recorded[key]
       out[key] = None if key == "weights" and value == "none" else _tuple_if_list(value)
   is_spade = isinstance(contents.index, SpadeIndex)
@@ -248,6 +332,8 @@ def settings_from_index(settings: dict[str, Any], given: set[str], contents,
   fixed = dict(json.loads(contents.index.feature_config))
   fixed["layers"] = tuple(fixed["layers"])
   fixed["method"] = "spade" if is_spade else "patchcore"
+  if isinstance(contents.index, PadimIndex):  # Its statistics' fit settings too.
+    fixed.update(method="padim", **contents.index.fit_settings())
   for key, value in fixed.items():
     if key in given and _tuple_if_list(settings[key]) != value:
       raise ValueError(
@@ -260,6 +346,8 @@ def settings_from_index(settings: dict[str, Any], given: set[str], contents,
     calibrated = dict(contents.threshold.settings)
     if is_spade:  # Thresholds without them were calibrated on "mean" scores.
       calibrated = {"aggregate": "mean", "bandwidth": None, **calibrated}
+    elif fixed["method"] == "patchcore":  # Those without topk: on no top-k mean.
+      calibrated = {"topk": None, **calibrated}
     for key, value in calibrated.items():
       if key in given and settings.get(key) != value:
         raise ValueError(
@@ -272,7 +360,7 @@ def settings_from_index(settings: dict[str, Any], given: set[str], contents,
 
 def recorded_settings(method: str, settings: dict[str, Any]) -> dict[str, Any]:
   """What fit.py records in the index (JSON values): the method and its own settings()
-  (own_settings: not the other method's)."""
+  (own_settings: not the other methods')."""
   settings = own_settings(method, settings)
   return {"method": method, **settings, "layers": list(settings["layers"]),
           "weights": "none" if settings["weights"] is None else settings["weights"]}

@@ -1,6 +1,7 @@
 r"""Evaluates SPADE on data in the MVTec AD layout (default: the built-in benchmark).
 
   python experiments/evaluate.py                      # built-in benchmark, efficientnet_lite0
+  python experiments/evaluate.py --benchmark=builtin_hard  # its hard variant: faint defects
   python experiments/evaluate.py --data_dir=/data/mvtec_anomaly_detection \
       --backbone=wide_resnet50_2 --output_dir=results/mvtec_wrn50
 
@@ -18,7 +19,9 @@ e.g.
 
 results.json's "config" records metric, aggregate and bandwidth (a file written
 before they existed resumes as "mean"). --method=patchcore keeps its fixed metrics and
-the mean.
+the mean; --method=padim (PaDiM: --num_features, --feature_seed, --regularization,
+--epsilon) has no metric (Mahalanobis distances to per-position Gaussians), and its
+"config" records its own settings instead.
 
 Several processes (jax.distributed; each reads its share of the images, process 0
 writes the results), e.g. two CPU processes on this machine:
@@ -48,12 +51,18 @@ from spade_jax.host import distributed
 _DATA_DIR = flags.DEFINE_string(
     "data_dir", None, "Folder in MVTec AD layout. Default: the built-in benchmark, "
     "generated into $SPADE_JAX_CACHE (~/.cache/spade_jax) on first use.")
+_BENCHMARKS = ("builtin", "builtin_hard")  # spade_jax.data.builtin.BENCHMARKS
+_BENCHMARK = flags.DEFINE_string(
+    "benchmark", None, "Without --data_dir: the built-in benchmark to use, builtin "
+    "(default) or builtin_hard (the same images with smaller, fainter defects), each "
+    "generated into its own folder of $SPADE_JAX_CACHE on first use.")
 _CATEGORIES = flags.DEFINE_list("categories", None, "Categories to evaluate (default: all found).")
 _DETECTOR = detector_flags.define_detector_flags()
 _CACHE_DIR = detector_flags.define_compilation_cache_flag()
 flags.adopt_module_key_flags(detector_flags)  # --help lists them with this script's.
 _NUM_HEATMAPS = flags.DEFINE_integer("num_heatmaps", 4, "Heatmap PNGs per category.")
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", "results/builtin", "Where results go.")
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", "results/builtin", "Where results go "
+                                  "(default: results/<benchmark>, e.g. results/builtin_hard).")
 _SHARD = flags.DEFINE_bool("shard", False, "One process: shard the galleries over all "
                            "local devices (1-D mesh 'data'). Several processes always do.")
 # jax.distributed.initialize (all three together, or none: a single process).
@@ -76,6 +85,14 @@ def main(argv: Sequence[str]) -> None:
     # Settings first: a bad flag fails at once, before JAX, data or output are touched.
     detector_flags.check_method_flags(_DETECTOR.method.value, _DETECTOR.given())
     evaluation.EvalConfig(data_dir=_DATA_DIR.value or "", **settings)
+    benchmark = _BENCHMARK.value or "builtin"
+    if _BENCHMARK.value is not None and _DATA_DIR.value is not None:
+      raise ValueError("--benchmark and --data_dir exclude each other (--benchmark picks "
+                       "a built-in benchmark, used only without --data_dir)")
+    if benchmark not in _BENCHMARKS:
+      raise ValueError(f"--benchmark must be one of {', '.join(_BENCHMARKS)}, got "
+                       f"{benchmark!r}")
+    output_dir = _OUTPUT_DIR.value if _OUTPUT_DIR.present else f"results/{benchmark}"
     if batch_size < 1:
       raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
     ids = _LOCAL_DEVICE_IDS.value
@@ -95,12 +112,12 @@ def main(argv: Sequence[str]) -> None:
     data_dir = _DATA_DIR.value
     if data_dir is None:
       if not dist.enabled or dist.process_id == 0:
-        evaluation.check_output_dir(_OUTPUT_DIR.value)  # Before generating the data.
+        evaluation.check_output_dir(output_dir)  # Before generating the data.
       from spade_jax.data import builtin  # pylint: disable=import-outside-toplevel
-      data_dir = str(builtin.builtin_benchmark_dir())
+      data_dir = str(builtin.builtin_benchmark_dir(builtin.BENCHMARKS[benchmark]))
     config = evaluation.EvalConfig(data_dir=data_dir, **settings)
     results = evaluation.evaluate(
-        config, output_dir=_OUTPUT_DIR.value, categories=_CATEGORIES.value,
+        config, output_dir=output_dir, categories=_CATEGORIES.value,
         batch_size=batch_size, num_heatmaps=_NUM_HEATMAPS.value, mesh=mesh,
         log=logging.info)
   except (ValueError, OSError) as e:  # Bad input: a message, not a traceback.
@@ -108,7 +125,7 @@ def main(argv: Sequence[str]) -> None:
   if dist.enabled and dist.process_id != 0:
     return  # Process 0 reports.
   print(evaluation.format_table(results))
-  print(f"\nresults: {_OUTPUT_DIR.value}/{evaluation.RESULTS_FILE}")
+  print(f"\nresults: {output_dir}/{evaluation.RESULTS_FILE}")
 
 
 if __name__ == "__main__":

@@ -13,15 +13,17 @@ settings (--layers, --resize, --crop) and the other detector flags given here
 
 --calibrate also stores a decision threshold, from the normal images alone: each
 training image is scored against an index fitted without it (leave-one-out for SPADE;
-5 folds for --method=patchcore and --metric=learned, which refit per fold; or
+5 folds for --method=patchcore, --method=padim and --metric=learned, which refit per
+fold; or
 --calibration_folds=F folds; the folds are checked, and logged, before any image is
 read), and the threshold is the --calibration_quantile (default 0.99) quantile of
 those held-out image scores: about 1% of new normal images are expected above it.
 predict.py then adds an "anomalous" column. The threshold holds for the scoring
 settings it was calibrated with (recorded with it: SPADE's --k_image_score, --metric,
---aggregate and --bandwidth; PatchCore's --metric, --reweight and its other scoring
-settings); each held-out image is scored as predict.py will score it, with a kernel
-metric's pooled kernel (and a soft aggregate's median bandwidth) fitted without it.
+--aggregate and --bandwidth; PatchCore's --metric, --reweight (--image_score, --topk)
+and its other scoring settings; PaDiM's --regularization, --epsilon and --sigma); each
+held-out image is scored as predict.py will score it, with a kernel metric's pooled
+kernel (and a soft aggregate's median bandwidth) fitted without it.
 
 --metric=<kernel> (e.g. mahalanobis; see evaluate.py) fits one kernel per layer on the
 training images and --aggregate=softmin|kde without --bandwidth the median-heuristic
@@ -57,7 +59,8 @@ _QUANTILE = flags.DEFINE_float("calibration_quantile", 0.99,
 _FOLDS = flags.DEFINE_integer("calibration_folds", None,
                               "Cross-validation folds of the calibration (>= 2). Default: "
                               "leave-one-out (as many folds as images); 5 for "
-                              "--method=patchcore and --metric=learned, which fit per fold.")
+                              "--method=patchcore, --method=padim and --metric=learned, "
+                              "which fit per fold.")
 _DETECTOR = detector_flags.define_detector_flags()
 _CACHE_DIR = detector_flags.define_compilation_cache_flag()
 flags.adopt_module_key_flags(detector_flags)

@@ -23,7 +23,8 @@ spade_jax/evaluation/predictions.py for file names that are not UTF-8 or look li
 spreadsheet formulas.
 
 Settings come from the index: the backbone and the feature settings (--layers,
---resize, --crop) always (a flag given that disagrees is an error), and a calibrated
+--resize, --crop; a PaDiM index's --num_features, --feature_seed, --regularization and
+--epsilon) always (a flag given that disagrees is an error), and a calibrated
 index fixes --k_image_score, --metric, --aggregate and --bandwidth (its threshold holds
 for those). Every other detector flag not given is the value fit.py recorded in the
 index (--weights, --k_images, --kappa, --metric, --aggregate, ...; an index saved from

@@ -22,12 +22,15 @@ def _data(seed=0, n=3, h=4, w=5, d=6, bank=37):
           rng.normal(size=(bank, d)).astype(np.float32))
 
 
-def reference_scores(test, bank, k, metric, b=None):
-  """Float64 patch scores and image scores, from the definitions."""
+def reference_scores(test, bank, k, metric, b=None, topk=None):
+  """Float64 patch scores and image scores, from the definitions (topk: the mean of
+  each image's topk largest patch scores)."""
   n, h, w, d = test.shape
   dist = reference.distances(test.reshape(-1, d), bank, metric)  # [N h w, B]
   order = np.argsort(dist, axis=1, kind="stable")
   patch = np.take_along_axis(dist, order[:, :k], 1).mean(1).reshape(n, h * w)
+  if topk is not None:
+    return np.sort(patch, axis=1)[:, ::-1][:, :topk].mean(1), patch.reshape(n, h, w)
   if b is None:
     return patch.max(1), patch.reshape(n, h, w)
   images = []
@@ -130,3 +133,50 @@ def test_bad_inputs():
   bad[0, 0, 0, 0] = np.inf
   with pytest.raises(ValueError, match="test_patches contains NaN or Inf"):
     spade_jax.patchcore_scores(bad, bank)
+
+
+@pytest.mark.parametrize("metric", ["l2", "sqeuclidean", "cosine"])
+@pytest.mark.parametrize("k,topk", [(1, 1), (1, 3), (2, 7), (3, 20)])
+def test_topk_matches_reference(metric, k, topk):
+  test, bank = _data(seed=3)  # 4 x 5 = 20 patches per image: topk=20 is their mean.
+  scores, maps = spade_jax.patchcore_scores(test, bank, k=k, metric=metric, topk=topk)
+  ref_scores, ref_maps = reference_scores(test, bank, k, metric, topk=topk)
+  np.testing.assert_allclose(np.asarray(maps), ref_maps, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(scores), ref_scores, rtol=1e-5, atol=1e-5)
+
+
+def test_topk_by_hand_and_its_limits():
+  test, bank = _data(seed=4)
+  _, maps = spade_jax.patchcore_scores(test, bank)
+  patch = np.asarray(maps).reshape(3, -1)
+  top1, _ = spade_jax.patchcore_scores(test, bank, topk=1)
+  np.testing.assert_array_equal(np.asarray(top1), spade_jax.patchcore_scores(test, bank)[0])
+  every, _ = spade_jax.patchcore_scores(test, bank, topk=20)
+  np.testing.assert_allclose(np.asarray(every), patch.mean(1), rtol=1e-6)
+  two, _ = spade_jax.patchcore_scores(test, bank, topk=2)
+  np.testing.assert_allclose(np.asarray(two), np.sort(patch, 1)[:, -2:].mean(1), rtol=1e-6)
+  # Ties count once each: two equal largest scores average to themselves.
+  tied = np.zeros((1, 1, 3, 2), np.float32)
+  tied[0, 0, :2] = [3.0, 4.0]  # Distances 5, 5, 0 to the bank's only row (0, 0).
+  scores, _ = spade_jax.patchcore_scores(tied, np.zeros((1, 2), np.float32), topk=2)
+  np.testing.assert_allclose(np.asarray(scores), [5.0], rtol=1e-6)
+
+
+def test_topk_on_a_sharded_bank_equals_single_device():
+  test, bank = _data(seed=5, bank=43)
+  single = spade_jax.patchcore_scores(test, bank, k=2, topk=4)
+  sharded = spade_jax.patchcore_scores(test, spade_jax.shard_gallery(bank, _mesh(), MESH_AXIS),
+                                       k=2, topk=4)
+  for a, c in zip(single, sharded):
+    np.testing.assert_allclose(np.asarray(c), np.asarray(a), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"topk": 0}, r"topk must be None or an int in \[1, 20\] \(the patches per image"),
+    ({"topk": 21}, r"\[1, 20\]"), ({"topk": 2.0}, "topk must be"), ({"topk": True}, "topk"),
+    ({"topk": 2, "reweight_neighbors": 3}, "two image scores"),
+])
+def test_topk_validation(kwargs, message):
+  test, bank = _data()
+  with pytest.raises(ValueError, match=message):
+    spade_jax.patchcore_scores(test, bank, **kwargs)

@@ -11,10 +11,10 @@ from spade_fake_backbone import FakeBackbone
 from test_anomaly_map import _bilinear_ref
 from test_detector import _images
 from test_memory_bank import reference_scores
-from test_patches import reference_patch_features
+from test_patches import reference_patch_features, reference_per_level
 
 import spade_jax
-from spade_jax.detector import index_file
+from spade_jax.detector import calibration, index_file
 from spade_jax.features.preprocessing import preprocess
 
 CONFIG = spade_jax.PatchCoreConfig(layers=("layer1", "layer2"), resize=72, crop=64,
@@ -270,3 +270,148 @@ def test_coreset_size():
   assert CONFIG.coreset_size(PATCHES) == BANK
   assert spade_jax.PatchCoreConfig(coreset_ratio=0.001).coreset_size(10) == 1
   assert spade_jax.PatchCoreConfig(coreset_ratio=1.0).coreset_size(10) == 10
+
+
+# Image scores: the paper's max, its reweighting (reweight=True or image_score), the
+# top-k mean of the patch scores.
+
+
+@pytest.mark.parametrize("settings,b,topk", [
+    ({}, None, None), ({"image_score": "max"}, None, None), ({"reweight": True}, 3, None),
+    ({"image_score": "reweight"}, 3, None), ({"image_score": "topk", "topk": 5}, None, 5),
+    ({"topk": 256}, None, 256)])  # 16 x 16 patches per image: topk=256 is their mean.
+def test_image_score_rules_match_numpy_reference(fitted, settings, b, topk):
+  patchcore, index, _, test = fitted
+  config = spade_jax.PatchCoreConfig(**{**CONFIG.__dict__, **settings})
+  scores, maps = spade_jax.PatchCore(patchcore.backbone, config).score(index, test)
+  ref_scores, _ = reference_scores(_reference_patches(patchcore, test),
+                                   np.asarray(index.bank, np.float64), 1, "l2", b, topk)
+  np.testing.assert_allclose(scores, ref_scores, rtol=1e-4, atol=1e-4)
+  # The maps do not depend on the image score.
+  np.testing.assert_array_equal(maps, patchcore.score(index, test)[1])
+
+
+def test_reweight_is_image_score_reweight():
+  legacy = spade_jax.PatchCoreConfig(reweight=True)
+  named = spade_jax.PatchCoreConfig(image_score="reweight")
+  assert legacy.reweight and named.reweight  # `reweight` tells whether it applies.
+  assert legacy.image_score_rule == named.image_score_rule == "reweight"
+  assert legacy.score_settings() == named.score_settings()
+  assert spade_jax.PatchCoreConfig().image_score_rule == "max"
+  assert spade_jax.PatchCoreConfig(image_score="max").score_settings() == \
+      spade_jax.PatchCoreConfig().score_settings()
+  assert spade_jax.PatchCoreConfig(topk=3).image_score_rule == "topk"
+  assert not spade_jax.PatchCoreConfig(image_score="topk", topk=3).reweight
+
+
+@pytest.mark.parametrize("settings,message", [
+    ({"reweight": True, "image_score": "max"}, "reweight=True .* contradicts image_score='max'"),
+    ({"reweight": True, "image_score": "topk", "topk": 3}, "contradicts image_score='topk'"),
+    ({"reweight": True, "topk": 3}, "two image scores"),
+    ({"image_score": "max", "topk": 3}, "topk=3 is the top-k mean's"),
+    ({"image_score": "reweight", "topk": 3}, "not used by image_score='reweight'"),
+    ({"image_score": "topk"}, "topk must be set with image_score='topk'"),
+    ({"image_score": "mean"}, "image_score must be one of"),
+    ({"topk": 0}, "topk must be a positive int"), ({"topk": 2.5}, "topk must be"),
+    ({"image_score": "reweight", "num_neighbors": 1}, "num_neighbors must be >= 2 with reweight"),
+])
+def test_contradicting_image_scores_are_refused(settings, message):
+  with pytest.raises(ValueError, match=message):
+    spade_jax.PatchCoreConfig(**settings)
+
+
+def test_topk_above_the_patches_per_image_is_refused(fitted):
+  patchcore, index, _, test = fitted
+  config = spade_jax.PatchCoreConfig(**{**CONFIG.__dict__, "topk": 257})
+  with pytest.raises(ValueError, match=r"topk must be None or an int in \[1, 256\]"):
+    spade_jax.PatchCore(patchcore.backbone, config).score(index, test[:1])
+
+
+def test_thresholds_record_the_image_score():
+  # A threshold from before topk (no "topk" key) holds for what it was calibrated on.
+  before = {"metric": "l2", "k_nearest": 1, "reweight": False, "coreset_ratio": 0.1,
+            "projection_dim": 128, "coreset_seed": 0, "patch_size": 3}
+
+  def threshold(settings):
+    return calibration.Threshold(value=1.0, quantile=0.9, folds=2, num_images=4,
+                                 settings=settings)
+
+  topk = spade_jax.PatchCoreConfig(image_score="topk", topk=4)
+  assert spade_jax.PatchCoreConfig().score_settings() == {**before, "topk": None}
+  assert topk.score_settings() == {**before, "topk": 4, "image_score": "topk"}
+  threshold(before).check(spade_jax.PatchCoreConfig())
+  threshold(before).check(spade_jax.PatchCoreConfig(image_score="max"))
+  with pytest.raises(ValueError, match=r"topk=4 \(calibrated with None\)"):
+    threshold(before).check(topk)
+  reweighted = {**before, "reweight": True, "num_neighbors": 9}
+  threshold(reweighted).check(spade_jax.PatchCoreConfig(reweight=True))
+  threshold(reweighted).check(spade_jax.PatchCoreConfig(image_score="reweight"))
+  with pytest.raises(ValueError, match="reweight=False"):
+    threshold(reweighted).check(spade_jax.PatchCoreConfig())
+  threshold(topk.score_settings()).check(topk)
+  for other, needle in ((spade_jax.PatchCoreConfig(), r"topk=None \(calibrated with 4\)"),
+                        (spade_jax.PatchCoreConfig(topk=5), r"topk=5 \(calibrated with 4\)")):
+    with pytest.raises(ValueError, match=needle):
+      threshold(topk.score_settings()).check(other)
+
+
+# Levels and reductions.
+
+
+def _levels_of(backbone, images):
+  return {k: np.asarray(v) for k, v in backbone(preprocess(images, resize=72, crop=64)).items()}
+
+
+def test_default_reduction_is_the_papers():
+  config = spade_jax.PatchCoreConfig()
+  assert config.reduction == "per_level" and config.embed_dim == 1024
+  assert json.loads(config.feature_config("wide_resnet50_2"))["reduction"] == "per_level"
+
+
+def test_three_levels_reduced_per_level_end_to_end():
+  # 6 + 8 + 10 = 24 channels > embed_dim 16: the per-level reduction applies.
+  config = spade_jax.PatchCoreConfig(**{**CONFIG.__dict__, "embed_dim": 16,
+                                        "layers": ("layer1", "layer2", "layer3")})
+  patchcore = spade_jax.PatchCore(FakeBackbone(), config)
+  rng = np.random.default_rng(3)
+  train, test = _images(rng, 4), _images(rng, 2, defect=True)
+  feats = patchcore.extract(train)
+  assert feats.shape == (4, 16, 16, 16)
+  np.testing.assert_allclose(feats, reference_per_level(_levels_of(patchcore.backbone, train),
+                                                        config.layers, 3, 16),
+                             rtol=1e-5, atol=1e-5)
+  index = patchcore.fit(train)
+  scores, _ = patchcore.score(index, test)
+  ref_scores, _ = reference_scores(
+      reference_per_level(_levels_of(patchcore.backbone, test), config.layers, 3, 16),
+      np.asarray(index.bank, np.float64), 1, "l2")
+  np.testing.assert_allclose(scores, ref_scores, rtol=1e-4, atol=1e-4)
+
+
+def test_adaptive_avg_index_loads_and_scores_as_before(tmp_path):
+  # 6 + 8 = 14 channels > embed_dim 8: "adaptive_avg" pools the concatenation, as
+  # every index fitted before "per_level" (the default then) does.
+  config = spade_jax.PatchCoreConfig(**{**CONFIG.__dict__, "embed_dim": 8,
+                                        "reduction": "adaptive_avg"})
+  patchcore = spade_jax.PatchCore(FakeBackbone(), config)
+  rng = np.random.default_rng(4)
+  train, test = _images(rng, 4), _images(rng, 2, defect=True)
+  np.testing.assert_allclose(patchcore.extract(test), reference_patch_features(
+      _levels_of(patchcore.backbone, test), config.layers, 3, 8), rtol=1e-5, atol=1e-5)
+  index = patchcore.fit(train)
+  assert json.loads(index.feature_config)["reduction"] == "adaptive_avg"
+  scores, maps = patchcore.score(index, test)
+  path = tmp_path / "old.patchcore"
+  spade_jax.save_index(path, index)
+  loaded = spade_jax.load_index(path, expect=patchcore)
+  again, again_maps = patchcore.score(loaded, test)
+  np.testing.assert_array_equal(again, scores)
+  np.testing.assert_array_equal(again_maps, maps)
+  # A detector of the other reduction refuses it: its features are other numbers.
+  per_level = spade_jax.PatchCore(FakeBackbone(), spade_jax.PatchCoreConfig(
+      **{**config.__dict__, "reduction": "per_level"}))
+  with pytest.raises(ValueError, match="refit"):
+    spade_jax.load_index(path, expect=per_level)
+  with pytest.raises(ValueError, match="refit"):
+    per_level.score(loaded, test[:1])
+  assert not np.allclose(per_level.extract(test), patchcore.extract(test))

@@ -149,3 +149,99 @@ def test_bad_levels():
                               "b": rng.normal(size=(3, 2, 2, 1))}, ["a", "b"])
   with pytest.raises(ValueError, match="real numbers"):
     spade_jax.patch_features({"a": np.zeros((1, 2, 2, 1), np.complex64)}, ["a"])
+
+
+# The "per_level" reduction: patchcore-inspection's Preprocessing and Aggregator.
+
+
+def reference_unfold(x, p):
+  """[N, h, w, C] -> [N, h, w, C, p, p]: torch.nn.Unfold(p, padding=p // 2) per
+  position (zeros beyond the border), float64."""
+  n, h, w, c = x.shape
+  r = p // 2
+  padded = np.pad(x.astype(np.float64), ((0, 0), (r, r), (r, r), (0, 0)))
+  out = np.zeros((n, h, w, c, p, p))
+  for i in range(p):
+    for j in range(p):
+      out[..., i, j] = padded[:, i:i + h, j:j + w, :]
+  return out
+
+
+def reference_per_level(levels, layers, p, embed_dim):
+  """patchcore-inspection's PatchCore._embed, float64: each level unfolded (PatchMaker),
+  resized to the grid per unfolded entry (F.interpolate bilinear, align_corners=False),
+  flattened [C, p, p] and adaptive-average-pooled to E (MeanMapper), the levels stacked
+  and pooled together to E (Aggregator)."""
+  grid = max((levels[l].shape[1:3] for l in layers), key=lambda s: s[0] * s[1])
+  pooled = []
+  for l in layers:
+    unfolded = reference_unfold(levels[l], p)
+    resized = np.stack([reference.bilinear(img, *grid) for img in unfolded])
+    pooled.append(reference_adaptive_avg(resized.reshape(*resized.shape[:3], -1), embed_dim))
+  stacked = np.stack(pooled, axis=-2)  # [N, H, W, levels, E], as torch.stack(dim=1).
+  return reference_adaptive_avg(stacked.reshape(*stacked.shape[:3], -1), embed_dim)
+
+
+@pytest.mark.parametrize("layers,p,embed_dim", [
+    (("layer1", "layer2", "layer3"), 3, 5), (("layer1", "layer2", "layer3"), 1, 7),
+    (("layer1", "layer2", "layer3"), 5, 11), (("layer2", "layer3"), 3, 8),
+    (("layer3", "layer1"), 3, 4), (("layer1", "layer2"), 3, 6)])
+def test_per_level_matches_patchcore_inspection_reference(layers, p, embed_dim):
+  # Bins of unequal width, overlapping bins, and levels pooled up (C p^2 < E).
+  levels = _levels(np.random.default_rng(8))
+  out = spade_jax.patch_features(levels, layers, patch_size=p, embed_dim=embed_dim,
+                                 reduction="per_level")
+  ref = reference_per_level(levels, layers, p, embed_dim)
+  assert out.shape == ref.shape and out.shape[-1] == embed_dim and out.dtype == np.float32
+  np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_per_level_on_wide_resnet_like_levels_by_hand():
+  # WRN50's layer2 (512 ch) and layer3 (1024) to E = 1024, scaled down to 2 and 4
+  # channels to E = 4, on one grid: the same 4.5 and 9 unfolded entries per output.
+  rng = np.random.default_rng(9)
+  b = rng.normal(size=(2, 5, 4, 2)).astype(np.float32)
+  c = rng.normal(size=(2, 5, 4, 4)).astype(np.float32)
+  out = np.asarray(spade_jax.patch_features({"b": b, "c": c}, ["b", "c"], embed_dim=4,
+                                            reduction="per_level"))
+  window = reference_unfold(b, 3).reshape(2, 5, 4, 2, 9)
+  # Level b: outputs 0, 1 are its channels' 3 x 3 windows, weights 1/10, the centre 2/10.
+  centre_weighted = (window.sum(-1) + window[..., 4]) / 10
+  np.testing.assert_allclose(out[..., :2], centre_weighted, rtol=1e-5, atol=1e-6)
+  # Level c: outputs 2, 3 are means of two channels' zero-padded 3 x 3 means.
+  means = reference_avg_pool(c, 3)
+  np.testing.assert_allclose(out[..., 2:], (means[..., 0::2] + means[..., 1::2]) / 2,
+                             rtol=1e-5, atol=1e-6)
+  # "adaptive_avg" pools the 6 concatenated channels: c, with 2/3 of them, takes 2/3
+  # of the outputs (4 -> outputs 1-3 depend on c, only 0-1 on b).
+  concat = np.asarray(spade_jax.patch_features({"b": b, "c": np.zeros_like(c)}, ["b", "c"],
+                                               embed_dim=4, reduction="adaptive_avg"))
+  assert np.abs(concat[..., :2]).min() > 0 and np.all(concat[..., 2:] == 0)
+  level_b_only = np.asarray(spade_jax.patch_features(
+      {"b": b, "c": np.zeros_like(c)}, ["b", "c"], embed_dim=4, reduction="per_level"))
+  assert np.abs(level_b_only[..., :2]).min() > 0 and np.all(level_b_only[..., 2:] == 0)
+
+
+def test_no_reduction_at_or_below_embed_dim_whatever_the_reduction():
+  # D = 9 <= E: the p x p means, resized and concatenated, for every reduction.
+  levels = _levels(np.random.default_rng(10))
+  layers = ["layer2", "layer3"]
+  plain = np.asarray(spade_jax.patch_features(levels, layers))
+  for reduction in patches.REDUCTIONS:
+    for embed_dim in (9, 16, None):
+      out = spade_jax.patch_features(levels, layers, embed_dim=embed_dim, reduction=reduction)
+      np.testing.assert_array_equal(np.asarray(out), plain)
+
+
+@pytest.mark.parametrize("dim_in,dim_out", [(12, 5), (12, 4), (7, 7), (5, 3), (3, 8),
+                                            (4608, 1024), (2048, 1024)])
+def test_adaptive_avg_pool_is_torchs(dim_in, dim_out):
+  x = np.random.default_rng(dim_in).normal(size=(3, dim_in)).astype(np.float32)
+  out = np.asarray(patches.adaptive_avg_pool(x, dim_out))
+  np.testing.assert_allclose(out, reference_adaptive_avg(x, dim_out), rtol=1e-5, atol=1e-6)
+  # The same numbers as the dense matrix of "adaptive_avg".
+  np.testing.assert_allclose(out, x @ patches.adaptive_avg_matrix(dim_in, dim_out),
+                             rtol=1e-5, atol=1e-6)
+  index, weight = patches.adaptive_avg_bins(dim_in, dim_out)
+  assert index.shape == weight.shape and index.shape[0] <= -(-dim_in // dim_out) + 1
+  np.testing.assert_allclose(weight.sum(0), 1.0, rtol=1e-6)

@@ -116,7 +116,8 @@ def test_patchcore_threshold_records_what_changes_its_scores():
   threshold, _ = calibration.patchcore_threshold(detector, patches, folds=3)
   assert threshold.settings == {"metric": "l2", "k_nearest": 2, "reweight": True,
                                 "num_neighbors": 3, "coreset_ratio": 0.5,
-                                "projection_dim": 128, "coreset_seed": 0, "patch_size": 3}
+                                "projection_dim": 128, "coreset_seed": 0, "patch_size": 3,
+                                "topk": None}
   threshold.check(detector.config)
   index = detector.fit_features(patches)
   test = detector.extract(_images(3, seed=9))

@@ -11,6 +11,15 @@ Gaussian sensor noise. A test image is a normal image with one defect kind of
 mask is exactly the set of pixels the defect changed, and lies inside the centre
 224x224 crop that SPADE's evaluation keeps.
 
+The hard variant (variant="hard", cached apart as builtin_hard_benchmark_v1) has
+the same categories, counts and layout, and the same normal images (train/ and
+test/good/ are byte-identical to the standard benchmark's for the same seed), but
+its defects are those of `defects.HARD_DEFECT_KINDS`: thin faint streaks, light
+stains, weak colour casts and rotated pastes of the image's own texture, in 1-2
+regions. Their masks follow the same rule (no pixel outside changed), with the
+faint rims of stains and casts cut at `defects.HARD_MASK_THRESHOLD` grey levels;
+sizes and contrasts are documented in `defects`.
+
 Generation is deterministic: the same seed gives byte-identical PNGs, whatever
 `categories` is, because each image has its own SeedSequence((seed, category,
 split, index)). A benchmark is written atomically: into a temporary folder next
@@ -38,6 +47,9 @@ from spade_jax.data import defects
 from spade_jax.host import paths
 
 VERSION = "v1"
+VARIANTS = ("standard", "hard")
+# Benchmark names (evaluate.py --benchmark) -> variant.
+BENCHMARKS = {"builtin": "standard", "builtin_hard": "hard"}
 IMAGE_SIZE = 256
 EVAL_CROP = 224  # The evaluation keeps the centre 224x224 of the 256x256 images.
 INFO_FILE = "builtin_benchmark.json"
@@ -152,7 +164,8 @@ def render_example(seed: int, category: str, split: str, index: int,
 
   Args:
     seed, category, split, index: identify the image (and seed its generator).
-    kind: a defect kind of defects.DEFECT_KINDS, or None for a normal image.
+    kind: a defect kind of defects.DEFECT_KINDS (standard benchmark) or of
+      defects.HARD_DEFECT_KINDS (hard variant), or None for a normal image.
 
   Returns:
     (normal, image, mask): normal and image [S, S, 3] uint8 share the view, the
@@ -167,7 +180,10 @@ def render_example(seed: int, category: str, split: str, index: int,
   clean = _view(rng, spec)
   defective = clean.copy()
   mask = np.zeros(clean.shape[:2], bool)
-  if kind is not None:
+  if kind in defects.HARD_DEFECT_KINDS:  # self_paste takes its patches from `clean`.
+    mask = defects.paint_defect(rng, defective, kind, (_BOX_LO, _BOX_HI), _zone(spec),
+                                clean)
+  elif kind is not None:
     mask = defects.paint_defect(rng, defective, kind, (_BOX_LO, _BOX_HI), _zone(spec),
                                 _foreign(rng, category))
   noise = rng.normal(0, rng.uniform(1.0, 2.5), clean.shape).astype(np.float32)
@@ -175,10 +191,17 @@ def render_example(seed: int, category: str, split: str, index: int,
   return to_uint8(clean), to_uint8(defective), mask
 
 
-def _test_kinds(num_test: int) -> list[str | None]:
-  """About a third good (None), the rest cycling through the defect kinds."""
+def _defect_kinds(variant: str) -> tuple[str, ...]:
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown built-in benchmark variant {variant!r}; expected one of "
+                     f"{VARIANTS}")
+  return defects.HARD_DEFECT_KINDS if variant == "hard" else defects.DEFECT_KINDS
+
+
+def _test_kinds(num_test: int, variant: str = "standard") -> list[str | None]:
+  """About a third good (None), the rest cycling through the variant's defect kinds."""
   num_good = max(1, num_test // 3)
-  kinds = defects.DEFECT_KINDS
+  kinds = _defect_kinds(variant)
   return [None] * num_good + [kinds[i % len(kinds)] for i in range(num_test - num_good)]
 
 
@@ -188,12 +211,12 @@ def _save_png(path: pathlib.Path, array: np.ndarray) -> None:
 
 
 def _write_category(root: pathlib.Path, seed: int, category: str, num_train: int,
-                    num_test: int) -> dict:
+                    num_test: int, variant: str = "standard") -> dict:
   for i in range(num_train):
     _save_png(root / category / "train" / "good" / f"{i:03d}.png",
               render_example(seed, category, "train", i, None)[1])
   counts: dict[str, int] = {}
-  for i, kind in enumerate(_test_kinds(num_test)):
+  for i, kind in enumerate(_test_kinds(num_test, variant)):
     folder = kind or "good"
     n = counts.get(folder, 0)
     counts[folder] = n + 1
@@ -208,7 +231,8 @@ def _write_category(root: pathlib.Path, seed: int, category: str, num_train: int
 
 def generate_builtin_benchmark(root: str | os.PathLike, *, seed: int = 0,
                                categories: Sequence[str] | None = None,
-                               num_train: int = 60, num_test: int = 30) -> pathlib.Path:
+                               num_train: int = 60, num_test: int = 30,
+                               variant: str = "standard") -> pathlib.Path:
   """Writes the built-in benchmark in MVTec AD layout to `root`, atomically.
 
   Args:
@@ -217,13 +241,17 @@ def generate_builtin_benchmark(root: str | os.PathLike, *, seed: int = 0,
     categories: a subset of BUILTIN_CATEGORIES (default: all).
     num_train: normal training images per category (256x256 PNG).
     num_test: test images per category, a third of them good.
+    variant: "standard" (defects.DEFECT_KINDS) or "hard" (defects.HARD_DEFECT_KINDS;
+      the same normal images).
 
   Returns:
     `root`, holding <category>/{train,test,ground_truth}/ and INFO_FILE.
 
   Raises:
-    ValueError: unknown category or bad count. FileExistsError: `root` is not empty.
+    ValueError: unknown category or variant, or bad count. FileExistsError: `root` is
+      not empty.
   """
+  _defect_kinds(variant)  # Checks it.
   categories = list(BUILTIN_CATEGORIES if categories is None else categories)
   unknown = [c for c in categories if c not in _SPECS]
   if unknown or not categories:
@@ -239,11 +267,14 @@ def generate_builtin_benchmark(root: str | os.PathLike, *, seed: int = 0,
   try:
     info = {"version": VERSION, "seed": seed, "image_size": IMAGE_SIZE,
             "defects_inside_centre_crop": EVAL_CROP, "categories": {}}
+    if variant != "standard":  # The standard benchmark's file is as it always was.
+      info.update(variant=variant, defect_kinds=list(_defect_kinds(variant)),
+                  mask_threshold=defects.HARD_MASK_THRESHOLD)
     for category in categories:
       logging.info("built-in benchmark: writing %s (%d train, %d test)", category,
                    num_train, num_test)
       info["categories"][category] = _write_category(tmp, seed, category, num_train,
-                                                     num_test)
+                                                     num_test, variant)
     (tmp / INFO_FILE).write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
     try:
       os.rename(tmp, root)  # Atomic; replaces an empty folder, fails on a full one.
@@ -254,14 +285,20 @@ def generate_builtin_benchmark(root: str | os.PathLike, *, seed: int = 0,
   return root
 
 
-def builtin_benchmark_dir() -> pathlib.Path:
-  """cache_dir()/builtin_benchmark_v1, generated (seed 0, full size) on first use."""
-  root = paths.cache_dir() / f"builtin_benchmark_{VERSION}"
+def builtin_benchmark_dir(variant: str = "standard") -> pathlib.Path:
+  """The benchmark's cache folder, generated (seed 0, full size) on first use.
+
+  cache_dir()/builtin_benchmark_v1 for the standard benchmark and
+  cache_dir()/builtin_hard_benchmark_v1 for the hard variant: never the same folder.
+  """
+  _defect_kinds(variant)  # Checks it.
+  name = "builtin" if variant == "standard" else f"builtin_{variant}"
+  root = paths.cache_dir() / f"{name}_benchmark_{VERSION}"
   if (root / INFO_FILE).is_file():
     return root
-  logging.info("generating the built-in benchmark into %s (first use)", root)
+  logging.info("generating the built-in %s benchmark into %s (first use)", variant, root)
   try:
-    generate_builtin_benchmark(root)
+    generate_builtin_benchmark(root, variant=variant)
   except FileExistsError:
     if not (root / INFO_FILE).is_file():  # Not another process's finished benchmark.
       raise

@@ -2,13 +2,15 @@
 fit / score over the stages below (spade.py), PatchCore's config, memory-bank index and
 fit / score (patchcore.py), PaDiM's config, per-position Gaussian index and fit / score
 (padim.py), what the detectors share (common.py), a config's kernels and
-bandwidths (metric_fit.py), index files of both (index_file.py, index_kernels.py), and a
-decision threshold calibrated on normal images alone (calibration.py)."""
+bandwidths (metric_fit.py), index files of all three (index_file.py, index_kernels.py,
+index_padim.py), and a decision threshold calibrated on normal images alone
+(calibration.py)."""
 
 from spade_jax.detector.calibration import Threshold, spade_threshold
 from spade_jax.detector.index_file import (
   INDEX_FORMAT,
   INDEX_VERSION,
+  PADIM_INDEX_FORMAT,
   PATCHCORE_INDEX_FORMAT,
   IndexFile,
   load_index,
@@ -30,7 +32,8 @@ from spade_jax.detector.spade import (
   shard_index,
 )
 
-__all__ = ["INDEX_FORMAT", "INDEX_VERSION", "KERNEL_METRICS", "PATCHCORE_INDEX_FORMAT",
+__all__ = ["INDEX_FORMAT", "INDEX_VERSION", "KERNEL_METRICS", "PADIM_INDEX_FORMAT",
+           "PATCHCORE_INDEX_FORMAT",
            "IndexFile", "Padim", "PadimConfig", "PadimIndex", "PatchCore", "PatchCoreConfig",
            "PatchCoreIndex", "Spade", "SpadeConfig", "SpadeIndex", "Threshold", "load_index",
            "load_index_file", "save_index", "shard_index", "shard_padim_index",

@@ -16,7 +16,9 @@ For SPADE the threshold is on the image score, which depends on the pooled featu
 and on (k_image_score, metric, aggregate, bandwidth) alone: Threshold.settings records
 those (SpadeConfig.score_settings; older thresholds without aggregate and bandwidth
 were "mean"'s), and the threshold holds for an index with any pixel settings
-(k_images, kappa, sigma, ...). PatchCore's records PatchCoreConfig.score_settings.
+(k_images, kappa, sigma, ...). PatchCore's records PatchCoreConfig.score_settings,
+PaDiM's PadimConfig.score_settings (regularization, epsilon, sigma: each fold refits
+the Gaussians, and the image score is the maximum of the blurred map).
 Threshold.check(config) refuses a config the threshold does not hold for; every
 library path that applies a threshold (predict_folder, Threshold.anomalous) calls it.
 Each fold scores as Spade.score does: with a kernel metric the pooled kernel, and
@@ -37,6 +39,7 @@ import numpy as np
 
 from spade_jax import scoring
 from spade_jax.detector import metric_fit
+from spade_jax.detector.padim import Padim
 from spade_jax.detector.spade import Spade
 from spade_jax.host import progress as progress_lib
 from spade_jax.scoring import variants
@@ -51,6 +54,10 @@ LEARNED_METRICS = ("learned",)
 LEARNED_FOLDS = 5
 # PatchCore's default folds: leave-one-out would select one coreset per training image.
 PATCHCORE_FOLDS = 5
+# PaDiM's default folds: each fold refits every position's Gaussian.
+PADIM_FOLDS = 5
+# Training images each fold's PaDiM needs: a covariance per position.
+PADIM_MIN_IMAGES = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,8 +71,9 @@ class Threshold:
     num_images: normal images it was calibrated on.
     settings: the scoring settings the scores depend on (the detector config's
       score_settings(): SPADE's k_image_score, metric, aggregate and bandwidth;
-      PatchCore's metric, k_nearest, reweight, coreset and patch settings); the
-      threshold only holds for scores made with them (check(), anomalous()).
+      PatchCore's metric, k_nearest, reweight, coreset and patch settings; PaDiM's
+      regularization, epsilon and sigma); the threshold only holds for scores made
+      with them (check(), anomalous()).
   """
   value: float
   quantile: float
@@ -129,16 +137,18 @@ class Threshold:
 
     A threshold holds for the detector and the scoring settings it was calibrated
     with (config.score_settings(): SPADE's k_image_score, metric, aggregate and
-    bandwidth; PatchCore's metric, k_nearest, reweight, ...). A setting that an
+    bandwidth; PatchCore's metric, k_nearest, reweight, ...; PaDiM's regularization,
+    epsilon, sigma). A setting that an
     older threshold did not record is taken as that detector's default, which is what
     such thresholds were calibrated with (fit.py had no flag for it).
 
     Args:
-      config: the scoring detector's config (SpadeConfig or PatchCoreConfig).
+      config: the scoring detector's config (SpadeConfig, PatchCoreConfig or
+        PadimConfig).
       where: the caller, for the message.
 
     Raises:
-      ValueError: a threshold of the other detector, or settings that change the
+      ValueError: a threshold of another detector, or settings that change the
         scores; names each setting, both values and the fix.
     """
     given = config.score_settings()
@@ -157,13 +167,13 @@ class Threshold:
       raise ValueError(
           f"{where}: the threshold does not hold for these scores: {listed}; score with "
           "the settings it was calibrated with, or recalibrate (fit.py --calibrate, "
-          "spade_threshold / patchcore_threshold) with these")
+          "spade_threshold / patchcore_threshold / padim_threshold) with these")
 
   def anomalous(self, scores: Any, config: Any) -> np.ndarray:
     """[N] bool: scores > value, for image scores made with `config` (check()ed first).
 
     Args:
-      scores: [N] image scores (Spade.score / PatchCore.score).
+      scores: [N] image scores (Spade.score / PatchCore.score / Padim.score).
       config: the config of the detector that made them (detector.config).
     """
     self.check(config, "Threshold.anomalous")
@@ -210,15 +220,17 @@ LEARNED_MIN_IMAGES = variants.MIN_LEARNED_IMAGES
 def calibration_folds(detector: Any, num_images: int, quantile: float = 0.99,
                       folds: int | None = None) -> int:
   """The folds a calibration of `detector` on num_images images runs, checked before any
-  work (fit.py, fit_folder, spade_threshold and patchcore_threshold all use it).
+  work (fit.py, fit_folder and the *_threshold functions all use it).
 
   folds None is the detector's default: leave-one-out for SPADE, LEARNED_FOLDS for
   SPADE with metric "learned" (one optax run per fold), PATCHCORE_FOLDS for PatchCore
-  (one coreset per fold); more folds than images is leave-one-out.
+  (one coreset per fold), PADIM_FOLDS for PaDiM (its Gaussians refitted per fold);
+  more folds than images is leave-one-out.
 
   Raises:
     ValueError: see check_calibration_args; also a learned kernel whose folds would
-      be fitted on fewer than LEARNED_MIN_IMAGES images.
+      be fitted on fewer than LEARNED_MIN_IMAGES images, or PaDiM folds fitted on
+      fewer than PADIM_MIN_IMAGES.
   """
   cfg = detector.config
   if isinstance(detector, Spade):
@@ -233,6 +245,18 @@ def calibration_folds(detector: Any, num_images: int, quantile: float = 0.99,
           f"'learned') on as few as {smallest_train} of the {num_images} training images; "
           f"it needs at least {LEARNED_MIN_IMAGES}: add training images or use another "
           "metric")
+    return folds
+  if isinstance(detector, Padim):
+    folds = check_calibration_args(num_images, quantile,
+                                   PADIM_FOLDS if folds is None else folds, 1,
+                                   what="one training image")
+    smallest_train = num_images - math.ceil(num_images / folds)
+    if smallest_train < PADIM_MIN_IMAGES:
+      raise ValueError(
+          f"calibration with {folds} folds fits each fold's Gaussians on as few as "
+          f"{smallest_train} of the {num_images} training images; PaDiM needs at least "
+          f"{PADIM_MIN_IMAGES} (a covariance per position): use more folds (up to "
+          f"{num_images}: leave-one-out) or more training images")
     return folds
   return check_calibration_args(num_images, quantile,
                                 PATCHCORE_FOLDS if folds is None else folds, 1,
@@ -338,4 +362,44 @@ def patchcore_threshold(patchcore, train_patches: np.ndarray, *, quantile: float
   settings = cfg.score_settings()
   threshold = Threshold(value=float(np.quantile(scores, quantile)), quantile=float(quantile),
                         folds=folds, num_images=int(patches.shape[0]), settings=settings)
+  return threshold, scores
+
+
+def padim_threshold(padim: Padim, train_embeddings: np.ndarray, *, quantile: float = 0.99,
+                    folds: int | None = None) -> tuple[Threshold, np.ndarray]:
+  """PaDiM's threshold on image scores from its training images' embeddings.
+
+  Each fold's images are scored (the maximum of their blurred Mahalanobis maps, as
+  Padim.score) against Gaussians fitted on the other folds' embeddings, as
+  Padim.fit_features fits the full index.
+
+  Args:
+    padim: the detector (spade_jax.Padim; its config's regularization, epsilon and
+      sigma are used and recorded).
+    train_embeddings: [N, h, w, d] embeddings of the N training images (Padim.extract),
+      in file order.
+    quantile: the quantile of the held-out scores taken as the threshold.
+    folds: cross-validation folds; None: PADIM_FOLDS.
+
+  Returns:
+    (Threshold, held-out scores [N] float64).
+
+  Raises:
+    ValueError: see calibration_folds.
+  """
+  cfg = padim.config
+  embeddings = np.asarray(train_embeddings, np.float32)
+  if embeddings.ndim != 4:
+    raise ValueError(f"train_embeddings must be [N, h, w, d], got shape {embeddings.shape}")
+  folds = calibration_folds(padim, embeddings.shape[0], quantile, folds)
+
+  def score_fold(train: np.ndarray, held_out: np.ndarray) -> np.ndarray:
+    index = padim.fit_features(embeddings[train])
+    scores, _ = padim.score_features(index, embeddings[held_out])
+    return np.asarray(scores)
+
+  scores = held_out_scores(score_fold, embeddings.shape[0], folds)
+  threshold = Threshold(value=float(np.quantile(scores, quantile)), quantile=float(quantile),
+                        folds=folds, num_images=int(embeddings.shape[0]),
+                        settings=cfg.score_settings())
   return threshold, scores

@@ -1,6 +1,6 @@
-"""What both detectors (spade.py, patchcore.py) share: an index's fingerprint, the check
-that an index fits a detector, the mesh a call runs on, the backbone's levels, and the
-loop over batches of input images (validation and progress lines)."""
+"""What the detectors (spade.py, patchcore.py, padim.py) share: an index's fingerprint,
+the check that an index fits a detector, the mesh a call runs on, the backbone's
+levels, and the loop over batches of input images (validation and progress lines)."""
 
 from __future__ import annotations
 
@@ -42,7 +42,8 @@ def check_compatible(index: Any, backbone_name: str, config: Any, where: str, *,
   and config's feature settings (config.feature_config(backbone_name)).
 
   Args:
-    index: a SpadeIndex or PatchCoreIndex (backbone_name, feature_config, weights_id).
+    index: a SpadeIndex, PatchCoreIndex or PadimIndex (backbone_name, feature_config,
+      weights_id).
     backbone_name: the detector's backbone.
     config: the detector's config.
     where: the caller, for messages.

@@ -1,19 +1,22 @@
-"""Index files of both detectors: save_index / load_index, integrity-checked, atomic.
+"""Index files of the three detectors: save_index / load_index, integrity-checked, atomic.
 
 An index file is safetensors. A SpadeIndex holds tensors "pool" [M, D] and
 "features/<level>" [M, h, w, C], plus "kernels/<part>/<parameter>" when it holds
 fitted kernels; a PatchCoreIndex holds "bank" [B, D] (the memory bank, without a
-sharded bank's padding); all float32. The string metadata are
-  format          INDEX_FORMAT (SPADE) or PATCHCORE_INDEX_FORMAT
+sharded bank's padding); all float32. A PadimIndex holds "mean" [P, d] and
+"precision" [P, d, d] float32 (without a sharded index's padding) and "channels" [d]
+int32 (index_padim.py). The string metadata are
+  format          INDEX_FORMAT (SPADE), PATCHCORE_INDEX_FORMAT or PADIM_INDEX_FORMAT
   version         "2" (checksummed), or INDEX_VERSION = "3" for a SPADE file with a
                   "kernels" field (so that a spade_jax that reads version 2 only
                   refuses it with a clear message); both are read
   backbone        the backbone name
   feature_config  the index's feature_config (JSON: SPADE: backbone, layers, resize,
                   crop; PatchCore: also patch_size, embed_dim, reduction and, for a
-                  random projection, reduction_seed)
+                  random projection, reduction_seed; PaDiM: also num_features and
+                  feature_seed)
   levels          JSON list of the levels, in order (PatchCore: the layers whose
-                  patch features the bank holds)
+                  patch features the bank holds; PaDiM: the embedding's layers)
   checksums       JSON {tensor name: "sha256:<hex>"} over each tensor's name, dtype,
                   shape and bytes, plus "__metadata__" over the other fields.
   threshold       optional: a decision threshold calibrated on the training images
@@ -27,6 +30,8 @@ sharded bank's padding); all float32. The string metadata are
                   aggregate (SpadeIndex.kernels / fitted_metric / bandwidths), JSON
                   {"metric": fitted_metric, "spec": kernels.kernel_to_arrays' spec of
                   {part: kernel} (null for a fixed metric), "bandwidths": {part: h}}
+  padim           PaDiM only, required: JSON {"grid": [h, w], "num_channels": C,
+                  "regularization", "epsilon"} (index_padim.py)
 The optional fields are covered by "__metadata__" too, the kernels' tensors by their
 own checksums. load_index checks all of it before it returns an index; load_index_file
 also returns the optional fields. Nothing in a file is executed: the kernel spec is
@@ -48,8 +53,9 @@ import numpy as np
 from safetensors import numpy as safetensors_numpy
 from safetensors import safe_open
 
-from spade_jax.detector import common, index_kernels, patchcore
+from spade_jax.detector import common, index_kernels, index_padim, padim, patchcore
 from spade_jax.detector.calibration import Threshold
+from spade_jax.detector.padim import Padim, PadimConfig, PadimIndex
 from spade_jax.detector.patchcore import PatchCore, PatchCoreConfig, PatchCoreIndex
 from spade_jax.detector.spade import Spade, SpadeConfig, SpadeIndex, check_compatible
 from spade_jax.features import patches
@@ -58,6 +64,7 @@ from spade_jax.search import sharding
 
 INDEX_FORMAT = "spade_jax.SpadeIndex"
 PATCHCORE_INDEX_FORMAT = "spade_jax.PatchCoreIndex"
+PADIM_INDEX_FORMAT = index_padim.PADIM_FORMAT  # "spade_jax.PadimIndex"
 INDEX_VERSION = "3"  # 3: kernels; 2: checksums (1 had none; PatchCore files start at 2).
 _READ_VERSIONS = ("2", "3")
 _PLAIN_VERSION = "2"  # What a file without kernels is written as.
@@ -68,13 +75,16 @@ _METADATA_DIGEST_KEY = "__metadata__"
 _REQUIRED_METADATA = ("backbone", "feature_config", "levels", "checksums")
 _FEATURE_CONFIG_KEYS = sorted(json.loads(SpadeConfig().feature_config("")))
 _PATCHCORE_CONFIG_KEYS = sorted(json.loads(PatchCoreConfig().feature_config("")))
-_FORMATS = {INDEX_FORMAT: "SpadeIndex", PATCHCORE_INDEX_FORMAT: "PatchCoreIndex"}
+_FORMATS = {INDEX_FORMAT: "SpadeIndex", PATCHCORE_INDEX_FORMAT: "PatchCoreIndex",
+            PADIM_INDEX_FORMAT: "PadimIndex"}
 
 
 def _tensor_names(where: str, metadata: dict[str, str], levels: Sequence[str]) -> list[str]:
   """The tensors an index file with `metadata` holds, in order (checks "kernels")."""
   if metadata.get("format") == PATCHCORE_INDEX_FORMAT:
     return ["bank"]
+  if metadata.get("format") == PADIM_INDEX_FORMAT:
+    return list(index_padim.TENSORS)
   kernels = index_kernels.check_field(where, metadata, levels)
   return ["pool", *[f"features/{l}" for l in levels], *(kernels[3] if kernels else [])]
 
@@ -184,6 +194,8 @@ def _check_fields(where: str, metadata: dict[str, str]) -> list[str]:
                      f"{config.get('layers')!r:.200} but the levels are {levels}")
   if metadata.get("format") == PATCHCORE_INDEX_FORMAT:
     _check_patchcore_config(where, config)
+  elif metadata.get("format") == PADIM_INDEX_FORMAT:
+    index_padim.check_config(where, config)
   elif sorted(config) != _FEATURE_CONFIG_KEYS:
     raise ValueError(f"{where}: metadata field 'feature_config' must have the fields "
                      f"{_FEATURE_CONFIG_KEYS} (SpadeConfig.feature_config), got "
@@ -225,6 +237,9 @@ def _check_tensor_specs(where: str, specs: dict[str, tuple[str, Sequence[int]]],
   if metadata is not None and metadata.get("format") == PATCHCORE_INDEX_FORMAT:
     _check_bank_spec(where, specs, metadata)
     return
+  if metadata is not None and metadata.get("format") == PADIM_INDEX_FORMAT:
+    index_padim.check_specs(where, specs, metadata)
+    return
   expected = _tensor_names(where, metadata or {}, levels)
   for name in expected:
     if name.startswith(index_kernels.PREFIX) and name in specs and specs[name][0] != "F32":
@@ -258,7 +273,7 @@ def _check_tensor_specs(where: str, specs: dict[str, tuple[str, Sequence[int]]],
                        f"holds {num_images}")
 
 
-def save_index(path: str | os.PathLike, index: SpadeIndex | PatchCoreIndex, *,
+def save_index(path: str | os.PathLike, index: SpadeIndex | PatchCoreIndex | PadimIndex, *,
                threshold: Threshold | None = None,
                settings: dict[str, Any] | None = None) -> None:
   """Writes `index` to `path` (safetensors + JSON metadata; no pickle), atomically.
@@ -266,18 +281,19 @@ def save_index(path: str | os.PathLike, index: SpadeIndex | PatchCoreIndex, *,
   The file is written next to `path` under a temporary name, synced, then renamed
   over `path`, so an interrupted save leaves either the old file or none, never a
   truncated one. Every tensor and the metadata are checksummed (SHA-256), so that
-  load_index detects a damaged or edited file. The galleries (a SpadeIndex) or the
-  memory bank (a PatchCoreIndex) are stored as float32, a sharded one without its
-  padding. `threshold` (e.g. from calibration.spade_threshold) and `settings` (JSON
-  values) are stored with them.
+  load_index detects a damaged or edited file. The galleries (a SpadeIndex), the
+  memory bank (a PatchCoreIndex) or the Gaussians (a PadimIndex: mean, precision) are
+  stored as float32, a sharded one without its padding (PaDiM's channels as int32).
+  `threshold` (e.g. from calibration.spade_threshold) and `settings` (JSON values) are
+  stored with them.
 
   Raises:
-    ValueError: the folder of `path` does not exist, index is neither a SpadeIndex
-      nor a PatchCoreIndex, or its tensors or metadata are inconsistent (load_index
-      would refuse the file).
+    ValueError: the folder of `path` does not exist, index is not a SpadeIndex, a
+      PatchCoreIndex or a PadimIndex, or its tensors or metadata are inconsistent
+      (load_index would refuse the file).
   """
-  if not isinstance(index, (SpadeIndex, PatchCoreIndex)):
-    raise ValueError(f"index must be a SpadeIndex or a PatchCoreIndex, got "
+  if not isinstance(index, (SpadeIndex, PatchCoreIndex, PadimIndex)):
+    raise ValueError(f"index must be a PadimIndex, a SpadeIndex or a PatchCoreIndex, got "
                      f"{type(index).__name__}")
   if threshold is not None and not isinstance(threshold, Threshold):
     raise ValueError(f"threshold must be a calibration.Threshold, got "
@@ -287,8 +303,13 @@ def save_index(path: str | os.PathLike, index: SpadeIndex | PatchCoreIndex, *,
   if not folder.is_dir():
     raise ValueError(f"cannot save index to {path}: folder {folder} does not exist")
   where = f"cannot save index to {path}"
-  if isinstance(index, PatchCoreIndex):
-    fmt, tensors = PATCHCORE_INDEX_FORMAT, {"bank": _host(index.bank)}
+  extra_metadata = {}
+  if isinstance(index, (PatchCoreIndex, PadimIndex)):
+    if isinstance(index, PadimIndex):
+      tensors, extra_metadata[index_padim.FIELD] = index_padim.to_file(index)
+      fmt = PADIM_INDEX_FORMAT
+    else:
+      fmt, tensors = PATCHCORE_INDEX_FORMAT, {"bank": _host(index.bank)}
     config = _parse_json(where, "feature_config", index.feature_config)
     if not isinstance(config, dict):
       raise ValueError(f"{where}: feature_config must be a JSON object, got "
@@ -299,13 +320,15 @@ def save_index(path: str | os.PathLike, index: SpadeIndex | PatchCoreIndex, *,
     tensors.update({f"features/{l}": _host(v) for l, v in index.train_features.items()})
     levels = list(index.train_features)
     kernels_field = index_kernels.to_file(where, index, tensors)
+  ints = ("channels",) if fmt == PADIM_INDEX_FORMAT else ()  # Written as int32.
   for name, value in tensors.items():
-    if not jnp.issubdtype(value.dtype, jnp.floating):
+    if name not in ints and not jnp.issubdtype(value.dtype, jnp.floating):
       raise ValueError(f"{where}: tensor {name!r} has dtype {value.dtype}, not float")
-  tensors = {k: np.ascontiguousarray(v, dtype="<f4") for k, v in tensors.items()}
+  tensors = {k: np.ascontiguousarray(v, dtype="<i4" if k in ints else "<f4")
+             for k, v in tensors.items()}
   metadata = {"format": fmt, "version": _PLAIN_VERSION,
               "backbone": index.backbone_name, "feature_config": index.feature_config,
-              "levels": json.dumps(levels)}
+              "levels": json.dumps(levels), **extra_metadata}
   if fmt == INDEX_FORMAT and kernels_field is not None:
     metadata.update(version=INDEX_VERSION, kernels=kernels_field)
   if index.weights_id is not None:
@@ -319,39 +342,50 @@ def save_index(path: str | os.PathLike, index: SpadeIndex | PatchCoreIndex, *,
       raise ValueError(f"{where}: settings must be JSON values ({e})") from None
     _check_settings(where, metadata["settings"])
   levels = _check_fields(where, metadata)
+  index_padim.check_field(where, metadata)
   _check_tensor_specs(where, {k: (_dtype_name(v.dtype), v.shape) for k, v in tensors.items()},
                       levels, metadata)
+  if fmt == PADIM_INDEX_FORMAT:
+    index_padim.check_channels(where, metadata, tensors["channels"])
   metadata["checksums"] = json.dumps(_checksums(tensors, metadata))
   with atomic.atomic_path(path) as tmp:
     _save_file(tensors, str(tmp), metadata)
 
 
-def _check_expected(path: pathlib.Path, index: SpadeIndex | PatchCoreIndex,
+# expect's config -> (the index class it needs, the detector that fits it).
+_EXPECTED = {SpadeConfig: (SpadeIndex, "Spade"), PatchCoreConfig: (PatchCoreIndex, "PatchCore"),
+             PadimConfig: (PadimIndex, "Padim")}
+
+
+def _check_expected(path: pathlib.Path, index: SpadeIndex | PatchCoreIndex | PadimIndex,
                     expect: Expect) -> None:
-  """Refuses `index` unless it is for `expect`'s detector, backbone and features."""
-  weights = None
-  if isinstance(expect, (Spade, PatchCore)):
+  """Refuses `index` unless it is for `expect`'s detector, backbone and features (and,
+  for PaDiM, its fit settings and channel draw)."""
+  weights = num_channels = None
+  if isinstance(expect, (Spade, PatchCore, Padim)):
     name, config = expect.backbone.name, expect.config
     weights = common.weights_id(expect.backbone)
+    num_channels = getattr(expect, "num_channels", None)  # Padim: C when known.
   elif isinstance(expect, tuple) and len(expect) == 2:
     name, config = expect
   else:
-    raise ValueError(f"expect must be a Spade, a PatchCore or (backbone_name, config), got "
-                     f"{type(expect).__name__}")
+    raise ValueError(f"expect must be a Spade, a PatchCore, a Padim or (backbone_name, "
+                     f"config), got {type(expect).__name__}")
   where = f"load_index({str(path)!r})"
-  if isinstance(config, PatchCoreConfig):
-    if not isinstance(index, PatchCoreIndex):
-      raise ValueError(f"{where}: the file holds a SpadeIndex but a PatchCoreIndex is "
-                       "expected; fit PatchCore and save its index")
+  found = [v for cls, v in _EXPECTED.items() if isinstance(config, cls)]
+  if not found:
+    raise ValueError(f"expect's config must be a SpadeConfig, a PatchCoreConfig or a "
+                     f"PadimConfig, got {type(config).__name__}")
+  wanted, detector = found[0]
+  if not isinstance(index, wanted):
+    raise ValueError(f"{where}: the file holds a {type(index).__name__} but a "
+                     f"{wanted.__name__} is expected; fit {detector} and save its index")
+  if isinstance(index, PadimIndex):
+    padim.check_index(index, name, config, where, weights=weights, num_channels=num_channels)
+  elif isinstance(index, PatchCoreIndex):
     patchcore.check_compatible(index, name, config, where, weights=weights)
-  elif isinstance(config, SpadeConfig):
-    if not isinstance(index, SpadeIndex):
-      raise ValueError(f"{where}: the file holds a PatchCoreIndex but a SpadeIndex is "
-                       "expected; fit Spade and save its index")
-    check_compatible(index, name, config, where, weights=weights)
   else:
-    raise ValueError(f"expect's config must be a SpadeConfig or a PatchCoreConfig, got "
-                     f"{type(config).__name__}")
+    check_compatible(index, name, config, where, weights=weights)
 
 
 def _check_metadata(where: str, metadata: dict[str, str] | None
@@ -377,6 +411,7 @@ def _check_metadata(where: str, metadata: dict[str, str] | None
       raise ValueError(f"{where}: index metadata has no {key!r} field; the file is "
                        "damaged or was not written by save_index")
   levels = _check_fields(where, metadata)
+  index_padim.check_field(where, metadata)
   checksums = _parse_json(where, "checksums", metadata["checksums"])
   if not isinstance(checksums, dict):
     raise ValueError(f"{where}: metadata field 'checksums' must be a JSON object, got "
@@ -429,16 +464,16 @@ def _check_settings(where: str, text: str) -> dict[str, Any]:
 
 class IndexFile(NamedTuple):
   """An index file's contents (load_index_file)."""
-  index: SpadeIndex | PatchCoreIndex
+  index: SpadeIndex | PatchCoreIndex | PadimIndex
   threshold: Threshold | None  # None: not calibrated.
   settings: dict[str, Any] | None  # None: not recorded.
 
 
-Expect = Spade | PatchCore | tuple[str, SpadeConfig | PatchCoreConfig]
+Expect = Spade | PatchCore | Padim | tuple[str, SpadeConfig | PatchCoreConfig | PadimConfig]
 
 
 def load_index(path: str | os.PathLike, expect: Expect | None = None
-               ) -> SpadeIndex | PatchCoreIndex:
+               ) -> SpadeIndex | PatchCoreIndex | PadimIndex:
   """Reads an index written by save_index, checking it (see load_index_file)."""
   return load_index_file(path, expect).index
 
@@ -446,16 +481,19 @@ def load_index(path: str | os.PathLike, expect: Expect | None = None
 def load_index_file(path: str | os.PathLike, expect: Expect | None = None) -> IndexFile:
   """Reads an index written by save_index with its optional fields, checking them.
 
-  The metadata fields, the tensors' names, dtypes (float32) and shapes (one image
-  count for all; PatchCore: one [B, D] bank), and the checksum of every tensor and
-  of the metadata are checked before any array is returned. The index is unsharded;
-  score(..., mesh=...) (or shard_index / shard_patchcore_index) shards it.
+  The metadata fields, the tensors' names, dtypes (float32; PaDiM's channels int32)
+  and shapes (one image count for all; PatchCore: one [B, D] bank; PaDiM: [P, d] and
+  [P, d, d] with P = h w of its grid), all before any tensor is read, then the
+  checksum of every tensor and of the metadata are checked before any array is
+  returned. The index is unsharded; score(..., mesh=...) (or shard_index /
+  shard_patchcore_index / shard_padim_index) shards it.
 
   Args:
     path: the file.
-    expect: a Spade or a PatchCore, or (backbone_name, SpadeConfig | PatchCoreConfig):
-      refuse an index of the other detector, or written for another backbone or
-      feature config. None accepts any (score checks again).
+    expect: a Spade, a PatchCore or a Padim, or (backbone_name, SpadeConfig |
+      PatchCoreConfig | PadimConfig): refuse an index of another detector, or written
+      for another backbone or feature config (PaDiM: or other fit settings). None
+      accepts any (score checks again).
 
   Returns:
     IndexFile(index, threshold or None, settings or None).
@@ -463,7 +501,7 @@ def load_index_file(path: str | os.PathLike, expect: Expect | None = None) -> In
   Raises:
     ValueError: missing file, not a spade_jax index, damaged, edited or inconsistent
       (the message names the file and the tensor or field), written by an older
-      version without checksums, for the other detector, or for another backbone /
+      version without checksums, for another detector, or for another backbone /
       config.
   """
   path = pathlib.Path(path)
@@ -491,7 +529,9 @@ def load_index_file(path: str | os.PathLike, expect: Expect | None = None) -> In
         raise ValueError(f"{path}: tensor {name!r} does not match its checksum: the file "
                          "was damaged or edited; refit the index and save it again")
       tensors[name] = value
-  if metadata["format"] == PATCHCORE_INDEX_FORMAT:
+  if metadata["format"] == PADIM_INDEX_FORMAT:
+    index = index_padim.from_file(where, metadata, tensors)
+  elif metadata["format"] == PATCHCORE_INDEX_FORMAT:
     index = PatchCoreIndex(bank=jnp.asarray(tensors["bank"]),
                            backbone_name=metadata["backbone"],
                            feature_config=metadata["feature_config"],

@@ -197,10 +197,11 @@ class PadimIndex:
     epsilon: eps of "paper"; None with "ledoit_wolf" (static).
     weights_id: the identity of the backbone's weights (static); None: not recorded.
 
-  An index file would hold the tensors "mean" [P, d] F32, "precision" [P, d, d] F32
-  and "channels" [d] I32 (= np.asarray(channels)), with grid, num_channels,
-  regularization and epsilon in its metadata; a sharded index is saved without its
-  padding (ShardedGallery.to_numpy()).
+  An index file (spade_jax.save_index; detector/index_padim.py) holds the tensors
+  "mean" [P, d] F32, "precision" [P, d, d] F32 and "channels" [d] I32
+  (= np.asarray(channels)), with grid, num_channels, regularization and epsilon in its
+  metadata field "padim"; a sharded index is saved without its padding
+  (ShardedGallery.to_numpy()).
   """
   mean: Array | sharding.ShardedGallery
   precision: Array | sharding.ShardedGallery
@@ -253,6 +254,36 @@ def shard_padim_index(index: PadimIndex, mesh: Mesh | None = None,
 check_compatible = common.check_compatible
 
 
+def check_index(index: PadimIndex, backbone_name: str, config: PadimConfig, where: str, *,
+                weights: str | None = None, num_channels: int | None = None) -> None:
+  """Raises a ValueError unless `index` can be scored by a Padim with this backbone and
+  config: the same backbone, weights and feature settings (check_compatible), the same
+  fit settings (regularization, epsilon) and the config's channel draw.
+
+  Args:
+    index: a PadimIndex.
+    backbone_name: the detector's backbone.
+    config: the detector's PadimConfig.
+    where: the caller, for messages.
+    weights: the detector's Backbone.weights_id (None: not compared).
+    num_channels: C of the detector's layers when known (None: not compared).
+  """
+  if not isinstance(index, PadimIndex):
+    raise ValueError(f"{where}: index must be a PadimIndex, got {type(index).__name__}")
+  check_compatible(index, backbone_name, config, where, weights=weights)
+  if index.fit_settings() != config.fit_settings():
+    raise ValueError(f"{where}: the index was fitted with {index.fit_settings()} but "
+                     f"this detector's config has {config.fit_settings()}; refit, or "
+                     "score with the config it was fitted with")
+  if num_channels is not None and index.num_channels != num_channels:
+    raise ValueError(f"{where}: the index's channel subset was drawn from "
+                     f"{index.num_channels} channels, but {backbone_name!r} has "
+                     f"{num_channels} in layers {list(config.layers)}; refit")
+  if index.channels != config.channels(index.num_channels):
+    raise ValueError(f"{where}: the index's channel subset is not this config's "
+                     "draw (num_features, feature_seed); refit")
+
+
 def _declared_channels(backbone: Any, layers: Sequence[str]) -> int | None:
   """C of `layers` when the backbone declares its features' channels, else None."""
   known = getattr(backbone, "features", None)
@@ -302,6 +333,12 @@ class Padim:
   @property
   def feature_config(self) -> str:
     return self.config.feature_config(self.backbone.name)
+
+  @property
+  def num_channels(self) -> int | None:
+    """C, the channels of the config's layers, once known (declared by the backbone or
+    seen in its first output); None before."""
+    return self._num_channels
 
   def _channels(self, num_channels: int) -> tuple[int, ...]:
     if self._num_channels is not None and num_channels != self._num_channels:
@@ -424,15 +461,8 @@ class Padim:
   def _prepare_index(self, index: PadimIndex, mesh: Mesh | None, axis: str) -> PadimIndex:
     if not isinstance(index, PadimIndex):
       raise ValueError(f"index must be a PadimIndex, got {type(index).__name__}")
-    check_compatible(index, self.backbone.name, self.config, "Padim.score",
-                     weights=common.weights_id(self.backbone))
-    if index.fit_settings() != self.config.fit_settings():
-      raise ValueError(f"Padim.score: the index was fitted with {index.fit_settings()} but "
-                       f"this detector's config has {self.config.fit_settings()}; refit, or "
-                       "score with the config it was fitted with")
-    if index.channels != self.config.channels(index.num_channels):
-      raise ValueError("Padim.score: the index's channel subset is not this config's "
-                       "draw (num_features, feature_seed); refit")
+    check_index(index, self.backbone.name, self.config, "Padim.score",
+                weights=common.weights_id(self.backbone), num_channels=self._num_channels)
     if index.is_sharded:
       if mesh is not None and mesh != index.mean.mesh:
         raise ValueError("Padim.score: the index is sharded over another mesh than "

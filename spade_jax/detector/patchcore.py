@@ -7,13 +7,14 @@
   (save_index / load_index: index_file.py)
 
 `fit` runs preprocess -> backbone -> locally aware patch features
-(spade_jax.patch_features: p x p averaging, the coarser level resized to the finer
-grid, concatenation, optional channel reduction) in batches, then keeps a greedy
-coreset of all training patches (spade_jax.coreset, coreset_ratio of them) as the
-memory bank. `score` computes the test images' patch features, each patch's distance
-to its nearest bank entries, the image score (the largest patch score, optionally
-reweighted) and the anomaly maps (bilinear upsampling to the crop, Gaussian blur),
-per batch (spade_jax.scoring.memory_bank).
+(spade_jax.patch_features: p x p neighbourhoods, the coarser levels resized to the
+finest grid, channels reduced to embed_dim per level as the paper's code does, or
+concatenated) in batches, then keeps a greedy coreset of all training patches
+(spade_jax.coreset, coreset_ratio of them) as the memory bank. `score` computes the
+test images' patch features, each patch's distance to its nearest bank entries, the
+image score (the largest patch score, its reweighting, or the mean of the top k) and
+the anomaly maps (bilinear upsampling to the crop, Gaussian blur), per batch
+(spade_jax.scoring.memory_bank).
 
 The interface is Spade's: with a mesh (`fit(..., mesh=mesh)`, or one set with
 jax.set_mesh) the coreset is selected on the training patches sharded over the mesh
@@ -44,6 +45,9 @@ from spade_jax.search import distances, rows, sharding
 
 Array = jax.Array
 Mesh = jax.sharding.Mesh
+# PatchCoreConfig.image_score: the largest patch score (the paper's s*), its
+# reweighting (Eq. 7), the mean of the topk largest (scoring/memory_bank.py).
+IMAGE_SCORES = ("max", "reweight", "topk")
 
 
 def _is_int(x) -> bool:
@@ -55,21 +59,40 @@ class PatchCoreConfig:
   """PatchCore settings (defaults: the paper's MVTec AD setup, WRN50 layer2 + layer3).
 
   Attributes:
-    layers: pyramid levels whose patch features are concatenated (paper: layer2, 3).
+    layers: pyramid levels whose patch features are combined (paper: layer2, 3; any
+      number, each resized to the finest grid among them).
     patch_size: p, neighbourhood of the local averaging (odd; paper: 3).
-    embed_dim: reduce the concatenated channels to this many when there are more
-      (PatchCore: 1024; None: keep all). EfficientNet-Lite0's layer2 + 3 have 152.
-    reduction: "adaptive_avg" (PatchCore) or "random_projection" (patches.py).
-    reduction_seed: fixes the random projection (unused by "adaptive_avg").
+    embed_dim: E, reduce the levels' channels to this many when they have more
+      (PatchCore: 1024; None: keep all). EfficientNet-Lite0's layer2 + 3 have 152
+      (kept), WRN50's 512 + 1024 (reduced).
+    reduction: how, when they are reduced (features/patches.py): "per_level"
+      (default; patchcore-inspection's, which the paper's numbers come from: each
+      level's p x p neighbourhoods average-pooled to E channels, then the levels
+      together to E), "adaptive_avg" (the default before "per_level": one pooling
+      over the concatenated levels, which favours the level with more channels) or
+      "random_projection". Part of the index's features.
+    reduction_seed: fixes the random projection (unused by the others).
     coreset_ratio: fraction of the training patches kept in the memory bank, in
       (0, 1] (paper: 0.1; 1: all, no coreset).
     projection_dim: the coreset greedy runs on random projections to this many
       dimensions (paper: 128); None: on the patch features (exact greedy).
     coreset_seed: seed of the coreset's projection.
     k_nearest: bank entries averaged into a patch score (paper: 1).
-    reweight: PatchCore's reweighting of the image score (memory_bank.py).
+    reweight: PatchCore's reweighting of the image score (memory_bank.py); True is
+      image_score="reweight" (kept for older code and files: set either). Stored as
+      whether the reweighting applies, also when image_score chose it.
     num_neighbors: b, the support of the reweighting (anomalib: 9; >= 2).
-    metric: distance name in spade_jax.METRICS.
+    image_score: the image score from the patch scores, one of IMAGE_SCORES: "max"
+      (the paper's s*), "reweight" (Eq. 7, with num_neighbors) or "topk" (the mean of
+      the topk largest); None (default): from the other fields, "reweight" if
+      reweight, "topk" if topk is set, else "max" (the `image_score_rule` property).
+      A contradicting combination (reweight=True with "max" or "topk"; topk with
+      "max" or "reweight") is refused.
+    topk: t of "topk", 1 <= t <= the patches per image (checked when scoring);
+      None unless the image score is "topk".
+    metric: distance name in spade_jax.METRICS: "l2" (anomalib's patch distance) or
+      "sqeuclidean" (patchcore-inspection's: faiss IndexFlatL2 distances, squared, in
+      its image scores and maps alike).
     sigma: Gaussian sigma of the anomaly maps, in crop pixels (paper: 4).
     resize: shorter side before the centre crop (paper: 256).
     crop: centre crop = anomaly-map size (paper: 224).
@@ -78,7 +101,7 @@ class PatchCoreConfig:
   layers: tuple[str, ...] = ("layer2", "layer3")
   patch_size: int = 3
   embed_dim: int | None = 1024
-  reduction: str = "adaptive_avg"
+  reduction: str = "per_level"
   reduction_seed: int = 0
   coreset_ratio: float = 0.1
   projection_dim: int | None = 128
@@ -86,6 +109,8 @@ class PatchCoreConfig:
   k_nearest: int = 1
   reweight: bool = False
   num_neighbors: int = 9
+  image_score: str | None = None
+  topk: int | None = None
   metric: str = "l2"
   sigma: float = 4.0
   resize: int = 256
@@ -108,7 +133,7 @@ class PatchCoreConfig:
                         ("reduction", self.reduction), ("seed", self.reduction_seed)):
       try:
         patches_lib.check_settings(**{"patch_size": 3, "embed_dim": None,
-                                      "reduction": "adaptive_avg", "seed": 0, name: value})
+                                      "reduction": "per_level", "seed": 0, name: value})
       except ValueError as e:
         field = "reduction_seed" if name == "seed" else name
         raise ValueError(f"PatchCoreConfig.{field}: {e}") from None
@@ -125,6 +150,7 @@ class PatchCoreConfig:
                        f"{self.coreset_seed!r}")
     if not isinstance(self.reweight, (bool, np.bool_)):
       raise ValueError(f"PatchCoreConfig.reweight must be a bool, got {self.reweight!r}")
+    object.__setattr__(self, "reweight", self._resolve_image_score() == "reweight")
     if self.reweight and self.num_neighbors < 2:
       raise ValueError(f"PatchCoreConfig.num_neighbors must be >= 2 with reweight (b = 1 "
                        f"weights every score by 0), got {self.num_neighbors}")
@@ -140,18 +166,52 @@ class PatchCoreConfig:
       raise ValueError(f"PatchCoreConfig.crop={self.crop} is larger than resize="
                        f"{self.resize}")
 
+  def _resolve_image_score(self) -> str:
+    """Checks image_score, reweight and topk together; returns the rule they choose."""
+    rule, topk = self.image_score, self.topk
+    if rule is not None and rule not in IMAGE_SCORES:
+      raise ValueError(f"PatchCoreConfig.image_score must be one of {IMAGE_SCORES} or None, "
+                       f"got {rule!r}")
+    if topk is not None and (not _is_int(topk) or topk < 1):
+      raise ValueError(f"PatchCoreConfig.topk must be a positive int or None, got {topk!r}")
+    if rule is None:
+      if self.reweight and topk is not None:
+        raise ValueError(f"PatchCoreConfig: reweight=True and topk={topk} ask for two image "
+                         "scores; set image_score='reweight' or 'topk' (and drop the other)")
+      return "reweight" if self.reweight else "topk" if topk is not None else "max"
+    if self.reweight and rule != "reweight":
+      raise ValueError(f"PatchCoreConfig: reweight=True (image_score='reweight') contradicts "
+                       f"image_score={rule!r}; drop reweight (or image_score)")
+    if rule == "topk" and topk is None:
+      raise ValueError("PatchCoreConfig.topk must be set with image_score='topk' (the number "
+                       "of largest patch scores averaged into the image score)")
+    if rule != "topk" and topk is not None:
+      raise ValueError(f"PatchCoreConfig.topk={topk} is the top-k mean's (image_score="
+                       f"'topk'), not used by image_score={rule!r}; drop topk")
+    return rule
+
+  @property
+  def image_score_rule(self) -> str:
+    """The image score in use, one of IMAGE_SCORES (image_score, or what None means)."""
+    return self._resolve_image_score()
+
   def score_settings(self) -> dict[str, Any]:
     """The settings PatchCore's image score depends on besides the bank's features:
-    the metric, k_nearest, the reweighting (with its support num_neighbors), and what
-    selected the bank (coreset_ratio, projection_dim, coreset_seed: a calibration
-    refits the bank per fold with them) and patch_size. A calibrated threshold records
-    them (calibration.Threshold) and holds only for scores made with them."""
+    the metric, k_nearest, the image score (reweight, with its support num_neighbors;
+    topk, and image_score "topk" with it), and what selected the bank (coreset_ratio,
+    projection_dim, coreset_seed: a calibration refits the bank per fold with them)
+    and patch_size. A calibrated threshold records them (calibration.Threshold) and
+    holds only for scores made with them. topk is always recorded (None: not the
+    top-k mean), so thresholds from before it, which lack it, are taken as None's, the
+    max or reweighted score they were calibrated on."""
     settings = {"metric": self.metric, "k_nearest": self.k_nearest,
                 "reweight": bool(self.reweight), "coreset_ratio": float(self.coreset_ratio),
                 "projection_dim": self.projection_dim, "coreset_seed": self.coreset_seed,
-                "patch_size": self.patch_size}
+                "patch_size": self.patch_size, "topk": self.topk}
     if self.reweight:
       settings["num_neighbors"] = self.num_neighbors
+    if self.topk is not None:
+      settings["image_score"] = "topk"
     return settings
 
   def feature_config(self, backbone_name: str) -> str:
@@ -179,7 +239,8 @@ class PatchCoreIndex:
     backbone_name: the backbone that produced them (static).
     feature_config: canonical JSON of backbone, layers, resize, crop, patch_size,
       embed_dim, reduction (static); the index is valid for any scoring settings
-      (k_nearest, reweight, num_neighbors, metric, sigma) but only for these features.
+      (k_nearest, image_score, reweight, num_neighbors, topk, metric, sigma) but only
+      for these features.
     weights_id: the identity of the backbone's weights (Backbone.weights_id; static);
       None: not recorded. Scoring refuses an index of other weights.
   """
@@ -354,7 +415,7 @@ class PatchCore:
     with progress.stage("search") as timed:  # The kNN searches and the image scores.
       scores, score_maps = timed.ready(memory_bank.patchcore_scores(
           patches, index.bank, k=cfg.k_nearest, metric=cfg.metric,
-          reweight_neighbors=cfg.num_neighbors if cfg.reweight else None))
+          reweight_neighbors=cfg.num_neighbors if cfg.reweight else None, topk=cfg.topk))
     return common.scores_and_maps(scores, score_maps, cfg.crop, cfg.sigma)
 
   def score(self, index: PatchCoreIndex, images: np.ndarray | Sequence[np.ndarray], *,

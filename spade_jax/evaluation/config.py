@@ -19,20 +19,25 @@ from typing import Any
 
 import numpy as np
 
-from spade_jax.detector import KERNEL_METRICS, PatchCoreConfig, SpadeConfig
+from spade_jax.detector import KERNEL_METRICS, PadimConfig, PatchCoreConfig, SpadeConfig
 from spade_jax.search import distances
 
 _DEFAULT = SpadeConfig()
 _PATCHCORE = PatchCoreConfig()
-# Detectors evaluate.py runs: SPADE (detector/spade.py) and PatchCore (detector/patchcore.py).
-METHODS = ("spade", "patchcore")
+_PADIM = PadimConfig()
+# Detectors evaluate.py runs: SPADE (detector/spade.py), PatchCore (detector/patchcore.py)
+# and PaDiM (detector/padim.py).
+METHODS = ("spade", "patchcore", "padim")
 # The settings each method's numbers depend on (recorded in results.json's "config").
 _COMMON_KEYS = ("data_dir", "method", "backbone", "weights", "layers", "sigma", "metric",
                 "resize", "crop")
 _METHOD_KEYS = {
     "spade": ("k_images", "k_image_score", "kappa", "combine", "aggregate", "bandwidth"),
     "patchcore": ("coreset_ratio", "patch_size", "reweight"),
+    "padim": ("num_features", "feature_seed", "regularization", "epsilon"),
 }
+# Common settings a method does not use (not recorded for it): PaDiM has no metric.
+_UNUSED_KEYS = {"padim": ("metric",)}
 
 
 def _normalise_path(path: str | os.PathLike[str]) -> str:
@@ -48,10 +53,13 @@ class EvalConfig:
   Validated on construction (the method's own config checks, and sigma finite, >= 0
   and at most crop, the anomaly map's side), so a bad setting fails before any work.
   data_dir is stored normalised (no trailing slash, no '.' parts), so equivalent
-  spellings give equal configs. layers=None means the method's default (SPADE:
-  layer1..3; PatchCore: layer2 + layer3). Only the settings of the chosen method are
-  recorded (to_json): k_images, k_image_score, kappa, combine, aggregate and bandwidth
-  for "spade"; coreset_ratio, patch_size and reweight for "patchcore". metric may name
+  spellings give equal configs. layers=None means the method's default (SPADE and
+  PaDiM: layer1..3; PatchCore: layer2 + layer3). Only the settings of the chosen method
+  are recorded (to_json): k_images, k_image_score, kappa, combine, aggregate and
+  bandwidth for "spade"; coreset_ratio, patch_size and reweight for "patchcore" (with
+  patchcore_json's image score and reduction); num_features, feature_seed,
+  regularization and epsilon (null with "ledoit_wolf") for "padim", which records no
+  metric (its distance is the Mahalanobis one). metric may name
   a kernel fitted on the training features (SPADE only: KERNEL_METRICS, e.g.
   "mahalanobis"); aggregate ("mean", "softmin", "kde") and bandwidth (None: the median
   heuristic) are SPADE's (SpadeConfig).
@@ -77,6 +85,13 @@ class EvalConfig:
   coreset_ratio: float = _PATCHCORE.coreset_ratio
   patch_size: int = _PATCHCORE.patch_size
   reweight: bool = _PATCHCORE.reweight
+  image_score: str | None = _PATCHCORE.image_score
+  topk: int | None = _PATCHCORE.topk
+  reduction: str = _PATCHCORE.reduction
+  num_features: int | None = _PADIM.num_features
+  feature_seed: int = _PADIM.feature_seed
+  regularization: str = _PADIM.regularization
+  epsilon: float = _PADIM.epsilon
 
   def __post_init__(self):
     if not isinstance(self.data_dir, (str, os.PathLike)):
@@ -87,7 +102,7 @@ class EvalConfig:
     if self.method not in METHODS:
       raise ValueError(f"EvalConfig.method must be one of {METHODS}, got {self.method!r}")
     if self.layers is None:
-      default = _DEFAULT if self.method == "spade" else _PATCHCORE
+      default = {"spade": _DEFAULT, "patchcore": _PATCHCORE, "padim": _PADIM}[self.method]
       object.__setattr__(self, "layers", default.layers)
     if isinstance(self.layers, (list, tuple)):
       object.__setattr__(self, "layers", tuple(self.layers))
@@ -116,28 +131,60 @@ class EvalConfig:
     check_patchcore_scoring(self.metric, self.aggregate, self.bandwidth)
     return PatchCoreConfig(layers=tuple(self.layers), patch_size=self.patch_size,
                            coreset_ratio=self.coreset_ratio, reweight=self.reweight,
+                           image_score=self.image_score, topk=self.topk,
+                           reduction=self.reduction,
                            metric=self.metric, sigma=self.sigma, resize=self.resize,
                            crop=self.crop, batch_size=batch_size)
 
-  def detector_config(self, batch_size: int) -> SpadeConfig | PatchCoreConfig:
+  def padim_config(self, batch_size: int) -> PadimConfig:
+    check_padim_scoring(self.metric, self.aggregate, self.bandwidth)
+    return PadimConfig(layers=tuple(self.layers), num_features=self.num_features,
+                       feature_seed=self.feature_seed, regularization=self.regularization,
+                       epsilon=self.epsilon, sigma=self.sigma, resize=self.resize,
+                       crop=self.crop, batch_size=batch_size)
+
+  def detector_config(self, batch_size: int) -> SpadeConfig | PatchCoreConfig | PadimConfig:
     """The chosen method's config (ValueError naming a bad setting)."""
     if self.method == "spade":
       return self.spade_config(batch_size)
+    if self.method == "padim":
+      return self.padim_config(batch_size)
     return self.patchcore_config(batch_size)
 
   def make_detector(self, batch_size: int):
-    """Loads the backbone and builds the chosen detector (spade_jax.Spade or PatchCore)."""
+    """Loads the backbone and builds the chosen detector (spade_jax.Spade, PatchCore or
+    Padim)."""
     import spade_jax  # pylint: disable=import-outside-toplevel
     config = self.detector_config(batch_size)  # Before the (slow) backbone load.
     backbone = spade_jax.load_backbone(self.backbone, weights=self.weights)
-    if self.method == "spade":
-      return spade_jax.Spade(backbone, config)
-    return spade_jax.PatchCore(backbone, config)
+    detector = {"spade": spade_jax.Spade, "patchcore": spade_jax.PatchCore,
+                "padim": spade_jax.Padim}[self.method]
+    return detector(backbone, config)
 
   def to_json(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)
     d["layers"] = list(self.layers)
-    return {key: d[key] for key in _COMMON_KEYS + _METHOD_KEYS[self.method]}
+    if self.method == "padim" and self.regularization != "paper":
+      d["epsilon"] = None  # Unused by Ledoit-Wolf: the numbers do not depend on it.
+    keys = [k for k in _COMMON_KEYS if k not in _UNUSED_KEYS.get(self.method, ())]
+    out = {key: d[key] for key in keys + list(_METHOD_KEYS[self.method])}
+    if self.method == "patchcore":
+      out.update(patchcore_json(self.patchcore_config(batch_size=1)))
+    return out
+
+
+def patchcore_json(config: PatchCoreConfig) -> dict[str, Any]:
+  """What results.json records of PatchCore's image score and reduction, besides
+  coreset_ratio and patch_size: reweight as the config resolves it (also when
+  image_score="reweight" chose it), image_score and topk with the top-k mean, and the
+  reduction unless "adaptive_avg". Files from before the latter were recorded (max or
+  reweighted scores, "adaptive_avg") thus keep their config."""
+  out = {"reweight": bool(config.reweight)}
+  if config.image_score_rule == "topk":
+    out.update(image_score="topk", topk=config.topk)
+  if config.reduction != "adaptive_avg":
+    out["reduction"] = config.reduction
+  return out
 
 
 def check_patchcore_scoring(metric: str, aggregate: str, bandwidth: float | None) -> None:
@@ -159,12 +206,27 @@ def check_patchcore_scoring(metric: str, aggregate: str, bandwidth: float | None
         "aggregate='mean' and bandwidth unset")
 
 
+def check_padim_scoring(metric: str, aggregate: str, bandwidth: float | None) -> None:
+  """PaDiM scores by the Mahalanobis distance to its Gaussians: no metric, no soft
+  aggregate (SPADE's and PatchCore's settings left at their defaults).
+
+  Raises:
+    ValueError: naming the setting and the fix.
+  """
+  if metric != _DEFAULT.metric or aggregate != "mean" or bandwidth is not None:
+    raise ValueError(
+        f"metric={metric!r}, aggregate={aggregate!r}, bandwidth={bandwidth!r}: PaDiM "
+        "(method 'padim') scores by the Mahalanobis distance to its per-position "
+        "Gaussians, so leave metric, aggregate and bandwidth unset")
+
+
 def check_test_labels(name: str, labels: Sequence[int], n_train: int,
                       config: EvalConfig) -> None:
   """Checks that a category's metrics are defined and its k's fit, before any work.
 
   AUROC and AU-PRO need both normal and anomalous test images; SPADE's k_images and
-  k_image_score need that many training images (PatchCore's bank is checked at fit).
+  k_image_score need that many training images, PaDiM two (a covariance per position;
+  PatchCore's bank is checked at fit).
 
   Raises:
     ValueError: naming the category, the problem and the fix.
@@ -184,6 +246,10 @@ def check_test_labels(name: str, labels: Sequence[int], n_train: int,
       raise ValueError(
           f"category {name!r} has {n_train} training images, fewer than {key}="
           f"{getattr(config, key)}; lower --{key} {leave_out}")
+  if config.method == "padim" and n_train < 2:
+    raise ValueError(
+        f"category {name!r} has {n_train} training image(s); PaDiM needs at least 2 (a "
+        f"covariance per position): add training images {leave_out}")
 
 
 def check_masks(name: str, masks: np.ndarray) -> None:

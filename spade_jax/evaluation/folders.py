@@ -35,8 +35,10 @@ import numpy as np
 
 from spade_jax.data import folder
 from spade_jax.detector import calibration, common, index_file
+from spade_jax.detector import padim as padim_lib
 from spade_jax.detector import patchcore as patchcore_lib
 from spade_jax.detector import spade as spade_lib
+from spade_jax.detector.padim import Padim
 from spade_jax.detector.spade import Spade
 from spade_jax.evaluation import heatmaps, predictions
 from spade_jax.host import progress
@@ -106,13 +108,17 @@ def _image_files(images_dir, what: str, exclude=()) -> list[folder.ImageFile]:
 
 
 def _check_k(spade, count: int, where: str) -> None:
-  """SPADE's k_images / k_image_score need that many training images (PatchCore's
-  memory bank is checked when it is fitted)."""
+  """SPADE's k_images / k_image_score need that many training images, PaDiM two
+  (PatchCore's memory bank is checked when it is fitted)."""
   for name in ("k_images", "k_image_score"):
     value = getattr(spade.config, name, None)
     if value is not None and value > count:
       raise ValueError(f"{where} holds {count} training images, fewer than "
                        f"{name}={value}; lower --{name} or add training images")
+  if isinstance(spade, Padim) and count < calibration.PADIM_MIN_IMAGES:
+    raise ValueError(f"{where} holds {count} training image(s); PaDiM needs at least "
+                     f"{calibration.PADIM_MIN_IMAGES} (a covariance per position): add "
+                     "training images")
 
 
 def _check_learned(spade, count: int, where: str) -> None:
@@ -157,14 +163,14 @@ def fit_folder(spade, train_dir: str | os.PathLike[str], index_path: str | os.Pa
   """Fits `spade` on every image under `train_dir` and writes the index (save_index).
 
   Args:
-    spade: a spade_jax.Spade or spade_jax.PatchCore (its config's batch_size sets the
+    spade: a spade_jax.Spade, PatchCore or Padim (its config's batch_size sets the
       chunking).
     train_dir: the folder of normal images.
     index_path: the index file to write (atomically; its folder must exist).
-    calibrate: also store a decision threshold (calibration.spade_threshold or
-      patchcore_threshold).
+    calibrate: also store a decision threshold (calibration.spade_threshold,
+      patchcore_threshold or padim_threshold).
     quantile, folds: of the calibration (folds None: SPADE leave-one-out, PatchCore
-      calibration.PATCHCORE_FOLDS folds).
+      calibration.PATCHCORE_FOLDS folds, PaDiM calibration.PADIM_FOLDS).
     settings: recorded in the index (save_index's `settings`), e.g. fit.py's flags.
     log: progress lines.
 
@@ -182,7 +188,8 @@ def fit_folder(spade, train_dir: str | os.PathLike[str], index_path: str | os.Pa
     calibration.calibration_folds(spade, len(files), quantile, folds)
   log(f"fit: {len(files)} image files under {train_dir}")
   skipped: list[folder.Skipped] = []
-  chunks = []  # extract() outputs: Spade's (pool, {level: ...}), PatchCore's patches.
+  # extract() outputs: Spade's (pool, {level: ...}), PatchCore's patches, PaDiM's embeddings.
+  chunks = []
   report = progress.Progress("fit: features of", len(files), log=log)
   chunk = _CHUNK_BATCHES * spade.config.batch_size
   count = 0
@@ -208,6 +215,9 @@ def fit_folder(spade, train_dir: str | os.PathLike[str], index_path: str | os.Pa
     if is_spade:
       threshold, held_out = calibration.spade_threshold(spade, features[0],
                                                         quantile=quantile, folds=folds)
+    elif isinstance(spade, Padim):
+      threshold, held_out = calibration.padim_threshold(spade, features,
+                                                        quantile=quantile, folds=folds)
     else:
       threshold, held_out = calibration.patchcore_threshold(spade, features,
                                                             quantile=quantile, folds=folds)
@@ -224,9 +234,10 @@ def predict_folder(spade, index, images_dir: str | os.PathLike[str],
   """Scores every image under `images_dir` with `index`; writes predictions.py's files.
 
   Args:
-    spade: a spade_jax.Spade or PatchCore whose backbone and feature config match the
-      index.
-    index: its SpadeIndex or PatchCoreIndex (e.g. load_index_file(...).index). A
+    spade: a spade_jax.Spade, PatchCore or Padim whose backbone and feature config
+      match the index (PaDiM: and its fit settings).
+    index: its SpadeIndex, PatchCoreIndex or PadimIndex (e.g.
+      load_index_file(...).index). A
       SpadeIndex without the kernels / bandwidths spade's config needs (fitted for
       another metric) gets them first, from its own training features (fit_kernels).
     images_dir: the folder of images to score (an output_dir inside it is left out).
@@ -254,6 +265,10 @@ def predict_folder(spade, index, images_dir: str | os.PathLike[str],
       log(f"predict: fitting what metric={cfg.metric!r}, aggregate={cfg.aggregate!r} need "
           f"on the index's {index.num_images} training images")
       index = spade.fit_kernels(index)
+  elif isinstance(spade, Padim):
+    padim_lib.check_index(index, spade.backbone.name, cfg, "predict",
+                          weights=common.weights_id(spade.backbone),
+                          num_channels=spade.num_channels)
   else:
     patchcore_lib.check_compatible(index, spade.backbone.name, cfg, "predict",
                                    weights=common.weights_id(spade.backbone))

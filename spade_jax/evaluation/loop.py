@@ -1,8 +1,9 @@
 """The MVTec-style evaluation loop behind experiments/evaluate.py.
 
-Host-side orchestration only: read a category, fit SPADE on its normal training
-images, score its test images, compute the official metrics, write heatmaps and
-results.json. The script that calls this stays a thin flags -> kwargs layer.
+Host-side orchestration only: read a category, fit the detector (SPADE, PatchCore or
+PaDiM: the same fit / score interface) on its normal training images, score its test
+images, compute the official metrics, write heatmaps and results.json. The script that
+calls this stays a thin flags -> kwargs layer.
 The settings and the checks made before any work are in config.py, results.json's
 layout and its merge-on-write in results.py.
 
@@ -10,8 +11,10 @@ Several processes (after distributed.initialize): process p reads the training a
 test images p::P of a category and computes their features; the training features
 form one gallery sharded over every device of every process (a 1-D mesh "data"); the
 test features, masks and labels are gathered on every process, which all score every
-test image through the sharded search (the collectives need them all). Process 0
-alone writes results.json and the heatmaps.
+test image through the sharded search (the collectives need them all). PaDiM's
+training embeddings are gathered too: its Gaussians need every image at each
+position, and the mesh splits the positions instead. Process 0 alone writes
+results.json and the heatmaps.
 
 """
 
@@ -26,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from spade_jax.detector.padim import Padim
 from spade_jax.evaluation import config as config_lib
 from spade_jax.evaluation import results as results_lib
 from spade_jax.evaluation.config import EvalConfig
@@ -133,8 +137,12 @@ def evaluate_category_multiprocess(spade, data_dir: pathlib.Path, name: str, mes
     log(f"  fit on {len(files.train)} normal images ({len(train_files)} read here)")
     train = mvtec.stack_split([mvtec.read_rgb(f) for f in train_files],
                               [files.relative(f) for f in train_files], f"{name} train")
-    index = spade.fit_features(*_feature_args(spade.extract(train)), mesh=mesh,
-                               process_local=True)
+    features = spade.extract(train)
+    if _fits_on_all_images(spade):  # Every process fits on all the training embeddings.
+      index = spade.fit_features(distributed.gather_shares(features, len(files.train)),
+                                 mesh=mesh)
+    else:
+      index = spade.fit_features(*_feature_args(features), mesh=mesh, process_local=True)
     log(f"  score {len(files.test)} test images ({len(test_items)} read here)")
     examples = [mvtec.read_test_example(item) for item in test_items]
     test_paths = [files.relative(item.path) for item in test_items]
@@ -160,9 +168,16 @@ def evaluate_category_multiprocess(spade, data_dir: pathlib.Path, name: str, mes
   return _finish(result, start, stages)
 
 
+def _fits_on_all_images(detector) -> bool:
+  """PaDiM: a Gaussian per position over every training image, its positions (not its
+  images) split over the mesh, so each process needs all the embeddings."""
+  return isinstance(detector, Padim)
+
+
 def _feature_args(features) -> tuple:
   """A detector's extract() output as the arguments of its fit_features / score_features:
-  Spade's (pool, {level: features}), or PatchCore's patch features alone."""
+  Spade's (pool, {level: features}), or PatchCore's patch features (PaDiM's embeddings)
+  alone."""
   return features if isinstance(features, tuple) else (features,)
 
 

@@ -9,19 +9,40 @@ For each chosen level l with features phi_l [N, h_l, w_l, C_l] (PatchCore, Sec. 
 2. alignment: every level is resized bilinearly to the finest grid among the chosen
    levels (torch F.interpolate(mode="bilinear", align_corners=False), no antialiasing);
 3. concatenation over channels, in the order of `layers`: D = sum_l C_l;
-4. optional reduction to embed_dim channels when D > embed_dim:
-   * "adaptive_avg": torch F.adaptive_avg_pool1d over the channel axis (PatchCore's
-     aggregator): output channel i is the mean of input channels
-     [floor(i D / E), ceil((i + 1) D / E));
+4. optional reduction to E = embed_dim channels when D > E (none when D <= E: steps
+   1-3 are then the features, whatever the reduction):
+   * "per_level": patchcore-inspection's (the PatchCore authors' code,
+     github.com/amazon-science/patchcore-inspection, patchcore/patchcore.py and
+     common.py), which replaces steps 1-3. Each level's p x p neighbourhood is
+     unfolded (torch.nn.Unfold(p, padding=p // 2): zeros beyond the border) into
+     u_l [C_l p^2], channel-major, then row and column offset; a coarser level's
+     unfolded maps are resized to the grid as in step 2. Each level is reduced
+     separately, v_l = AAP(u_l, E) (its MeanMapper, to pretrain_embed_dimension),
+     the levels are concatenated in order, and phi = AAP([v_1, ..., v_L], E) (its
+     Aggregator, to target_embed_dimension; E for both, the paper's WRN50 setting
+     D1024-1024). AAP(x, E) is torch F.adaptive_avg_pool1d over channels: output i
+     is the mean of x[floor(i L / E) : ceil((i + 1) L / E)], L = len(x). Every level
+     weighs the same (WRN50: 512 of the 1024 outputs each from layer2 and layer3),
+     and the p x p mean is AAP's: for WRN50's layer3 (L = 9 * 1024) exactly the
+     zero-padded 3 x 3 mean per channel; for layer2 (L = 9 * 512, 4.5 entries per
+     output) the mean of the first 5 and of the last 5 of the 9 window entries of a
+     channel, which the Aggregator then averages (weights 1/10, the centre 2/10);
+   * "adaptive_avg": one AAP(., E) over the concatenation of step 3 (all levels
+     pooled together: a level's share of the outputs is its share of the D channels;
+     WRN50: layer3 gets two thirds). This library's default before "per_level"; an
+     index recording it is scored as before;
    * "random_projection": a fixed dense random projection with entries
      +-1 / sqrt(E) (Achlioptas), drawn from the raw bits of NumPy's Philox bit
      generator, whose stream NumPy keeps stable, so `seed` fixes the matrix everywhere.
+   anomalib's PatchCore reduces nothing (embed_dim=None: WRN50's 1536 channels).
 
-Every step is linear. Aggregation and resizing are separable: two small matrices per
-axis (a band of ones for the window sum, the bilinear taps), applied with einsum like
-the anomaly maps (scoring/anomaly_map.py builds the same bilinear matrix; the small
-builder is repeated here because features/ sits below scoring/). All matrices are
-built once on the host per shape and cached.
+Every step is linear. Aggregation, unfolding and resizing are separable: small
+matrices per axis (a band of ones for the window sum, a shift per offset of the
+window, the bilinear taps), applied with einsum like the anomaly maps
+(scoring/anomaly_map.py builds the same bilinear matrix; the small builder is repeated
+here because features/ sits below scoring/). AAP is a gather of each output's bin
+(at most ceil(L / E) + 1 entries), or a reshape when E divides L. All matrices and
+bins are built once on the host per shape and cached.
 """
 
 from __future__ import annotations
@@ -35,7 +56,8 @@ import jax.numpy as jnp
 import numpy as np
 
 Array = jax.Array
-REDUCTIONS = ("adaptive_avg", "random_projection")
+# "per_level" first: PatchCoreConfig's default (the paper's code).
+REDUCTIONS = ("per_level", "adaptive_avg", "random_projection")
 
 
 @functools.cache
@@ -78,6 +100,85 @@ def adaptive_avg_matrix(dim_in: int, dim_out: int) -> np.ndarray:
 
 
 @functools.cache
+def adaptive_avg_bins(dim_in: int, dim_out: int) -> tuple[np.ndarray, np.ndarray]:
+  """The bins of torch F.adaptive_avg_pool1d(x, dim_out) on x [dim_in], as taps.
+
+  Output i is the mean of x[lo_i:hi_i], lo_i = floor(i L / E), hi_i = ceil((i + 1) L / E)
+  (L = dim_in, E = dim_out).
+
+  Returns:
+    (index [K, E] int32, weight [K, E] float32), K = max_i (hi_i - lo_i): output i is
+    sum_k weight[k, i] * x[index[k, i]]; weight[k, i] = 1 / (hi_i - lo_i) for
+    k < hi_i - lo_i, else 0 (and index[k, i] = lo_i).
+  """
+  lo = (np.arange(dim_out) * dim_in) // dim_out
+  hi = -((-(np.arange(dim_out) + 1) * dim_in) // dim_out)  # ceil((i + 1) * L / E)
+  width = hi - lo
+  taps = np.arange(int(width.max()))[:, None]
+  used = taps < width[None, :]
+  index = np.where(used, lo[None, :] + taps, lo[None, :]).astype(np.int32)
+  weight = np.where(used, 1.0 / width[None, :], 0.0).astype(np.float32)
+  return index, weight
+
+
+def adaptive_avg_pool(x: Array, dim_out: int) -> Array:
+  """[..., L] -> [..., E] torch F.adaptive_avg_pool1d over the last axis, float32.
+
+  A reshape and mean when E divides L (equal bins of L / E), else a weighted sum of
+  the bins' taps (adaptive_avg_bins): no dense [L, E] matrix.
+  """
+  dim_in = x.shape[-1]
+  x = x.astype(jnp.float32)
+  if dim_in % dim_out == 0:
+    return jnp.mean(x.reshape(*x.shape[:-1], dim_out, dim_in // dim_out), axis=-1)
+  index, weight = adaptive_avg_bins(dim_in, dim_out)
+  out = None
+  for k in range(index.shape[0]):  # K <= ceil(L / E) + 1 taps.
+    term = jnp.take(x, jnp.asarray(index[k]), axis=-1) * jnp.asarray(weight[k])
+    out = term if out is None else out + term
+  return out
+
+
+@functools.cache
+def unfold_axis_matrices(size: int, out_size: int, patch_size: int) -> np.ndarray:
+  """[p, out_size, size] float32: for each offset i of the window, the sample at
+  offset i - p // 2 (zero beyond the border, as torch.nn.Unfold's padding), then
+  bilinear resampling to out_size; one axis of "per_level"'s unfolding."""
+  radius = patch_size // 2
+  rows = np.arange(size)
+  resize = bilinear_matrix(size, out_size).astype(np.float64)
+  mats = []
+  for i in range(patch_size):
+    shift = (rows[None, :] == rows[:, None] + i - radius).astype(np.float64)  # [size, size]
+    mats.append(resize @ shift)
+  return np.stack(mats).astype(np.float32)
+
+
+def _unfolded(x: Array, grid: tuple[int, int], patch_size: int) -> Array:
+  """[N, h, w, C] -> [N, H, W, C p^2]: each position's p x p neighbourhood, flattened
+  channel-major, then row offset, then column offset (torch.nn.Unfold's order),
+  resized to `grid` per entry."""
+  n, h, w, c = x.shape
+  hi = lax.Precision.HIGHEST
+  mat_h = jnp.asarray(unfold_axis_matrices(h, grid[0], patch_size))  # [p, H, h]
+  mat_w = jnp.asarray(unfold_axis_matrices(w, grid[1], patch_size))  # [p, W, w]
+  x = jnp.einsum("iHh,nhwc->nHwci", mat_h, x.astype(jnp.float32), precision=hi)
+  x = jnp.einsum("jWw,nHwci->nHWcij", mat_w, x, precision=hi)
+  return x.reshape(n, grid[0], grid[1], c * patch_size * patch_size)
+
+
+def per_level_features(levels: Sequence[Array], grid: tuple[int, int], patch_size: int,
+                       embed_dim: int) -> Array:
+  """The "per_level" reduction (module docstring): [N, H, W, E] float32.
+
+  phi = AAP([AAP(u_1, E), ..., AAP(u_L, E)], E), u_l the unfolded, resized p x p
+  neighbourhoods of level l (patchcore-inspection's Preprocessing, then Aggregator).
+  """
+  per_level = [adaptive_avg_pool(_unfolded(x, grid, patch_size), embed_dim) for x in levels]
+  return adaptive_avg_pool(jnp.concatenate(per_level, axis=-1), embed_dim)
+
+
+@functools.cache
 def random_projection_matrix(dim_in: int, dim_out: int, seed: int) -> np.ndarray:
   """[dim_in, dim_out] float32 with entries +-1 / sqrt(dim_out), fixed by `seed`.
 
@@ -92,10 +193,14 @@ def random_projection_matrix(dim_in: int, dim_out: int, seed: int) -> np.ndarray
 
 def reduction_matrix(dim_in: int, embed_dim: int | None, reduction: str,
                      seed: int = 0) -> np.ndarray | None:
-  """The [dim_in, embed_dim] channel reduction, or None when none applies
-  (embed_dim None, or dim_in <= embed_dim: the features are kept as they are)."""
+  """The [dim_in, embed_dim] channel reduction of the concatenated features, or None
+  when none applies (embed_dim None, or dim_in <= embed_dim: the features are kept as
+  they are). "per_level" is not one matrix on the concatenation (per_level_features)."""
   if embed_dim is None or dim_in <= embed_dim:
     return None
+  if reduction == "per_level":
+    raise ValueError("the per_level reduction is per_level_features, not a matrix on the "
+                     "concatenated features")
   if reduction == "adaptive_avg":
     return adaptive_avg_matrix(dim_in, embed_dim)
   return random_projection_matrix(dim_in, embed_dim, seed)
@@ -127,6 +232,9 @@ def patch_features_impl(levels: Sequence[Array], patch_size: int, embed_dim: int
                         reduction: str, seed: int) -> Array:
   """Un-jitted patch_features on validated levels (in order), for use inside jit."""
   grid = max((x.shape[1:3] for x in levels), key=lambda hw: hw[0] * hw[1])
+  total = sum(x.shape[-1] for x in levels)
+  if reduction == "per_level" and embed_dim is not None and total > embed_dim:
+    return per_level_features(levels, grid, patch_size, embed_dim)
   parts = []
   for x in levels:
     h, w = x.shape[1:3]
@@ -178,10 +286,13 @@ def patch_features(levels: Mapping[str, Array], layers: Sequence[str], *,
       other entries are ignored).
     layers: the levels to use, in concatenation order (PatchCore: layer2, layer3).
     patch_size: p, the neighbourhood side (odd; 1: no aggregation; PatchCore: 3).
-    embed_dim: E, reduce the concatenated channels to E when there are more (None:
-      keep them all).
-    reduction: "adaptive_avg" (PatchCore) or "random_projection" (module docstring).
-    seed: fixes the random projection (unused by "adaptive_avg").
+    embed_dim: E, reduce the channels to E when the levels have more, sum_l C_l > E
+      (None: keep them all).
+    reduction: how (module docstring): "per_level" (patchcore-inspection's, the
+      paper's; PatchCoreConfig's default), "adaptive_avg" (one pooling over the
+      concatenation; this function's default, as before "per_level" existed) or
+      "random_projection".
+    seed: fixes the random projection (unused by the others).
 
   Returns:
     [N, H, W, D] float32: (H, W) the finest grid among `layers`, D = sum_l C_l, or E

@@ -12,7 +12,7 @@ scores, and anomaly maps.
 * variants.py: kernelized SPADE variants by name (kernels fitted on the training
   features, per level), for experiments/kernels.py;
 * memory_bank.py: PatchCore's scores against a memory bank (spade_jax.patchcore_scores:
-  nearest bank entries per patch, image score, optional reweighting).
+  nearest bank entries per patch; image score: the largest, reweighted, or top-k mean).
 """
 
 from spade_jax.scoring.api import COMBINE_MODES, image_scores, pixel_scores

@@ -8,8 +8,12 @@ the training patches, spade_jax.coreset):
   the exact streamed kNN (spade_jax.knn: any registered metric, a bank on one device
   or sharded over a mesh); the [h, w] map of patch scores is what anomaly_maps
   upsamples and blurs;
-* image score: the largest patch score s* = s(m_test*), m_test* the most anomalous
-  patch (the first one on ties); optionally reweighted as in PatchCore, Eq. 7:
+* image score, one of three rules over the image's h w patch scores:
+  - "max" (PatchCore, Eq. 6; patchcore-inspection): the largest patch score
+    s* = s(m_test*), m_test* the most anomalous patch (the first one on ties);
+  - "topk": the mean of the t largest patch scores (1 <= t <= h w; t = 1 is "max"),
+    less sensitive to one outlying patch;
+  - "reweight": s* reweighted as in PatchCore, Eq. 7:
 
     s = (1 - exp d(m_test*, m*) / sum over m in N_b(m*) of exp d(m_test*, m)) * s*,
 
@@ -20,6 +24,10 @@ the training patches, spade_jax.coreset):
   ordinary region), larger when m* is isolated. This is anomalib's
   compute_anomaly_score (the official PatchCore code does not reweight); as there,
   b = 1 would give weight 0, so b >= 2.
+
+The distances are the metric's: "l2" (anomalib's, which takes the square root) or
+"sqeuclidean" (patchcore-inspection's faiss IndexFlatL2 returns squared distances, for
+its patch scores, image scores and maps alike).
 
 The distances d of the reweighting are the metric's exact form on its prepared rows
 (the kNN reports its distances the same way). Bank rows are fetched with
@@ -64,13 +72,16 @@ def reweight(nearest: Array, test_patch: Array, support: Array,
 
 def patchcore_scores_impl(test_patches: Array, bank: Array | sharding.ShardedGallery,
                           k: int, metric: distances.Metric,
-                          reweight_neighbors: int | None) -> tuple[Array, Array]:
+                          reweight_neighbors: int | None,
+                          topk: int | None = None) -> tuple[Array, Array]:
   """Un-jitted patchcore_scores on validated arguments (traced inside jit)."""
   n, h, w, d = test_patches.shape
   queries = test_patches.reshape(n * h * w, d).astype(jnp.float32)
   dist, idx = api.knn(queries, bank, k, metric)
   patch = jnp.mean(dist, axis=1).reshape(n, h * w)
   score_maps = patch.reshape(n, h, w)
+  if topk is not None:  # The mean of the t largest patch scores.
+    return jnp.mean(jax.lax.top_k(patch, topk)[0], axis=1), score_maps
   top = jnp.argmax(patch, axis=1)  # m_test*: the first most anomalous patch.
   s_star = jnp.take_along_axis(patch, top[:, None], axis=1)[:, 0]
   if reweight_neighbors is None:
@@ -85,9 +96,9 @@ def patchcore_scores_impl(test_patches: Array, bank: Array | sharding.ShardedGal
   return weights * s_star, score_maps
 
 
-@functools.partial(jax.jit, static_argnames=("k", "metric", "reweight_neighbors"))
-def _scores_jit(test_patches, bank, *, k, metric, reweight_neighbors):
-  return patchcore_scores_impl(test_patches, bank, k, metric, reweight_neighbors)
+@functools.partial(jax.jit, static_argnames=("k", "metric", "reweight_neighbors", "topk"))
+def _scores_jit(test_patches, bank, *, k, metric, reweight_neighbors, topk):
+  return patchcore_scores_impl(test_patches, bank, k, metric, reweight_neighbors, topk)
 
 
 def _is_int(x) -> bool:
@@ -96,7 +107,7 @@ def _is_int(x) -> bool:
 
 def patchcore_scores(test_patches: Array, bank: Array | sharding.ShardedGallery, *,
                      k: int = 1, metric: str | distances.Metric = "l2",
-                     reweight_neighbors: int | None = None,
+                     reweight_neighbors: int | None = None, topk: int | None = None,
                      check_finite_inputs: bool = True) -> tuple[Array, Array]:
   """PatchCore's image scores and patch-score maps against a memory bank.
 
@@ -108,16 +119,18 @@ def patchcore_scores(test_patches: Array, bank: Array | sharding.ShardedGallery,
     k: bank entries averaged into a patch score, 1 <= k <= B (PatchCore: 1).
     metric: a name in spade_jax.METRICS or a Metric.
     reweight_neighbors: b, the support size of PatchCore's reweighting of the image
-      score (module docstring), 2 <= b <= B; None: the image score is the largest
-      patch score.
+      score (module docstring), 2 <= b <= B; None: no reweighting.
+    topk: t, the image score is the mean of the image's t largest patch scores,
+      1 <= t <= h w; None: not. With neither reweight_neighbors nor topk the image
+      score is the largest patch score (at most one of them).
     check_finite_inputs: reject NaN / Inf (one device reduction per input).
 
   Returns:
     (image scores [N] float32, patch-score maps [N, h, w] float32).
 
   Raises:
-    ValueError: bad shapes, k or reweight_neighbors out of range, unknown metric,
-      NaN / Inf inputs.
+    ValueError: bad shapes, k, reweight_neighbors or topk out of range, both
+      reweight_neighbors and topk, unknown metric, NaN / Inf inputs.
   """
   sharded = sharding.as_sharded(bank, "bank")
   bank = bank if sharded is None else sharded
@@ -141,6 +154,14 @@ def patchcore_scores(test_patches: Array, bank: Array | sharding.ShardedGallery,
     raise ValueError(f"reweight_neighbors must be None or an int in [2, {size}] (the bank "
                      f"size; b = 1 would weight every score by 0), got "
                      f"{reweight_neighbors!r}")
+  num_patches = int(test_patches.shape[1] * test_patches.shape[2])
+  if topk is not None and (not _is_int(topk) or not 1 <= topk <= num_patches):
+    raise ValueError(f"topk must be None or an int in [1, {num_patches}] (the patches per "
+                     f"image, h x w = {test_patches.shape[1]} x {test_patches.shape[2]}), got "
+                     f"{topk!r}")
+  if topk is not None and reweight_neighbors is not None:
+    raise ValueError(f"topk={topk} and reweight_neighbors={reweight_neighbors} are two image "
+                     "scores (the top-k mean, the reweighted maximum); pass one of them")
   m = distances.get_metric(metric)
   if check_finite_inputs:
     neighbors.check_finite("test_patches", test_patches)
@@ -149,4 +170,4 @@ def patchcore_scores(test_patches: Array, bank: Array | sharding.ShardedGallery,
     test_patches = sharding.place_replicated(test_patches, sharded.mesh)
   return _scores_jit(test_patches, bank, k=int(k), metric=m,
                      reweight_neighbors=None if reweight_neighbors is None
-                     else int(reweight_neighbors))
+                     else int(reweight_neighbors), topk=None if topk is None else int(topk))
