@@ -3,13 +3,14 @@
 An index file is safetensors. A SpadeIndex holds tensors "pool" [M, D] and
 "features/<level>" [M, h, w, C], plus "kernels/<part>/<parameter>" when it holds
 fitted kernels; a PatchCoreIndex holds "bank" [B, D] (the memory bank, without a
-sharded bank's padding); all float32. A PadimIndex holds "mean" [P, d] and
+sharded bank's padding), and "kernels/bank/<parameter>" when fitted for a kernel
+metric; all float32. A PadimIndex holds "mean" [P, d] and
 "precision" [P, d, d] float32 (without a sharded index's padding) and "channels" [d]
 int32 (index_padim.py). The string metadata are
   format          INDEX_FORMAT (SPADE), PATCHCORE_INDEX_FORMAT or PADIM_INDEX_FORMAT
-  version         "2" (checksummed), or INDEX_VERSION = "3" for a SPADE file with a
-                  "kernels" field (so that a spade_jax that reads version 2 only
-                  refuses it with a clear message); both are read
+  version         "2" (checksummed), or INDEX_VERSION = "3" for a SPADE or PatchCore
+                  file with a "kernels" field (so that a spade_jax that reads version
+                  2 only refuses it with a clear message); both are read
   backbone        the backbone name
   feature_config  the index's feature_config (JSON: SPADE: backbone, layers, resize,
                   crop; PatchCore: also patch_size, embed_dim, reduction and, for a
@@ -29,7 +30,9 @@ int32 (index_padim.py). The string metadata are
   kernels         optional (SPADE): what was fitted for a kernel metric or a soft
                   aggregate (SpadeIndex.kernels / fitted_metric / bandwidths), JSON
                   {"metric": fitted_metric, "spec": kernels.kernel_to_arrays' spec of
-                  {part: kernel} (null for a fixed metric), "bandwidths": {part: h}}
+                  {part: kernel} (null for a fixed metric), "bandwidths": {part: h}};
+                  (PatchCore) the kernel of a kernel metric, the same JSON with the
+                  one part "bank" and bandwidths {} (index_kernels.py)
   padim           PaDiM only, required: JSON {"grid": [h, w], "num_channels": C,
                   "regularization", "epsilon"} (index_padim.py)
 The optional fields are covered by "__metadata__" too, the kernels' tensors by their
@@ -81,12 +84,13 @@ _FORMATS = {INDEX_FORMAT: "SpadeIndex", PATCHCORE_INDEX_FORMAT: "PatchCoreIndex"
 
 def _tensor_names(where: str, metadata: dict[str, str], levels: Sequence[str]) -> list[str]:
   """The tensors an index file with `metadata` holds, in order (checks "kernels")."""
-  if metadata.get("format") == PATCHCORE_INDEX_FORMAT:
-    return ["bank"]
   if metadata.get("format") == PADIM_INDEX_FORMAT:
     return list(index_padim.TENSORS)
   kernels = index_kernels.check_field(where, metadata, levels)
-  return ["pool", *[f"features/{l}" for l in levels], *(kernels[3] if kernels else [])]
+  kernel_tensors = kernels[3] if kernels else []
+  if metadata.get("format") == PATCHCORE_INDEX_FORMAT:
+    return ["bank", *kernel_tensors]
+  return ["pool", *[f"features/{l}" for l in levels], *kernel_tensors]
 
 
 def _save_file(tensors: dict[str, np.ndarray], path: str, metadata: dict[str, str]) -> None:
@@ -209,14 +213,23 @@ def _check_fields(where: str, metadata: dict[str, str]) -> list[str]:
 
 
 def _check_bank_spec(where: str, specs: dict[str, tuple[str, Sequence[int]]],
-                     metadata: dict[str, str]) -> None:
-  """Checks a PatchCore file's tensors: "bank" alone, F32, [B, D], D <= embed_dim."""
-  extra = sorted(set(specs) - {"bank"})
+                     metadata: dict[str, str], levels: Sequence[str]) -> None:
+  """Checks a PatchCore file's tensors: "bank" (F32, [B, D], D <= embed_dim) and its
+  kernel's (F32; their shapes are the kernel's own, checked when it is built)."""
+  expected = _tensor_names(where, metadata, levels)
+  extra = sorted(set(specs) - set(expected))
   if "bank" not in specs:
-    raise ValueError(f"{where}: no tensor 'bank' (a PatchCore index holds ['bank'])")
+    raise ValueError(f"{where}: no tensor 'bank' (a PatchCore index holds {expected})")
+  missing = [n for n in expected if n not in specs]
+  if missing:
+    raise ValueError(f"{where}: no tensor {missing[0]!r} (the index's kernel)")
   if extra:
     raise ValueError(f"{where}: unexpected tensors {extra!r:.200} (a PatchCore index holds "
-                     "['bank'])")
+                     f"{expected})")
+  for name in expected[1:]:
+    if specs[name][0] != "F32":
+      raise ValueError(f"{where}: tensor {name!r} has dtype {specs[name][0]}, expected F32 "
+                       "(float32)")
   dtype, shape = specs["bank"]
   if dtype != "F32":
     raise ValueError(f"{where}: tensor 'bank' has dtype {dtype}, expected F32 (float32)")
@@ -235,7 +248,7 @@ def _check_tensor_specs(where: str, specs: dict[str, tuple[str, Sequence[int]]],
                         levels: Sequence[str], metadata: dict[str, str] | None = None) -> None:
   """Checks the names, dtypes and shapes of an index's tensors: (dtype name, shape)."""
   if metadata is not None and metadata.get("format") == PATCHCORE_INDEX_FORMAT:
-    _check_bank_spec(where, specs, metadata)
+    _check_bank_spec(where, specs, metadata, levels)
     return
   if metadata is not None and metadata.get("format") == PADIM_INDEX_FORMAT:
     index_padim.check_specs(where, specs, metadata)
@@ -304,12 +317,14 @@ def save_index(path: str | os.PathLike, index: SpadeIndex | PatchCoreIndex | Pad
     raise ValueError(f"cannot save index to {path}: folder {folder} does not exist")
   where = f"cannot save index to {path}"
   extra_metadata = {}
+  kernels_field = None
   if isinstance(index, (PatchCoreIndex, PadimIndex)):
     if isinstance(index, PadimIndex):
       tensors, extra_metadata[index_padim.FIELD] = index_padim.to_file(index)
       fmt = PADIM_INDEX_FORMAT
     else:
       fmt, tensors = PATCHCORE_INDEX_FORMAT, {"bank": _host(index.bank)}
+      kernels_field = index_kernels.to_file(where, index, tensors)
     config = _parse_json(where, "feature_config", index.feature_config)
     if not isinstance(config, dict):
       raise ValueError(f"{where}: feature_config must be a JSON object, got "
@@ -329,7 +344,7 @@ def save_index(path: str | os.PathLike, index: SpadeIndex | PatchCoreIndex | Pad
   metadata = {"format": fmt, "version": _PLAIN_VERSION,
               "backbone": index.backbone_name, "feature_config": index.feature_config,
               "levels": json.dumps(levels), **extra_metadata}
-  if fmt == INDEX_FORMAT and kernels_field is not None:
+  if kernels_field is not None:
     metadata.update(version=INDEX_VERSION, kernels=kernels_field)
   if index.weights_id is not None:
     metadata["weights"] = _check_weights_id(where, index.weights_id)
@@ -384,6 +399,7 @@ def _check_expected(path: pathlib.Path, index: SpadeIndex | PatchCoreIndex | Pad
     padim.check_index(index, name, config, where, weights=weights, num_channels=num_channels)
   elif isinstance(index, PatchCoreIndex):
     patchcore.check_compatible(index, name, config, where, weights=weights)
+    patchcore.check_metric(index, config, where)
   else:
     check_compatible(index, name, config, where, weights=weights)
 
@@ -536,6 +552,9 @@ def load_index_file(path: str | os.PathLike, expect: Expect | None = None) -> In
                            backbone_name=metadata["backbone"],
                            feature_config=metadata["feature_config"],
                            weights_id=metadata.get("weights"))
+    field = index_kernels.check_field(where, metadata, levels)
+    if field is not None:
+      index = index_kernels.from_file(where, index, field, tensors)
   else:
     index = SpadeIndex(train_pool=jnp.asarray(tensors["pool"]),
                        train_features={l: jnp.asarray(tensors[f"features/{l}"])

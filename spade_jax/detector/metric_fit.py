@@ -5,7 +5,8 @@ kernel) fitted per part, the pooled vectors ("pool") and each layer; "softmin" /
 "kde" without a bandwidth take the median heuristic of the training images per part
 (in the metric's units). fit_metric fits both by scoring.variants (fit_variant,
 median_bandwidths), for Spade.fit / fit_kernels (spade.py) and for the calibration
-(calibration.py, "pool" alone on each fold).
+(calibration.py, "pool" alone on each fold). PatchCoreConfig.metric may name the same
+kernels, fitted once on all training patches (fit_patch_kernel, for patchcore.py).
 """
 
 from __future__ import annotations
@@ -89,3 +90,27 @@ def fit_metric(config: Any, train_pool: Any, train_features: dict[str, Any], *,
                      f"{config.aggregate!r} are not > 0 (identical training images?); pass "
                      "SpadeConfig.bandwidth (--bandwidth)")
   return kernels, bandwidths
+
+
+def fit_patch_kernel(metric: str, patches: Any) -> Any:
+  """PatchCore's kernel of `metric` (KERNEL_METRICS) from its training patch features,
+  by scoring.variants.fit_kernel: closed form or a heuristic ("mahalanobis": Ledoit-Wolf,
+  ...), or learned with optax ("learned": held-out folds of whole images, never patches
+  of one image).
+
+  Args:
+    metric: a name of KERNEL_METRICS.
+    patches: [M, h, w, D] (host or device, unsharded) patch features of the M training
+      images.
+
+  Returns:
+    The kernel (of [D] rows), on the default device.
+
+  Raises:
+    ValueError: an unknown metric, fewer than 3 images for "learned", degenerate
+      features (the kernel family's own checks).
+  """
+  if metric not in KERNEL_METRICS:
+    raise ValueError(f"metric {metric!r} is not a kernel; kernels: {list(KERNEL_METRICS)}")
+  kernel, _ = variants.fit_kernel(metric, np.asarray(patches, np.float32))
+  return kernel

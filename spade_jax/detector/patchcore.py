@@ -16,6 +16,18 @@ image score (the largest patch score, its reweighting, or the mean of the top k)
 the anomaly maps (bilinear upsampling to the crop, Gaussian blur), per batch
 (spade_jax.scoring.memory_bank).
 
+Kernels (PatchCoreConfig.metric): besides the fixed distances ("l2", "sqeuclidean"),
+`metric` may name a kernel of spade_jax.kernels as SpadeConfig.metric does
+(KERNEL_METRICS: "mahalanobis", "learned", "linear", "rbf", "laplacian",
+"polynomial", "rff", "nystrom"). `fit` then fits it on all training patches
+(metric_fit.fit_patch_kernel: closed form, or optax for "learned" with held-out
+folds of whole images), selects the coreset in the kernel's own search space
+(spade_jax.coreset(metric=kernel): on the transformed rows of a kernel searched as L2
+on them, e.g. whitened patches for Mahalanobis; on the exact kernel-induced distance
+otherwise) and keeps the kernel in the index beside the (untransformed) bank; `score`
+measures every patch distance with it. An index fitted for another metric is refused
+(its bank was selected in another space): refit.
+
 The interface is Spade's: with a mesh (`fit(..., mesh=mesh)`, or one set with
 jax.set_mesh) the coreset is selected on the training patches sharded over the mesh
 axis `axis` and the memory bank is sharded over it; scoring searches it where it
@@ -35,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spade_jax.detector import common
+from spade_jax.detector import common, metric_fit
 from spade_jax.features import patches as patches_lib
 from spade_jax.features.backbones import Backbone
 from spade_jax.host import progress
@@ -48,6 +60,8 @@ Mesh = jax.sharding.Mesh
 # PatchCoreConfig.image_score: the largest patch score (the paper's s*), its
 # reweighting (Eq. 7), the mean of the topk largest (scoring/memory_bank.py).
 IMAGE_SCORES = ("max", "reweight", "topk")
+# PatchCoreConfig.metric names of kernels fitted on the training patches (SPADE's).
+KERNEL_METRICS = metric_fit.KERNEL_METRICS
 
 
 def _is_int(x) -> bool:
@@ -92,7 +106,10 @@ class PatchCoreConfig:
       None unless the image score is "topk".
     metric: distance name in spade_jax.METRICS: "l2" (anomalib's patch distance) or
       "sqeuclidean" (patchcore-inspection's: faiss IndexFlatL2 distances, squared, in
-      its image scores and maps alike).
+      its image scores and maps alike); or the name of a kernel fitted on the training
+      patches (KERNEL_METRICS: "mahalanobis", "learned", "linear", "rbf", "laplacian",
+      "polynomial", "rff", "nystrom"; module docstring), whose search space the
+      coreset is selected in and whose distance scores the patches.
     sigma: Gaussian sigma of the anomaly maps, in crop pixels (paper: 4).
     resize: shorter side before the centre crop (paper: 256).
     crop: centre crop = anomaly-map size (paper: 224).
@@ -159,9 +176,9 @@ class PatchCoreConfig:
     if not 0 <= self.sigma <= self.crop:  # NaN and inf fail too.
       raise ValueError(f"PatchCoreConfig.sigma must be finite, >= 0 and at most the crop "
                        f"size {self.crop} (the maps' side), got {self.sigma!r}")
-    if self.metric not in distances.METRICS:
-      raise ValueError(f"PatchCoreConfig.metric must be one of {sorted(distances.METRICS)}, "
-                       f"got {self.metric!r}")
+    if self.metric not in distances.METRICS and self.metric not in KERNEL_METRICS:
+      raise ValueError(f"PatchCoreConfig.metric must be a metric {sorted(distances.METRICS)} "
+                       f"or a kernel {sorted(KERNEL_METRICS)}, got {self.metric!r}")
     if self.crop > self.resize:
       raise ValueError(f"PatchCoreConfig.crop={self.crop} is larger than resize="
                        f"{self.resize}")
@@ -191,14 +208,21 @@ class PatchCoreConfig:
     return rule
 
   @property
+  def is_kernel(self) -> bool:
+    """Whether `metric` names a kernel fitted on the training patches."""
+    return self.metric in KERNEL_METRICS
+
+  @property
   def image_score_rule(self) -> str:
     """The image score in use, one of IMAGE_SCORES (image_score, or what None means)."""
     return self._resolve_image_score()
 
   def score_settings(self) -> dict[str, Any]:
     """The settings PatchCore's image score depends on besides the bank's features:
-    the metric, k_nearest, the image score (reweight, with its support num_neighbors;
-    topk, and image_score "topk" with it), and what selected the bank (coreset_ratio,
+    the metric (a kernel's name: each fold of a calibration refits the kernel on its
+    training patches, as fit does on all of them), k_nearest, the image score
+    (reweight, with its support num_neighbors; topk, and image_score "topk" with it),
+    and what selected the bank (coreset_ratio,
     projection_dim, coreset_seed: a calibration refits the bank per fold with them)
     and patch_size. A calibrated threshold records them (calibration.Threshold) and
     holds only for scores made with them. topk is always recorded (None: not the
@@ -243,11 +267,18 @@ class PatchCoreIndex:
       for these features.
     weights_id: the identity of the backbone's weights (Backbone.weights_id; static);
       None: not recorded. Scoring refuses an index of other weights.
+    kernel: the kernel of `fitted_metric` fitted on the training patches (small,
+      unsharded, replicated on the mesh of a sharded bank); None for a fixed metric.
+    fitted_metric: the PatchCoreConfig.metric that `kernel` was fitted (and the bank
+      selected) for (static); None: a fixed metric (and every index of before
+      kernels), valid for any fixed metric.
   """
   bank: Array
   backbone_name: str = struct.field(pytree_node=False)
   feature_config: str = struct.field(pytree_node=False)
   weights_id: str | None = struct.field(pytree_node=False, default=None)
+  kernel: Any = None
+  fitted_metric: str | None = struct.field(pytree_node=False, default=None)
 
   @property
   def fingerprint(self) -> str:
@@ -268,7 +299,30 @@ def shard_patchcore_index(index: PatchCoreIndex, mesh: Mesh | None = None,
                           axis: str = "data") -> PatchCoreIndex:
   """`index` with its bank sharded over `mesh`'s `axis` (spade_jax.shard_gallery)."""
   mesh = sharding.resolve_mesh(mesh, axis)
-  return index.replace(bank=sharding.shard_gallery(index.bank, mesh, axis))
+  return index.replace(bank=sharding.shard_gallery(index.bank, mesh, axis),
+                       kernel=_replicate(index.kernel, mesh))
+
+
+def _replicate(tree: Any, mesh: Mesh) -> Any:
+  return jax.tree.map(lambda x: sharding.place_replicated(x, mesh), tree)
+
+
+def check_metric(index: PatchCoreIndex, config: PatchCoreConfig, where: str) -> None:
+  """Raises a ValueError unless `index` was fitted for config.metric's kind: a kernel
+  metric needs the index's kernel of that metric (its bank was selected in that
+  kernel's space); a fixed metric an index without a kernel."""
+  fitted = index.fitted_metric
+  if config.is_kernel and (fitted != config.metric or index.kernel is None):
+    held = "no kernel" if fitted is None else f"the kernel of metric {fitted!r}"
+    raise ValueError(
+        f"{where}: metric={config.metric!r} scores with the kernel fitted on the training "
+        f"patches, which also selected the memory bank, but the index holds {held}; refit "
+        f"the index with metric={config.metric!r} (fit.py --metric={config.metric})")
+  if not config.is_kernel and fitted is not None:
+    raise ValueError(
+        f"{where}: the index's memory bank was selected for the kernel of metric "
+        f"{fitted!r}, not for metric={config.metric!r}; score with metric={fitted!r} "
+        f"(--metric={fitted}) or refit the index with metric={config.metric!r}")
 
 
 check_compatible = common.check_compatible
@@ -334,7 +388,8 @@ class PatchCore:
     """A PatchCoreIndex from training patch features (e.g. from `extract`).
 
     Args:
-      train_patches: [M, h, w, D] (or [P, D]) patch features of the training images.
+      train_patches: [M, h, w, D] (or [P, D]) patch features of the training images
+        ([P, D]: a learned kernel's held-out folds are then of patches, not images).
       mesh: select the coreset on patches sharded over this mesh's `axis` and shard
         the bank over it; None: the mesh set with jax.set_mesh, else one device.
       axis: the mesh axis that splits the patches and the bank.
@@ -343,7 +398,8 @@ class PatchCore:
 
     Returns:
       PatchCoreIndex whose bank holds coreset_size(P) of the P training patches, in
-      the coreset's selection order (a ShardedGallery when there is a mesh).
+      the coreset's selection order (a ShardedGallery when there is a mesh); with a
+      kernel metric, the kernel fitted on all P patches (selected in its space).
     """
     cfg = self.config
     if np.ndim(train_patches) not in (2, 4):
@@ -365,17 +421,26 @@ class PatchCore:
       total = patches.size
     size = cfg.coreset_size(total)
     _check_bank_size(cfg, size)
+    kernel = None
+    if cfg.is_kernel:  # On every training patch, grouped by image (a learned kernel's folds).
+      per_image = (int(np.prod(np.shape(train_patches)[1:3])) if np.ndim(train_patches) == 4
+                   else 1)
+      host = metric_fit.host_rows(patches) if mesh is not None else np.asarray(flat)
+      kernel = metric_fit.fit_patch_kernel(cfg.metric, host.reshape(-1, per_image, dim))
     if size == total and (mesh is None or patches.contiguous):
       bank = patches  # Ratio 1 (or a bank too small to subsample): every patch, in order.
     else:
       chosen = coreset_lib.coreset(patches, size, projection_dim=cfg.projection_dim,
-                                   key=cfg.coreset_seed)
+                                   key=cfg.coreset_seed, metric=kernel)
       bank = rows.take_rows(patches, chosen)
       if mesh is not None:
         bank = sharding.shard_gallery(bank, mesh, axis)
+    if kernel is not None and mesh is not None:
+      kernel = _replicate(kernel, mesh)
     return PatchCoreIndex(bank=bank, backbone_name=self.backbone.name,
                           feature_config=self.feature_config,
-                          weights_id=common.weights_id(self.backbone))
+                          weights_id=common.weights_id(self.backbone), kernel=kernel,
+                          fitted_metric=cfg.metric if cfg.is_kernel else None)
 
   def fit(self, train_images: np.ndarray | Sequence[np.ndarray], *, mesh: Mesh | None = None,
           axis: str = "data") -> PatchCoreIndex:
@@ -402,6 +467,7 @@ class PatchCore:
     check_compatible(index, self.backbone.name, self.config, "PatchCore.score",
                      weights=common.weights_id(self.backbone))
     _check_bank_size(self.config, index.num_entries)
+    check_metric(index, self.config, "PatchCore.score")
     if index.is_sharded:
       if mesh is not None and mesh != index.bank.mesh:
         raise ValueError("PatchCore.score: the index is sharded over another mesh than "
@@ -414,7 +480,8 @@ class PatchCore:
     cfg = self.config
     with progress.stage("search") as timed:  # The kNN searches and the image scores.
       scores, score_maps = timed.ready(memory_bank.patchcore_scores(
-          patches, index.bank, k=cfg.k_nearest, metric=cfg.metric,
+          patches, index.bank, k=cfg.k_nearest,
+          metric=index.kernel if cfg.is_kernel else cfg.metric,
           reweight_neighbors=cfg.num_neighbors if cfg.reweight else None, topk=cfg.topk))
     return common.scores_and_maps(scores, score_maps, cfg.crop, cfg.sigma)
 

@@ -25,9 +25,11 @@ the training patches, spade_jax.coreset):
   compute_anomaly_score (the official PatchCore code does not reweight); as there,
   b = 1 would give weight 0, so b >= 2.
 
-The distances are the metric's: "l2" (anomalib's, which takes the square root) or
+The distances are the metric's: "l2" (anomalib's, which takes the square root),
 "sqeuclidean" (patchcore-inspection's faiss IndexFlatL2 returns squared distances, for
-its patch scores, image scores and maps alike).
+its patch scores, image scores and maps alike), or a kernel of spade_jax.kernels (its
+kernel-induced distance, e.g. Mahalanobis; a traced argument: a kernel with new
+parameters does not recompile).
 
 The distances d of the reweighting are the metric's exact form on its prepared rows
 (the kNN reports its distances the same way). Bank rows are fetched with
@@ -96,8 +98,8 @@ def patchcore_scores_impl(test_patches: Array, bank: Array | sharding.ShardedGal
   return weights * s_star, score_maps
 
 
-@functools.partial(jax.jit, static_argnames=("k", "metric", "reweight_neighbors", "topk"))
-def _scores_jit(test_patches, bank, *, k, metric, reweight_neighbors, topk):
+@functools.partial(jax.jit, static_argnames=("k", "reweight_neighbors", "topk"))
+def _scores_jit(test_patches, bank, metric, *, k, reweight_neighbors, topk):
   return patchcore_scores_impl(test_patches, bank, k, metric, reweight_neighbors, topk)
 
 
@@ -117,7 +119,8 @@ def patchcore_scores(test_patches: Array, bank: Array | sharding.ShardedGallery,
     bank: [B, D] float memory bank, or a sharded gallery of it (spade_jax.shard_gallery:
       searched where it lies; same results, replicated on its mesh).
     k: bank entries averaged into a patch score, 1 <= k <= B (PatchCore: 1).
-    metric: a name in spade_jax.METRICS or a Metric.
+    metric: a name in spade_jax.METRICS, a Metric, or a kernel of [D] rows
+      (spade_jax.kernels).
     reweight_neighbors: b, the support size of PatchCore's reweighting of the image
       score (module docstring), 2 <= b <= B; None: no reweighting.
     topk: t, the image score is the mean of the image's t largest patch scores,
@@ -130,7 +133,8 @@ def patchcore_scores(test_patches: Array, bank: Array | sharding.ShardedGallery,
 
   Raises:
     ValueError: bad shapes, k, reweight_neighbors or topk out of range, both
-      reweight_neighbors and topk, unknown metric, NaN / Inf inputs.
+      reweight_neighbors and topk, unknown metric, a kernel of other rows, NaN / Inf
+      inputs (or kernel parameters).
   """
   sharded = sharding.as_sharded(bank, "bank")
   bank = bank if sharded is None else sharded
@@ -162,12 +166,14 @@ def patchcore_scores(test_patches: Array, bank: Array | sharding.ShardedGallery,
   if topk is not None and reweight_neighbors is not None:
     raise ValueError(f"topk={topk} and reweight_neighbors={reweight_neighbors} are two image "
                      "scores (the top-k mean, the reweighted maximum); pass one of them")
-  m = distances.get_metric(metric)
+  m = neighbors.resolve_metric(metric, int(bank.shape[1]),
+                               check_finite_inputs=check_finite_inputs)
   if check_finite_inputs:
     neighbors.check_finite("test_patches", test_patches)
     neighbors.check_finite("bank", sharding.data_of(bank))
   if sharded is not None:
     test_patches = sharding.place_replicated(test_patches, sharded.mesh)
-  return _scores_jit(test_patches, bank, k=int(k), metric=m,
+    m = jax.tree.map(lambda x: sharding.place_replicated(x, sharded.mesh), m)
+  return _scores_jit(test_patches, bank, m, k=int(k),
                      reweight_neighbors=None if reweight_neighbors is None
                      else int(reweight_neighbors), topk=None if topk is None else int(topk))

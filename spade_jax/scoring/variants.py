@@ -180,6 +180,43 @@ def median_bandwidths(train_pool: Any, train_features: Mapping[str, Any], *,
   return pool_h, levels
 
 
+def fit_kernel(name: str, features: Any, *, key: Array | None = None,
+               objective: Any = None, steps: int = 100, learning_rate: float = 0.05
+               ) -> tuple[Any, np.ndarray | None]:
+  """The kernel of variant `name` for one feature set (what fit_variant fits per part).
+
+  Args:
+    name: a key of VARIANTS with a kernel (not "l2", "softmin", "kde").
+    features: [M, ..., D] normal training features, rows grouped by image along the
+      first axis (e.g. [M, h, w, C] patches): a learned kernel's held-out folds are
+      whole images, never rows of one image (min(LEARNED_FOLDS, M) folds).
+    key: PRNG key (random kernels, folds); default jax.random.key(0).
+    objective: a learned kernel's objective; None: kernels.DEFAULT_OBJECTIVE over
+      learned_folds(M) folds.
+    steps, learning_rate: Adam's, for learned variants.
+
+  Returns:
+    (the kernel, the learning curve [steps] of a learned variant, else None).
+
+  Raises:
+    ValueError: an unknown name, one without a kernel, fewer than 3 images for a
+      learned variant.
+  """
+  variant = VARIANTS.get(name) if isinstance(name, str) else None
+  if variant is None or variant.kernel is None:
+    raise ValueError(f"variant {name!r} has no kernel; variants with one: "
+                     f"{sorted(n for n, v in VARIANTS.items() if v.kernel is not None)}")
+  key = jax.random.key(0) if key is None else key
+  if not variant.learned:
+    return kernels.from_features(variant.kernel, features, key=key), None
+  if objective is None:
+    objective = dataclasses.replace(kernels.DEFAULT_OBJECTIVE,
+                                    folds=learned_folds(int(np.shape(features)[0])))
+  kernel, curve = kernels.learn(variant.kernel, features, objective=objective, steps=steps,
+                                learning_rate=learning_rate, key=key)
+  return kernel, np.asarray(curve)
+
+
 def fit_variant(name: str, train_pool: Any, train_features: Mapping[str, Any], *,
                 objective: str = "loo", steps: int = 100, learning_rate: float = 0.05,
                 key: Array | None = None, anomalies: tuple[Any, Any] | None = None
@@ -234,9 +271,8 @@ def fit_variant(name: str, train_pool: Any, train_features: Mapping[str, Any], *
         goal = kernels.SyntheticAUROC(anomalies=np.asarray(anomalies[0]),
                                       sources=np.asarray(anomalies[1]), folds=folds,
                                       k=min(kernels.SyntheticAUROC.k, rest))
-      metrics[part], curve = kernels.learn(variant.kernel, x, objective=goal, steps=steps,
-                                           learning_rate=learning_rate, key=part_key)
-      losses[part] = np.asarray(curve)
+      metrics[part], losses[part] = fit_kernel(name, x, key=part_key, objective=goal,
+                                               steps=steps, learning_rate=learning_rate)
   pool_h, level_h = None, None
   if variant.aggregate != "mean":
     pool_h, level_h = median_bandwidths(train_pool, train_features)

@@ -23,6 +23,14 @@ distance matrix the exact variant of the reference code builds (patchcore-inspec
 * Distances are the direct form sum_d (x_id - c_d)^2 in float32, which does not
   cancel (|x|^2 - 2 x.c + |c|^2 would), and is exact on features with small integer
   values; every step's cost is reading the features once, either way.
+* A kernel (`metric`, spade_jax.kernels) moves the selection into its own search
+  space. A kernel searched as L2 on transformed rows (kernels.L2Kernel: Mahalanobis,
+  linear, random Fourier, Nystrom; RBF and Laplacian, whose transform is the identity
+  and whose distance is monotone in L2) selects on z = kernel.prepare(x), projected
+  as above from z's dimension: the k-center greedy only compares distances, so any
+  monotone function of |z - c| selects the same rows. Another kernel (a dot-product
+  kernel such as the polynomial, whose distance is not L2 of any rows it computes)
+  selects on its exact kernel-induced distance d_k(x_i, c), without projection.
 
 On a sharded bank (spade_jax.shard_gallery) the loop runs inside one shard_map: each
 device keeps the minima of its own rows, finds its best candidate (value, lowest
@@ -44,21 +52,38 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 
 from spade_jax.search import neighbors, rows, sharding
+from spade_jax.search.kernels import base
 
 Array = jax.Array
 
 
+def _in_l2_space(metric) -> bool:
+  """Whether the greedy runs on squared L2 of (transformed) rows: no kernel, or one
+  searched as L2 on its prepared rows."""
+  return metric is None or isinstance(metric, base.L2Kernel)
+
+
+def _distances(x: Array, center: Array, metric) -> Array:
+  """[R] distances of rows x [R, d] to center [d], as the greedy compares them: the
+  direct squared L2 form, or a kernel's exact distance (module docstring)."""
+  if _in_l2_space(metric):
+    return jnp.sum(jnp.square(x - center[None, :]), axis=1)
+  return jax.vmap(metric.exact, (0, None))(x, center)
+
+
 def _greedy(x: Array, valid: Array | None, start: Array, size: int, first_row: Array,
-            axis: str | None) -> Array:
+            axis: str | None, metric=None) -> Array:
   """The selection loop on one device's rows (traced; inside shard_map when `axis`).
 
   Args:
-    x: [R, d] float32 features (projected) of this device.
+    x: [R, d] float32 features (projected, or prepared by an L2 kernel) of this device.
     valid: [R] bool, False on padding rows, or None (all valid).
     start: int32 global index of the first selected row.
     size: how many rows to select.
     first_row: int32 global index of x[0].
     axis: the mesh axis the rows are split over, or None (one device).
+    metric: None (squared L2) or a kernel whose exact distance is compared (not an
+      L2 kernel: those come as prepared rows x with metric None).
 
   Returns:
     [size] int32 global indices in selection order (the same on every device).
@@ -86,7 +111,7 @@ def _greedy(x: Array, valid: Array | None, start: Array, size: int, first_row: A
 
   def step(i, carry):
     mins, selected, center = carry
-    dist = jnp.sum(jnp.square(x - center[None, :]), axis=1)
+    dist = _distances(x, center, metric)
     mins = jnp.minimum(mins, dist)
     best = jnp.max(mins)
     local = jnp.min(jnp.where(mins == best, iota, num))  # Lowest row holding the max.
@@ -121,6 +146,25 @@ def _project(x: Array, projection: Array | None) -> Array:
   return jnp.dot(x, projection, precision=lax.Precision.HIGHEST)
 
 
+def _search_rows(x: Array, metric) -> tuple[Array, object]:
+  """(rows the greedy selects on, the kernel whose exact distance it compares or None):
+  an L2 kernel's prepared rows, else the rows themselves."""
+  if metric is None:
+    return x, None
+  if isinstance(metric, base.L2Kernel):
+    return neighbors.prepare_rows(metric, x), None
+  return x.astype(jnp.float32), metric
+
+
+def _search_dim(metric, dim: int) -> int:
+  """The dimension of the rows the greedy selects on (an L2 kernel's transform's)."""
+  if not isinstance(metric, base.L2Kernel):
+    return dim
+  shape = jax.eval_shape(lambda m, x: neighbors.prepare_rows(m, x), metric,
+                         jax.ShapeDtypeStruct((1, dim), jnp.float32))
+  return int(shape.shape[-1])
+
+
 def _projection(key_data: Array, impl: str, dim: int,
                 projection_dim: int | None) -> Array | None:
   if projection_dim is None:
@@ -129,24 +173,29 @@ def _projection(key_data: Array, impl: str, dim: int,
 
 
 @functools.partial(jax.jit, static_argnames=("size", "projection_dim", "impl"))
-def _coreset_jit(features: Array, key_data: Array, start: Array, *, size: int,
+def _coreset_jit(features: Array, metric, key_data: Array, start: Array, *, size: int,
                  projection_dim: int | None, impl: str) -> Array:
-  projection = _projection(key_data, impl, features.shape[1], projection_dim)
-  return _greedy(_project(features, projection), None, start, size, jnp.int32(0), None)
+  x, exact = _search_rows(features, metric)
+  projection = _projection(key_data, impl, x.shape[1], projection_dim)
+  return _greedy(_project(x, projection), None, start, size, jnp.int32(0), None, exact)
 
 
 @functools.partial(jax.jit, static_argnames=("size", "projection_dim", "impl"))
-def _sharded_coreset_jit(gallery: sharding.ShardedGallery, key_data: Array, start: Array, *,
-                         size: int, projection_dim: int | None, impl: str) -> Array:
+def _sharded_coreset_jit(gallery: sharding.ShardedGallery, metric, key_data: Array,
+                         start: Array, *, size: int, projection_dim: int | None,
+                         impl: str) -> Array:
   axis, shard_rows = gallery.axis, gallery.shard_rows
-  projection = _projection(key_data, impl, gallery.data.shape[1], projection_dim)
+  dim = _search_dim(metric, gallery.data.shape[1])
+  projection = _projection(key_data, impl, dim, projection_dim)
 
-  def local(block, valid, proj, first):
+  def local(block, valid, metric, proj, first):
     first_row = (lax.axis_index(axis) * shard_rows).astype(jnp.int32)
-    return _greedy(_project(block, proj), valid, first, size, first_row, axis)
+    x, exact = _search_rows(block, metric)
+    return _greedy(_project(x, proj), valid, first, size, first_row, axis, exact)
 
-  return jax.shard_map(local, mesh=gallery.mesh, in_specs=(P(axis), P(axis), P(), P()),
-                       out_specs=P(), check_vma=False)(gallery.data, gallery.valid,
+  # A kernel's parameters enter replicated (P()), as arguments (not closed over).
+  return jax.shard_map(local, mesh=gallery.mesh, in_specs=(P(axis), P(axis), P(), P(), P()),
+                       out_specs=P(), check_vma=False)(gallery.data, gallery.valid, metric,
                                                        projection, start)
 
 
@@ -183,7 +232,8 @@ def _check_start(start, gallery: sharding.ShardedGallery | None, num_rows: int) 
 
 
 def coreset(features: Array | sharding.ShardedGallery, size: int, *,
-            projection_dim: int | None = 128, start: int = 0, key=None) -> Array:
+            projection_dim: int | None = 128, start: int = 0, key=None,
+            metric=None) -> Array:
   """PatchCore's greedy coreset: `size` rows of `features` that cover them (k-center).
 
   Args:
@@ -194,6 +244,10 @@ def coreset(features: Array | sharding.ShardedGallery, size: int, *,
       (PatchCore: 128); None, or >= D: on the raw features (exact greedy).
     start: the first selected row.
     key: the projection's jax.random key (or an int seed); None: key 0.
+    metric: None (L2 on the rows), or a kernel of spade_jax.kernels taking [D] rows:
+      the selection runs in its search space (module docstring); projection_dim then
+      applies to an L2 kernel's transformed rows, and not to other kernels (their
+      exact distances are compared).
 
   Returns:
     [size] int32 row indices, distinct, in selection order (indices[0] == start); on
@@ -201,7 +255,7 @@ def coreset(features: Array | sharding.ShardedGallery, size: int, *,
 
   Raises:
     ValueError: features not [N, D] real numbers, empty, or holding NaN / Inf; size,
-      projection_dim, start or key invalid.
+      projection_dim, start, key or metric invalid.
   """
   sharded = sharding.as_sharded(features, "features")
   if np.ndim(features) != 2:
@@ -219,6 +273,14 @@ def coreset(features: Array | sharding.ShardedGallery, size: int, *,
   _check_start(start, sharded, num_rows)
   key = _as_key(key)
   neighbors.check_finite("features", features if sharded is None else sharded.data)
+  if metric is not None:
+    if not base.is_kernel(metric):
+      raise ValueError(f"metric must be None or a kernel (spade_jax.kernels), got "
+                       f"{metric!r:.100}")
+    metric = neighbors.resolve_metric(metric, dim)
+    if not _in_l2_space(metric):
+      projection_dim = None  # The kernel's exact distances: no rows to project.
+    dim = _search_dim(metric, dim)
   if projection_dim is not None and projection_dim >= dim:
     projection_dim = None  # Projecting up would not reduce the work.
   projection_dim = None if projection_dim is None else int(projection_dim)
@@ -226,7 +288,8 @@ def coreset(features: Array | sharding.ShardedGallery, size: int, *,
   key_data, impl = jax.random.key_data(key), str(jax.random.key_impl(key))
   static = {"size": int(size), "projection_dim": projection_dim, "impl": impl}
   if sharded is None:
-    return _coreset_jit(features, key_data, jnp.int32(start), **static)
+    return _coreset_jit(features, metric, key_data, jnp.int32(start), **static)
   mesh = sharded.mesh
-  return _sharded_coreset_jit(sharded, sharding.place_replicated(key_data, mesh),
+  metric = jax.tree.map(lambda x: sharding.place_replicated(x, mesh), metric)
+  return _sharded_coreset_jit(sharded, metric, sharding.place_replicated(key_data, mesh),
                               sharding.place_replicated(np.int32(start), mesh), **static)
