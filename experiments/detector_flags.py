@@ -129,8 +129,9 @@ def define_detector_flags() -> DetectorFlags:
                                 "How levels combine."),
       metric=flags.DEFINE_string(
           "metric", _DEFAULT.metric, f"Distance: a fixed metric ({', '.join(sorted(METRICS))})"
-          f" or, spade only, a kernel fitted per layer on the training features "
-          f"({', '.join(KERNEL_METRICS)}; spade_jax.kernels, combine=ensemble)."),
+          f" or a kernel fitted on the training features ({', '.join(KERNEL_METRICS)}; "
+          "spade_jax.kernels): spade fits one per layer (combine=ensemble), patchcore one "
+          "on the training patches, whose coreset it then selects in the kernel's space."),
       aggregate=flags.DEFINE_enum(
           "aggregate", _DEFAULT.aggregate, list(AGGREGATES), "spade: how the k (kappa) "
           "nearest distances become a score: mean (SPADE), softmin or kde (soft scores with "
@@ -291,8 +292,8 @@ def settings_from_index(settings: dict[str, Any], given: set[str], contents,
   """`settings` completed from an index file (predict.py).
 
   A flag given on the command line wins; otherwise the setting fit.py recorded in the
-  index (its "settings"; for a SPADE index saved from Python without them, --metric is
-  the metric its kernels were fitted for), else the flag's default (PatchCore's
+  index (its "settings"; for a SPADE or PatchCore index saved from Python without
+  them, --metric is the metric its kernels were fitted for), else the flag's default (PatchCore's
   --reweight, --image_score and --topk go together: one given, the others are their
   flags' too, not the recorded ones). Two kinds of
   setting are fixed by the index: the method (the index's type), the backbone and the
@@ -326,9 +327,10 @@ def settings_from_index(settings: dict[str, Any], given: set[str], contents,
       value = recorded[key]
       out[key] = None if key == "weights" and value == "none" else _tuple_if_list(value)
   is_spade = isinstance(contents.index, SpadeIndex)
-  if is_spade and "metric" not in given and "metric" not in recorded \
-      and contents.index.fitted_metric is not None:
-    out["metric"] = contents.index.fitted_metric
+  # An index saved from Python without settings: the metric its kernel was fitted for.
+  fitted_metric = getattr(contents.index, "fitted_metric", None)
+  if "metric" not in given and "metric" not in recorded and fitted_metric is not None:
+    out["metric"] = fitted_metric
   fixed = dict(json.loads(contents.index.feature_config))
   fixed["layers"] = tuple(fixed["layers"])
   fixed["method"] = "spade" if is_spade else "patchcore"

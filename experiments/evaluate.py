@@ -18,8 +18,10 @@ e.g.
       --output_dir=results/builtin_mahalanobis_softmin
 
 results.json's "config" records metric, aggregate and bandwidth (a file written
-before they existed resumes as "mean"). --method=patchcore keeps its fixed metrics and
-the mean; --method=padim (PaDiM: --num_features, --feature_seed, --regularization,
+before they existed resumes as "mean"). --method=patchcore takes the same metrics and
+kernels (one kernel fitted on the training patches, the coreset selected in its space)
+but not --aggregate / --bandwidth (its patch score is the nearest bank entry's
+distance); --method=padim (PaDiM: --num_features, --feature_seed, --regularization,
 --epsilon) has no metric (Mahalanobis distances to per-position Gaussians), and its
 "config" records its own settings instead.
 

@@ -23,11 +23,14 @@ settings it was calibrated with (recorded with it: SPADE's --k_image_score, --me
 --aggregate and --bandwidth; PatchCore's --metric, --reweight (--image_score, --topk)
 and its other scoring settings; PaDiM's --regularization, --epsilon and --sigma); each
 held-out image is scored as predict.py will score it, with a kernel metric's pooled
-kernel (and a soft aggregate's median bandwidth) fitted without it.
+kernel (and a soft aggregate's median bandwidth; PatchCore: its patch kernel and
+coreset) fitted without it.
 
 --metric=<kernel> (e.g. mahalanobis; see evaluate.py) fits one kernel per layer on the
 training images and --aggregate=softmin|kde without --bandwidth the median-heuristic
-bandwidths: the index stores them (checksummed with the features).
+bandwidths: the index stores them (checksummed with the features). With
+--method=patchcore it fits one kernel on all training patches and selects the memory
+bank in the kernel's space; the index stores the kernel with the bank.
 
 The detector's flags are evaluate.py's (detector_flags.py); a flag that --method does
 not read (e.g. --kappa with --method=patchcore) is an error. The index also records the

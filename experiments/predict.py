@@ -31,7 +31,9 @@ index (--weights, --k_images, --kappa, --metric, --aggregate, ...; an index save
 Python without them: the defaults, and the metric its kernels were fitted for); a flag
 given overrides it. The kernels of a kernel --metric (and the median bandwidths of
 --aggregate=softmin|kde) come from the index; a --metric the index holds no kernels
-for gets them fitted from the index's own training features first. --weights is
+for gets them fitted from the index's own training features first (a PatchCore
+index's kernel is fixed: its memory bank was selected in that kernel's space, so
+another --metric is an error; refit). --weights is
 recorded as given to fit.py: a weights file must be at the same path here, or be
 passed again as --weights=PATH. The index records the identity (SHA-256) of the
 weights its features came from: other weights are refused, as are flags that the

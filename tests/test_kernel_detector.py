@@ -333,8 +333,11 @@ def test_eval_config_records_and_checks_the_scoring(tmp_path):
   assert {k: config.to_json()[k] for k in ("metric", "aggregate", "bandwidth")} == {
       "metric": "mahalanobis", "aggregate": "softmin", "bandwidth": None}
   assert config.spade_config(2).aggregate == "softmin"
-  with pytest.raises(ValueError, match="only SPADE supports"):
-    evaluation.EvalConfig(data_dir="d", method="patchcore", metric="mahalanobis")
+  # PatchCore takes the kernels too (issue 18), and records its metric.
+  assert evaluation.EvalConfig(data_dir="d", method="patchcore",
+                               metric="mahalanobis").to_json()["metric"] == "mahalanobis"
+  with pytest.raises(ValueError, match="neither a metric"):
+    evaluation.EvalConfig(data_dir="d", method="patchcore", metric="hamming")
   with pytest.raises(ValueError, match="soft scores are SPADE's"):
     evaluation.EvalConfig(data_dir="d", method="patchcore", aggregate="kde")
   assert "aggregate" not in evaluation.EvalConfig(data_dir="d", method="patchcore").to_json()
@@ -387,8 +390,8 @@ def test_evaluate_script_records_metric_and_aggregate(data_dir, tmp_path):
     (("--aggregate=kde", "--bandwidth=-1"), ("evaluate.py: error:", "bandwidth")),
     (("--bandwidth=2",), ("evaluate.py: error:", "only used by aggregate")),
     (("--metric=rbf", "--combine=cat"), ("evaluate.py: error:", "combine='ensemble'")),
-    (("--method=patchcore", "--metric=mahalanobis"), ("evaluate.py: error:",
-                                                      "only SPADE supports")),
+    (("--method=patchcore", "--metric=hamming"), ("evaluate.py: error:", "'hamming'",
+                                                  "mahalanobis")),
     (("--method=patchcore", "--aggregate=softmin"), ("evaluate.py: error:",
                                                      "--aggregate is not used by "
                                                      "--method=patchcore")),

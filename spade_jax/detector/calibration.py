@@ -224,12 +224,12 @@ def calibration_folds(detector: Any, num_images: int, quantile: float = 0.99,
 
   folds None is the detector's default: leave-one-out for SPADE, LEARNED_FOLDS for
   SPADE with metric "learned" (one optax run per fold), PATCHCORE_FOLDS for PatchCore
-  (one coreset per fold), PADIM_FOLDS for PaDiM (its Gaussians refitted per fold);
+  (one coreset, and kernel, per fold), PADIM_FOLDS for PaDiM (its Gaussians refitted per fold);
   more folds than images is leave-one-out.
 
   Raises:
-    ValueError: see check_calibration_args; also a learned kernel whose folds would
-      be fitted on fewer than LEARNED_MIN_IMAGES images, or PaDiM folds fitted on
+    ValueError: see check_calibration_args; also a learned kernel (SPADE's or
+      PatchCore's) whose folds would be fitted on fewer than LEARNED_MIN_IMAGES images, or PaDiM folds fitted on
       fewer than PADIM_MIN_IMAGES.
   """
   cfg = detector.config
@@ -238,13 +238,7 @@ def calibration_folds(detector: Any, num_images: int, quantile: float = 0.99,
     if folds is None and learned:
       folds = LEARNED_FOLDS
     folds = check_calibration_args(num_images, quantile, folds, cfg.k_image_score)
-    smallest_train = num_images - math.ceil(num_images / folds)
-    if learned and smallest_train < LEARNED_MIN_IMAGES:
-      raise ValueError(
-          f"calibration with {folds} folds fits each fold's learned kernel (metric="
-          f"'learned') on as few as {smallest_train} of the {num_images} training images; "
-          f"it needs at least {LEARNED_MIN_IMAGES}: add training images or use another "
-          "metric")
+    _check_learned_folds(cfg.metric, num_images, folds)
     return folds
   if isinstance(detector, Padim):
     folds = check_calibration_args(num_images, quantile,
@@ -258,9 +252,23 @@ def calibration_folds(detector: Any, num_images: int, quantile: float = 0.99,
           f"{PADIM_MIN_IMAGES} (a covariance per position): use more folds (up to "
           f"{num_images}: leave-one-out) or more training images")
     return folds
-  return check_calibration_args(num_images, quantile,
-                                PATCHCORE_FOLDS if folds is None else folds, 1,
-                                what="one training image")
+  folds = check_calibration_args(num_images, quantile,
+                                 PATCHCORE_FOLDS if folds is None else folds, 1,
+                                 what="one training image")
+  _check_learned_folds(cfg.metric, num_images, folds)
+  return folds
+
+
+def _check_learned_folds(metric: str, num_images: int, folds: int) -> None:
+  """A learned kernel (metric "learned") is refitted per fold on held-out images: each
+  fold's training images must number at least LEARNED_MIN_IMAGES."""
+  smallest_train = num_images - math.ceil(num_images / folds)
+  if metric in LEARNED_METRICS and smallest_train < LEARNED_MIN_IMAGES:
+    raise ValueError(
+        f"calibration with {folds} folds fits each fold's learned kernel (metric="
+        f"'learned') on as few as {smallest_train} of the {num_images} training images; "
+        f"it needs at least {LEARNED_MIN_IMAGES}: add training images or use another "
+        "metric")
 
 
 def describe_folds(folds: int, num_images: int) -> str:
@@ -332,7 +340,9 @@ def patchcore_threshold(patchcore, train_patches: np.ndarray, *, quantile: float
   """PatchCore's threshold on image scores from its training images' patch features.
 
   Each fold's images are scored against a memory bank (coreset included) fitted on
-  the other folds' patches, as PatchCore.fit_features fits the full one.
+  the other folds' patches, as PatchCore.fit_features fits the full one: with a
+  kernel metric, the kernel too is refitted on each fold's training patches (and the
+  fold's coreset selected in its space), so no held-out image shapes its scorer.
 
   Args:
     patchcore: the detector (spade_jax.PatchCore).

@@ -60,7 +60,7 @@ class EvalConfig:
   patchcore_json's image score and reduction); num_features, feature_seed,
   regularization and epsilon (null with "ledoit_wolf") for "padim", which records no
   metric (its distance is the Mahalanobis one). metric may name
-  a kernel fitted on the training features (SPADE only: KERNEL_METRICS, e.g.
+  a kernel fitted on the training features (SPADE and PatchCore: KERNEL_METRICS, e.g.
   "mahalanobis"); aggregate ("mean", "softmin", "kde") and bandwidth (None: the median
   heuristic) are SPADE's (SpadeConfig).
 
@@ -188,17 +188,17 @@ def patchcore_json(config: PatchCoreConfig) -> dict[str, Any]:
 
 
 def check_patchcore_scoring(metric: str, aggregate: str, bandwidth: float | None) -> None:
-  """PatchCore keeps its fixed metrics and its own image score: no kernel metric, no
-  soft aggregate (SPADE's, method "spade").
+  """PatchCore takes a fixed metric or a kernel fitted on its training patches, and
+  scores a patch by its nearest bank entries with its own image score: no soft
+  aggregate (SPADE's, method "spade").
 
   Raises:
     ValueError: naming the setting and the fix.
   """
-  if metric in KERNEL_METRICS:
+  if metric not in distances.METRICS and metric not in KERNEL_METRICS:
     raise ValueError(
-        f"metric {metric!r} is a kernel fitted on the training features, which only SPADE "
-        f"supports (method 'spade'); PatchCore's memory bank takes one of "
-        f"{sorted(distances.METRICS)}")
+        f"metric {metric!r} is neither a metric {sorted(distances.METRICS)} nor a kernel "
+        f"{sorted(KERNEL_METRICS)} (PatchCore takes both)")
   if aggregate != "mean" or bandwidth is not None:
     raise ValueError(
         f"aggregate={aggregate!r}, bandwidth={bandwidth!r}: the soft scores are SPADE's "
