@@ -229,8 +229,8 @@ def calibration_folds(detector: Any, num_images: int, quantile: float = 0.99,
 
   Raises:
     ValueError: see check_calibration_args; also a learned kernel (SPADE's or
-      PatchCore's) whose folds would be fitted on fewer than LEARNED_MIN_IMAGES images, or PaDiM folds fitted on
-      fewer than PADIM_MIN_IMAGES.
+      PatchCore's) whose folds would be fitted on fewer than LEARNED_MIN_IMAGES
+      images, or PaDiM folds fitted on fewer than PADIM_MIN_IMAGES.
   """
   cfg = detector.config
   if isinstance(detector, Spade):
