@@ -28,6 +28,7 @@ from spade_jax.detector import (
   PadimConfig,
   PadimIndex,
   PatchCoreConfig,
+  PatchCoreIndex,
   SpadeConfig,
   SpadeIndex,
 )
@@ -303,9 +304,10 @@ def settings_from_index(settings: dict[str, Any], given: set[str], contents,
   detector config's score_settings(); SPADE: k_image_score, metric, aggregate,
   bandwidth, a threshold without the last two being "mean"'s; PatchCore: metric,
   k_nearest, reweight, num_neighbors, topk (and image_score with it), the coreset
-  settings, patch_size; PaDiM: regularization, epsilon, sigma). A flag given that
-  contradicts them is an error, as
-  is a flag of another method (check_method_flags).
+  settings, patch_size; PaDiM: regularization, epsilon, sigma), as does a PatchCore
+  index's kernel (its metric; an index without one refuses a kernel --metric). A flag
+  given that contradicts them is an error, as is a flag of another method
+  (check_method_flags).
 
   Args:
     settings: DetectorFlags.settings().
@@ -336,6 +338,14 @@ def settings_from_index(settings: dict[str, Any], given: set[str], contents,
   fixed["method"] = "spade" if is_spade else "patchcore"
   if isinstance(contents.index, PadimIndex):  # Its statistics' fit settings too.
     fixed.update(method="padim", **contents.index.fit_settings())
+  if isinstance(contents.index, PatchCoreIndex):  # Its kernel selected the bank.
+    if fitted_metric is not None:
+      fixed["metric"] = fitted_metric
+    elif "metric" in given and settings["metric"] in KERNEL_METRICS:
+      raise ValueError(
+          f"--metric={settings['metric']} is a kernel, but the index {where} holds none "
+          f"(its memory bank was selected for a fixed metric); drop --metric or refit the "
+          f"index with fit.py --metric={settings['metric']}")
   for key, value in fixed.items():
     if key in given and _tuple_if_list(settings[key]) != value:
       raise ValueError(

@@ -11,6 +11,7 @@ test, so every detector call here compiles for tiny shapes only.
 import json
 import pathlib
 import sys
+import types
 
 import jax
 from mvtec_fixtures import write_category
@@ -191,7 +192,7 @@ def test_every_kernel_metric_fits_and_scores(feats):
   assert set(spade_jax.detector.KERNEL_METRICS) == {
       "mahalanobis", "learned", "linear", "rbf", "laplacian", "polynomial", "rff",
       "nystrom"}
-  for name in ("learned", "linear", "laplacian", "rff", "nystrom"):
+  for name in ("learned", "nystrom"):  # (The other L2 kernels take nystrom's path.)
     detector = _detector(name, projection_dim=4)
     index = detector.fit_features(train[:3])
     scores, maps = detector.score_features(index, test[:2])
@@ -303,11 +304,10 @@ def test_fit_and_predict_scripts_with_a_kernel(tmp_path):
   write_category(data, "alpha", n_train=6, n_good=2, defects={"hole": 2}, seed=11)
   index = tmp_path / "alpha.patchcore"
   fit = run_script("fit.py", f"--train_dir={data / 'alpha' / 'train' / 'good'}",
-                   f"--index={index}", *SETTINGS, "--calibrate", "--calibration_folds=3")
+                   f"--index={index}", *SETTINGS)
   assert fit.returncode == 0, fit.stderr[-3000:]
   contents = spade_jax.detector.load_index_file(index)
   assert contents.index.fitted_metric == "mahalanobis"
-  assert contents.threshold.settings["metric"] == "mahalanobis"
   assert contents.settings["metric"] == "mahalanobis"
   out = tmp_path / "out"
   predict = run_script("predict.py", f"--index={index}", f"--images={data / 'alpha' / 'test'}",
@@ -321,13 +321,31 @@ def test_fit_and_predict_scripts_with_a_kernel(tmp_path):
   scores, _ = detector.score(detector.fit(category.train_images), category.test_images)
   expected = dict(zip([p.removeprefix("test/") for p in category.test_paths], scores))
   _, rows = read_scores(out / "scores.csv")
-  assert sorted(path for path, _, _ in rows) == sorted(expected)
-  for path, score, _ in rows:
+  assert sorted(row[0] for row in rows) == sorted(expected)
+  for path, score in rows:  # No threshold: no anomalous column.
     assert float(score) == pytest.approx(float(expected[path]), rel=1e-4), path
-  # Another metric than the index's kernel: a clean error naming the flag.
+  # Another metric than the index's kernel: a clean error naming the flag (before any
+  # image is read or the backbone loaded).
   proc = run_script("predict.py", f"--index={index}", f"--images={data / 'alpha' / 'test'}",
                     f"--output_dir={tmp_path / 'other'}", "--metric=l2")
-  assert_clean_error(proc, "predict.py", "--metric")
+  assert_clean_error(proc, "predict.py", "--metric=l2 does not match the index",
+                     "metric=mahalanobis")
+  assert not (tmp_path / "other").exists()
+
+
+def test_predict_settings_take_the_metric_of_the_index_kernel(feats, fitted):
+  _, index = fitted["polynomial"]
+  contents = types.SimpleNamespace(index=index, settings=None, threshold=None)
+  flags = {"method": "patchcore", "metric": "l2", "layers": ("layer2",), "resize": CROP,
+           "crop": CROP, "weights": None}
+  assert detector_flags.settings_from_index(flags, set(), contents, "f")["metric"] == \
+      "polynomial"
+  with pytest.raises(ValueError, match="--metric=l2 does not match the index f"):
+    detector_flags.settings_from_index(flags, {"metric"}, contents, "f")
+  plain = types.SimpleNamespace(index=index.replace(kernel=None, fitted_metric=None),
+                                settings=None, threshold=None)
+  with pytest.raises(ValueError, match="--metric=rbf is a kernel, but the index f holds"):
+    detector_flags.settings_from_index({**flags, "metric": "rbf"}, {"metric"}, plain, "f")
 
 
 def test_patchcore_reads_metric_but_not_aggregate_or_bandwidth():

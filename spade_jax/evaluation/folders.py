@@ -272,6 +272,7 @@ def predict_folder(spade, index, images_dir: str | os.PathLike[str],
   else:
     patchcore_lib.check_compatible(index, spade.backbone.name, cfg, "predict",
                                    weights=common.weights_id(spade.backbone))
+    patchcore_lib.check_metric(index, cfg, "predict")
   # The images first: a run with nothing to score creates no output folder.
   files = _image_files(images_dir, "images", exclude=[output_dir])
   predictions.check_output_dir(output_dir)
