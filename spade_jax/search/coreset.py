@@ -173,7 +173,7 @@ def _projection(key_data: Array, impl: str, dim: int,
 
 
 @functools.partial(jax.jit, static_argnames=("size", "projection_dim", "impl"))
-def _coreset_jit(features: Array, metric, key_data: Array, start: Array, *, size: int,
+def _coreset_jit(features: Array, key_data: Array, start: Array, metric=None, *, size: int,
                  projection_dim: int | None, impl: str) -> Array:
   x, exact = _search_rows(features, metric)
   projection = _projection(key_data, impl, x.shape[1], projection_dim)
@@ -181,8 +181,8 @@ def _coreset_jit(features: Array, metric, key_data: Array, start: Array, *, size
 
 
 @functools.partial(jax.jit, static_argnames=("size", "projection_dim", "impl"))
-def _sharded_coreset_jit(gallery: sharding.ShardedGallery, metric, key_data: Array,
-                         start: Array, *, size: int, projection_dim: int | None,
+def _sharded_coreset_jit(gallery: sharding.ShardedGallery, key_data: Array, start: Array,
+                         metric=None, *, size: int, projection_dim: int | None,
                          impl: str) -> Array:
   axis, shard_rows = gallery.axis, gallery.shard_rows
   dim = _search_dim(metric, gallery.data.shape[1])
@@ -288,8 +288,9 @@ def coreset(features: Array | sharding.ShardedGallery, size: int, *,
   key_data, impl = jax.random.key_data(key), str(jax.random.key_impl(key))
   static = {"size": int(size), "projection_dim": projection_dim, "impl": impl}
   if sharded is None:
-    return _coreset_jit(features, metric, key_data, jnp.int32(start), **static)
+    return _coreset_jit(features, key_data, jnp.int32(start), metric, **static)
   mesh = sharded.mesh
   metric = jax.tree.map(lambda x: sharding.place_replicated(x, mesh), metric)
-  return _sharded_coreset_jit(sharded, metric, sharding.place_replicated(key_data, mesh),
-                              sharding.place_replicated(np.int32(start), mesh), **static)
+  return _sharded_coreset_jit(sharded, sharding.place_replicated(key_data, mesh),
+                              sharding.place_replicated(np.int32(start), mesh), metric,
+                              **static)
