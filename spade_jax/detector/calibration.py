@@ -357,22 +357,8 @@ def patchcore_threshold(patchcore, train_patches: np.ndarray, *, quantile: float
   Raises:
     ValueError: see check_calibration_args.
   """
-  cfg = patchcore.config
-  patches = np.asarray(train_patches, np.float32)
-  if patches.ndim != 4:
-    raise ValueError(f"train_patches must be [N, h, w, D], got shape {patches.shape}")
-  folds = calibration_folds(patchcore, patches.shape[0], quantile, folds)
-
-  def score_fold(train: np.ndarray, held_out: np.ndarray) -> np.ndarray:
-    index = patchcore.fit_features(patches[train])
-    scores, _ = patchcore.score_features(index, patches[held_out])
-    return np.asarray(scores)
-
-  scores = held_out_scores(score_fold, patches.shape[0], folds)
-  settings = cfg.score_settings()
-  threshold = Threshold(value=float(np.quantile(scores, quantile)), quantile=float(quantile),
-                        folds=folds, num_images=int(patches.shape[0]), settings=settings)
-  return threshold, scores
+  return refit_threshold(patchcore, train_patches, "train_patches", "[N, h, w, D]",
+                         quantile=quantile, folds=folds)
 
 
 def padim_threshold(padim: Padim, train_embeddings: np.ndarray, *, quantile: float = 0.99,
@@ -397,19 +383,38 @@ def padim_threshold(padim: Padim, train_embeddings: np.ndarray, *, quantile: flo
   Raises:
     ValueError: see calibration_folds.
   """
-  cfg = padim.config
-  embeddings = np.asarray(train_embeddings, np.float32)
-  if embeddings.ndim != 4:
-    raise ValueError(f"train_embeddings must be [N, h, w, d], got shape {embeddings.shape}")
-  folds = calibration_folds(padim, embeddings.shape[0], quantile, folds)
+  return refit_threshold(padim, train_embeddings, "train_embeddings", "[N, h, w, d]",
+                         quantile=quantile, folds=folds)
+
+
+def refit_threshold(detector: Any, train_features: np.ndarray, name: str, layout: str, *,
+                    quantile: float, folds: int | None) -> tuple[Threshold, np.ndarray]:
+  """The threshold of a detector that refits everything per fold (PatchCore, PaDiM):
+  each fold's images scored by detector.score_features against
+  detector.fit_features of the other folds' features.
+
+  Args:
+    detector: a PatchCore or a Padim (its config's score_settings are recorded).
+    train_features: [N, h, w, D] features of the N training images (its extract), in
+      file order.
+    name, layout: the argument's name and layout, for the message of a bad shape.
+    quantile, folds: as in patchcore_threshold.
+
+  Returns:
+    (Threshold, held-out scores [N] float64).
+  """
+  features = np.asarray(train_features, np.float32)
+  if features.ndim != 4:
+    raise ValueError(f"{name} must be {layout}, got shape {features.shape}")
+  folds = calibration_folds(detector, features.shape[0], quantile, folds)
 
   def score_fold(train: np.ndarray, held_out: np.ndarray) -> np.ndarray:
-    index = padim.fit_features(embeddings[train])
-    scores, _ = padim.score_features(index, embeddings[held_out])
+    index = detector.fit_features(features[train])
+    scores, _ = detector.score_features(index, features[held_out])
     return np.asarray(scores)
 
-  scores = held_out_scores(score_fold, embeddings.shape[0], folds)
+  scores = held_out_scores(score_fold, features.shape[0], folds)
   threshold = Threshold(value=float(np.quantile(scores, quantile)), quantile=float(quantile),
-                        folds=folds, num_images=int(embeddings.shape[0]),
-                        settings=cfg.score_settings())
+                        folds=folds, num_images=int(features.shape[0]),
+                        settings=detector.config.score_settings())
   return threshold, scores

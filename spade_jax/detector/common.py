@@ -1,10 +1,11 @@
 """What the detectors (spade.py, patchcore.py, padim.py) share: an index's fingerprint,
 the check that an index fits a detector, the mesh a call runs on, the backbone's
-levels, and the loop over batches of input images (validation and progress lines)."""
+levels, the loop over batches of input images (validation and progress lines), and
+the loops that score test images or their features a batch at a time."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 import hashlib
 from typing import Any
 
@@ -130,3 +131,29 @@ def scores_and_maps(scores: Any, score_maps: Any, crop: int, sigma: float
       score_maps = np.asarray(sharding.to_local(score_maps))
     maps = anomaly_map.anomaly_maps(score_maps, (crop, crop), sigma=sigma)
     return np.asarray(sharding.to_local(scores)), np.asarray(maps)
+
+
+ScoredBatch = tuple[np.ndarray, np.ndarray]  # (scores [B], anomaly maps [B, crop, crop]).
+
+
+def concatenate_scored(results: Iterable[ScoredBatch]) -> ScoredBatch:
+  """The (scores [N], maps [N, crop, crop]) of scored batches, in order."""
+  results = list(results)
+  return (np.concatenate([s for s, _ in results]),
+          np.concatenate([m for _, m in results]))
+
+
+def score_in_batches(score_batch: Callable[[slice], ScoredBatch], count: int,
+                     batch_size: int) -> ScoredBatch:
+  """score_features' loop: score_batch(rows) for consecutive slices of at most
+  batch_size of the `count` test images, with "images: scored" progress lines.
+
+  Returns:
+    (scores [count], anomaly maps [count, crop, crop]), NumPy.
+  """
+  results = []
+  report = progress.Progress("images: scored", count)
+  for start in range(0, count, batch_size):
+    results.append(score_batch(slice(start, start + batch_size)))
+    report.update(min(start + batch_size, count))
+  return concatenate_scored(results)

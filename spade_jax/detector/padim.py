@@ -500,10 +500,8 @@ class Padim:
       [N, crop, crop] float32: the Mahalanobis maps upsampled and blurred), NumPy.
     """
     index = self._prepare_index(index, mesh, axis)
-    results = [self._score_batch(index, e)
-               for e in self._batches(images, "images", done="scored")]
-    return (np.concatenate([s for s, _ in results]),
-            np.concatenate([m for _, m in results]))
+    return common.concatenate_scored(self._score_batch(index, e)
+                                     for e in self._batches(images, "images", done="scored"))
 
   def score_features(self, index: PadimIndex, embeddings: Any, *, mesh: Mesh | None = None,
                      axis: str = "data") -> tuple[np.ndarray, np.ndarray]:
@@ -523,10 +521,5 @@ class Padim:
     count = int(np.shape(embeddings)[0])
     if count == 0:
       raise ValueError("embeddings hold 0 test images")
-    step, results = self.config.batch_size, []
-    report = progress.Progress("images: scored", count)
-    for start in range(0, count, step):
-      results.append(self._score_batch(index, embeddings[start:start + step]))
-      report.update(min(start + step, count))
-    return (np.concatenate([s for s, _ in results]),
-            np.concatenate([m for _, m in results]))
+    return common.score_in_batches(lambda rows: self._score_batch(index, embeddings[rows]),
+                                   count, self.config.batch_size)

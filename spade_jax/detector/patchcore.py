@@ -500,10 +500,8 @@ class PatchCore:
       (scores [N] float32, anomaly maps [N, crop, crop] float32), NumPy.
     """
     index = self._prepare_index(index, mesh, axis)
-    results = [self._score_batch(index, p)
-               for p in self._batches(images, "images", done="scored")]
-    return (np.concatenate([s for s, _ in results]),
-            np.concatenate([m for _, m in results]))
+    return common.concatenate_scored(self._score_batch(index, p)
+                                     for p in self._batches(images, "images", done="scored"))
 
   def score_features(self, index: PatchCoreIndex, patches: Any, *, mesh: Mesh | None = None,
                      axis: str = "data") -> tuple[np.ndarray, np.ndarray]:
@@ -523,11 +521,6 @@ class PatchCore:
     count = int(np.shape(patches)[0])
     if count == 0:
       raise ValueError("patches hold 0 test images")
-    step, results = self.config.batch_size, []
-    report = progress.Progress("images: scored", count)
-    for start in range(0, count, step):
-      results.append(self._score_batch(index, patches[start:start + step]))
-      report.update(min(start + step, count))
-    return (np.concatenate([s for s, _ in results]),
-            np.concatenate([m for _, m in results]))
+    return common.score_in_batches(lambda rows: self._score_batch(index, patches[rows]),
+                                   count, self.config.batch_size)
 

@@ -467,12 +467,9 @@ class Spade:
     """
     index = self._prepare_index(index, mesh, axis)
     kwargs = self.scoring_kwargs(index)
-    all_scores, all_maps = [], []
-    for pool, levels in self._batches(images, "images", done="scored"):
-      scores, maps = self._score_batch(index, pool, levels, kwargs)
-      all_scores.append(scores)
-      all_maps.append(maps)
-    return np.concatenate(all_scores), np.concatenate(all_maps)
+    return common.concatenate_scored(
+        self._score_batch(index, pool, levels, kwargs)
+        for pool, levels in self._batches(images, "images", done="scored"))
 
   def score_features(self, index: SpadeIndex, pool: Any, features: dict[str, Any], *,
                      mesh: Mesh | None = None, axis: str = "data"
@@ -496,13 +493,7 @@ class Spade:
     count = int(np.shape(pool)[0])
     if count == 0:
       raise ValueError("pool holds 0 test images")
-    all_scores, all_maps = [], []
-    report = progress.Progress("images: scored", count)
-    for start in range(0, count, self.config.batch_size):
-      batch = slice(start, start + self.config.batch_size)
-      scores, maps = self._score_batch(
-          index, pool[batch], {l: features[l][batch] for l in self.config.layers}, kwargs)
-      all_scores.append(scores)
-      all_maps.append(maps)
-      report.update(min(start + self.config.batch_size, count))
-    return np.concatenate(all_scores), np.concatenate(all_maps)
+    return common.score_in_batches(
+        lambda rows: self._score_batch(
+            index, pool[rows], {l: features[l][rows] for l in self.config.layers}, kwargs),
+        count, self.config.batch_size)
