@@ -223,8 +223,9 @@ class PatchCoreConfig:
     training patches, as fit does on all of them), k_nearest, the image score
     (reweight, with its support num_neighbors; topk, and image_score "topk" with it),
     and what selected the bank (coreset_ratio, projection_dim, coreset_seed: a
-    calibration refits the bank per fold with them) and patch_size. A calibrated threshold records them (calibration.Threshold) and
-    holds only for scores made with them. topk is always recorded (None: not the
+    calibration refits the bank per fold with them) and patch_size. A calibrated
+    threshold records them (calibration.Threshold) and holds only for scores made with
+    them. topk is always recorded (None: not the
     top-k mean), so thresholds from before it, which lack it, are taken as None's, the
     max or reweighted score they were calibrated on."""
     settings = {"metric": self.metric, "k_nearest": self.k_nearest,
