@@ -225,9 +225,9 @@ class PatchCoreConfig:
     and what selected the bank (coreset_ratio, projection_dim, coreset_seed: a
     calibration refits the bank per fold with them) and patch_size. A calibrated
     threshold records them (calibration.Threshold) and holds only for scores made with
-    them. topk is always recorded (None: not the
-    top-k mean), so thresholds from before it, which lack it, are taken as None's, the
-    max or reweighted score they were calibrated on."""
+    them. topk is always recorded (None: not the top-k mean), so thresholds from before
+    it, which lack it, are taken as None's, the max or reweighted score they were
+    calibrated on."""
     settings = {"metric": self.metric, "k_nearest": self.k_nearest,
                 "reweight": bool(self.reweight), "coreset_ratio": float(self.coreset_ratio),
                 "projection_dim": self.projection_dim, "coreset_seed": self.coreset_seed,
