@@ -131,6 +131,14 @@ def manifest(*, method: str, settings: dict[str, Any], platforms: tuple[str, ...
   }
 
 
+def manifest_digest(fields: dict[str, Any]) -> str:
+  """SHA-256 of a manifest's canonical JSON without its own "manifest_sha256" field (so
+  that an edited manifest is refused as an edited program or array file is)."""
+  rest = {k: v for k, v in fields.items() if k != "manifest_sha256"}
+  text = json.dumps(rest, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+  return hashlib.sha256(text.encode()).hexdigest()
+
+
 def sha256_file(path: pathlib.Path) -> str:
   digest = hashlib.sha256()
   with open(path, "rb") as f:
@@ -150,6 +158,7 @@ def write(out: pathlib.Path, program: bytes | bytearray, arrays: dict[str, np.nd
     shutil.copyfile(_RUNNER_SOURCE, tmp / RUNNER)
     files = {name: sha256_file(tmp / name) for name in (PROGRAM, ARRAYS, RUNNER)}
     fields = {**fields, "files": files, "export_seconds": round(export_seconds, 3)}
+    fields["manifest_sha256"] = manifest_digest(fields)
     (tmp / MANIFEST).write_text(json.dumps(fields, indent=1, sort_keys=True) + "\n",
                                 encoding="utf-8")
     os.chmod(tmp, 0o755)

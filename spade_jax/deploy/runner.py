@@ -81,6 +81,11 @@ def read_manifest(folder: pathlib.Path) -> dict:
   if manifest.get("format_version") != FORMAT_VERSION:
     raise ArtifactError(f"{path} has format_version {manifest.get('format_version')!r}; this "
                         f"run.py reads {FORMAT_VERSION}")
+  rest = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+  text = json.dumps(rest, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+  if hashlib.sha256(text.encode()).hexdigest() != manifest.get("manifest_sha256"):
+    raise ArtifactError(f"{path} fails its checksum (manifest_sha256): it was edited or "
+                        "damaged; export again")
   files = manifest.get("files")
   needed = (manifest.get("program"), manifest.get("arrays"))
   if not isinstance(files, dict) or not all(n in files for n in needed):
