@@ -135,8 +135,9 @@ class _SubmoduleAliases(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 sys.meta_path.insert(0, _SubmoduleAliases())
 
 
+# (export_detector is left out: spade_jax.deploy is a top stage, which the stages below,
+# importing this package, must not reach; see pyproject.toml's layers.)
 if TYPE_CHECKING:  # Static type checkers see the real imports.
-  from spade_jax.deploy.export import export_detector
   from spade_jax.detector.index_file import load_index, save_index
   from spade_jax.detector.padim import Padim, PadimConfig, PadimIndex
   from spade_jax.detector.patchcore import PatchCore, PatchCoreConfig, PatchCoreIndex

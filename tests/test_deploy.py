@@ -61,9 +61,11 @@ DETECTORS = {
         resize=SIZE, crop=SIZE, coreset_ratio=0.5)),
     "padim": lambda bb: spade_jax.Padim(bb, spade_jax.PadimConfig(resize=SIZE, crop=SIZE)),
 }
-# (detector, with a threshold): every detector once, SPADE and PatchCore both ways.
-CASES = (("spade", True), ("spade", False), ("spade-mahalanobis", True),
-         ("patchcore", True), ("patchcore", False), ("padim", True))
+# (detector, with a threshold): every detector, SPADE and PatchCore both ways (SPADE with
+# a threshold: test_run_py_runs_without_spade_jax, through export.py and predict.py's
+# own settings).
+CASES = (("spade", False), ("spade-mahalanobis", True), ("patchcore", True),
+         ("patchcore", False), ("padim", True))
 
 
 def load_runner(folder: pathlib.Path) -> types.ModuleType:
@@ -109,6 +111,42 @@ def fixture_fitted(data, backbone):
   return get
 
 
+@pytest.fixture(name="scored", scope="module")
+def fixture_scored(fitted, data):
+  """name -> (test paths as predict.py writes them, scores [7], maps [7, 64, 64]) of
+  detector.score, once per detector."""
+  category = mvtec.load_category(data.root / "data", "alpha")
+  cache = {}
+
+  def get(name):
+    if name not in cache:
+      detector, index = fitted(name)
+      scores, maps = detector.score(index, category.test_images)
+      cache[name] = [p.removeprefix("test/") for p in category.test_paths], scores, maps
+    return cache[name]
+
+  return get
+
+
+@pytest.fixture(name="exports", scope="module")
+def fixture_exports(fitted, scored, tmp_path_factory):
+  """(name, with a threshold) -> (exported folder, threshold), once per case."""
+  cache = {}
+
+  def get(name, with_threshold):
+    if (name, with_threshold) not in cache:
+      detector, index = fitted(name)
+      threshold = (between_scores(scored(name)[1], detector.config) if with_threshold
+                   else None)
+      folder = spade_jax.export_detector(
+          detector, index, tmp_path_factory.mktemp(name) / "export", batch_size=BATCH,
+          threshold=threshold)
+      cache[name, with_threshold] = folder, threshold
+    return cache[name, with_threshold]
+
+  return get
+
+
 def between_scores(scores: np.ndarray, config) -> calibration.Threshold:
   """A threshold halfway between the 4th and 5th largest scores (both decisions)."""
   ordered = np.sort(np.asarray(scores, np.float64))
@@ -134,28 +172,23 @@ def assert_same_scores(expected, actual):
 
 @pytest.mark.parametrize("name,with_threshold", CASES,
                          ids=[f"{n}-{'threshold' if t else 'none'}" for n, t in CASES])
-def test_run_py_gives_predict_py_scores_and_maps(name, with_threshold, fitted, data, tmp_path):
+def test_run_py_gives_predict_py_scores_and_maps(name, with_threshold, fitted, scored, exports,
+                                                 data, tmp_path):
   detector, index = fitted(name)
-  _, maps = detector.score(index, mvtec.load_category(data.root / "data", "alpha").test_images)
-  scores, _ = detector.score(index, [mvtec.read_rgb(p) for p in sorted(
-      data.test_dir.rglob("*.png"))])  # predict.py's order: sorted paths.
-  threshold = between_scores(scores, detector.config) if with_threshold else None
+  paths, _, maps = scored(name)
+  folder, threshold = exports(name, with_threshold)
   expected = predict(detector, index, data, threshold, tmp_path / "predict")
   if with_threshold:
     assert {r[2] for r in expected[1]} == {"0", "1"}
-  folder = spade_jax.export_detector(detector, index, tmp_path / "export", batch_size=BATCH,
-                                     threshold=threshold)
   runner = load_runner(folder)
-  paths, run_scores, skipped = runner.score_folder(
+  run_paths, _, skipped = runner.score_folder(
       runner.Artifact(folder), data.test_dir, tmp_path / "run", write_maps=True)
-  assert not skipped and len(paths) == 7
+  assert not skipped and sorted(run_paths) == sorted(paths)
   assert_same_scores(expected, read_scores(tmp_path / "run" / "scores.csv"))
   # The maps: those of detector.score (predict.py's heatmaps are drawn from them).
-  category = mvtec.load_category(data.root / "data", "alpha")
-  for rel, expected_map in zip(category.test_paths, maps):
-    got = np.load(tmp_path / "run" / "maps" / f"{rel.removeprefix('test/')}.npy")
-    np.testing.assert_allclose(got, expected_map, rtol=0,
-                               atol=RTOL * float(np.abs(maps).max()))
+  for path, expected_map in zip(paths, maps):
+    np.testing.assert_allclose(np.load(tmp_path / "run" / "maps" / f"{path}.npy"),
+                               expected_map, rtol=0, atol=RTOL * float(np.abs(maps).max()))
   manifest = json.loads((folder / "manifest.json").read_text())
   assert manifest["method"] == name.split("-")[0]
   assert manifest["platforms"] == ["cpu"] and manifest["custom_calls"] == []
@@ -189,13 +222,11 @@ def run_isolated(site: pathlib.Path, *args: str, cwd: pathlib.Path
                         env=env, cwd=cwd, timeout=300, check=False)
 
 
-def test_run_py_runs_without_spade_jax(fitted, data, tmp_path):
+def test_run_py_runs_without_spade_jax(fitted, scored, data, tmp_path):
   """export.py (the command) on a saved index with a threshold, then run.py where
   spade_jax cannot be imported: predict.py's scores; a tampered file is refused."""
   detector, index = fitted("spade")
-  scores, _ = detector.score(index, [mvtec.read_rgb(p) for p in sorted(
-      data.test_dir.rglob("*.png"))])
-  threshold = between_scores(scores, detector.config)
+  threshold = between_scores(scored("spade")[1], detector.config)
   index_path = tmp_path / "alpha.spade"
   spade_jax.save_index(index_path, index, threshold=threshold, settings={
       "method": "spade", "backbone": "efficientnet_lite0", "k_images": 3,
@@ -232,12 +263,9 @@ def test_run_py_runs_without_spade_jax(fitted, data, tmp_path):
   assert not (tmp_path / "run2").exists()
 
 
-@pytest.fixture(name="cpu_export", scope="module")
-def fixture_cpu_export(fitted, tmp_path_factory):
-  detector, index = fitted("spade-mahalanobis")
-  return spade_jax.export_detector(detector, index,
-                                   tmp_path_factory.mktemp("cpu_export") / "export",
-                                   batch_size=BATCH)
+@pytest.fixture(name="cpu_export")
+def fixture_cpu_export(exports):
+  return exports("spade-mahalanobis", True)[0]
 
 
 @pytest.mark.parametrize("name", ["manifest.json", "program.jaxexport", "run.py"])
@@ -299,16 +327,27 @@ def test_accelerator_export_is_checked_and_refused_on_cpu(fitted, tmp_path):
     runner.Artifact(folder)
 
 
-def test_image_of_another_size_is_refused(fitted, data, tmp_path):
-  detector, index = fitted("padim")
-  folder = spade_jax.export_detector(detector, index, tmp_path / "export", batch_size=BATCH,
-                                     image_size=(30, 40))
+def test_image_of_another_size_is_refused(cpu_export, data, tmp_path):
+  # An export for 30 x 40 images (export.py --image_size=30,40): the manifest's field,
+  # re-checksummed as export_detector writes it.
+  folder = tmp_path / "export"
+  shutil.copytree(cpu_export, folder)
+  manifest = json.loads((folder / "manifest.json").read_text())
+  manifest["input"]["image_size"] = [30, 40]
+  manifest["manifest_sha256"] = artifact.manifest_digest(manifest)
+  (folder / "manifest.json").write_text(json.dumps(manifest))
   runner = load_runner(folder)
   artifact_ = runner.Artifact(folder)
   with pytest.raises(ValueError, match=r"is 32x40; this program was exported for 30x40"):
     runner.score_folder(artifact_, data.test_dir, tmp_path / "run")
   with pytest.raises(runner.ArtifactError, match=r"takes images \(4, 64, 64, 3\) uint8"):
     artifact_.check_batch(np.zeros((4, 32, 32, 3), np.uint8))
+
+
+def test_check_image_size():
+  assert export.check_image_size(50) == (50, 50)
+  assert export.check_image_size([30, 40]) == (30, 40)
+  assert export.check_image_size(None) is None
 
 
 def test_export_refuses_bad_arguments(fitted, tmp_path):

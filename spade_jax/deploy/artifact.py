@@ -14,6 +14,7 @@ import os
 import pathlib
 import re
 import shutil
+import sys
 import time
 from typing import Any
 
@@ -21,7 +22,6 @@ import jax
 import numpy as np
 import safetensors.numpy
 
-import spade_jax
 from spade_jax.detector import calibration
 from spade_jax.host import atomic
 
@@ -111,7 +111,9 @@ def manifest(*, method: str, settings: dict[str, Any], platforms: tuple[str, ...
     outputs["anomalous"] = {"shape": [batch_size], "dtype": "bool"}
   return {
       "format": FORMAT, "format_version": FORMAT_VERSION,
-      "spade_jax_version": spade_jax.__version__,
+      # The package is imported whenever this module is; importing it here would make
+      # a cycle (spade_jax resolves export_detector lazily from this stage).
+      "spade_jax_version": sys.modules["spade_jax"].__version__,
       "jax_version": jax.__version__, "jaxlib_version": _version("jaxlib"),
       "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
       "method": method, "settings": settings, "index": index_info,
@@ -161,7 +163,11 @@ def write(out: pathlib.Path, program: bytes | bytearray, arrays: dict[str, np.nd
     fields["manifest_sha256"] = manifest_digest(fields)
     (tmp / MANIFEST).write_text(json.dumps(fields, indent=1, sort_keys=True) + "\n",
                                 encoding="utf-8")
-    os.chmod(tmp, 0o755)
+    umask = os.umask(0)  # What a plain open() / mkdir would give (mkdtemp: 0o700).
+    os.umask(umask)
+    for name in (PROGRAM, ARRAYS, RUNNER, MANIFEST):
+      os.chmod(tmp / name, 0o666 & ~umask)
+    os.chmod(tmp, 0o777 & ~umask)
     if out.is_dir():
       out.rmdir()  # Checked empty; a file put there since makes this fail, not vanish.
     os.replace(tmp, out)
