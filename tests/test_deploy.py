@@ -374,6 +374,15 @@ def test_export_refuses_bad_arguments(fitted, tmp_path):
   assert not (tmp_path / "out").exists()
 
 
+def test_export_py_reports_bad_flags(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, str(REPO / "experiments" / "export.py"),
+       f"--index={tmp_path / 'missing.spade'}", f"--output_dir={tmp_path / 'out'}",
+       "--platforms=cpu,gpu"], capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode != 0 and "Traceback" not in proc.stderr
+  assert "export.py: error: platforms must be among" in proc.stderr, proc.stderr[-2000:]
+
+
 def test_export_refuses_a_backbone_without_variables(data, tmp_path):
   from spade_fake_backbone import FakeBackbone  # pylint: disable=import-outside-toplevel
   detector = spade_jax.Spade(FakeBackbone(), spade_jax.SpadeConfig(

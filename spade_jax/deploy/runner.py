@@ -3,7 +3,8 @@ r"""Runs a detector exported by spade_jax.export_detector, without spade_jax.
   python DIR/run.py --images=FOLDER --output_dir=OUT [--maps]
 
 Dependencies: jax, numpy, pillow, safetensors (nothing else; no spade_jax, flax, optax
-or tensorflow-datasets).
+or tensorflow-datasets). jax reads the program with flatbuffers, which it does not
+install itself: pip install jax numpy pillow safetensors flatbuffers.
 
 Reads every image under FOLDER (any depth; png, jpg/jpeg, bmp, tif/tiff, webp in any
 case; names starting with '.' skipped), resizes and centre-crops it as the detector did
@@ -165,6 +166,7 @@ class Artifact:
     check_platform(self.manifest, current_platform())
     self.exported = load_program((self.folder / self.manifest["program"]).read_bytes(),
                                  self.manifest)
+    self._call = jax.jit(self.exported.call)  # Compiled once, on the first batch.
     arrays = load_arrays(self.folder / self.manifest["arrays"], self.exported, self.manifest)
     self.arrays = {name: jax.device_put(a) for name, a in arrays.items()}
     spec = self.manifest["input"]
@@ -189,7 +191,7 @@ class Artifact:
     batch = np.zeros((self.batch_size, *images.shape[1:]), images.dtype)
     batch[:n] = images
     self.check_batch(batch)
-    out = self.exported.call(self.arrays, batch)
+    out = self._call(self.arrays, batch)
     return {name: np.asarray(value)[:n] for name, value in out.items()}
 
 
