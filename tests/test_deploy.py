@@ -1,9 +1,12 @@
 """spade_jax.export_detector and the standalone run.py: predict.py's scores without
 spade_jax, and the refusals.
 
-The detectors are efficientnet_lite0 with its packaged ImageNet weights (no network) at
-64 x 64 on a tiny random category (mvtec_fixtures): 6 training and 7 test images, an
-export batch of 4 (so the last batch is padded).
+The detectors run on a tiny spade_jax Backbone (a Flax module of average pools and 1x1
+projections, the layout of spade_fake_backbone.py: an export carries a Backbone's
+variables) at 64 x 64 on a tiny random category (mvtec_fixtures): 6 training and 7 test
+images, an export batch of 4 (so the last batch is padded). The end-to-end test
+(export.py on an index file, run.py without spade_jax) uses efficientnet_lite0 with its
+packaged ImageNet weights (no network), as fit.py would.
 
 Tolerance of run.py against predict.py: relative 2e-5 on the image scores (about 170
 float32 ulps) and 2e-5 of the largest map value on the maps. Both compute the same
@@ -31,6 +34,8 @@ import subprocess
 import sys
 import types
 
+import flax.linen as nn
+import jax
 from mvtec_fixtures import write_category
 import numpy as np
 import pytest
@@ -51,6 +56,38 @@ RTOL = 2e-5
 # of their wheels.
 RUNTIME_PACKAGES = ("jax", "jaxlib", "ml_dtypes", "opt_einsum", "scipy", "numpy", "PIL",
                     "safetensors", "flatbuffers")
+
+TINY_CHANNELS = {"layer1": 6, "layer2": 8, "layer3": 10, "layer4": 12}
+
+
+class TinyPyramid(nn.Module):
+  """images [N, H, W, 3] -> {'layer1'..'layer4': [N, H/s, W/s, C] (s = 4, 8, 16, 32),
+  'pool': [N, 12]}: average pools, 1x1 projections and ReLU."""
+
+  @nn.compact
+  def __call__(self, x):
+    out = {}
+    for i, (level, channels) in enumerate(TINY_CHANNELS.items()):
+      s = 4 if i == 0 else 2
+      x = nn.avg_pool(x, (s, s), (s, s))
+      # Full-precision products, as the library asks for its own (matmul.py): the cuda
+      # export test then checks every product of the program.
+      dense = nn.Dense(channels, name=level, precision=jax.lax.Precision.HIGHEST)
+      x = nn.relu(dense(x)) + 0.1 * x.mean(-1, keepdims=True)
+      out[level] = x
+    out["pool"] = x.mean(axis=(1, 2))
+    return out
+
+
+def tiny_backbone() -> spade_jax.Backbone:
+  from spade_jax.features.backbones.backbone import FeatureInfo  # pylint: disable=import-outside-toplevel
+  module = TinyPyramid()
+  variables = module.init(jax.random.PRNGKey(0), np.zeros((1, SIZE, SIZE, 3), np.float32))
+  features = {level: FeatureInfo(c, 4 * 2 ** i)
+              for i, (level, c) in enumerate(TINY_CHANNELS.items())}
+  return spade_jax.Backbone("tiny_pyramid", module, variables,
+                            {**features, "pool": FeatureInfo(12, None)})
+
 
 DETECTORS = {
     "spade": lambda bb: spade_jax.Spade(bb, spade_jax.SpadeConfig(
@@ -92,19 +129,20 @@ def fixture_data(tmp_path_factory):
                                test_dir=root / "data" / "alpha" / "test")
 
 
-@pytest.fixture(name="backbone", scope="module")
-def fixture_backbone():
-  return spade_jax.load_backbone("efficientnet_lite0", weights="imagenet")
-
-
 @pytest.fixture(name="fitted", scope="module")
-def fixture_fitted(data, backbone):
-  """name -> (detector, index), fitted once per detector on first use."""
+def fixture_fitted(data):
+  """name -> (detector, index), fitted once per detector on first use ("lite0-spade":
+  SPADE on efficientnet_lite0, the others on tiny_backbone())."""
   cache = {}
+  tiny = tiny_backbone()
 
   def get(name):
     if name not in cache:
-      detector = DETECTORS[name](backbone)
+      if name.startswith("lite0-"):
+        backbone = spade_jax.load_backbone("efficientnet_lite0", weights="imagenet")
+        detector = DETECTORS[name.removeprefix("lite0-")](backbone)
+      else:
+        detector = DETECTORS[name](tiny)
       cache[name] = detector, detector.fit(data.train)
     return cache[name]
 
@@ -225,8 +263,8 @@ def run_isolated(site: pathlib.Path, *args: str, cwd: pathlib.Path
 def test_run_py_runs_without_spade_jax(fitted, scored, data, tmp_path):
   """export.py (the command) on a saved index with a threshold, then run.py where
   spade_jax cannot be imported: predict.py's scores; a tampered file is refused."""
-  detector, index = fitted("spade")
-  threshold = between_scores(scored("spade")[1], detector.config)
+  detector, index = fitted("lite0-spade")
+  threshold = between_scores(scored("lite0-spade")[1], detector.config)
   index_path = tmp_path / "alpha.spade"
   spade_jax.save_index(index_path, index, threshold=threshold, settings={
       "method": "spade", "backbone": "efficientnet_lite0", "k_images": 3,
