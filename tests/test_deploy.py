@@ -451,3 +451,17 @@ def test_runner_imports_no_spade_jax():
                if isinstance(node, ast.ImportFrom) and node.module}
   third_party = imported - set(sys.stdlib_module_names) - {"__future__"}
   assert third_party == {"jax", "numpy", "PIL", "safetensors"}
+
+
+def test_xla_only_is_scoped():
+  # Inside: no kernel, even for a search traced before (jax's caches are cleared);
+  # after: the library's CPU lowerings call the kernel again.
+  if not cpu_kernel.available():
+    pytest.skip(f"CPU kernel unavailable: {cpu_kernel.unavailable_reason()}")
+  args = (np.zeros((7, 16), np.float32), np.zeros((40, 16), np.float32))
+  lowered = lambda: jax.jit(lambda q, g: spade_jax.knn(q, g, 2, "l2")).lower(*args).as_text()
+  assert cpu_kernel.TARGET in lowered()
+  with cpu_kernel.xla_only():
+    assert not cpu_kernel.available() and "xla_only" in cpu_kernel.unavailable_reason()
+    assert cpu_kernel.TARGET not in lowered()
+  assert cpu_kernel.available() and cpu_kernel.TARGET in lowered()
