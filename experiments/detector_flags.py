@@ -33,6 +33,7 @@ from spade_jax.detector import (
 )
 from spade_jax.detector.patchcore import IMAGE_SCORES
 from spade_jax.evaluation.config import METHODS, check_padim_scoring, check_patchcore_scoring
+from spade_jax.features import geometry
 from spade_jax.features.backbones import BACKBONES
 from spade_jax.features.patches import REDUCTIONS
 from spade_jax.scoring.aggregate import AGGREGATES
@@ -59,7 +60,8 @@ class DetectorFlags:
   bandwidth: flags.FlagHolder[float]
   sigma: flags.FlagHolder[float]
   resize: flags.FlagHolder[int]
-  crop: flags.FlagHolder[int]
+  crop: flags.FlagHolder[str]
+  image_size: flags.FlagHolder[str | None]
   batch_size: flags.FlagHolder[int]
   coreset_ratio: flags.FlagHolder[float]
   patch_size: flags.FlagHolder[int]
@@ -87,7 +89,8 @@ class DetectorFlags:
         "kappa": self.kappa.value, "layers": tuple(layers),
         "combine": self.combine.value, "sigma": self.sigma.value, "metric": self.metric.value,
         "aggregate": self.aggregate.value, "bandwidth": self.bandwidth.value,
-        "resize": self.resize.value, "crop": self.crop.value,
+        "resize": self.resize.value, "crop": geometry.parse_crop(self.crop.value),
+        "image_size": geometry.parse_image_size(self.image_size.value or ""),
         "coreset_ratio": self.coreset_ratio.value, "patch_size": self.patch_size.value,
         "reweight": self.reweight.value, "image_score": self.image_score.value,
         "topk": self.topk.value, "reduction": self.reduction.value,
@@ -99,9 +102,24 @@ class DetectorFlags:
     return {f.name for f in dataclasses.fields(self) if getattr(self, f.name).present}
 
 
-def define_detector_flags() -> DetectorFlags:
-  """Defines the detector's flags (once per script); returns their holders."""
-  return DetectorFlags(
+def _valid(parse, flag: str):
+  """An absl flag validator from a parser that raises ValueError (its message shown)."""
+  def check(value) -> bool:
+    try:
+      parse(value, flag)
+    except ValueError as e:
+      raise flags.ValidationError(str(e)) from None
+    return True
+  return check
+
+
+def define_detector_flags(crop_default: str = str(_DEFAULT.crop)) -> DetectorFlags:
+  """Defines the detector's flags (once per script); returns their holders.
+
+  crop_default: --crop's default: "224" (evaluate.py: the MVTec protocol) or "none"
+  (fit.py, predict.py: the whole image).
+  """
+  holders = DetectorFlags(
       method=flags.DEFINE_enum(
           "method", "spade", list(METHODS),
           "Detector: spade (SPADE, Cohen & Hoshen 2020), patchcore (PatchCore, Roth et "
@@ -141,9 +159,16 @@ def define_detector_flags() -> DetectorFlags:
           "training images, fitted with the index."),
       sigma=flags.DEFINE_float("sigma", _DEFAULT.sigma,
                                "Gaussian smoothing of the anomaly maps."),
-      resize=flags.DEFINE_integer("resize", _DEFAULT.resize,
-                                  "Shorter side is resized to this."),
-      crop=flags.DEFINE_integer("crop", _DEFAULT.crop, "Centre crop size."),
+      resize=flags.DEFINE_integer(
+          "resize", _DEFAULT.resize, "Shorter side is resized to this (aspect kept; with "
+          "--crop=none and no --image_size, the first training image's aspect sets the "
+          "longer side, and every image is resized to that one size)."),
+      crop=flags.DEFINE_string(
+          "crop", crop_default, "Centre crop size (the MVTec protocol: 224 after --resize=256"
+          "), or 'none': the whole image is inspected, resized without cropping."),
+      image_size=flags.DEFINE_string(
+          "image_size", None, "With --crop=none: H,W, the size every image is resized to "
+          "(instead of --resize and the first training image's aspect)."),
       batch_size=flags.DEFINE_integer("batch_size", 8, "Images per backbone call."),
       coreset_ratio=flags.DEFINE_float(
           "coreset_ratio", _PATCHCORE.coreset_ratio, "patchcore: fraction of the training "
@@ -186,6 +211,11 @@ def define_detector_flags() -> DetectorFlags:
           "epsilon", _PADIM.epsilon, "padim, --regularization=paper: the epsilon added "
           "to each covariance's diagonal (> 0)."),
   )
+  flags.register_validator("crop", _valid(geometry.parse_crop, "--crop"))
+  flags.register_validator("image_size",
+                           _valid(lambda v, f: geometry.parse_image_size(v or "", f),
+                                  "--image_size"))
+  return holders
 
 
 # Flags that not every method reads, by the methods that read them (the flags listed
@@ -230,7 +260,7 @@ def spade_config(settings: dict[str, Any], batch_size: int) -> SpadeConfig:
   if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
     raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
   keys = ("k_images", "k_image_score", "kappa", "layers", "combine", "sigma", "metric",
-          "aggregate", "bandwidth", "resize", "crop")
+          "aggregate", "bandwidth", "resize", "crop", "image_size")
   return SpadeConfig(**{k: settings[k] for k in keys}, batch_size=batch_size)
 
 
@@ -241,7 +271,7 @@ def patchcore_config(settings: dict[str, Any], batch_size: int) -> PatchCoreConf
   check_patchcore_scoring(settings["metric"], settings.get("aggregate", "mean"),
                           settings.get("bandwidth"))
   keys = ("layers", "patch_size", "coreset_ratio", "reweight", "metric", "sigma", "resize",
-          "crop")
+          "crop", "image_size")
   # An index's own feature settings and a threshold's scoring settings (predict.py:
   # settings_from_index) that no flag sets, and flags that settings from before them lack.
   fixed = {k: settings[k] for k in ("embed_dim", "reduction", "reduction_seed", "k_nearest",
@@ -257,7 +287,7 @@ def padim_config(settings: dict[str, Any], batch_size: int) -> PadimConfig:
   check_padim_scoring(settings.get("metric", _DEFAULT.metric),
                       settings.get("aggregate", "mean"), settings.get("bandwidth"))
   keys = ("layers", "num_features", "feature_seed", "regularization", "epsilon", "sigma",
-          "resize", "crop")
+          "resize", "crop", "image_size")
   return PadimConfig(**{k: settings[k] for k in keys}, batch_size=batch_size)
 
 
@@ -331,6 +361,8 @@ def settings_from_index(settings: dict[str, Any], given: set[str], contents,
     out["metric"] = contents.index.fitted_metric
   fixed = dict(json.loads(contents.index.feature_config))
   fixed["layers"] = tuple(fixed["layers"])
+  # A whole-image index fixes its input size, a cropped one has none.
+  fixed["image_size"] = _tuple_if_list(fixed.get("image_size"))
   fixed["method"] = "spade" if is_spade else "patchcore"
   if isinstance(contents.index, PadimIndex):  # Its statistics' fit settings too.
     fixed.update(method="padim", **contents.index.fit_settings())

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from spade_jax.detector import common
 from spade_jax.detector.padim import Padim
 from spade_jax.evaluation import config as config_lib
 from spade_jax.evaluation import results as results_lib
@@ -71,14 +72,16 @@ def _finish(result: dict[str, Any], start: float, stages: dict[str, float]) -> d
 def _write_heatmaps(heatmap_dir: pathlib.Path | None, num_heatmaps: int,
                     images_of: Callable[[list[int]], np.ndarray], labels: np.ndarray,
                     defects: Sequence[str], paths: Sequence[str], masks: np.ndarray,
-                    maps: np.ndarray, *, resize: int, crop: int) -> None:
+                    maps: np.ndarray, *, resize: int, crop: int | None,
+                    image_size: tuple[int, int] | None = None) -> None:
   """A few heatmap PNGs; images_of(indices) -> those test images [n, H, W, 3] uint8."""
   from spade_jax.evaluation import heatmaps  # pylint: disable=import-outside-toplevel
   if heatmap_dir is None or num_heatmaps <= 0:
     return
   heatmap_dir.mkdir(parents=True, exist_ok=True)
   picks = _heatmap_indices(labels, defects, num_heatmaps)
-  views = heatmaps.model_view(images_of(picks), resize=resize, crop=crop)
+  views = heatmaps.model_view(images_of(picks), resize=resize, crop=crop,
+                              image_size=image_size)
   vmax = float(np.max(maps))
   vmin = float(np.min(maps))
   for view, i in zip(views, picks):
@@ -98,7 +101,9 @@ def evaluate_category(spade, category_data, *, crop: int, resize: int,
   from spade_jax.features.preprocessing import preprocess_masks  # pylint: disable=import-outside-toplevel
   start = time.perf_counter()
   data = category_data
-  masks = preprocess_masks(data.test_masks, resize=resize, crop=crop)
+  spade = common.with_whole_image_size(spade, *np.shape(data.train_images[0])[:2])
+  image_size = spade.config.image_size
+  masks = preprocess_masks(data.test_masks, resize=resize, crop=crop, image_size=image_size)
   config_lib.check_masks(data.category, masks)  # Before the expensive part.
   with progress.record_stages() as stages:
     log(f"  fit on {len(data.train_images)} normal images")
@@ -109,7 +114,8 @@ def evaluate_category(spade, category_data, *, crop: int, resize: int,
     labels = np.asarray(data.test_labels)
     result = _category_result(scores, maps, masks, labels, len(data.train_images))
   _write_heatmaps(heatmap_dir, num_heatmaps, lambda picks: data.test_images[picks], labels,
-                  data.test_defects, data.test_paths, masks, maps, resize=resize, crop=crop)
+                  data.test_defects, data.test_paths, masks, maps, resize=resize, crop=crop,
+                  image_size=image_size)
   return _finish(result, start, stages)
 
 
@@ -137,6 +143,9 @@ def evaluate_category_multiprocess(spade, data_dir: pathlib.Path, name: str, mes
     log(f"  fit on {len(files.train)} normal images ({len(train_files)} read here)")
     train = mvtec.stack_split([mvtec.read_rgb(f) for f in train_files],
                               [files.relative(f) for f in train_files], f"{name} train")
+    # Every process reads its own first image: the category's images share one size.
+    spade = common.with_whole_image_size(spade, *train.shape[1:3])
+    image_size = spade.config.image_size
     features = spade.extract(train)
     if _fits_on_all_images(spade):  # Every process fits on all the training embeddings.
       index = spade.fit_features(distributed.gather_shares(features, len(files.train)),
@@ -152,8 +161,8 @@ def evaluate_category_multiprocess(spade, data_dir: pathlib.Path, name: str, mes
     n_test = len(files.test)
     features = jax.tree.map(lambda v: distributed.gather_shares(v, n_test),
                             spade.extract(test))
-    masks = distributed.gather_shares(preprocess_masks(local_masks, resize=resize, crop=crop),
-                                      n_test)
+    masks = distributed.gather_shares(preprocess_masks(local_masks, resize=resize, crop=crop,
+                                                       image_size=image_size), n_test)
     config_lib.check_masks(name, masks)
     scores, maps = spade.score_features(index, *_feature_args(features))
     labels = np.array([int(t.defect != mvtec.GOOD) for t in files.test], np.int32)
@@ -164,7 +173,7 @@ def evaluate_category_multiprocess(spade, data_dir: pathlib.Path, name: str, mes
         heatmap_dir, num_heatmaps,
         lambda picks: np.stack([mvtec.read_test_example(files.test[i])[0] for i in picks]),
         labels, [t.defect for t in files.test], all_paths, masks, maps, resize=resize,
-        crop=crop)
+        crop=crop, image_size=image_size)
   return _finish(result, start, stages)
 
 
