@@ -404,7 +404,7 @@ def _tuple_if_list(value: Any) -> Any:
 
 def _flag_text(value: Any) -> str:
   """A setting as it is written on the command line (lists comma-separated)."""
-  return ",".join(value) if isinstance(value, (list, tuple)) else str(value)
+  return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
 def define_compilation_cache_flag() -> flags.FlagHolder[str]:
