@@ -30,6 +30,7 @@ from spade_jax.detector import (
   PatchCoreConfig,
   SpadeConfig,
   SpadeIndex,
+  tiling,
 )
 from spade_jax.detector.patchcore import IMAGE_SCORES
 from spade_jax.evaluation.config import METHODS, check_padim_scoring, check_patchcore_scoring
@@ -73,6 +74,9 @@ class DetectorFlags:
   feature_seed: flags.FlagHolder[int]
   regularization: flags.FlagHolder[str]
   epsilon: flags.FlagHolder[float]
+  tile_size: flags.FlagHolder[int | None]
+  tile_overlap: flags.FlagHolder[int]
+  tile_merge: flags.FlagHolder[str]
 
   def settings(self) -> dict[str, Any]:
     """The detector settings as keyword arguments of evaluation.EvalConfig (weights
@@ -99,7 +103,47 @@ class DetectorFlags:
 
   def given(self) -> set[str]:
     """Names of the detector flags set on the command line (not left at their default)."""
-    return {f.name for f in dataclasses.fields(self) if getattr(self, f.name).present}
+    return {f.name for f in dataclasses.fields(self) if getattr(self, f.name).present
+            and f.name not in TILE_FLAGS}
+
+  def tiles(self, contents=None, where: str = "") -> tiling.TileConfig | None:
+    """The tiling the flags ask for (None: no --tile_size), or with `contents` (an index
+    file, predict.py) the one its fit recorded: --tile_size is the index's (a given one
+    that differs is an error), --tile_overlap and --tile_merge the flags' when given.
+
+    Raises:
+      ValueError: a bad tile flag, --tile_size with --crop or --image_size, or one that
+        contradicts the index; names the flag.
+    """
+    present = {n for n in TILE_FLAGS if getattr(self, n).present}
+    recorded = {} if contents is None else (contents.settings or {})
+    size = self.tile_size.value
+    if contents is not None:
+      fitted = recorded.get("tile_size")
+      if "tile_size" in present and size != fitted:
+        raise ValueError(
+            f"--tile_size={size} does not match the index {where}, which was fitted "
+            f"{'without tiles' if fitted is None else f'on tiles of {fitted}'}; drop "
+            f"--tile_size (predict.py takes it from the index) or refit with fit.py "
+            f"--tile_size={size}")
+      size = fitted
+    if size is None:
+      extra = sorted(present - {"tile_size"})
+      if extra:
+        raise ValueError(f"--{extra[0]} needs --tile_size (tiling is off)")
+      return None
+    cropped = self.crop.present and geometry.parse_crop(self.crop.value) is not None
+    if contents is None and (cropped or self.image_size.present):
+      raise ValueError("--tile_size cuts the images into tiles at their native resolution; "
+                       "it excludes --crop and --image_size (drop them)")
+    overlap = (self.tile_overlap.value if "tile_overlap" in present or contents is None
+               else recorded.get("tile_overlap", 0))
+    merge = (self.tile_merge.value if "tile_merge" in present or contents is None
+             else recorded.get("tile_merge", "mean"))
+    try:
+      return tiling.TileConfig(size, overlap, merge)
+    except ValueError as e:
+      raise ValueError(f"--{e}") from None
 
 
 def _valid(parse, flag: str):
@@ -210,6 +254,16 @@ def define_detector_flags(crop_default: str = str(_DEFAULT.crop)) -> DetectorFla
       epsilon=flags.DEFINE_float(
           "epsilon", _PADIM.epsilon, "padim, --regularization=paper: the epsilon added "
           "to each covariance's diagonal (> 0)."),
+      tile_size=flags.DEFINE_integer(
+          "tile_size", None, "fit.py, predict.py: cut every image into T x T tiles at its "
+          "native resolution (no resize), fit / score each tile, stitch the maps; the "
+          "image score is the max over its tiles. For large images with small defects."),
+      tile_overlap=flags.DEFINE_integer(
+          "tile_overlap", 0, "With --tile_size: pixels neighbouring tiles share "
+          "(0 <= O < T)."),
+      tile_merge=flags.DEFINE_enum(
+          "tile_merge", "mean", list(tiling.MERGES), "With --tile_size: how overlapping "
+          "tile maps combine: mean (feathered across the overlap) or max."),
   )
   flags.register_validator("crop", _valid(geometry.parse_crop, "--crop"))
   flags.register_validator("image_size",
@@ -217,6 +271,9 @@ def define_detector_flags(crop_default: str = str(_DEFAULT.crop)) -> DetectorFla
                                   "--image_size"))
   return holders
 
+
+# Tiling's flags: not detector settings (DetectorFlags.tiles; recorded by fit.py).
+TILE_FLAGS = ("tile_size", "tile_overlap", "tile_merge")
 
 # Flags that not every method reads, by the methods that read them (the flags listed
 # nowhere are every method's): giving one with a method that does not list it is an

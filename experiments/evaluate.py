@@ -85,6 +85,9 @@ def main(argv: Sequence[str]) -> None:
     # Settings first: a bad flag fails at once, before JAX, data or output are touched.
     detector_flags.check_method_flags(_DETECTOR.method.value, _DETECTOR.given())
     evaluation.EvalConfig(data_dir=_DATA_DIR.value or "", **settings)
+    if _DETECTOR.tiles() is not None:
+      raise ValueError("--tile_size: evaluate.py does not tile yet; use fit.py and "
+                       "predict.py (or spade_jax.detector.tiling from Python)")
     benchmark = _BENCHMARK.value or "builtin"
     if _BENCHMARK.value is not None and _DATA_DIR.value is not None:
       raise ValueError("--benchmark and --data_dir exclude each other (--benchmark picks "

@@ -9,6 +9,10 @@ cropped, to one input size: --image_size=H,W, or the first image's size with its
 shorter side at --resize (aspect kept). Images of another aspect ratio are stretched to
 it (a warning says how many). --crop=224 gives the MVTec protocol's centre crop.
 
+--tile_size=T (--tile_overlap=O, --tile_merge) fits on T x T tiles of every image at
+its native resolution instead (large images, small defects; the last tiles flush with
+the image's edges); the index records it and predict.py tiles the same way.
+
 Every image under --train_dir is read, at any depth (png, jpg/jpeg, bmp, tif/tiff,
 webp, any case; names starting with '.' are skipped). A file that is not a readable
 image is reported (a warning naming it and why) and left out. The index
@@ -81,6 +85,7 @@ def main(argv: Sequence[str]) -> None:
     detector_flags.check_method_flags(_DETECTOR.method.value, _DETECTOR.given())
     detector_flags.detector_config(_DETECTOR.method.value, settings,
                                    _DETECTOR.batch_size.value)
+    tiles = _DETECTOR.tiles()
     if _CALIBRATE.value:
       calibration.check_calibration_args(2, _QUANTILE.value, _FOLDS.value, 0)
     folders.check_index_path(_INDEX.value)
@@ -92,7 +97,7 @@ def main(argv: Sequence[str]) -> None:
                                          _DETECTOR.batch_size.value)
     report = folders.fit_folder(
         spade, _TRAIN_DIR.value, _INDEX.value, calibrate=_CALIBRATE.value,
-        quantile=_QUANTILE.value, folds=_FOLDS.value, log=logging.info,
+        quantile=_QUANTILE.value, folds=_FOLDS.value, log=logging.info, tiles=tiles,
         settings=detector_flags.recorded_settings(_DETECTOR.method.value, settings))
   except (ValueError, OSError) as e:  # Bad input: a message, not a traceback.
     sys.exit(f"fit.py: error: {e}")

@@ -28,6 +28,10 @@ Every pixel is inspected: the images are resized to the index's input size witho
 cropping (fit.py's default --crop=none; an index fitted with --crop=224 crops), and the
 maps are brought back to each image's own size.
 
+An index fitted on tiles (fit.py --tile_size) scores every image tile by tile, at its
+native resolution, with the index's --tile_size (and --tile_overlap, --tile_merge
+unless given); the maps are stitched and the image score is the max over its tiles.
+
 Settings come from the index: the backbone and the feature settings (--layers,
 --resize, --crop, --image_size; a PaDiM index's --num_features, --feature_seed, --regularization and
 --epsilon) always (a flag given that disagrees is an error), and a calibrated
@@ -85,13 +89,14 @@ def main(argv: Sequence[str]) -> None:
     settings = detector_flags.settings_from_index(
         _DETECTOR.settings(), _DETECTOR.given(), contents, _INDEX.value)
     detector_flags.detector_config(settings["method"], settings, _DETECTOR.batch_size.value)
+    tiles = _DETECTOR.tiles(contents, _INDEX.value)
     predictions.check_output_dir(_OUTPUT_DIR.value)
     spade = detector_flags.make_detector(settings["method"], settings,
                                          _DETECTOR.batch_size.value)
     report = folders.predict_folder(
         spade, index, _IMAGES.value, _OUTPUT_DIR.value, threshold=threshold,
         write_heatmaps=_HEATMAPS.value, num_summary=_NUM_SUMMARY.value,
-        save_maps=_SAVE_MAPS.value, log=logging.info)
+        save_maps=_SAVE_MAPS.value, tiles=tiles, log=logging.info)
   except (ValueError, OSError) as e:  # Bad input: a message, not a traceback.
     sys.exit(f"predict.py: error: {e}")
   show = predictions.display_name  # Names escaped: one line each, any bytes.

@@ -105,3 +105,40 @@ def test_bad_geometry_flags_are_flag_errors(ws, flag, needle):
                     f"--index={ws.root / 'never.spade'}", flag)
   assert proc.returncode != 0 and "Traceback" not in proc.stderr
   assert needle in proc.stderr, proc.stderr[-2000:]
+
+
+def test_tiled_fit_and_predict(ws):
+  """fit.py --tile_size: the index records the tiles, predict.py tiles the same way; maps
+  stitched at each image's size, the corner defect on top."""
+  index = ws.root / "tiled.spade"
+  fit = run_script("fit.py", f"--train_dir={ws.root / 'train'}", f"--index={index}",
+                   *SETTINGS, "--tile_size=64", "--tile_overlap=16")
+  assert fit.returncode == 0, fit.stderr[-3000:]
+  assert "images at 64x64" in fit.stdout  # Tiles, at their native resolution.
+  out = ws.root / "tiled_out"
+  predict = run_script("predict.py", f"--index={index}", f"--images={ws.root / 'test'}",
+                       f"--output_dir={out}", "--save_maps", "--num_summary=2")
+  assert predict.returncode == 0, predict.stderr[-3000:]
+  _, rows = read_scores(out / "scores.csv")
+  scores = {path: float(score) for path, score in rows}
+  assert scores["defect/b.png"] > max(scores["good/a.png"], scores["other/c.png"])
+  anomaly_map = np.load(out / "maps" / "defect" / "b.png.npy")
+  assert anomaly_map.shape == PHOTO
+  y, x = np.unravel_index(np.argmax(anomaly_map), anomaly_map.shape)
+  top, left, bottom, right = BOX
+  assert top <= y < bottom + 8 and left - 8 <= x < right, (y, x)
+  proc = run_script("predict.py", f"--index={index}", f"--images={ws.root / 'test'}",
+                    f"--output_dir={ws.root / 'refused'}", "--tile_size=32")
+  assert_clean_error(proc, "predict.py", "--tile_size=32 does not match the index",
+                     "on tiles of 64")
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (("--tile_size=200",), "tile_size=200 is larger than the image (96x128)"),
+    (("--tile_size=64", "--tile_overlap=64"), "tile_overlap=64 must be smaller than"),
+    (("--tile_size=64", "--crop=56"), "it excludes --crop and --image_size"),
+])
+def test_bad_tile_flags_are_clear_errors(ws, flags, needle):
+  proc = run_script("fit.py", f"--train_dir={ws.root / 'train'}",
+                    f"--index={ws.root / 'never.spade'}", *SETTINGS, *flags)
+  assert_clean_error(proc, "fit.py", needle)

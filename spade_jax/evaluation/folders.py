@@ -30,6 +30,7 @@ import dataclasses
 import datetime
 import os
 import pathlib
+import shutil
 import tempfile
 import time
 from typing import Any
@@ -40,7 +41,7 @@ import numpy as np
 import PIL.Image
 
 from spade_jax.data import folder
-from spade_jax.detector import calibration, common, index_file
+from spade_jax.detector import calibration, common, index_file, tiling
 from spade_jax.detector import padim as padim_lib
 from spade_jax.detector import patchcore as patchcore_lib
 from spade_jax.detector import spade as spade_lib
@@ -60,7 +61,7 @@ class FitReport:
 
   Attributes:
     index_path: the index file written.
-    num_images: training images in the index.
+    num_images: training images in the index (tiles, with tiling).
     skipped: files left out (not readable images).
     threshold: the calibrated threshold stored with the index, or None.
     held_out_scores: [num_images] the calibration's held-out scores, or None.
@@ -169,6 +170,7 @@ def check_index_path(path: str | os.PathLike[str]) -> pathlib.Path:
 def fit_folder(spade, train_dir: str | os.PathLike[str], index_path: str | os.PathLike[str],
                *, calibrate: bool = False, quantile: float = 0.99, folds: int | None = None,
                settings: dict[str, Any] | None = None,
+               tiles: tiling.TileConfig | None = None,
                log: Callable[[str], None] = logging.info) -> FitReport:
   """Fits `spade` on every image under `train_dir` and writes the index (save_index).
 
@@ -187,6 +189,8 @@ def fit_folder(spade, train_dir: str | os.PathLike[str], index_path: str | os.Pa
     quantile, folds: of the calibration (folds None: SPADE leave-one-out, PatchCore
       calibration.PATCHCORE_FOLDS folds, PaDiM calibration.PADIM_FOLDS).
     settings: recorded in the index (save_index's `settings`), e.g. fit.py's flags.
+    tiles: fit on the images' tiles at their native resolution (detector.tiling; every
+      tile counts as a training image); recorded in the index's settings.
     log: progress lines.
 
   Raises:
@@ -196,7 +200,14 @@ def fit_folder(spade, train_dir: str | os.PathLike[str], index_path: str | os.Pa
   start = time.perf_counter()
   index_path = check_index_path(index_path)
   files = _image_files(train_dir, "training images")
-  _check_k(spade, len(files), f"training folder {str(train_dir)!r}")
+  if tiles is not None:
+    if calibrate:
+      raise ValueError("calibrating a threshold on tiles is not supported yet: drop "
+                       "--calibrate or --tile_size")
+    spade = tiling.tiled_detector(spade, tiles)  # Every tile one input of T x T.
+    settings = {**(settings or {}), **tiles.settings()}
+  else:  # (Tiles are more than the images: counted after reading.)
+    _check_k(spade, len(files), f"training folder {str(train_dir)!r}")
   is_spade = isinstance(spade, Spade)
   _check_learned(spade, len(files), f"training folder {str(train_dir)!r}")
   if calibrate:  # Checked before any work; again below if files are skipped.
@@ -211,9 +222,13 @@ def fit_folder(spade, train_dir: str | os.PathLike[str], index_path: str | os.Pa
   for images, _ in folder.read_chunks(files, chunk, _warn_skip(skipped)):
     if not count:  # Whole images: one input size, the first image's unless given.
       spade = common.with_whole_image_size(spade, *images[0].shape[:2])
-      if spade.config.crop is None:
-        h, w = spade.config.input_size
+      h, w = spade.config.input_size
+      if tiles is not None:
+        log(f"fit: tiles of {h}x{w} at the images' native resolution")
+      elif spade.config.crop is None:
         log(f"fit: whole images, resized to {h}x{w} (image_size)")
+    if tiles is not None:
+      images = tiling.Tiled(spade, tiles).training_tiles(images)
     with progress.quiet():
       chunks.append(spade.extract(images))
     count += len(images)
@@ -265,25 +280,28 @@ def _warn_stretched(count: int, total: int, config: Any, what: str) -> None:
                     total, h, w)
 
 
-def _summary_panel(path: pathlib.Path, input_map: np.ndarray, config: Any
+def _summary_panel(path: pathlib.Path, full_map: np.ndarray, fill: float
                    ) -> tuple[np.ndarray, np.ndarray]:
-  """(image, map) of one summary row: the image at its own size, its shorter side at
-  most _SUMMARY_SIDE pixels (large photos shrunk), and its map at that size."""
+  """(image, map) of one summary row: the image and its map (at the image's size, NaN
+  outside a crop: `fill`), their shorter side at most _SUMMARY_SIDE pixels (large
+  photos shrunk)."""
   image = folder.read_image(path)
+  full_map = np.nan_to_num(full_map, nan=fill)
   h, w = image.shape[:2]
   scale = min(1.0, _SUMMARY_SIDE / min(h, w))
   if scale < 1:
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     image = np.asarray(PIL.Image.fromarray(image).resize(size, PIL.Image.BILINEAR))
-    h, w = image.shape[:2]
-  full = geometry.to_original(input_map, h, w, resize=config.resize, crop=config.crop)
-  return image, np.nan_to_num(full, nan=float(np.min(input_map)))
+    full_map = np.asarray(PIL.Image.fromarray(full_map.astype(np.float32), "F").resize(
+        size, PIL.Image.BILINEAR))
+  return image, full_map
 
 
 def predict_folder(spade, index, images_dir: str | os.PathLike[str],
                    output_dir: str | os.PathLike[str], *,
                    threshold: calibration.Threshold | None = None, write_heatmaps: bool = True,
                    num_summary: int = 8, save_maps: bool = False,
+                   tiles: tiling.TileConfig | None = None,
                    log: Callable[[str], None] = logging.info) -> PredictReport:
   """Scores every image under `images_dir` with `index`; writes predictions.py's files.
 
@@ -301,6 +319,8 @@ def predict_folder(spade, index, images_dir: str | os.PathLike[str],
     num_summary: images in summary.png (0: no summary).
     save_maps: also write maps/<path>.npy per image: float32 [H, W] at the image's own
       size (predictions.write_map; NaN outside a crop's region).
+    tiles: score each image tile by tile at its native resolution (detector.tiling;
+      an index fitted with the same tile_size); image score = max over its tiles.
     log: progress lines.
 
   The maps of the heatmaps, of maps/ and of the summary are at each image's own size
@@ -313,6 +333,8 @@ def predict_folder(spade, index, images_dir: str | os.PathLike[str],
   start = time.perf_counter()
   if isinstance(num_summary, bool) or not isinstance(num_summary, int) or num_summary < 0:
     raise ValueError(f"num_summary must be an int >= 0, got {num_summary!r}")
+  if tiles is not None:
+    spade = tiling.tiled_detector(spade, tiles)  # Every tile one input of T x T.
   cfg = spade.config
   if threshold is not None:  # Before any work: a threshold applied under other settings.
     threshold.check(cfg, "predict")
@@ -346,17 +368,31 @@ def predict_folder(spade, index, images_dir: str | os.PathLike[str],
   with predictions.start_run(output_dir) as run:
     # Maps at the input size wait in a memory-mapped file; each image's own size is
     # restored when its outputs are written (the images are read again then).
-    maps = np.memmap(run.stage / ".input-maps", np.float32, "w+",
-                     shape=(len(files), *cfg.input_size))
-    sizes, stretched = [], 0
+    # With tiles, each image's stitched map (at its own size) waits in a .npy file.
+    maps = None if tiles is not None else np.memmap(
+        run.stage / ".input-maps", np.float32, "w+", shape=(len(files), *cfg.input_size))
+    tiled = None if tiles is None else tiling.Tiled(spade, tiles)
+    tile_maps = run.stage / ".tile-maps"
+    sizes, stretched, low, high = [], 0, np.inf, -np.inf
     for images, read in folder.read_chunks(files, _CHUNK_BATCHES * cfg.batch_size,
                                            _warn_skip(skipped)):
-      with progress.quiet():
-        chunk_scores, chunk_maps = spade.score(index, images)
-      rows = slice(len(paths), len(paths) + len(read))
-      maps[rows] = chunk_maps
+      if tiled is None:
+        with progress.quiet():
+          chunk_scores, chunk_maps = spade.score(index, images)
+        maps[len(paths):len(paths) + len(read)] = chunk_maps
+        low, high = min(low, chunk_maps.min()), max(high, chunk_maps.max())
+        stretched += _count_stretched(images, cfg)
+      else:
+        chunk_scores = []
+        for i, image in enumerate(images):
+          with progress.quiet():
+            score, full = tiled.score_image(index, image)
+          tile_maps.mkdir(exist_ok=True)
+          np.save(tile_maps / f"{len(paths) + i}.npy", full)
+          chunk_scores.append(score)
+          low, high = min(low, full.min()), max(high, full.max())
+        chunk_scores = np.asarray(chunk_scores, np.float32)
       sizes += [image.shape[:2] for image in images]
-      stretched += _count_stretched(images, cfg)
       paths += [f.relative for f in read]
       scores.append(chunk_scores)
       report.update(len(paths) + len(skipped) - unsupported)
@@ -370,12 +406,18 @@ def predict_folder(spade, index, images_dir: str | os.PathLike[str],
     predictions.write_scores(run.stage, paths, scores, cut)
     predictions.write_skipped(run.stage, [(s.relative, s.reason) for s in skipped])
     n = len(paths)
-    vmin, vmax = float(np.min(maps[:n])), float(np.max(maps[:n]))
+    vmin, vmax = float(low), float(high)
     by_path = {f.relative: f.path for f in files}
+
+    def full_map(i: int) -> np.ndarray:  # Image i's map at its own size.
+      if tiled is not None:
+        return np.load(tile_maps / f"{i}.npy")
+      return geometry.to_original(maps[i], *sizes[i], resize=cfg.resize, crop=cfg.crop)
+
     if write_heatmaps or save_maps:
       for i, path in enumerate(paths):
         image = folder.read_image(by_path[path]) if write_heatmaps else None
-        full = geometry.to_original(maps[i], *sizes[i], resize=cfg.resize, crop=cfg.crop)
+        full = full_map(i)
         if save_maps:
           predictions.write_map(run.stage, path, full)
         if write_heatmaps:
@@ -385,11 +427,12 @@ def predict_folder(spade, index, images_dir: str | os.PathLike[str],
     if num_summary:
       top = np.argsort(-scores, kind="stable")[:num_summary]
       captions = predictions.summary_captions([paths[i] for i in top], scores[top], cut)
-      panels = [_summary_panel(by_path[paths[i]], maps[i], cfg) for i in top]
+      panels = [_summary_panel(by_path[paths[i]], full_map(i), vmin) for i in top]
       figure = predictions.render_summary([v for v, _ in panels], [m for _, m in panels],
                                           captions, vmin=vmin, vmax=vmax)
       heatmaps.save_png(run.stage / predictions.SUMMARY_FILE, figure)
-    del maps  # Close the memory map before its folder goes.
+    maps = None  # Close the memory map before its folder goes.
+    shutil.rmtree(tile_maps, ignore_errors=True)
     run.commit(_run_record(spade, images_dir, n, len(skipped), cut))
   return PredictReport(paths, scores, skipped, run.out / predictions.SCORES_FILE,
                        run.out / predictions.SUMMARY_FILE if num_summary else None, vmin,
