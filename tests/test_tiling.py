@@ -39,7 +39,7 @@ def test_tile_grid_covers_every_pixel_once_or_more():
 def test_stitch_against_brute_force():
   rng = np.random.default_rng(0)
   h, w = 50, 70
-  boxes = tiling.tile_boxes(h, w, tiling.TileConfig(16, 5))
+  boxes = [(y, x) for y in tiling.tile_grid(h, 16, 5) for x in tiling.tile_grid(w, 16, 5)]
   maps = [rng.random((16, 16)).astype(np.float32) for _ in boxes]
   values = [[[] for _ in range(w)] for _ in range(h)]
   for m, (y, x) in zip(maps, boxes):
@@ -62,6 +62,8 @@ def test_bad_tile_settings_are_clear_errors():
     tiling.TileConfig(128, 128)
   with pytest.raises(ValueError, match="tile_size must be a positive int"):
     tiling.TileConfig(0)
+  with pytest.raises(ValueError, match="tile_size=16 is smaller than the backbones' minimum"):
+    tiling.TileConfig(16)
   with pytest.raises(ValueError, match="tile merge must be one of"):
     tiling.TileConfig(64, merge="median")
   with pytest.raises(ValueError, match=r"tile_size=128 is larger than the image \(100x400\)"):

@@ -13,8 +13,9 @@ import pytest
 from spade_fake_backbone import FakeBackbone
 
 import spade_jax
+from spade_jax import evaluation
 from spade_jax.data import mvtec
-from spade_jax.detector import common
+from spade_jax.detector import common, tiling
 from spade_jax.evaluation import loop
 from spade_jax.features import geometry, preprocessing
 
@@ -109,7 +110,8 @@ def test_crop_none_needs_an_image_size():
   for bad, needle in [({"image_size": (64, 0)}, "image_size must be two positive ints"),
                       ({"crop": 224, "image_size": (64, 96)}, "it needs crop=None"),
                       ({"crop": 0}, "crop must be a positive int or None"),
-                      ({"resize": -1}, "resize must be a positive int")]:
+                      ({"resize": -1}, "resize must be a positive int"),
+                      ({"image_size": (16, 64)}, "smaller than the backbones' minimum")]:
     with pytest.raises(ValueError, match=needle):
       spade_jax.PatchCoreConfig(**{"crop": None, **bad})
 
@@ -171,3 +173,29 @@ def test_evaluate_category_without_crop(tmp_path):
   masks = preprocessing.preprocess_masks(data.test_masks, resize=64, crop=None,
                                          image_size=(64, 96))
   assert masks.shape[1:] == (64, 96) and masks.any()
+
+
+def test_evaluate_category_with_tiles(tmp_path):
+  """evaluate's loop with tiles: maps and masks at the images' own 64 x 96."""
+  write_category(tmp_path, "alpha", size=(96, 64), n_train=3, n_good=2,
+                 defects={"crack": 2}, seed=1)
+  data = mvtec.load_category(tmp_path, "alpha")
+  detector = DETECTORS["spade"]()
+  result = loop.evaluate_category(detector, data, crop=None, resize=64, heatmap_dir=None,
+                                  num_heatmaps=0, log=lambda _: None,
+                                  tiles=tiling.TileConfig(32, 8))
+  assert 0 <= result["pixel_auroc"] <= 1 and result["n_test"] == 4
+
+
+def test_eval_config_records_geometry_only_when_not_the_default():
+  default = evaluation.EvalConfig(data_dir="d").to_json()
+  assert "image_size" not in default and "tile_size" not in default
+  assert default["crop"] == 224
+  whole = evaluation.EvalConfig(data_dir="d", crop=None, image_size=[64, 96]).to_json()
+  assert whole["crop"] is None and whole["image_size"] == [64, 96]
+  tiled = evaluation.EvalConfig(data_dir="d", crop=None, tile_size=256, tile_overlap=32)
+  assert tiled.to_json()["tile_size"] == 256 and tiled.tiles.tile_overlap == 32
+  with pytest.raises(ValueError, match="it needs crop=None"):
+    evaluation.EvalConfig(data_dir="d", tile_size=256)
+  with pytest.raises(ValueError, match="tile_overlap=256 must be smaller"):
+    evaluation.EvalConfig(data_dir="d", crop=None, tile_size=256, tile_overlap=256)

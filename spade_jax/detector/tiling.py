@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from spade_jax.features import geometry
+
 MERGES = ("mean", "max")
 TILE_BATCHES = 4  # Tiles per detector.score call = this many detector batches.
 
@@ -55,6 +57,9 @@ class TileConfig:
     if self.tile_overlap >= self.tile_size:
       raise ValueError(f"tile_overlap={self.tile_overlap} must be smaller than tile_size="
                        f"{self.tile_size}")
+    if self.tile_size < geometry.MIN_INPUT:
+      raise ValueError(f"tile_size={self.tile_size} is smaller than the backbones' minimum "
+                       f"input side {geometry.MIN_INPUT}")
     if self.merge not in MERGES:
       raise ValueError(f"tile merge must be one of {MERGES}, got {self.merge!r}")
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from spade_jax.detector import KERNEL_METRICS, PadimConfig, PatchCoreConfig, SpadeConfig
+from spade_jax.detector import KERNEL_METRICS, PadimConfig, PatchCoreConfig, SpadeConfig, tiling
 from spade_jax.features import geometry
 from spade_jax.search import distances
 
@@ -94,6 +94,9 @@ class EvalConfig:
   regularization: str = _PADIM.regularization
   epsilon: float = _PADIM.epsilon
   image_size: tuple[int, int] | None = None
+  tile_size: int | None = None
+  tile_overlap: int = 0
+  tile_merge: str = "mean"
 
   def __post_init__(self):
     if not isinstance(self.data_dir, (str, os.PathLike)):
@@ -120,9 +123,21 @@ class EvalConfig:
           f"crop={self.crop} pixels (a wider blur only flattens the maps)")
     self.detector_config(batch_size=1)  # The method's checks (k's, layers, crop, ...).
     object.__setattr__(self, "image_size", geometry.check_image_size(self.image_size))
+    if self.tile_size is not None:
+      tiling.TileConfig(self.tile_size, self.tile_overlap, self.tile_merge)  # Checks them.
+      if self.crop is not None or self.image_size is not None:
+        raise ValueError("EvalConfig.tile_size cuts the images into tiles at their native "
+                         "resolution: it needs crop=None and no image_size")
     object.__setattr__(self, "sigma", float(sigma))
     if self.bandwidth is not None:
       object.__setattr__(self, "bandwidth", float(self.bandwidth))
+
+  @property
+  def tiles(self) -> tiling.TileConfig | None:
+    """The tiling (detector.tiling), or None."""
+    if self.tile_size is None:
+      return None
+    return tiling.TileConfig(self.tile_size, self.tile_overlap, self.tile_merge)
 
   def spade_config(self, batch_size: int) -> SpadeConfig:
     return SpadeConfig(k_images=self.k_images, k_image_score=self.k_image_score,
@@ -176,6 +191,8 @@ class EvalConfig:
     out = {key: d[key] for key in keys + list(_METHOD_KEYS[self.method])}
     if self.crop is None:  # Whole images: their size (None: each category's first image).
       out["image_size"] = None if self.image_size is None else list(self.image_size)
+    if self.tile_size is not None:
+      out.update(self.tiles.settings())
     if self.method == "patchcore":
       out.update(patchcore_json(self.patchcore_config(batch_size=1)))
     return out

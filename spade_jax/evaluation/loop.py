@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from spade_jax.detector import common
+from spade_jax.detector import common, tiling
 from spade_jax.detector.padim import Padim
 from spade_jax.evaluation import config as config_lib
 from spade_jax.evaluation import results as results_lib
@@ -90,10 +90,15 @@ def _write_heatmaps(heatmap_dir: pathlib.Path | None, num_heatmaps: int,
                                vmin=vmin, vmax=vmax)
 
 
-def evaluate_category(spade, category_data, *, crop: int, resize: int,
+def evaluate_category(spade, category_data, *, crop: int | None, resize: int,
                       heatmap_dir: pathlib.Path | None, num_heatmaps: int,
-                      log: Callable[[str], None], mesh=None) -> dict[str, Any]:
+                      log: Callable[[str], None], mesh=None,
+                      tiles: tiling.TileConfig | None = None) -> dict[str, Any]:
   """Fits on one category's normal images, scores its test set, returns its metrics.
+
+  crop=None: the whole images at one input size (the detector's image_size, else the
+  first training image's, aspect kept), masks resized to it. tiles: native-resolution
+  tiles (detector.tiling), the metrics at the masks' own resolution.
 
   The result also holds the seconds of the whole category ("seconds") and of each
   stage ("stage_seconds": backbone, search, maps, metrics; see results.py).
@@ -101,8 +106,12 @@ def evaluate_category(spade, category_data, *, crop: int, resize: int,
   from spade_jax.features.preprocessing import preprocess_masks  # pylint: disable=import-outside-toplevel
   start = time.perf_counter()
   data = category_data
-  spade = common.with_whole_image_size(spade, *np.shape(data.train_images[0])[:2])
-  image_size = spade.config.image_size
+  if tiles is not None:  # Native-resolution tiles; metrics at the masks' own resolution.
+    spade = tiling.Tiled(spade, tiles)
+    resize = crop = image_size = None
+  else:
+    spade = common.with_whole_image_size(spade, *np.shape(data.train_images[0])[:2])
+    image_size = spade.config.image_size
   masks = preprocess_masks(data.test_masks, resize=resize, crop=crop, image_size=image_size)
   config_lib.check_masks(data.category, masks)  # Before the expensive part.
   with progress.record_stages() as stages:
@@ -111,6 +120,7 @@ def evaluate_category(spade, category_data, *, crop: int, resize: int,
                                                                           mesh=mesh)
     log(f"  score {len(data.test_images)} test images")
     scores, maps = spade.score(index, data.test_images)
+    maps = np.stack(maps)  # Tiled: a list of maps at the images' (equal) size.
     labels = np.asarray(data.test_labels)
     result = _category_result(scores, maps, masks, labels, len(data.train_images))
   _write_heatmaps(heatmap_dir, num_heatmaps, lambda picks: data.test_images[picks], labels,
@@ -252,6 +262,8 @@ def evaluate(config: EvalConfig, *, output_dir: str | os.PathLike[str],
 
   config.detector_config(batch_size)  # Checks batch_size.
   multiprocess = jax.process_count() > 1
+  if multiprocess and config.tiles is not None:
+    raise ValueError("tiles (--tile_size) are not supported with several processes yet")
   writer = jax.process_index() == 0
   data_dir = pathlib.Path(config.data_dir)
   found = mvtec.list_categories(data_dir)
@@ -310,7 +322,7 @@ def evaluate(config: EvalConfig, *, output_dir: str | os.PathLike[str],
         kwargs = {} if mesh is None else {"mesh": mesh}
         result = evaluate_category(spade, data, crop=config.crop, resize=config.resize,
                                    heatmap_dir=heatmap_dir, num_heatmaps=num_heatmaps,
-                                   log=log, **kwargs)
+                                   log=log, tiles=config.tiles, **kwargs)
       if store is not None:
         results = store.merge(name, result)
       else:
@@ -369,7 +381,7 @@ def evaluate_loaded(config: EvalConfig, datasets: Mapping[str, Any], *,
       result = evaluate_category(
           spade, data, crop=config.crop, resize=config.resize,
           heatmap_dir=out / "heatmaps" / name, num_heatmaps=num_heatmaps, log=log,
-          **({} if mesh is None else {"mesh": mesh}))
+          tiles=config.tiles, **({} if mesh is None else {"mesh": mesh}))
       store.merge(name, result)
   except BaseException:
     with contextlib.suppress(Exception):

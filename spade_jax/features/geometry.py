@@ -25,6 +25,9 @@ from typing import Any
 import numpy as np
 
 Size = tuple[int, int]
+# The smallest whole-image input side: the backbones' coarsest stride (32), below which
+# their last levels would have no position.
+MIN_INPUT = 32
 
 
 def _positive_int(value: Any) -> bool:
@@ -93,6 +96,10 @@ def check_geometry(owner: str, resize: Any, crop: Any, image_size: Any) -> Size 
                      f"(got crop={crop})")
   if crop is not None and crop > resize:
     raise ValueError(f"{owner}.crop={crop} is larger than resize={resize}")
+  if crop is None and min(size or (resize,)) < MIN_INPUT:
+    what = f"image_size={size}" if size else f"resize={resize}"
+    raise ValueError(f"{owner}.{what} is smaller than the backbones' minimum input side "
+                     f"{MIN_INPUT} (their coarsest stride) for whole images")
   return size
 
 
