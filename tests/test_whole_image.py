@@ -90,7 +90,7 @@ def _fields(config) -> dict:
   return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
 
 
-@pytest.mark.parametrize("method", ["spade", "patchcore"])
+@pytest.mark.parametrize("method", sorted(DETECTORS))
 def test_sharded_equals_single_device_on_non_square(method, data):
   train, test, _ = data
   detector = DETECTORS[method]()
