@@ -31,9 +31,11 @@ from spade_jax.detector import (
   PatchCoreIndex,
   SpadeConfig,
   SpadeIndex,
+  tiling,
 )
 from spade_jax.detector.patchcore import IMAGE_SCORES
 from spade_jax.evaluation.config import METHODS, check_padim_scoring, check_patchcore_scoring
+from spade_jax.features import geometry
 from spade_jax.features.backbones import BACKBONES
 from spade_jax.features.patches import REDUCTIONS
 from spade_jax.scoring.aggregate import AGGREGATES
@@ -60,7 +62,8 @@ class DetectorFlags:
   bandwidth: flags.FlagHolder[float]
   sigma: flags.FlagHolder[float]
   resize: flags.FlagHolder[int]
-  crop: flags.FlagHolder[int]
+  crop: flags.FlagHolder[str]
+  image_size: flags.FlagHolder[str | None]
   batch_size: flags.FlagHolder[int]
   coreset_ratio: flags.FlagHolder[float]
   patch_size: flags.FlagHolder[int]
@@ -72,6 +75,9 @@ class DetectorFlags:
   feature_seed: flags.FlagHolder[int]
   regularization: flags.FlagHolder[str]
   epsilon: flags.FlagHolder[float]
+  tile_size: flags.FlagHolder[int | None]
+  tile_overlap: flags.FlagHolder[int]
+  tile_merge: flags.FlagHolder[str]
 
   def settings(self) -> dict[str, Any]:
     """The detector settings as keyword arguments of evaluation.EvalConfig (weights
@@ -88,7 +94,8 @@ class DetectorFlags:
         "kappa": self.kappa.value, "layers": tuple(layers),
         "combine": self.combine.value, "sigma": self.sigma.value, "metric": self.metric.value,
         "aggregate": self.aggregate.value, "bandwidth": self.bandwidth.value,
-        "resize": self.resize.value, "crop": self.crop.value,
+        "resize": self.resize.value, "crop": geometry.parse_crop(self.crop.value),
+        "image_size": geometry.parse_image_size(self.image_size.value or ""),
         "coreset_ratio": self.coreset_ratio.value, "patch_size": self.patch_size.value,
         "reweight": self.reweight.value, "image_score": self.image_score.value,
         "topk": self.topk.value, "reduction": self.reduction.value,
@@ -97,12 +104,67 @@ class DetectorFlags:
 
   def given(self) -> set[str]:
     """Names of the detector flags set on the command line (not left at their default)."""
-    return {f.name for f in dataclasses.fields(self) if getattr(self, f.name).present}
+    return {f.name for f in dataclasses.fields(self) if getattr(self, f.name).present
+            and f.name not in TILE_FLAGS}
+
+  def tiles(self, contents=None, where: str = "") -> tiling.TileConfig | None:
+    """The tiling the flags ask for (None: no --tile_size), or with `contents` (an index
+    file, predict.py) the one its fit recorded: --tile_size is the index's (a given one
+    that differs is an error), --tile_overlap and --tile_merge the flags' when given.
+
+    Raises:
+      ValueError: a bad tile flag, --tile_size with --crop or --image_size, or one that
+        contradicts the index; names the flag.
+    """
+    present = {n for n in TILE_FLAGS if getattr(self, n).present}
+    recorded = {} if contents is None else (contents.settings or {})
+    size = self.tile_size.value
+    if contents is not None:
+      fitted = recorded.get("tile_size")
+      if "tile_size" in present and size != fitted:
+        raise ValueError(
+            f"--tile_size={size} does not match the index {where}, which was fitted "
+            f"{'without tiles' if fitted is None else f'on tiles of {fitted}'}; drop "
+            f"--tile_size (predict.py takes it from the index) or refit with fit.py "
+            f"--tile_size={size}")
+      size = fitted
+    if size is None:
+      extra = sorted(present - {"tile_size"})
+      if extra:
+        raise ValueError(f"--{extra[0]} needs --tile_size (tiling is off)")
+      return None
+    cropped = self.crop.present and geometry.parse_crop(self.crop.value) is not None
+    if contents is None and (cropped or self.image_size.present):
+      raise ValueError("--tile_size cuts the images into tiles at their native resolution; "
+                       "it excludes --crop and --image_size (drop them)")
+    overlap = (self.tile_overlap.value if "tile_overlap" in present or contents is None
+               else recorded.get("tile_overlap", 0))
+    merge = (self.tile_merge.value if "tile_merge" in present or contents is None
+             else recorded.get("tile_merge", "mean"))
+    try:
+      return tiling.TileConfig(size, overlap, merge)
+    except ValueError as e:
+      raise ValueError(f"--{e}") from None
 
 
-def define_detector_flags() -> DetectorFlags:
-  """Defines the detector's flags (once per script); returns their holders."""
-  return DetectorFlags(
+def _valid(parse, flag: str):
+  """An absl flag validator from a parser that raises ValueError (its message shown)."""
+  def check(value) -> bool:
+    try:
+      parse(value, flag)
+    except ValueError as e:
+      raise flags.ValidationError(str(e)) from None
+    return True
+  return check
+
+
+def define_detector_flags(crop_default: str = str(_DEFAULT.crop)) -> DetectorFlags:
+  """Defines the detector's flags (once per script); returns their holders.
+
+  crop_default: --crop's default: "224" (evaluate.py: the MVTec protocol) or "none"
+  (fit.py, predict.py: the whole image).
+  """
+  holders = DetectorFlags(
       method=flags.DEFINE_enum(
           "method", "spade", list(METHODS),
           "Detector: spade (SPADE, Cohen & Hoshen 2020), patchcore (PatchCore, Roth et "
@@ -143,9 +205,16 @@ def define_detector_flags() -> DetectorFlags:
           "training images, fitted with the index."),
       sigma=flags.DEFINE_float("sigma", _DEFAULT.sigma,
                                "Gaussian smoothing of the anomaly maps."),
-      resize=flags.DEFINE_integer("resize", _DEFAULT.resize,
-                                  "Shorter side is resized to this."),
-      crop=flags.DEFINE_integer("crop", _DEFAULT.crop, "Centre crop size."),
+      resize=flags.DEFINE_integer(
+          "resize", _DEFAULT.resize, "Shorter side is resized to this (aspect kept; with "
+          "--crop=none and no --image_size, the first training image's aspect sets the "
+          "longer side, and every image is resized to that one size)."),
+      crop=flags.DEFINE_string(
+          "crop", crop_default, "Centre crop size (the MVTec protocol: 224 after --resize=256"
+          "), or 'none': the whole image is inspected, resized without cropping."),
+      image_size=flags.DEFINE_string(
+          "image_size", None, "With --crop=none: H,W, the size every image is resized to "
+          "(instead of --resize and the first training image's aspect)."),
       batch_size=flags.DEFINE_integer("batch_size", 8, "Images per backbone call."),
       coreset_ratio=flags.DEFINE_float(
           "coreset_ratio", _PATCHCORE.coreset_ratio, "patchcore: fraction of the training "
@@ -187,8 +256,26 @@ def define_detector_flags() -> DetectorFlags:
       epsilon=flags.DEFINE_float(
           "epsilon", _PADIM.epsilon, "padim, --regularization=paper: the epsilon added "
           "to each covariance's diagonal (> 0)."),
+      tile_size=flags.DEFINE_integer(
+          "tile_size", None, "fit.py, predict.py: cut every image into T x T tiles at its "
+          "native resolution (no resize), fit / score each tile, stitch the maps; the "
+          "image score is the max over its tiles. For large images with small defects."),
+      tile_overlap=flags.DEFINE_integer(
+          "tile_overlap", 0, "With --tile_size: pixels neighbouring tiles share "
+          "(0 <= O < T)."),
+      tile_merge=flags.DEFINE_enum(
+          "tile_merge", "mean", list(tiling.MERGES), "With --tile_size: how overlapping "
+          "tile maps combine: mean (feathered across the overlap) or max."),
   )
+  flags.register_validator("crop", _valid(geometry.parse_crop, "--crop"))
+  flags.register_validator("image_size",
+                           _valid(lambda v, f: geometry.parse_image_size(v or "", f),
+                                  "--image_size"))
+  return holders
 
+
+# Tiling's flags: not detector settings (DetectorFlags.tiles; recorded by fit.py).
+TILE_FLAGS = ("tile_size", "tile_overlap", "tile_merge")
 
 # Flags that not every method reads, by the methods that read them (the flags listed
 # nowhere are every method's): giving one with a method that does not list it is an
@@ -232,7 +319,7 @@ def spade_config(settings: dict[str, Any], batch_size: int) -> SpadeConfig:
   if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
     raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
   keys = ("k_images", "k_image_score", "kappa", "layers", "combine", "sigma", "metric",
-          "aggregate", "bandwidth", "resize", "crop")
+          "aggregate", "bandwidth", "resize", "crop", "image_size")
   return SpadeConfig(**{k: settings[k] for k in keys}, batch_size=batch_size)
 
 
@@ -243,7 +330,7 @@ def patchcore_config(settings: dict[str, Any], batch_size: int) -> PatchCoreConf
   check_patchcore_scoring(settings["metric"], settings.get("aggregate", "mean"),
                           settings.get("bandwidth"))
   keys = ("layers", "patch_size", "coreset_ratio", "reweight", "metric", "sigma", "resize",
-          "crop")
+          "crop", "image_size")
   # An index's own feature settings and a threshold's scoring settings (predict.py:
   # settings_from_index) that no flag sets, and flags that settings from before them lack.
   fixed = {k: settings[k] for k in ("embed_dim", "reduction", "reduction_seed", "k_nearest",
@@ -259,7 +346,7 @@ def padim_config(settings: dict[str, Any], batch_size: int) -> PadimConfig:
   check_padim_scoring(settings.get("metric", _DEFAULT.metric),
                       settings.get("aggregate", "mean"), settings.get("bandwidth"))
   keys = ("layers", "num_features", "feature_seed", "regularization", "epsilon", "sigma",
-          "resize", "crop")
+          "resize", "crop", "image_size")
   return PadimConfig(**{k: settings[k] for k in keys}, batch_size=batch_size)
 
 
@@ -335,6 +422,8 @@ def settings_from_index(settings: dict[str, Any], given: set[str], contents,
     out["metric"] = fitted_metric
   fixed = dict(json.loads(contents.index.feature_config))
   fixed["layers"] = tuple(fixed["layers"])
+  # A whole-image index fixes its input size, a cropped one has none.
+  fixed["image_size"] = _tuple_if_list(fixed.get("image_size"))
   fixed["method"] = "spade" if is_spade else "patchcore"
   if isinstance(contents.index, PadimIndex):  # Its statistics' fit settings too.
     fixed.update(method="padim", **contents.index.fit_settings())
@@ -384,7 +473,7 @@ def _tuple_if_list(value: Any) -> Any:
 
 def _flag_text(value: Any) -> str:
   """A setting as it is written on the command line (lists comma-separated)."""
-  return ",".join(value) if isinstance(value, (list, tuple)) else str(value)
+  return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
 def define_compilation_cache_flag() -> flags.FlagHolder[str]:

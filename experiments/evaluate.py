@@ -25,6 +25,16 @@ distance); --method=padim (PaDiM: --num_features, --feature_seed, --regularizati
 --epsilon) has no metric (Mahalanobis distances to per-position Gaussians), and its
 "config" records its own settings instead.
 
+Geometry: by default the MVTec protocol (--resize=256 --crop=224: the centre crop, and
+the masks cropped alike), so the tables compare with the papers'. --crop=none inspects
+the whole image instead: each category's images are resized to one input size
+(--image_size=H,W, or the first training image's with its shorter side at --resize),
+and the pixel metrics (pixel AUROC, AU-PRO) are computed at that input resolution, the
+masks resized to it (nearest): the same common resolution for every method.
+results.json's "config" then records "crop": null and "image_size". --tile_size=T
+(--tile_overlap, --tile_merge) fits and scores native-resolution tiles instead (see
+fit.py), with the pixel metrics at the masks' own resolution.
+
 Several processes (jax.distributed; each reads its share of the images, process 0
 writes the results), e.g. two CPU processes on this machine:
 
@@ -86,6 +96,10 @@ def main(argv: Sequence[str]) -> None:
   try:
     # Settings first: a bad flag fails at once, before JAX, data or output are touched.
     detector_flags.check_method_flags(_DETECTOR.method.value, _DETECTOR.given())
+    tiles = _DETECTOR.tiles()
+    if tiles is not None:  # Native-resolution tiles: no crop.
+      settings.update(crop=None, tile_size=tiles.tile_size, tile_overlap=tiles.tile_overlap,
+                      tile_merge=tiles.merge)
     evaluation.EvalConfig(data_dir=_DATA_DIR.value or "", **settings)
     benchmark = _BENCHMARK.value or "builtin"
     if _BENCHMARK.value is not None and _DATA_DIR.value is not None:

@@ -4,11 +4,20 @@ r"""Fits the detector on a folder of normal images and writes its index.
   python experiments/fit.py --train_dir=images/good --index=part.spade --calibrate \
       --backbone=wide_resnet50_2 --k_images=20
 
+The whole image is inspected by default (--crop=none): every image is resized, not
+cropped, to one input size: --image_size=H,W, or the first image's size with its
+shorter side at --resize (aspect kept). Images of another aspect ratio are stretched to
+it (a warning says how many). --crop=224 gives the MVTec protocol's centre crop.
+
+--tile_size=T (--tile_overlap=O, --tile_merge) fits on T x T tiles of every image at
+its native resolution instead (large images, small defects; the last tiles flush with
+the image's edges); the index records it and predict.py tiles the same way.
+
 Every image under --train_dir is read, at any depth (png, jpg/jpeg, bmp, tif/tiff,
 webp, any case; names starting with '.' are skipped). A file that is not a readable
 image is reported (a warning naming it and why) and left out. The index
 (spade_jax.save_index: atomic, checksummed) records the backbone, the feature
-settings (--layers, --resize, --crop) and the other detector flags given here
+settings (--layers, --resize, --crop and the input size) and the other detector flags given here
 (--weights, --k_images, ...): predict.py takes them from it.
 
 --calibrate also stores a decision threshold, from the normal images alone: each
@@ -64,7 +73,7 @@ _FOLDS = flags.DEFINE_integer("calibration_folds", None,
                               "leave-one-out (as many folds as images); 5 for "
                               "--method=patchcore, --method=padim and --metric=learned, "
                               "which fit per fold.")
-_DETECTOR = detector_flags.define_detector_flags()
+_DETECTOR = detector_flags.define_detector_flags(crop_default="none")
 _CACHE_DIR = detector_flags.define_compilation_cache_flag()
 flags.adopt_module_key_flags(detector_flags)
 
@@ -79,6 +88,7 @@ def main(argv: Sequence[str]) -> None:
     detector_flags.check_method_flags(_DETECTOR.method.value, _DETECTOR.given())
     detector_flags.detector_config(_DETECTOR.method.value, settings,
                                    _DETECTOR.batch_size.value)
+    tiles = _DETECTOR.tiles()
     if _CALIBRATE.value:
       calibration.check_calibration_args(2, _QUANTILE.value, _FOLDS.value, 0)
     folders.check_index_path(_INDEX.value)
@@ -90,11 +100,12 @@ def main(argv: Sequence[str]) -> None:
                                          _DETECTOR.batch_size.value)
     report = folders.fit_folder(
         spade, _TRAIN_DIR.value, _INDEX.value, calibrate=_CALIBRATE.value,
-        quantile=_QUANTILE.value, folds=_FOLDS.value, log=logging.info,
+        quantile=_QUANTILE.value, folds=_FOLDS.value, log=logging.info, tiles=tiles,
         settings=detector_flags.recorded_settings(_DETECTOR.method.value, settings))
   except (ValueError, OSError) as e:  # Bad input: a message, not a traceback.
     sys.exit(f"fit.py: error: {e}")
-  print(f"index: {report.index_path} ({report.num_images} images, backbone "
+  h, w = report.input_size
+  print(f"index: {report.index_path} ({report.num_images} images at {h}x{w}, backbone "
         f"{settings['backbone']}, {report.seconds:.1f} s)")
   if report.skipped:
     print(f"skipped {len(report.skipped)} files that are not readable images: "

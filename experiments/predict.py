@@ -8,8 +8,10 @@ index alone: no training image is needed. Writes
   out/scores.csv      "path,score" (path relative to --images, one row per image,
                       sorted), plus "anomalous" (1 / 0: score above the threshold) when
                       the index holds one (fit.py --calibrate)
-  out/heatmaps/<path>.png   per image: the image as the detector saw it (resized,
-                      centre-cropped) | its anomaly map over it, one colour scale for all
+  out/heatmaps/<path>.png   per image: the image at its own size | its anomaly map
+                      over it (at the same size), one colour scale for all
+  out/maps/<path>.npy with --save_maps, per image: its anomaly map, float32 [H, W] at
+                      the image's own size (NaN outside the crop of a --crop index)
   out/summary.png     the --num_summary most anomalous images with their maps
   out/skipped.csv     "path,reason" of files that are not readable images, and of
                       image formats not read (GIF, HEIC, ...): reported as warnings
@@ -22,8 +24,16 @@ run on the same --output_dir is refused. Other files in it are left alone. See
 spade_jax/evaluation/predictions.py for file names that are not UTF-8 or look like
 spreadsheet formulas.
 
+Every pixel is inspected: the images are resized to the index's input size without
+cropping (fit.py's default --crop=none; an index fitted with --crop=224 crops), and the
+maps are brought back to each image's own size.
+
+An index fitted on tiles (fit.py --tile_size) scores every image tile by tile, at its
+native resolution, with the index's --tile_size (and --tile_overlap, --tile_merge
+unless given); the maps are stitched and the image score is the max over its tiles.
+
 Settings come from the index: the backbone and the feature settings (--layers,
---resize, --crop; a PaDiM index's --num_features, --feature_seed, --regularization and
+--resize, --crop, --image_size; a PaDiM index's --num_features, --feature_seed, --regularization and
 --epsilon) always (a flag given that disagrees is an error), and a calibrated
 index fixes --k_image_score, --metric, --aggregate and --bandwidth (its threshold holds
 for those). Every other detector flag not given is the value fit.py recorded in the
@@ -60,7 +70,9 @@ _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where scores.csv, heatmap
 _NUM_SUMMARY = flags.DEFINE_integer("num_summary", 8, "Most anomalous images shown in "
                                     "summary.png (0: no summary).")
 _HEATMAPS = flags.DEFINE_bool("heatmaps", True, "Write a heatmap PNG per image.")
-_DETECTOR = detector_flags.define_detector_flags()
+_SAVE_MAPS = flags.DEFINE_bool("save_maps", False, "Also write maps/<path>.npy per image: "
+                               "its anomaly map, float32 [H, W] at the image's own size.")
+_DETECTOR = detector_flags.define_detector_flags(crop_default="none")
 _CACHE_DIR = detector_flags.define_compilation_cache_flag()
 flags.adopt_module_key_flags(detector_flags)
 
@@ -79,12 +91,14 @@ def main(argv: Sequence[str]) -> None:
     settings = detector_flags.settings_from_index(
         _DETECTOR.settings(), _DETECTOR.given(), contents, _INDEX.value)
     detector_flags.detector_config(settings["method"], settings, _DETECTOR.batch_size.value)
+    tiles = _DETECTOR.tiles(contents, _INDEX.value)
     predictions.check_output_dir(_OUTPUT_DIR.value)
     spade = detector_flags.make_detector(settings["method"], settings,
                                          _DETECTOR.batch_size.value)
     report = folders.predict_folder(
         spade, index, _IMAGES.value, _OUTPUT_DIR.value, threshold=threshold,
-        write_heatmaps=_HEATMAPS.value, num_summary=_NUM_SUMMARY.value, log=logging.info)
+        write_heatmaps=_HEATMAPS.value, num_summary=_NUM_SUMMARY.value,
+        save_maps=_SAVE_MAPS.value, tiles=tiles, log=logging.info)
   except (ValueError, OSError) as e:  # Bad input: a message, not a traceback.
     sys.exit(f"predict.py: error: {e}")
   show = predictions.display_name  # Names escaped: one line each, any bytes.

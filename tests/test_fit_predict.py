@@ -137,7 +137,8 @@ def test_output_files(ws):
                     for p in (ws.out / "heatmaps").rglob("*.png"))
   assert heatmaps == [f"{p}.png" for p in paths]
   figure = np.asarray(PIL.Image.open(ws.out / "heatmaps" / "crack" / "000.png.png"))
-  assert figure.shape == (SIZE, 2 * SIZE + 4, 3)  # image | gap | overlay.
+  # image | gap | overlay, at the image's own size (write_category: 40 x 32).
+  assert figure.shape == (32, 2 * 40 + 4, 3)
   assert (ws.out / "summary.png").is_file()
   assert not (ws.out / "skipped.csv").exists()
   assert sorted(p.name for p in ws.out.iterdir()) == [  # No temporaries.
@@ -171,8 +172,8 @@ def test_unreadable_files_are_reported_and_skipped(ws):
   assert "too large" in skipped[0][1]
   assert (out / "heatmaps" / "line2" / "deep" / "x.JPG.png").is_file()
   summary = np.asarray(PIL.Image.open(out / "summary.png"))
-  panel = 3 * SIZE  # 64 px crops are enlarged 3x in the summary (to >= 160 px).
-  assert summary.shape == (3 * (2 * 16 + panel) + 2 * 6, 2 * panel + 4, 3)
+  # The 40 x 32 images at their own size, enlarged 5x in the summary (to >= 160 px).
+  assert summary.shape == (3 * (2 * 16 + 5 * 32) + 2 * 6, 2 * 5 * 40 + 4, 3)
 
 
 @pytest.mark.parametrize("flag, needles", [

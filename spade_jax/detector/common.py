@@ -6,6 +6,7 @@ the loops that score test images or their features a batch at a time."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
+import dataclasses
 import hashlib
 from typing import Any
 
@@ -116,10 +117,34 @@ def image_batches(images: np.ndarray | Sequence[np.ndarray], what: str, done: st
     report.update(min(start + batch_size, count))
 
 
-def scores_and_maps(scores: Any, score_maps: Any, crop: int, sigma: float
+def preprocess(images: np.ndarray | Sequence[np.ndarray], config: Any) -> np.ndarray:
+  """[B, H, W, 3] float32 backbone input of uint8 images, with a detector config's
+  resize / crop / image_size (config.input_size = (H, W); ValueError with crop=None
+  and no image_size)."""
+  from spade_jax.features.preprocessing import preprocess as run  # pylint: disable=import-outside-toplevel
+  if config.crop is None:
+    return run(images, resize=None, crop=None, image_size=config.input_size)
+  return run(images, resize=config.resize, crop=config.crop)
+
+
+def with_whole_image_size(detector: Any, height: int, width: int) -> Any:
+  """`detector` itself, or with crop=None and no image_size a copy (same backbone) whose
+  image_size is that of a height x width image with its shorter side resized to
+  config.resize, its aspect kept (geometry.aspect_size): how fit_folder and evaluate
+  choose the one input size from the first training image."""
+  from spade_jax.features import geometry  # pylint: disable=import-outside-toplevel
+  config = detector.config
+  if config.crop is not None or config.image_size is not None:
+    return detector
+  size = geometry.aspect_size(config.resize, height, width)
+  return type(detector)(detector.backbone, dataclasses.replace(config, image_size=size))
+
+
+def scores_and_maps(scores: Any, score_maps: Any, size: tuple[int, int], sigma: float
                     ) -> tuple[np.ndarray, np.ndarray]:
   """(scores [N], score maps [N, h, w]) of a scoring call -> host (scores [N], anomaly maps
-  [N, crop, crop]): upsampled and blurred (scoring.anomaly_map), in the "maps" stage.
+  [N, H, W], size = (H, W), the input's): upsampled and blurred (scoring.anomaly_map), in
+  the "maps" stage.
 
   Sharded scoring returns replicated maps: one local copy is blurred, not one per device
   (under jax.set_mesh, jit wants mesh arrays or host ones: a host copy, it is small).
@@ -129,7 +154,7 @@ def scores_and_maps(scores: Any, score_maps: Any, crop: int, sigma: float
       score_maps = sharding.to_local(score_maps)
     else:
       score_maps = np.asarray(sharding.to_local(score_maps))
-    maps = anomaly_map.anomaly_maps(score_maps, (crop, crop), sigma=sigma)
+    maps = anomaly_map.anomaly_maps(score_maps, tuple(size), sigma=sigma)
     return np.asarray(sharding.to_local(scores)), np.asarray(maps)
 
 

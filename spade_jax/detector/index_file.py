@@ -196,20 +196,36 @@ def _check_fields(where: str, metadata: dict[str, str]) -> list[str]:
   if config.get("layers") != levels:
     raise ValueError(f"{where}: metadata field 'feature_config' lists layers "
                      f"{config.get('layers')!r:.200} but the levels are {levels}")
+  # image_size is there exactly when crop is null (whole-image geometry): checked below.
+  fields = {k: v for k, v in config.items() if not (k == "image_size"
+                                                    and config.get("crop") is None)}
   if metadata.get("format") == PATCHCORE_INDEX_FORMAT:
-    _check_patchcore_config(where, config)
+    _check_patchcore_config(where, fields)
   elif metadata.get("format") == PADIM_INDEX_FORMAT:
-    index_padim.check_config(where, config)
-  elif sorted(config) != _FEATURE_CONFIG_KEYS:
+    index_padim.check_config(where, fields)
+  elif sorted(fields) != _FEATURE_CONFIG_KEYS:
     raise ValueError(f"{where}: metadata field 'feature_config' must have the fields "
                      f"{_FEATURE_CONFIG_KEYS} (SpadeConfig.feature_config), got "
                      f"{sorted(config)!r:.200}")
+  _check_geometry_fields(where, config)
+  return levels
+
+
+def _check_geometry_fields(where: str, config: dict[str, Any]) -> None:
+  """resize, crop (a positive int, or null with an image_size [H, W])."""
   for key in ("resize", "crop"):
     value = config[key]
+    if key == "crop" and value is None:
+      continue
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
       raise ValueError(f"{where}: metadata field 'feature_config' has {key}={value!r:.100}, "
-                       "expected a positive int")
-  return levels
+                       f"expected a positive int{' or null' * (key == 'crop')}")
+  if config["crop"] is None:
+    size = config.get("image_size")
+    if not isinstance(size, list) or len(size) != 2 or not all(_positive_int(v)
+                                                               for v in size):
+      raise ValueError(f"{where}: metadata field 'feature_config' has crop=null and "
+                       f"image_size={size!r:.100}, expected [H, W] of positive ints")
 
 
 def _check_bank_spec(where: str, specs: dict[str, tuple[str, Sequence[int]]],

@@ -44,6 +44,7 @@ import numpy as np
 
 from spade_jax.detector import common
 from spade_jax.features import embedding as embedding_lib
+from spade_jax.features import geometry
 from spade_jax.features.backbones import Backbone
 from spade_jax.host import progress
 from spade_jax.scoring import gaussian
@@ -76,9 +77,14 @@ class PadimConfig:
       "ledoit_wolf" (sklearn's Ledoit-Wolf shrinkage; epsilon unused).
     epsilon: eps of "paper", finite and > 0 (paper: 0.01).
     sigma: Gaussian sigma of the anomaly maps, in crop pixels (paper: 4).
-    resize: shorter side before the centre crop (paper: 256).
-    crop: centre crop = anomaly-map size (paper: 224).
+    resize: shorter side before the centre crop (paper: 256); with crop=None, the
+      shorter side of image_size when that is chosen from an image (geometry.py).
+    crop: centre crop = anomaly-map size (paper: 224); None: the whole image, resized
+      to image_size.
     batch_size: images per backbone call and per scoring step (speed/memory only).
+    image_size: (H, W) every image is resized to with crop=None (the maps' size;
+      spade_jax.features.geometry); None with a crop. fit_folder and the scripts
+      choose it from the first training image when not given.
     chunk_size: at most this many positions per step of the fit (memory only; None:
       about 2^24 / ((N + d) d), scoring/gaussian.py).
   """
@@ -89,12 +95,13 @@ class PadimConfig:
   epsilon: float = gaussian.PAPER_EPSILON
   sigma: float = 4.0
   resize: int = 256
-  crop: int = 224
+  crop: int | None = 224
   batch_size: int = 8
   chunk_size: int | None = None
+  image_size: tuple[int, int] | None = None
 
   def __post_init__(self):
-    for name in ("resize", "crop", "batch_size"):
+    for name in ("batch_size",):
       value = getattr(self, name)
       if not _is_int(value) or value < 1:
         raise ValueError(f"PadimConfig.{name} must be a positive int, got {value!r}")
@@ -121,11 +128,12 @@ class PadimConfig:
       raise ValueError(f"PadimConfig.{e}") from None
     if isinstance(self.sigma, bool) or not isinstance(self.sigma, (int, float, np.number)):
       raise ValueError(f"PadimConfig.sigma must be a number, got {self.sigma!r}")
-    if not 0 <= self.sigma <= self.crop:  # NaN and inf fail too.
-      raise ValueError(f"PadimConfig.sigma must be finite, >= 0 and at most the crop size "
-                       f"{self.crop} (the maps' side), got {self.sigma!r}")
-    if self.crop > self.resize:
-      raise ValueError(f"PadimConfig.crop={self.crop} is larger than resize={self.resize}")
+    object.__setattr__(self, "image_size", geometry.check_geometry(
+        "PadimConfig", self.resize, self.crop, self.image_size))
+    side = min(self.input_size) if self.crop is not None or self.image_size else self.resize
+    if not 0 <= self.sigma <= side:  # NaN and inf fail too.
+      raise ValueError(f"PadimConfig.sigma must be finite, >= 0 and at most the maps' "
+                       f"shorter side {side}, got {self.sigma!r}")
 
   def embedding_size(self, num_channels: int) -> int:
     """d for C = num_channels concatenated channels: num_features, or min(100, C).
@@ -163,12 +171,22 @@ class PadimConfig:
     only for scores made with them."""
     return {**self.fit_settings(), "sigma": float(self.sigma)}
 
+  @property
+  def input_size(self) -> tuple[int, int]:
+    """(H, W) of the backbone input and of the anomaly maps: (crop, crop) or image_size
+    (ValueError: crop=None without image_size)."""
+    return geometry.input_size("PadimConfig", self.crop, self.image_size)
+
+  def geometry_fields(self) -> dict[str, Any]:
+    """resize, crop (and image_size with crop=None) of feature_config."""
+    return geometry.feature_fields("PadimConfig", self.resize, self.crop, self.image_size)
+
   def feature_config(self, backbone_name: str) -> str:
     """Canonical JSON of what determines the embeddings: backbone, layers, resize,
     crop, num_features (null: min(100, C)) and feature_seed (not the fit settings
     nor sigma)."""
     return json.dumps({"backbone": backbone_name, "layers": list(self.layers),
-                       "resize": self.resize, "crop": self.crop,
+                       **self.geometry_fields(),
                        "num_features": self.num_features, "feature_seed": self.feature_seed},
                       sort_keys=True)
 
@@ -354,11 +372,10 @@ class Padim:
 
     Logs progress as "<what>: <done> i / N images, ..." (see host/progress.py).
     """
-    from spade_jax.features.preprocessing import preprocess  # pylint: disable=import-outside-toplevel
     cfg = self.config
     for chunk in common.image_batches(images, what, done, cfg.batch_size):
       with progress.stage("backbone") as timed:  # Backbone and embedding.
-        batch = jnp.asarray(preprocess(chunk, resize=cfg.resize, crop=cfg.crop), jnp.float32)
+        batch = jnp.asarray(common.preprocess(chunk, cfg), jnp.float32)
         # A spade_jax Backbone computes only the levels asked for (no head, no pool).
         out = (self.backbone(batch, features=cfg.layers)
                if isinstance(self.backbone, Backbone) else self.backbone(batch))
@@ -481,7 +498,7 @@ class Padim:
       dist = timed.ready(gaussian.mahalanobis_distances(
           embeddings.reshape(n, h * w, d), index.mean, index.precision))
     score_maps = dist.reshape(n, h, w)
-    _, maps = common.scores_and_maps(jnp.max(dist, axis=1), score_maps, cfg.crop, cfg.sigma)
+    _, maps = common.scores_and_maps(jnp.max(dist, axis=1), score_maps, cfg.input_size, cfg.sigma)
     return maps.max(axis=(1, 2)), maps
 
   def score(self, index: PadimIndex, images: np.ndarray | Sequence[np.ndarray], *,

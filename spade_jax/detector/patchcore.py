@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spade_jax.detector import common, metric_fit
+from spade_jax.features import geometry
 from spade_jax.features import patches as patches_lib
 from spade_jax.features.backbones import Backbone
 from spade_jax.host import progress
@@ -111,9 +112,14 @@ class PatchCoreConfig:
       "polynomial", "rff", "nystrom"; module docstring), whose search space the
       coreset is selected in and whose distance scores the patches.
     sigma: Gaussian sigma of the anomaly maps, in crop pixels (paper: 4).
-    resize: shorter side before the centre crop (paper: 256).
-    crop: centre crop = anomaly-map size (paper: 224).
+    resize: shorter side before the centre crop (paper: 256); with crop=None, the
+      shorter side of image_size when that is chosen from an image (geometry.py).
+    crop: centre crop = anomaly-map size (paper: 224); None: the whole image, resized
+      to image_size.
     batch_size: images per backbone call and per scoring step (speed/memory only).
+    image_size: (H, W) every image is resized to with crop=None (the maps' size;
+      spade_jax.features.geometry); None with a crop. fit_folder and the scripts
+      choose it from the first training image when not given.
   """
   layers: tuple[str, ...] = ("layer2", "layer3")
   patch_size: int = 3
@@ -131,11 +137,12 @@ class PatchCoreConfig:
   metric: str = "l2"
   sigma: float = 4.0
   resize: int = 256
-  crop: int = 224
+  crop: int | None = 224
   batch_size: int = 8
+  image_size: tuple[int, int] | None = None
 
   def __post_init__(self):
-    for name in ("k_nearest", "num_neighbors", "resize", "crop", "batch_size"):
+    for name in ("k_nearest", "num_neighbors", "batch_size"):
       value = getattr(self, name)
       if not _is_int(value) or value < 1:
         raise ValueError(f"PatchCoreConfig.{name} must be a positive int, got {value!r}")
@@ -173,15 +180,15 @@ class PatchCoreConfig:
                        f"weights every score by 0), got {self.num_neighbors}")
     if isinstance(self.sigma, bool) or not isinstance(self.sigma, (int, float, np.number)):
       raise ValueError(f"PatchCoreConfig.sigma must be a number, got {self.sigma!r}")
-    if not 0 <= self.sigma <= self.crop:  # NaN and inf fail too.
-      raise ValueError(f"PatchCoreConfig.sigma must be finite, >= 0 and at most the crop "
-                       f"size {self.crop} (the maps' side), got {self.sigma!r}")
+    object.__setattr__(self, "image_size", geometry.check_geometry(
+        "PatchCoreConfig", self.resize, self.crop, self.image_size))
+    side = min(self.input_size) if self.crop is not None or self.image_size else self.resize
+    if not 0 <= self.sigma <= side:  # NaN and inf fail too.
+      raise ValueError(f"PatchCoreConfig.sigma must be finite, >= 0 and at most the maps' "
+                       f"shorter side {side}, got {self.sigma!r}")
     if self.metric not in distances.METRICS and self.metric not in KERNEL_METRICS:
       raise ValueError(f"PatchCoreConfig.metric must be a metric {sorted(distances.METRICS)} "
                        f"or a kernel {sorted(KERNEL_METRICS)}, got {self.metric!r}")
-    if self.crop > self.resize:
-      raise ValueError(f"PatchCoreConfig.crop={self.crop} is larger than resize="
-                       f"{self.resize}")
 
   def _resolve_image_score(self) -> str:
     """Checks image_score, reweight and topk together; returns the rule they choose."""
@@ -238,12 +245,22 @@ class PatchCoreConfig:
       settings["image_score"] = "topk"
     return settings
 
+  @property
+  def input_size(self) -> tuple[int, int]:
+    """(H, W) of the backbone input and of the anomaly maps: (crop, crop) or image_size
+    (ValueError: crop=None without image_size)."""
+    return geometry.input_size("PatchCoreConfig", self.crop, self.image_size)
+
+  def geometry_fields(self) -> dict[str, Any]:
+    """resize, crop (and image_size with crop=None) of feature_config."""
+    return geometry.feature_fields("PatchCoreConfig", self.resize, self.crop, self.image_size)
+
   def feature_config(self, backbone_name: str) -> str:
     """Canonical JSON of what determines the bank's features (not the scoring knobs,
     nor the coreset: a bank is valid whatever its size)."""
-    config = {"backbone": backbone_name, "layers": list(self.layers), "resize": self.resize,
-              "crop": self.crop, "patch_size": self.patch_size, "embed_dim": self.embed_dim,
-              "reduction": self.reduction}
+    config = {"backbone": backbone_name, "layers": list(self.layers),
+              **self.geometry_fields(), "patch_size": self.patch_size,
+              "embed_dim": self.embed_dim, "reduction": self.reduction}
     if self.reduction == "random_projection":
       config["reduction_seed"] = self.reduction_seed
     return json.dumps(config, sort_keys=True)
@@ -357,11 +374,10 @@ class PatchCore:
 
     Logs progress as "<what>: <done> i / N images, ..." (see host/progress.py).
     """
-    from spade_jax.features.preprocessing import preprocess  # pylint: disable=import-outside-toplevel
     cfg = self.config
     for chunk in common.image_batches(images, what, done, cfg.batch_size):
       with progress.stage("backbone") as timed:  # Backbone and patch features.
-        batch = jnp.asarray(preprocess(chunk, resize=cfg.resize, crop=cfg.crop), jnp.float32)
+        batch = jnp.asarray(common.preprocess(chunk, cfg), jnp.float32)
         # A spade_jax Backbone computes only the levels asked for (no head, no pool).
         out = (self.backbone(batch, features=cfg.layers)
                if isinstance(self.backbone, Backbone) else self.backbone(batch))
@@ -483,7 +499,7 @@ class PatchCore:
           patches, index.bank, k=cfg.k_nearest,
           metric=index.kernel if cfg.is_kernel else cfg.metric,
           reweight_neighbors=cfg.num_neighbors if cfg.reweight else None, topk=cfg.topk))
-    return common.scores_and_maps(scores, score_maps, cfg.crop, cfg.sigma)
+    return common.scores_and_maps(scores, score_maps, cfg.input_size, cfg.sigma)
 
   def score(self, index: PatchCoreIndex, images: np.ndarray | Sequence[np.ndarray], *,
             mesh: Mesh | None = None, axis: str = "data") -> tuple[np.ndarray, np.ndarray]:

@@ -44,6 +44,7 @@ import numpy as np
 
 from spade_jax import scoring
 from spade_jax.detector import common, metric_fit
+from spade_jax.features import geometry
 from spade_jax.host import progress
 from spade_jax.search import distances, sharding
 
@@ -78,9 +79,14 @@ class SpadeConfig:
     bandwidth: h > 0 of "softmin" / "kde", in the metric's distance units, for the
       image and the pixel scores alike; None: the median heuristic of the training
       images per part (scoring.variants.median_bandwidths), fitted with the index.
-    resize: shorter side before the centre crop (paper: 256).
-    crop: centre crop = anomaly-map size (paper: 224).
+    resize: shorter side before the centre crop (paper: 256); with crop=None, the
+      shorter side of image_size when that is chosen from an image (geometry.py).
+    crop: centre crop = anomaly-map size (paper: 224); None: the whole image, resized
+      to image_size.
     batch_size: images per backbone call and per scoring step (speed/memory only).
+    image_size: (H, W) every image is resized to with crop=None (the maps' size;
+      spade_jax.features.geometry); None with a crop. fit_folder and the scripts
+      choose it from the first training image when not given.
   """
   k_images: int = 50
   k_image_score: int = 5
@@ -90,13 +96,14 @@ class SpadeConfig:
   sigma: float = 4.0
   metric: str = "l2"
   resize: int = 256
-  crop: int = 224
+  crop: int | None = 224
   batch_size: int = 8
   aggregate: str = "mean"
   bandwidth: float | None = None
+  image_size: tuple[int, int] | None = None
 
   def __post_init__(self):
-    for name in ("k_images", "k_image_score", "kappa", "resize", "crop", "batch_size"):
+    for name in ("k_images", "k_image_score", "kappa", "batch_size"):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"SpadeConfig.{name} must be a positive int, got {value!r}")
@@ -112,9 +119,12 @@ class SpadeConfig:
                        f"{self.combine!r}")
     if isinstance(self.sigma, bool) or not isinstance(self.sigma, (int, float, np.number)):
       raise ValueError(f"SpadeConfig.sigma must be a number, got {self.sigma!r}")
-    if not 0 <= self.sigma <= self.crop:  # NaN and inf fail too.
-      raise ValueError(f"SpadeConfig.sigma must be finite, >= 0 and at most the crop size "
-                       f"{self.crop} (the maps' side), got {self.sigma!r}")
+    object.__setattr__(self, "image_size", geometry.check_geometry(
+        "SpadeConfig", self.resize, self.crop, self.image_size))
+    side = min(self.input_size) if self.crop is not None or self.image_size else self.resize
+    if not 0 <= self.sigma <= side:  # NaN and inf fail too.
+      raise ValueError(f"SpadeConfig.sigma must be finite, >= 0 and at most the maps' "
+                       f"shorter side {side}, got {self.sigma!r}")
     if self.metric not in distances.METRICS and self.metric not in KERNEL_METRICS:
       raise ValueError(f"SpadeConfig.metric must be a metric {sorted(distances.METRICS)} or "
                        f"a kernel {sorted(KERNEL_METRICS)}, got {self.metric!r}")
@@ -128,8 +138,6 @@ class SpadeConfig:
     metric_fit.check_bandwidth(self.bandwidth, self.aggregate)
     if self.bandwidth is not None:
       object.__setattr__(self, "bandwidth", float(self.bandwidth))
-    if self.crop > self.resize:
-      raise ValueError(f"SpadeConfig.crop={self.crop} is larger than resize={self.resize}")
 
   @property
   def is_kernel(self) -> bool:
@@ -154,10 +162,20 @@ class SpadeConfig:
     return {"k_image_score": self.k_image_score, "metric": self.metric,
             "aggregate": self.aggregate, "bandwidth": self.bandwidth}
 
+  @property
+  def input_size(self) -> tuple[int, int]:
+    """(H, W) of the backbone input and of the anomaly maps: (crop, crop) or image_size
+    (ValueError: crop=None without image_size)."""
+    return geometry.input_size("SpadeConfig", self.crop, self.image_size)
+
+  def geometry_fields(self) -> dict[str, Any]:
+    """resize, crop (and image_size with crop=None) of feature_config."""
+    return geometry.feature_fields("SpadeConfig", self.resize, self.crop, self.image_size)
+
   def feature_config(self, backbone_name: str) -> str:
     """Canonical JSON of what determines the stored features (not the scoring knobs)."""
     return json.dumps({"backbone": backbone_name, "layers": list(self.layers),
-                       "resize": self.resize, "crop": self.crop}, sort_keys=True)
+                       **self.geometry_fields()}, sort_keys=True)
 
 
 @struct.dataclass
@@ -269,11 +287,10 @@ class Spade:
 
     Logs progress as "<what>: <done> i / N images, ..." (see host/progress.py).
     """
-    from spade_jax.features.preprocessing import preprocess  # pylint: disable=import-outside-toplevel
     cfg = self.config
     for chunk in common.image_batches(images, what, done, cfg.batch_size):
       with progress.stage("backbone") as timed:
-        batch = preprocess(chunk, resize=cfg.resize, crop=cfg.crop)
+        batch = common.preprocess(chunk, cfg)
         out = timed.ready(self.backbone(jnp.asarray(batch, jnp.float32)))
       common.check_returned_levels(self.backbone, out, (*cfg.layers, "pool"))
       yield out["pool"], {l: out[l] for l in cfg.layers}
@@ -449,7 +466,7 @@ class Spade:
       score_maps = timed.ready(scoring.pixel_scores(
           levels, index.train_features, nbrs, kappa=cfg.kappa, combine=cfg.combine,
           **pixel_kwargs))
-    return common.scores_and_maps(scores, score_maps, cfg.crop, cfg.sigma)
+    return common.scores_and_maps(scores, score_maps, cfg.input_size, cfg.sigma)
 
   def score(self, index: SpadeIndex, images: np.ndarray | Sequence[np.ndarray], *,
             mesh: Mesh | None = None, axis: str = "data") -> tuple[np.ndarray, np.ndarray]:

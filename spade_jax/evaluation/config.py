@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from spade_jax.detector import KERNEL_METRICS, PadimConfig, PatchCoreConfig, SpadeConfig
+from spade_jax.detector import KERNEL_METRICS, PadimConfig, PatchCoreConfig, SpadeConfig, tiling
+from spade_jax.features import geometry
 from spade_jax.search import distances
 
 _DEFAULT = SpadeConfig()
@@ -80,7 +81,7 @@ class EvalConfig:
   aggregate: str = _DEFAULT.aggregate
   bandwidth: float | None = _DEFAULT.bandwidth
   resize: int = _DEFAULT.resize
-  crop: int = _DEFAULT.crop
+  crop: int | None = _DEFAULT.crop
   method: str = "spade"
   coreset_ratio: float = _PATCHCORE.coreset_ratio
   patch_size: int = _PATCHCORE.patch_size
@@ -92,6 +93,10 @@ class EvalConfig:
   feature_seed: int = _PADIM.feature_seed
   regularization: str = _PADIM.regularization
   epsilon: float = _PADIM.epsilon
+  image_size: tuple[int, int] | None = None
+  tile_size: int | None = None
+  tile_overlap: int = 0
+  tile_merge: str = "mean"
 
   def __post_init__(self):
     if not isinstance(self.data_dir, (str, os.PathLike)):
@@ -111,21 +116,35 @@ class EvalConfig:
       raise ValueError(f"EvalConfig.sigma must be a number, got {sigma!r}")
     if not math.isfinite(sigma) or sigma < 0:
       raise ValueError(f"EvalConfig.sigma must be finite and >= 0 (0: no blur), got {sigma!r}")
-    if isinstance(self.crop, numbers.Real) and sigma > self.crop:
+    if isinstance(self.crop, numbers.Real) and not isinstance(self.crop, bool) \
+        and sigma > self.crop:
       raise ValueError(
           f"EvalConfig.sigma={sigma!r} is wider than the anomaly maps: it must be at most "
           f"crop={self.crop} pixels (a wider blur only flattens the maps)")
     self.detector_config(batch_size=1)  # The method's checks (k's, layers, crop, ...).
+    object.__setattr__(self, "image_size", geometry.check_image_size(self.image_size))
+    if self.tile_size is not None:
+      tiling.TileConfig(self.tile_size, self.tile_overlap, self.tile_merge)  # Checks them.
+      if self.crop is not None or self.image_size is not None:
+        raise ValueError("EvalConfig.tile_size cuts the images into tiles at their native "
+                         "resolution: it needs crop=None and no image_size")
     object.__setattr__(self, "sigma", float(sigma))
     if self.bandwidth is not None:
       object.__setattr__(self, "bandwidth", float(self.bandwidth))
+
+  @property
+  def tiles(self) -> tiling.TileConfig | None:
+    """The tiling (detector.tiling), or None."""
+    if self.tile_size is None:
+      return None
+    return tiling.TileConfig(self.tile_size, self.tile_overlap, self.tile_merge)
 
   def spade_config(self, batch_size: int) -> SpadeConfig:
     return SpadeConfig(k_images=self.k_images, k_image_score=self.k_image_score,
                        kappa=self.kappa, layers=tuple(self.layers), combine=self.combine,
                        sigma=self.sigma, metric=self.metric, aggregate=self.aggregate,
                        bandwidth=self.bandwidth, resize=self.resize, crop=self.crop,
-                       batch_size=batch_size)
+                       image_size=self.image_size, batch_size=batch_size)
 
   def patchcore_config(self, batch_size: int) -> PatchCoreConfig:
     check_patchcore_scoring(self.metric, self.aggregate, self.bandwidth)
@@ -134,14 +153,16 @@ class EvalConfig:
                            image_score=self.image_score, topk=self.topk,
                            reduction=self.reduction,
                            metric=self.metric, sigma=self.sigma, resize=self.resize,
-                           crop=self.crop, batch_size=batch_size)
+                           crop=self.crop, image_size=self.image_size,
+                           batch_size=batch_size)
 
   def padim_config(self, batch_size: int) -> PadimConfig:
     check_padim_scoring(self.metric, self.aggregate, self.bandwidth)
     return PadimConfig(layers=tuple(self.layers), num_features=self.num_features,
                        feature_seed=self.feature_seed, regularization=self.regularization,
                        epsilon=self.epsilon, sigma=self.sigma, resize=self.resize,
-                       crop=self.crop, batch_size=batch_size)
+                       crop=self.crop, image_size=self.image_size,
+                       batch_size=batch_size)
 
   def detector_config(self, batch_size: int) -> SpadeConfig | PatchCoreConfig | PadimConfig:
     """The chosen method's config (ValueError naming a bad setting)."""
@@ -168,6 +189,10 @@ class EvalConfig:
       d["epsilon"] = None  # Unused by Ledoit-Wolf: the numbers do not depend on it.
     keys = [k for k in _COMMON_KEYS if k not in _UNUSED_KEYS.get(self.method, ())]
     out = {key: d[key] for key in keys + list(_METHOD_KEYS[self.method])}
+    if self.crop is None:  # Whole images: their size (None: each category's first image).
+      out["image_size"] = None if self.image_size is None else list(self.image_size)
+    if self.tile_size is not None:
+      out.update(self.tiles.settings())
     if self.method == "patchcore":
       out.update(patchcore_json(self.patchcore_config(batch_size=1)))
     return out

@@ -12,19 +12,25 @@ logged (a warning naming it and why), left out and listed in the report, never f
 Chunks hold whole batches of readable images, so the detector sees the batches it
 would see for the same images passed at once: the numbers equal Spade.fit / score's.
 
-predict_folder writes scores.csv, heatmaps/ and summary.png (predictions.py). The
-heatmaps share one colour scale, the min and max over all the maps of the run, which
-is only known once every image is scored: the maps and the cropped images wait in
-memory-mapped files in a hidden temporary folder of the output folder meanwhile.
+Whole images (a detector config with crop=None, fit.py's and predict.py's default):
+fit_folder takes the one input size from the first image unless the config's
+image_size gives it, and the index records it (spade_jax.features.geometry).
+
+predict_folder writes scores.csv, heatmaps/, maps/ (save_maps) and summary.png
+(predictions.py), every map at its image's own size. The heatmaps share one colour
+scale, the min and max over all the maps of the run, which is only known once every
+image is scored: the maps at the input size wait in a memory-mapped file in the run's
+staging folder meanwhile, and each image is read again for its heatmap.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 import dataclasses
 import datetime
 import os
 import pathlib
+import shutil
 import tempfile
 import time
 from typing import Any
@@ -32,18 +38,21 @@ from typing import Any
 from absl import logging
 import jax
 import numpy as np
+import PIL.Image
 
 from spade_jax.data import folder
-from spade_jax.detector import calibration, common, index_file
+from spade_jax.detector import calibration, common, index_file, tiling
 from spade_jax.detector import padim as padim_lib
 from spade_jax.detector import patchcore as patchcore_lib
 from spade_jax.detector import spade as spade_lib
 from spade_jax.detector.padim import Padim
 from spade_jax.detector.spade import Spade
 from spade_jax.evaluation import heatmaps, predictions
+from spade_jax.features import geometry
 from spade_jax.host import progress
 
 _CHUNK_BATCHES = 8  # Images read at once = this many detector batches.
+_SUMMARY_SIDE = 320  # Summary rows show large photos shrunk to this shorter side.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,11 +61,12 @@ class FitReport:
 
   Attributes:
     index_path: the index file written.
-    num_images: training images in the index.
+    num_images: training images in the index (tiles, with tiling).
     skipped: files left out (not readable images).
     threshold: the calibrated threshold stored with the index, or None.
     held_out_scores: [num_images] the calibration's held-out scores, or None.
     seconds: wall time.
+    input_size: (H, W) every image was resized (and cropped) to: the maps' size.
   """
   index_path: pathlib.Path
   num_images: int
@@ -64,6 +74,7 @@ class FitReport:
   threshold: calibration.Threshold | None
   held_out_scores: np.ndarray | None
   seconds: float
+  input_size: tuple[int, int] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,8 +170,14 @@ def check_index_path(path: str | os.PathLike[str]) -> pathlib.Path:
 def fit_folder(spade, train_dir: str | os.PathLike[str], index_path: str | os.PathLike[str],
                *, calibrate: bool = False, quantile: float = 0.99, folds: int | None = None,
                settings: dict[str, Any] | None = None,
+               tiles: tiling.TileConfig | None = None,
                log: Callable[[str], None] = logging.info) -> FitReport:
   """Fits `spade` on every image under `train_dir` and writes the index (save_index).
+
+  A detector whose config has crop=None (the whole image) and no image_size gets the
+  first readable image's size with its shorter side at config.resize (aspect kept);
+  every image is resized to that one size (a warning counts those stretched to it),
+  and the index records it: predict_folder uses it.
 
   Args:
     spade: a spade_jax.Spade, PatchCore or Padim (its config's batch_size sets the
@@ -172,6 +189,8 @@ def fit_folder(spade, train_dir: str | os.PathLike[str], index_path: str | os.Pa
     quantile, folds: of the calibration (folds None: SPADE leave-one-out, PatchCore
       calibration.PATCHCORE_FOLDS folds, PaDiM calibration.PADIM_FOLDS).
     settings: recorded in the index (save_index's `settings`), e.g. fit.py's flags.
+    tiles: fit on the images' tiles at their native resolution (detector.tiling; every
+      tile counts as a training image); recorded in the index's settings.
     log: progress lines.
 
   Raises:
@@ -181,7 +200,14 @@ def fit_folder(spade, train_dir: str | os.PathLike[str], index_path: str | os.Pa
   start = time.perf_counter()
   index_path = check_index_path(index_path)
   files = _image_files(train_dir, "training images")
-  _check_k(spade, len(files), f"training folder {str(train_dir)!r}")
+  if tiles is not None:
+    if calibrate:
+      raise ValueError("calibrating a threshold on tiles is not supported yet: drop "
+                       "--calibrate or --tile_size")
+    spade = tiling.tiled_detector(spade, tiles)  # Every tile one input of T x T.
+    settings = {**(settings or {}), **tiles.settings()}
+  else:  # (Tiles are more than the images: counted after reading.)
+    _check_k(spade, len(files), f"training folder {str(train_dir)!r}")
   is_spade = isinstance(spade, Spade)
   _check_learned(spade, len(files), f"training folder {str(train_dir)!r}")
   if calibrate:  # Checked before any work; again below if files are skipped.
@@ -192,15 +218,26 @@ def fit_folder(spade, train_dir: str | os.PathLike[str], index_path: str | os.Pa
   chunks = []
   report = progress.Progress("fit: features of", len(files), log=log)
   chunk = _CHUNK_BATCHES * spade.config.batch_size
-  count = 0
+  count = stretched = 0
   for images, _ in folder.read_chunks(files, chunk, _warn_skip(skipped)):
+    if not count:  # Whole images: one input size, the first image's unless given.
+      spade = common.with_whole_image_size(spade, *images[0].shape[:2])
+      h, w = spade.config.input_size
+      if tiles is not None:
+        log(f"fit: tiles of {h}x{w} at the images' native resolution")
+      elif spade.config.crop is None:
+        log(f"fit: whole images, resized to {h}x{w} (image_size)")
+    if tiles is not None:
+      images = tiling.Tiled(spade, tiles).training_tiles(images)
     with progress.quiet():
       chunks.append(spade.extract(images))
     count += len(images)
+    stretched += _count_stretched(images, spade.config)
     report.update(count + len(skipped))
   if count == 0:
     raise ValueError(f"training images: none of the {len(files)} image files under "
                      f"{str(train_dir)!r} is readable (see the warnings above)")
+  _warn_stretched(stretched, count, spade.config, "fit")
   _check_k(spade, count, f"training folder {str(train_dir)!r} (readable images)")
   _check_learned(spade, count, f"training folder {str(train_dir)!r} (readable images)")
   if calibrate:  # The plan, checked and logged before the index is fitted.
@@ -223,14 +260,49 @@ def fit_folder(spade, train_dir: str | os.PathLike[str], index_path: str | os.Pa
                                                             quantile=quantile, folds=folds)
   index_file.save_index(index_path, index, threshold=threshold, settings=settings)
   return FitReport(index_path, count, skipped, threshold, held_out,
-                   time.perf_counter() - start)
+                   time.perf_counter() - start, spade.config.input_size)
+
+
+def _count_stretched(images: Sequence[np.ndarray], config: Any) -> int:
+  """How many of `images` a whole-image config resizes to another aspect ratio (more
+  than 1% off its input size's); 0 with a crop (aspect kept)."""
+  if config.crop is not None:
+    return 0
+  h, w = config.input_size
+  return sum(int(abs((x.shape[0] / x.shape[1]) / (h / w) - 1) > 0.01) for x in images)
+
+
+def _warn_stretched(count: int, total: int, config: Any, what: str) -> None:
+  if count:
+    h, w = config.input_size
+    logging.warning("%s: %d of %d images have another aspect ratio than the input size "
+                    "%dx%d (image_size) and were resized to it, stretched", what, count,
+                    total, h, w)
+
+
+def _summary_panel(path: pathlib.Path, full_map: np.ndarray, fill: float
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """(image, map) of one summary row: the image and its map (at the image's size, NaN
+  outside a crop: `fill`), their shorter side at most _SUMMARY_SIDE pixels (large
+  photos shrunk)."""
+  image = folder.read_image(path)
+  full_map = np.nan_to_num(full_map, nan=fill)
+  h, w = image.shape[:2]
+  scale = min(1.0, _SUMMARY_SIDE / min(h, w))
+  if scale < 1:
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    image = np.asarray(PIL.Image.fromarray(image).resize(size, PIL.Image.BILINEAR))
+    full_map = np.asarray(PIL.Image.fromarray(full_map.astype(np.float32), "F").resize(
+        size, PIL.Image.BILINEAR))
+  return image, full_map
 
 
 def predict_folder(spade, index, images_dir: str | os.PathLike[str],
                    output_dir: str | os.PathLike[str], *,
                    threshold: calibration.Threshold | None = None, write_heatmaps: bool = True,
-                   num_summary: int = 8, log: Callable[[str], None] = logging.info
-                   ) -> PredictReport:
+                   num_summary: int = 8, save_maps: bool = False,
+                   tiles: tiling.TileConfig | None = None,
+                   log: Callable[[str], None] = logging.info) -> PredictReport:
   """Scores every image under `images_dir` with `index`; writes predictions.py's files.
 
   Args:
@@ -245,7 +317,14 @@ def predict_folder(spade, index, images_dir: str | os.PathLike[str],
     threshold: adds the anomalous column and marks the summary (None: no decisions).
     write_heatmaps: one heatmap PNG per image.
     num_summary: images in summary.png (0: no summary).
+    save_maps: also write maps/<path>.npy per image: float32 [H, W] at the image's own
+      size (predictions.write_map; NaN outside a crop's region).
+    tiles: score each image tile by tile at its native resolution (detector.tiling;
+      an index fitted with the same tile_size); image score = max over its tiles.
     log: progress lines.
+
+  The maps of the heatmaps, of maps/ and of the summary are at each image's own size
+  (geometry.to_original); the heatmaps show the image as it is, with its map.
 
   Raises:
     ValueError: no (readable) image, an unusable output_dir, an index for another
@@ -254,6 +333,8 @@ def predict_folder(spade, index, images_dir: str | os.PathLike[str],
   start = time.perf_counter()
   if isinstance(num_summary, bool) or not isinstance(num_summary, int) or num_summary < 0:
     raise ValueError(f"num_summary must be an int >= 0, got {num_summary!r}")
+  if tiles is not None:
+    spade = tiling.tiled_detector(spade, tiles)  # Every tile one input of T x T.
   cfg = spade.config
   if threshold is not None:  # Before any work: a threshold applied under other settings.
     threshold.check(cfg, "predict")
@@ -286,40 +367,73 @@ def predict_folder(spade, index, images_dir: str | os.PathLike[str],
   # Every output is built in the run's staging folder and put in place at the end
   # (predictions.start_run): the folder holds the previous complete run until then.
   with predictions.start_run(output_dir) as run:
-    shape = (len(files), cfg.crop, cfg.crop)
-    maps = np.memmap(run.stage / "maps", np.float32, "w+", shape=shape)
-    views = np.memmap(run.stage / "views", np.uint8, "w+", shape=(*shape, 3))
+    # Maps at the input size wait in a memory-mapped file; each image's own size is
+    # restored when its outputs are written (the images are read again then).
+    # With tiles, each image's stitched map (at its own size) waits in a .npy file.
+    maps = None if tiles is not None else np.memmap(
+        run.stage / ".input-maps", np.float32, "w+", shape=(len(files), *cfg.input_size))
+    tiled = None if tiles is None else tiling.Tiled(spade, tiles)
+    tile_maps = run.stage / ".tile-maps"
+    sizes, stretched, low, high = [], 0, np.inf, -np.inf
     for images, read in folder.read_chunks(files, _CHUNK_BATCHES * cfg.batch_size,
                                            _warn_skip(skipped)):
-      with progress.quiet():
-        chunk_scores, chunk_maps = spade.score(index, images)
-      rows = slice(len(paths), len(paths) + len(read))
-      maps[rows] = chunk_maps
-      views[rows] = heatmaps.model_view(images, resize=cfg.resize, crop=cfg.crop)
+      if tiled is None:
+        with progress.quiet():
+          chunk_scores, chunk_maps = spade.score(index, images)
+        maps[len(paths):len(paths) + len(read)] = chunk_maps
+        low, high = min(low, chunk_maps.min()), max(high, chunk_maps.max())
+        stretched += _count_stretched(images, cfg)
+      else:
+        chunk_scores = []
+        for i, image in enumerate(images):
+          with progress.quiet():
+            score, full = tiled.score_image(index, image)
+          tile_maps.mkdir(exist_ok=True)
+          np.save(tile_maps / f"{len(paths) + i}.npy", full)
+          chunk_scores.append(score)
+          low, high = min(low, full.min()), max(high, full.max())
+        chunk_scores = np.asarray(chunk_scores, np.float32)
+      sizes += [image.shape[:2] for image in images]
       paths += [f.relative for f in read]
       scores.append(chunk_scores)
       report.update(len(paths) + len(skipped) - unsupported)
     if not paths:
       raise ValueError(f"images: none of the {len(files)} image files under "
                        f"{str(images_dir)!r} is readable (see the warnings above)")
+    _warn_stretched(stretched, len(paths), cfg, "predict")
     scores = np.concatenate(scores).astype(np.float32)
     skipped.sort(key=lambda s: s.relative)
     cut = None if threshold is None else threshold.value
     predictions.write_scores(run.stage, paths, scores, cut)
     predictions.write_skipped(run.stage, [(s.relative, s.reason) for s in skipped])
     n = len(paths)
-    vmin, vmax = float(np.min(maps[:n])), float(np.max(maps[:n]))
-    if write_heatmaps:
+    vmin, vmax = float(low), float(high)
+    by_path = {f.relative: f.path for f in files}
+
+    def full_map(i: int) -> np.ndarray:  # Image i's map at its own size.
+      if tiled is not None:
+        return np.load(tile_maps / f"{i}.npy")
+      return geometry.to_original(maps[i], *sizes[i], resize=cfg.resize, crop=cfg.crop)
+
+    if write_heatmaps or save_maps:
       for i, path in enumerate(paths):
-        figure = heatmaps.render_prediction(views[i], maps[i], vmin=vmin, vmax=vmax)
-        heatmaps.save_png(predictions.heatmap_path(run.stage, path), figure)
+        image = folder.read_image(by_path[path]) if write_heatmaps else None
+        full = full_map(i)
+        if save_maps:
+          predictions.write_map(run.stage, path, full)
+        if write_heatmaps:
+          figure = heatmaps.render_prediction(image, np.nan_to_num(full, nan=vmin),
+                                              vmin=vmin, vmax=vmax)
+          heatmaps.save_png(predictions.heatmap_path(run.stage, path), figure)
     if num_summary:
       top = np.argsort(-scores, kind="stable")[:num_summary]
       captions = predictions.summary_captions([paths[i] for i in top], scores[top], cut)
-      figure = predictions.render_summary(views[top], maps[top], captions, vmin=vmin,
-                                          vmax=vmax)
+      panels = [_summary_panel(by_path[paths[i]], full_map(i), vmin) for i in top]
+      figure = predictions.render_summary([v for v, _ in panels], [m for _, m in panels],
+                                          captions, vmin=vmin, vmax=vmax)
       heatmaps.save_png(run.stage / predictions.SUMMARY_FILE, figure)
-    del maps, views  # Close the memory maps before their folder goes.
+    maps = None  # Close the memory map before its folder goes.
+    shutil.rmtree(tile_maps, ignore_errors=True)
     run.commit(_run_record(spade, images_dir, n, len(skipped), cut))
   return PredictReport(paths, scores, skipped, run.out / predictions.SCORES_FILE,
                        run.out / predictions.SUMMARY_FILE if num_summary else None, vmin,

@@ -60,14 +60,16 @@ def normalize(anomaly_map: np.ndarray, vmin: float | None = None,
   return np.clip((anomaly_map - lo) / (hi - lo), 0, 1).astype(np.float32)
 
 
-def model_view(images_uint8: np.ndarray, *, resize: int, crop: int) -> np.ndarray:
-  """[N, crop, crop, 3] uint8: the images resized and centre-cropped as the detector
-  sees them (spade_jax.preprocess without the normalisation), i.e. the maps' frame.
+def model_view(images_uint8: np.ndarray, *, resize: int, crop: int | None,
+               image_size: tuple[int, int] | None = None) -> np.ndarray:
+  """[N, crop, crop, 3] (crop=None: [N, H, W, 3], image_size) uint8: the images resized
+  and centre-cropped as the detector sees them (spade_jax.preprocess without the
+  normalisation), i.e. the maps' frame.
 
   images_uint8: [N, H, W, 3] uint8 or a list of [H_i, W_i, 3] uint8.
   """
   from spade_jax.features import preprocessing as pp  # pylint: disable=import-outside-toplevel
-  x = pp.preprocess(images_uint8, resize=resize, crop=crop)
+  x = pp.preprocess(images_uint8, resize=resize, crop=crop, image_size=image_size)
   x = x * np.asarray(pp.IMAGENET_STD, np.float32) + np.asarray(pp.IMAGENET_MEAN, np.float32)
   return np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from spade_jax.detector import common, tiling
 from spade_jax.detector.padim import Padim
 from spade_jax.evaluation import config as config_lib
 from spade_jax.evaluation import results as results_lib
@@ -71,14 +72,16 @@ def _finish(result: dict[str, Any], start: float, stages: dict[str, float]) -> d
 def _write_heatmaps(heatmap_dir: pathlib.Path | None, num_heatmaps: int,
                     images_of: Callable[[list[int]], np.ndarray], labels: np.ndarray,
                     defects: Sequence[str], paths: Sequence[str], masks: np.ndarray,
-                    maps: np.ndarray, *, resize: int, crop: int) -> None:
+                    maps: np.ndarray, *, resize: int, crop: int | None,
+                    image_size: tuple[int, int] | None = None) -> None:
   """A few heatmap PNGs; images_of(indices) -> those test images [n, H, W, 3] uint8."""
   from spade_jax.evaluation import heatmaps  # pylint: disable=import-outside-toplevel
   if heatmap_dir is None or num_heatmaps <= 0:
     return
   heatmap_dir.mkdir(parents=True, exist_ok=True)
   picks = _heatmap_indices(labels, defects, num_heatmaps)
-  views = heatmaps.model_view(images_of(picks), resize=resize, crop=crop)
+  views = heatmaps.model_view(images_of(picks), resize=resize, crop=crop,
+                              image_size=image_size)
   vmax = float(np.max(maps))
   vmin = float(np.min(maps))
   for view, i in zip(views, picks):
@@ -87,10 +90,15 @@ def _write_heatmaps(heatmap_dir: pathlib.Path | None, num_heatmaps: int,
                                vmin=vmin, vmax=vmax)
 
 
-def evaluate_category(spade, category_data, *, crop: int, resize: int,
+def evaluate_category(spade, category_data, *, crop: int | None, resize: int,
                       heatmap_dir: pathlib.Path | None, num_heatmaps: int,
-                      log: Callable[[str], None], mesh=None) -> dict[str, Any]:
+                      log: Callable[[str], None], mesh=None,
+                      tiles: tiling.TileConfig | None = None) -> dict[str, Any]:
   """Fits on one category's normal images, scores its test set, returns its metrics.
+
+  crop=None: the whole images at one input size (the detector's image_size, else the
+  first training image's, aspect kept), masks resized to it. tiles: native-resolution
+  tiles (detector.tiling), the metrics at the masks' own resolution.
 
   The result also holds the seconds of the whole category ("seconds") and of each
   stage ("stage_seconds": backbone, search, maps, metrics; see results.py).
@@ -98,7 +106,13 @@ def evaluate_category(spade, category_data, *, crop: int, resize: int,
   from spade_jax.features.preprocessing import preprocess_masks  # pylint: disable=import-outside-toplevel
   start = time.perf_counter()
   data = category_data
-  masks = preprocess_masks(data.test_masks, resize=resize, crop=crop)
+  if tiles is not None:  # Native-resolution tiles; metrics at the masks' own resolution.
+    spade = tiling.Tiled(spade, tiles)
+    resize = crop = image_size = None
+  else:
+    spade = common.with_whole_image_size(spade, *np.shape(data.train_images[0])[:2])
+    image_size = spade.config.image_size
+  masks = preprocess_masks(data.test_masks, resize=resize, crop=crop, image_size=image_size)
   config_lib.check_masks(data.category, masks)  # Before the expensive part.
   with progress.record_stages() as stages:
     log(f"  fit on {len(data.train_images)} normal images")
@@ -106,10 +120,12 @@ def evaluate_category(spade, category_data, *, crop: int, resize: int,
                                                                           mesh=mesh)
     log(f"  score {len(data.test_images)} test images")
     scores, maps = spade.score(index, data.test_images)
+    maps = np.stack(maps)  # Tiled: a list of maps at the images' (equal) size.
     labels = np.asarray(data.test_labels)
     result = _category_result(scores, maps, masks, labels, len(data.train_images))
   _write_heatmaps(heatmap_dir, num_heatmaps, lambda picks: data.test_images[picks], labels,
-                  data.test_defects, data.test_paths, masks, maps, resize=resize, crop=crop)
+                  data.test_defects, data.test_paths, masks, maps, resize=resize, crop=crop,
+                  image_size=image_size)
   return _finish(result, start, stages)
 
 
@@ -137,6 +153,9 @@ def evaluate_category_multiprocess(spade, data_dir: pathlib.Path, name: str, mes
     log(f"  fit on {len(files.train)} normal images ({len(train_files)} read here)")
     train = mvtec.stack_split([mvtec.read_rgb(f) for f in train_files],
                               [files.relative(f) for f in train_files], f"{name} train")
+    # Every process reads its own first image: the category's images share one size.
+    spade = common.with_whole_image_size(spade, *train.shape[1:3])
+    image_size = spade.config.image_size
     features = spade.extract(train)
     if _fits_on_all_images(spade):  # Every process fits on all the training embeddings.
       index = spade.fit_features(distributed.gather_shares(features, len(files.train)),
@@ -152,8 +171,8 @@ def evaluate_category_multiprocess(spade, data_dir: pathlib.Path, name: str, mes
     n_test = len(files.test)
     features = jax.tree.map(lambda v: distributed.gather_shares(v, n_test),
                             spade.extract(test))
-    masks = distributed.gather_shares(preprocess_masks(local_masks, resize=resize, crop=crop),
-                                      n_test)
+    masks = distributed.gather_shares(preprocess_masks(local_masks, resize=resize, crop=crop,
+                                                       image_size=image_size), n_test)
     config_lib.check_masks(name, masks)
     scores, maps = spade.score_features(index, *_feature_args(features))
     labels = np.array([int(t.defect != mvtec.GOOD) for t in files.test], np.int32)
@@ -164,7 +183,7 @@ def evaluate_category_multiprocess(spade, data_dir: pathlib.Path, name: str, mes
         heatmap_dir, num_heatmaps,
         lambda picks: np.stack([mvtec.read_test_example(files.test[i])[0] for i in picks]),
         labels, [t.defect for t in files.test], all_paths, masks, maps, resize=resize,
-        crop=crop)
+        crop=crop, image_size=image_size)
   return _finish(result, start, stages)
 
 
@@ -243,6 +262,8 @@ def evaluate(config: EvalConfig, *, output_dir: str | os.PathLike[str],
 
   config.detector_config(batch_size)  # Checks batch_size.
   multiprocess = jax.process_count() > 1
+  if multiprocess and config.tiles is not None:
+    raise ValueError("tiles (--tile_size) are not supported with several processes yet")
   writer = jax.process_index() == 0
   data_dir = pathlib.Path(config.data_dir)
   found = mvtec.list_categories(data_dir)
@@ -301,7 +322,7 @@ def evaluate(config: EvalConfig, *, output_dir: str | os.PathLike[str],
         kwargs = {} if mesh is None else {"mesh": mesh}
         result = evaluate_category(spade, data, crop=config.crop, resize=config.resize,
                                    heatmap_dir=heatmap_dir, num_heatmaps=num_heatmaps,
-                                   log=log, **kwargs)
+                                   log=log, tiles=config.tiles, **kwargs)
       if store is not None:
         results = store.merge(name, result)
       else:
@@ -360,7 +381,7 @@ def evaluate_loaded(config: EvalConfig, datasets: Mapping[str, Any], *,
       result = evaluate_category(
           spade, data, crop=config.crop, resize=config.resize,
           heatmap_dir=out / "heatmaps" / name, num_heatmaps=num_heatmaps, log=log,
-          **({} if mesh is None else {"mesh": mesh}))
+          tiles=config.tiles, **({} if mesh is None else {"mesh": mesh}))
       store.merge(name, result)
   except BaseException:
     with contextlib.suppress(Exception):

@@ -8,8 +8,10 @@
                                  images, and image formats that are not read (GIF,
                                  HEIC, ...: folder.UNSUPPORTED_EXTENSIONS); only when
                                  there are some
-  <output_dir>/heatmaps/<path>.png   per image: the image as the detector saw it |
-                                 its anomaly map over it (one colour scale for all)
+  <output_dir>/heatmaps/<path>.png   per image: the image at its own size | its
+                                 anomaly map over it (one colour scale for all)
+  <output_dir>/maps/<path>.npy   per image with save_maps: its anomaly map, float32
+                                 [H, W] at the image's own size (NaN outside a crop)
   <output_dir>/summary.png       the most anomalous images, highest score first
   <output_dir>/.predict-complete JSON naming the run (finished, images_dir, images,
                                  skipped, threshold, outputs: the files above it
@@ -27,7 +29,7 @@ A run's outputs appear together or not at all (start_run):
   output folder changes meanwhile.
 * Commit: once everything is written, the run's marker goes into the staging folder,
   the old .predict-complete is removed, the previous run's outputs (scores.csv,
-  skipped.csv, heatmaps/, summary.png: only these) are replaced by this run's or
+  skipped.csv, heatmaps/, maps/, summary.png: only these) are replaced by this run's or
   removed (scores.csv last), and the marker is renamed into place last.
 * What a reader can rely on: where .predict-complete exists, the outputs beside it
   are those of the one complete run it names, and no file of an earlier run is among
@@ -87,10 +89,12 @@ SCORES_FILE = "scores.csv"
 SKIPPED_FILE = "skipped.csv"
 SUMMARY_FILE = "summary.png"
 HEATMAPS_DIR = "heatmaps"
+MAPS_DIR = "maps"
 COMPLETE_FILE = ".predict-complete"
 LOCK_FILE = ".predict.lock"
-RUN_OUTPUTS = (SCORES_FILE, SKIPPED_FILE, HEATMAPS_DIR, SUMMARY_FILE)
-_COMMIT_ORDER = (HEATMAPS_DIR, SUMMARY_FILE, SKIPPED_FILE, SCORES_FILE)
+RUN_OUTPUTS = (SCORES_FILE, SKIPPED_FILE, HEATMAPS_DIR, MAPS_DIR, SUMMARY_FILE)
+_COMMIT_ORDER = (HEATMAPS_DIR, MAPS_DIR, SUMMARY_FILE, SKIPPED_FILE, SCORES_FILE)
+_FOLDERS = (HEATMAPS_DIR, MAPS_DIR)
 _STAGING = "predict-run"  # Staging folders: atomic.new_temp_dir(<out>/predict-run).
 _TRASH = ".replaced"  # In a staging folder: the outputs its commit replaced.
 _LEGACY_TEMP = re.compile(r"\.predict-[a-z0-9_]{8}")  # tempfile folders of old versions.
@@ -176,10 +180,11 @@ def _check_outputs(out: pathlib.Path) -> None:
     if (out / name).is_dir() and not (out / name).is_symlink():
       raise ValueError(f"{str(out / name)!r} is a folder, but predict.py writes a file of "
                        f"that name; move it away or {_FIX}")
-  if (out / HEATMAPS_DIR).exists() and not (out / HEATMAPS_DIR).is_dir():
-    raise ValueError(f"{str(out / HEATMAPS_DIR)!r} is a file, but heatmaps go in a folder "
-                     f"of that name; move it away or {_FIX}")
-  present = [name + "/" * (name == HEATMAPS_DIR) for name in RUN_OUTPUTS
+  for name in _FOLDERS:
+    if (out / name).exists() and not (out / name).is_dir():
+      raise ValueError(f"{str(out / name)!r} is a file, but {name} go in a folder of that "
+                       f"name; move it away or {_FIX}")
+  present = [name + "/" * (name in _FOLDERS) for name in RUN_OUTPUTS
              if os.path.lexists(out / name)]
   if present and not _written_by_predict(out):
     raise ValueError(f"output folder {str(out)!r} holds {', '.join(present)}, which no "
@@ -408,6 +413,22 @@ def heatmap_path(out: pathlib.Path, relative: str) -> pathlib.Path:
   return out / HEATMAPS_DIR / f"{relative}.png"
 
 
+def map_path(out: pathlib.Path, relative: str) -> pathlib.Path:
+  """<out>/maps/<relative>.npy: the image folder's tree, one map per image (its name kept
+  whole, as heatmap_path)."""
+  return out / MAPS_DIR / f"{relative}.npy"
+
+
+def write_map(out: pathlib.Path, relative: str, anomaly_map: np.ndarray) -> pathlib.Path:
+  """Writes one image's map, float32 [H, W] at the image's own size, to map_path."""
+  path = map_path(out, relative)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with atomic.atomic_path(path) as tmp:
+    with open(tmp, "wb") as f:
+      np.save(f, np.asarray(anomaly_map, np.float32), allow_pickle=False)
+  return path
+
+
 def _write_csv(path: pathlib.Path, rows: Sequence[Sequence[object]]) -> None:
   """UTF-8, a file name's undecodable bytes as they were (surrogateescape)."""
   buffer = io.StringIO()
@@ -471,15 +492,15 @@ def render_summary(views: np.ndarray, maps: np.ndarray,
   """One row per image, top to bottom: two caption lines above image | overlay.
 
   Args:
-    views: [n, H, W, 3] uint8 images as the detector saw them (heatmaps.model_view).
-    maps: [n, H, W] float anomaly maps.
+    views: n images [H_i, W_i, 3] uint8 (an array or a list).
+    maps: n anomaly maps [H_i, W_i] float, each its image's size.
     captions: n (first line, second line) pairs; a line too long for the row is cut
       at its start ('...').
     vmin, vmax: the colour scale (as the per-image heatmaps use).
 
   Returns:
     [n (2 lines + H' + gap) - gap, 2 W' + gap, 3] uint8, where H', W' are H, W
-    enlarged (nearest) to at least 160 pixels.
+    enlarged (nearest) to at least 160 pixels (rows of narrower images padded white).
   """
   if len(views) == 0:
     raise ValueError("render_summary needs at least one image")
@@ -497,6 +518,9 @@ def render_summary(views: np.ndarray, maps: np.ndarray,
                 fill="black", font=font)
     gap = np.full((_GAP, figure.shape[1], 3), 255, np.uint8)
     rows += [np.asarray(strip), figure, gap]
+  width = max(r.shape[1] for r in rows)  # Images of other sizes: rows padded white.
+  rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255)
+          for r in rows]
   return np.concatenate(rows[:-1], axis=0)
 
 
