@@ -14,8 +14,11 @@ Settings come from the index exactly as predict.py takes them (the detector flag
 predict.py, e.g. --kappa, override the recorded ones where predict.py allows it), so
 run.py gives predict.py's scores. --platforms=cpu,cuda,tpu exports one program for
 several platforms (exported on any machine: no accelerator needed). --batch_size is the
-number of images per program call (run.py pads the last batch). --image_size=H,W makes
-run.py refuse images of another size (default: any size, resized as the detector does).
+number of images per program call (run.py pads the last batch). --fixed_image_size=H,W
+makes run.py refuse images of another size (default: any size, brought to the index's
+input size as predict.py does: resized whole with fit.py's default --crop=none, or resized
+and centre-cropped with a --crop index). Indexes fitted on tiles (--tile_size) cannot be
+exported yet.
 """
 
 from collections.abc import Sequence
@@ -30,9 +33,9 @@ _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "The folder to write (new 
                                   required=True)
 _PLATFORMS = flags.DEFINE_list("platforms", ["cpu"], "Where the program may run: cpu, "
                                "cuda, rocm, tpu (comma-separated; one program for all).")
-_IMAGE_SIZE = flags.DEFINE_list("image_size", None, "H,W (or one side): run.py refuses "
-                                "images of another size. Default: any size.")
-_DETECTOR = detector_flags.define_detector_flags()
+_FIXED_IMAGE_SIZE = flags.DEFINE_list("fixed_image_size", None, "H,W (or one side): run.py "
+                                      "refuses images of another size. Default: any size.")
+_DETECTOR = detector_flags.define_detector_flags(crop_default="none")
 flags.adopt_module_key_flags(detector_flags)
 
 
@@ -42,7 +45,8 @@ def _image_size(values: list[str] | None):
   try:
     sides = [int(v) for v in values]
   except ValueError as e:
-    raise ValueError(f"--image_size must be H,W or one side in pixels, got {values}") from e
+    raise ValueError(f"--fixed_image_size must be H,W or one side in pixels, got "
+                     f"{values}") from e
   return sides[0] if len(sides) == 1 else tuple(sides)
 
 
@@ -55,16 +59,18 @@ def main(argv: Sequence[str]) -> None:
   start = time.perf_counter()
   try:  # Everything checkable before the backbone loads.
     platforms = export.check_platforms(_PLATFORMS.value)
-    image_size = export.check_image_size(_image_size(_IMAGE_SIZE.value))
+    fixed_image_size = export.check_image_size(_image_size(_FIXED_IMAGE_SIZE.value),
+                                               "--fixed_image_size")
     artifact.check_output_dir(_OUTPUT_DIR.value)
     contents = load_index_file(_INDEX.value)
+    export.check_not_tiled(None, contents.settings)
     settings = detector_flags.settings_from_index(
         _DETECTOR.settings(), _DETECTOR.given(), contents, _INDEX.value)
     detector_flags.detector_config(settings["method"], settings, _DETECTOR.batch_size.value)
     detector = detector_flags.make_detector(settings["method"], settings,
                                             _DETECTOR.batch_size.value)
     out = spade_jax.export_detector(detector, contents.index, _OUTPUT_DIR.value,
-                                    platforms=platforms, image_size=image_size,
+                                    platforms=platforms, fixed_image_size=fixed_image_size,
                                     threshold=contents.threshold)
   except (ValueError, OSError) as e:  # Bad input: a message, not a traceback.
     sys.exit(f"export.py: error: {e}")

@@ -44,12 +44,14 @@ from test_export import ACCELERATOR_TARGETS, custom_call_targets, low_precision_
 import spade_jax
 from spade_jax.data import mvtec
 from spade_jax.deploy import artifact, export
-from spade_jax.detector import calibration
+from spade_jax.detector import calibration, tiling
 from spade_jax.evaluation import folders
+from spade_jax.features import geometry
 from spade_jax.search import cpu_kernel
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SIZE, BATCH = 64, 4
+IMAGE_HW = (32, 40)  # The fixture images' (height, width) (mvtec_fixtures' default).
 RTOL = 2e-5
 # The packages run.py may import (jax needs jaxlib, ml_dtypes, opt_einsum and scipy;
 # jax.export's deserialisation needs flatbuffers), and the vendored shared libraries
@@ -97,12 +99,20 @@ DETECTORS = {
     "patchcore": lambda bb: spade_jax.PatchCore(bb, spade_jax.PatchCoreConfig(
         resize=SIZE, crop=SIZE, coreset_ratio=0.5)),
     "padim": lambda bb: spade_jax.Padim(bb, spade_jax.PadimConfig(resize=SIZE, crop=SIZE)),
+    # The whole image, non-square: fit_folder's default (crop=None, image_size from the
+    # first training image, its aspect kept: 32 x 40 -> 64 x 80).
+    "spade-whole": lambda bb: spade_jax.Spade(bb, spade_jax.SpadeConfig(
+        k_images=3, k_image_score=2, resize=SIZE, crop=None,
+        image_size=geometry.aspect_size(SIZE, *IMAGE_HW))),
+    "patchcore-mahalanobis": lambda bb: spade_jax.PatchCore(bb, spade_jax.PatchCoreConfig(
+        resize=SIZE, crop=SIZE, coreset_ratio=0.5, metric="mahalanobis")),
 }
 # (detector, with a threshold): every detector, SPADE and PatchCore both ways (SPADE with
 # a threshold: test_run_py_runs_without_spade_jax, through export.py and predict.py's
 # own settings).
 CASES = (("spade", False), ("spade-mahalanobis", True), ("patchcore", True),
-         ("patchcore", False), ("padim", True))
+         ("patchcore", False), ("padim", True), ("spade-whole", False),
+         ("patchcore-mahalanobis", True))
 
 
 def load_runner(folder: pathlib.Path) -> types.ModuleType:
@@ -192,10 +202,11 @@ def between_scores(scores: np.ndarray, config) -> calibration.Threshold:
                                folds=2, num_images=6, settings=config.score_settings())
 
 
-def predict(detector, index, data, threshold, out: pathlib.Path):
-  """predict.py's scoring (folders.predict_folder) -> (header, rows of scores.csv)."""
+def predict(detector, index, data, threshold, out: pathlib.Path, save_maps: bool = False):
+  """predict.py's scoring (folders.predict_folder) -> (header, rows of scores.csv); with
+  save_maps, its maps (out/maps/<path>.npy, at the images' own size) too."""
   folders.predict_folder(detector, index, data.test_dir, out, threshold=threshold,
-                         write_heatmaps=False, num_summary=0)
+                         write_heatmaps=False, num_summary=0, save_maps=save_maps)
   return read_scores(out / "scores.csv")
 
 
@@ -217,7 +228,7 @@ def test_run_py_gives_predict_py_scores_and_maps(name, with_threshold, fitted, s
   threshold = between_scores(scores, detector.config) if with_threshold else None
   # predict.py first: an export clears jax's caches (cpu_kernel.xla_only), after which
   # the library's programs are compiled again.
-  expected = predict(detector, index, data, threshold, tmp_path / "predict")
+  expected = predict(detector, index, data, threshold, tmp_path / "predict", save_maps=True)
   folder, exported_threshold = exports(name, with_threshold)
   assert exported_threshold == threshold
   if with_threshold:
@@ -227,14 +238,25 @@ def test_run_py_gives_predict_py_scores_and_maps(name, with_threshold, fitted, s
       runner.Artifact(folder), data.test_dir, tmp_path / "run", write_maps=True)
   assert not skipped and sorted(run_paths) == sorted(paths)
   assert_same_scores(expected, read_scores(tmp_path / "run" / "scores.csv"))
-  # The maps: those of detector.score (predict.py's heatmaps are drawn from them).
-  for path, expected_map in zip(paths, maps):
-    np.testing.assert_allclose(np.load(tmp_path / "run" / "maps" / f"{path}.npy"),
-                               expected_map, rtol=0, atol=RTOL * float(np.abs(maps).max()))
+  # The maps: predict.py's --save_maps, at each image's own size (NaN outside a crop).
+  cfg = detector.config
+  for path in paths:
+    run_map = np.load(tmp_path / "run" / "maps" / f"{path}.npy")
+    predict_map = np.load(tmp_path / "predict" / "maps" / f"{path}.npy")
+    assert run_map.shape == predict_map.shape == IMAGE_HW and run_map.dtype == np.float32
+    assert np.isnan(run_map).any() == (cfg.crop is not None), path  # 32x40: cropped sides.
+    np.testing.assert_allclose(run_map, predict_map, rtol=0,
+                               atol=RTOL * float(np.abs(maps).max()), err_msg=path)
   manifest = json.loads((folder / "manifest.json").read_text())
   assert manifest["method"] == name.split("-")[0]
   assert manifest["platforms"] == ["cpu"] and manifest["custom_calls"] == []
-  assert manifest["input"]["shape"] == [BATCH, SIZE, SIZE, 3]
+  assert list(cfg.input_size) == ([SIZE, SIZE] if cfg.crop else [SIZE, SIZE * 5 // 4])
+  assert manifest["input"]["shape"] == [BATCH, *cfg.input_size, 3]
+  assert manifest["input"]["crop"] == cfg.crop
+  assert manifest["input"]["image_size"] == (None if cfg.crop else list(cfg.input_size))
+  if manifest["method"] == "patchcore":  # A fitted kernel's arrays are arguments.
+    kernel = [n for n in manifest["array_shapes"] if n.startswith("program/kernel")]
+    assert bool(kernel) == cfg.is_kernel, kernel
   assert manifest["jax_version"] and manifest["spade_jax_version"] == spade_jax.__version__
   assert (manifest["threshold"] is not None) == with_threshold
   for file, digest in manifest["files"].items():
@@ -370,12 +392,12 @@ def test_accelerator_export_is_checked_and_refused_on_cpu(fitted, tmp_path):
 
 
 def test_image_of_another_size_is_refused(cpu_export, data, tmp_path):
-  # An export for 30 x 40 images (export.py --image_size=30,40): the manifest's field,
+  # An export for 30 x 40 images (export.py --fixed_image_size=30,40): the manifest's field,
   # re-checksummed as export_detector writes it.
   folder = tmp_path / "export"
   shutil.copytree(cpu_export, folder)
   manifest = json.loads((folder / "manifest.json").read_text())
-  manifest["input"]["image_size"] = [30, 40]
+  manifest["input"]["fixed_image_size"] = [30, 40]
   manifest["manifest_sha256"] = artifact.manifest_digest(manifest)
   (folder / "manifest.json").write_text(json.dumps(manifest))
   runner = load_runner(folder)
@@ -399,7 +421,7 @@ def test_export_refuses_bad_arguments(fitted, tmp_path):
   bad = [({"platforms": ("cpu", "gpu")}, "platforms must be among"),
          ({"platforms": ()}, "at least one"),
          ({"batch_size": 0}, "batch_size must be a positive int"),
-         ({"image_size": (0, 3)}, "image_size must be"),
+         ({"fixed_image_size": (0, 3)}, "fixed_image_size must be"),
          ({"threshold": 1.5}, "threshold must be a calibration.Threshold")]
   for kwargs, message in bad:
     with pytest.raises(ValueError, match=message):
@@ -423,6 +445,27 @@ def test_export_py_reports_bad_flags(tmp_path):
        "--platforms=cpu,gpu"], capture_output=True, text=True, timeout=300, check=False)
   assert proc.returncode != 0 and "Traceback" not in proc.stderr
   assert "export.py: error: platforms must be among" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_tiled_index_is_refused(fitted, tmp_path):
+  """A tiled detector, or an index file whose fit recorded tiles (fit.py --tile_size):
+  one line, no traceback, nothing written."""
+  detector, index = fitted("spade")
+  tiled = tiling.Tiled(detector, tiling.TileConfig(tile_size=SIZE))
+  with pytest.raises(ValueError, match="fitted on tiles .* cannot be exported yet"):
+    spade_jax.export_detector(tiled, index, tmp_path / "out")
+  index_path = tmp_path / "tiled.spade"
+  spade_jax.save_index(index_path, index, settings={
+      "method": "spade", "backbone": "tiny_pyramid", "k_images": 3, "k_image_score": 2,
+      **tiling.TileConfig(tile_size=SIZE).settings()})
+  proc = subprocess.run(
+      [sys.executable, str(REPO / "experiments" / "export.py"), f"--index={index_path}",
+       f"--output_dir={tmp_path / 'out'}"], capture_output=True, text=True, timeout=300,
+      check=False)
+  assert proc.returncode != 0 and "Traceback" not in proc.stderr
+  lines = [l for l in proc.stderr.splitlines() if "export.py: error:" in l]
+  assert len(lines) == 1 and "cannot be exported yet" in lines[0], proc.stderr[-2000:]
+  assert not (tmp_path / "out").exists()
 
 
 def test_export_refuses_a_backbone_without_variables(data, tmp_path):

@@ -26,7 +26,7 @@ from spade_jax.detector import calibration
 from spade_jax.host import atomic
 
 FORMAT = "spade_jax.deploy"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the detector's geometry (input size, crop or not).
 MANIFEST = "manifest.json"
 PROGRAM = "program.jaxexport"
 ARRAYS = "arrays.safetensors"
@@ -101,12 +101,20 @@ def _version(package: str) -> str | None:
 
 
 def manifest(*, method: str, settings: dict[str, Any], platforms: tuple[str, ...],
-             batch_size: int, resize: int, crop: int, image_size: tuple[int, int] | None,
+             batch_size: int, input_size: tuple[int, int], resize: int, crop: int | None,
+             fixed_image_size: tuple[int, int] | None,
              arrays: dict[str, np.ndarray], threshold: calibration.Threshold | None,
              index_info: dict[str, Any], custom_calls: list[str]) -> dict[str, Any]:
-  """The manifest's fields, all but "files" and "export_seconds" (write adds them)."""
+  """The manifest's fields, all but "files" and "export_seconds" (write adds them).
+
+  "input" records the detector's geometry (features/geometry.py): the program's input
+  [batch_size, H, W, 3] with (H, W) = input_size; crop an int (shorter side to resize,
+  centre crop) or None (the whole image resized to image_size = input_size); and
+  fixed_image_size, the only image size run.py accepts (None: any).
+  """
+  height, width = input_size
   outputs = {"scores": {"shape": [batch_size], "dtype": "float32"},
-             "maps": {"shape": [batch_size, crop, crop], "dtype": "float32"}}
+             "maps": {"shape": [batch_size, height, width], "dtype": "float32"}}
   if threshold is not None:
     outputs["anomalous"] = {"shape": [batch_size], "dtype": "bool"}
   return {
@@ -119,11 +127,16 @@ def manifest(*, method: str, settings: dict[str, Any], platforms: tuple[str, ...
       "method": method, "settings": settings, "index": index_info,
       "platforms": list(platforms),
       "input": {"layout": "NHWC", "dtype": "uint8", "color": "RGB",
-                "shape": [batch_size, crop, crop, 3], "batch_size": batch_size,
-                "resize": resize, "crop": crop,
-                "image_size": None if image_size is None else list(image_size),
-                "preprocessing": "shorter side to resize (PIL bilinear), centre crop; "
-                                 "normalisation is in the program"},
+                "shape": [batch_size, height, width, 3], "batch_size": batch_size,
+                "input_size": [height, width], "resize": resize, "crop": crop,
+                "image_size": None if crop is not None else [height, width],
+                "fixed_image_size": (None if fixed_image_size is None
+                                     else list(fixed_image_size)),
+                "preprocessing": (
+                    "shorter side to resize (PIL bilinear), centre crop" if crop is not None
+                    else "resize to image_size (PIL bilinear), no crop")
+                + "; normalisation is in the program; maps back to each image's size "
+                "(bilinear, half-pixel centres; NaN outside a crop)"},
       "outputs": outputs,
       "threshold": None if threshold is None else json.loads(threshold.to_json()),
       "custom_calls": custom_calls,

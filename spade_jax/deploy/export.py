@@ -6,15 +6,22 @@ safetensors alone.
   python part_export/run.py --images=incoming --output_dir=out
 
 The folder (artifact.py writes it):
-  program.jaxexport    jax.export of images [B, crop, crop, 3] uint8 -> scores [B], maps
-                       [B, crop, crop] (+ anomalous [B] with a threshold): normalisation,
+  program.jaxexport    jax.export of images [B, H, W, 3] uint8 -> scores [B], maps
+                       [B, H, W] (+ anomalous [B] with a threshold), (H, W) the detector's
+                       input size (config.input_size): normalisation,
                        backbone, the streamed search (XLA alone: no custom call, so it runs
                        on any jax install), scoring, upsampling and blur, the decision
   arrays.safetensors   what the program reads, as arguments (not constants): backbone
                        variables, gallery / memory bank / Gaussians, kernels, threshold
-  manifest.json        versions, settings, input size and layout, platforms, the SHA-256
-                       of every file
+  manifest.json        versions, settings, the geometry (input size, resize, crop or
+                       image_size) and layout, platforms, the SHA-256 of every file
   run.py               the standalone runner (runner.py)
+
+run.py brings each image to the input size as the library does (features/geometry.py:
+with a crop, shorter side to resize and centre crop; with crop=None, a resize to
+image_size) and maps each anomaly map back to the image's own size (geometry.to_original),
+as predict.py's --save_maps. Indexes fitted on tiles (fit.py --tile_size) cannot be
+exported yet.
 
 The program is traced from the detector's own scoring functions (programs.py), at the
 batch size given: run.py pads the last batch. The search keeps the library's memory
@@ -35,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spade_jax.deploy import artifact, programs
-from spade_jax.detector import calibration
+from spade_jax.detector import calibration, tiling
 from spade_jax.search import cpu_kernel
 
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
@@ -64,7 +71,8 @@ def check_platforms(platforms: Any) -> tuple[str, ...]:
   return platforms
 
 
-def check_image_size(image_size: Any) -> tuple[int, int] | None:
+def check_image_size(image_size: Any, name: str = "fixed_image_size"
+                     ) -> tuple[int, int] | None:
   """None (any size, resized as the detector does), an int (square) or (height, width).
 
   Raises:
@@ -75,9 +83,20 @@ def check_image_size(image_size: Any) -> tuple[int, int] | None:
   size = (image_size, image_size) if _is_int(image_size) else tuple(image_size) \
       if isinstance(image_size, (tuple, list)) else None
   if size is None or len(size) != 2 or not all(_is_int(s) and s >= 1 for s in size):
-    raise ValueError(f"image_size must be None, a positive int or (height, width), got "
+    raise ValueError(f"{name} must be None, a positive int or (height, width), got "
                      f"{image_size!r}")
   return int(size[0]), int(size[1])
+
+
+TILED_MESSAGE = ("indexes fitted on tiles (--tile_size) cannot be exported yet: refit "
+                 "without --tile_size to export")
+
+
+def check_not_tiled(detector: Any, settings: dict[str, Any] | None = None) -> None:
+  """Raises ValueError (TILED_MESSAGE) for a tiled detector (detector.tiling.Tiled) or
+  index-file settings that record a tiling (fit_folder's "tile_size")."""
+  if isinstance(detector, tiling.Tiled) or (settings or {}).get("tile_size") is not None:
+    raise ValueError(TILED_MESSAGE)
 
 
 def threshold_below(value: float) -> np.float32:
@@ -91,7 +110,7 @@ def threshold_below(value: float) -> np.float32:
 
 def export_detector(detector: Any, index: Any, output_dir: str | os.PathLike[str], *,
                     platforms: Sequence[str] | str = ("cpu",), batch_size: int | None = None,
-                    image_size: int | tuple[int, int] | None = None,
+                    fixed_image_size: int | tuple[int, int] | None = None,
                     threshold: calibration.Threshold | None = None) -> pathlib.Path:
   """Writes a fitted detector as a deployable folder (see the module docstring).
 
@@ -102,9 +121,10 @@ def export_detector(detector: Any, index: Any, output_dir: str | os.PathLike[str
     output_dir: the folder to write; it must not exist, or be empty.
     platforms: where the program may run: any of PLATFORMS (one multi-platform export).
     batch_size: images per program call; default detector.config.batch_size.
-    image_size: None: images of any size are resized and cropped as the detector does;
-      (height, width) or an int: run.py refuses images of another size (e.g. a fixed
-      camera whose frames must all be alike).
+    fixed_image_size: None: images of any size are brought to the detector's input size
+      as it does (its resize, crop or image_size); (height, width) or an int: run.py
+      refuses images of another size (e.g. a fixed camera whose frames must all be
+      alike).
     threshold: the index's calibrated threshold (load_index_file(...).threshold); adds
       the decision "anomalous" (score > threshold). Checked against the detector's
       scoring settings.
@@ -113,16 +133,17 @@ def export_detector(detector: Any, index: Any, output_dir: str | os.PathLike[str
     The folder written.
 
   Raises:
-    ValueError: a bad argument, a detector that cannot be exported, an index that does
-      not fit it, a threshold calibrated under other settings, or an output folder
-      that is not empty.
+    ValueError: a bad argument, a detector that cannot be exported (a tiled one among
+      them), an index that does not fit it, a threshold calibrated under other settings,
+      or an output folder that is not empty.
   """
   start = time.perf_counter()
   platforms = check_platforms(platforms)
   batch_size = detector.config.batch_size if batch_size is None else batch_size
   if not _is_int(batch_size) or batch_size < 1:
     raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-  image_size = check_image_size(image_size)
+  fixed_image_size = check_image_size(fixed_image_size)
+  check_not_tiled(detector)
   if threshold is not None:
     if not isinstance(threshold, calibration.Threshold):
       raise ValueError(f"threshold must be a calibration.Threshold (load_index_file(...)"
@@ -144,7 +165,7 @@ def export_detector(detector: Any, index: Any, output_dir: str | os.PathLike[str
     return outputs
 
   specs = {name: jax.ShapeDtypeStruct(a.shape, a.dtype) for name, a in arrays.items()}
-  images = jax.ShapeDtypeStruct((batch_size, program.crop, program.crop, 3), jnp.uint8)
+  images = jax.ShapeDtypeStruct((batch_size, *program.input_size, 3), jnp.uint8)
   with cpu_kernel.xla_only():
     exported = export.export(jax.jit(run), platforms=platforms)(specs, images)
   text = exported.mlir_module()
@@ -153,8 +174,8 @@ def export_detector(detector: Any, index: Any, output_dir: str | os.PathLike[str
                        f"{cpu_kernel.TARGET}; please report this")
   manifest = artifact.manifest(
       method=program.method, settings=program.settings, platforms=platforms,
-      batch_size=batch_size, resize=program.resize, crop=program.crop,
-      image_size=image_size, arrays=arrays, threshold=threshold,
+      batch_size=batch_size, input_size=program.input_size, resize=program.resize,
+      crop=program.crop, fixed_image_size=fixed_image_size, arrays=arrays, threshold=threshold,
       index_info=_index_info(index), custom_calls=artifact.custom_call_targets(text))
   artifact.write(out, exported.serialize(), arrays, manifest,
                  export_seconds=time.perf_counter() - start)

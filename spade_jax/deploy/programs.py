@@ -46,17 +46,21 @@ class Program:
     method: "spade", "patchcore", "padim", ... (the index file's method name).
     arrays: pytree of the arrays the function reads (jax or NumPy arrays, Python
       floats); strings in it are settings, not arrays, and stay in the function.
-    score: (arrays, images [B, crop, crop, 3] float32, ImageNet-normalised) ->
-      (image scores [B] float32, anomaly maps [B, crop, crop] float32); pure, traceable.
-    resize: the shorter side images are resized to before the crop.
-    crop: the side of the centre crop: the program's input and the maps' size.
+    score: (arrays, images [B, H, W, 3] float32, ImageNet-normalised) ->
+      (image scores [B] float32, anomaly maps [B, H, W] float32); pure, traceable.
+      (H, W) is the detector's input size (config.input_size).
+    input_size: (H, W), the program's input and the maps' size: (crop, crop) with a
+      centre crop, else image_size (features/geometry.py).
+    resize: with a crop, the shorter side images are resized to before it.
+    crop: the side of the centre crop, or None: the whole image resized to input_size.
     settings: the detector's config as JSON-able values (for the manifest).
   """
   method: str
   arrays: Any
   score: Callable[[Any, Array], tuple[Array, Array]]
+  input_size: tuple[int, int]
   resize: int
-  crop: int
+  crop: int | None
   settings: dict[str, Any]
 
 
@@ -123,8 +127,15 @@ def _prepared(detector: Any, index: Any) -> Any:
 
 
 def _maps(score_maps: Array, config: Any) -> Array:
-  """[B, h, w] score maps -> [B, crop, crop] anomaly maps (upsampled, blurred)."""
-  return anomaly_map.anomaly_maps(score_maps, (config.crop, config.crop), sigma=config.sigma)
+  """[B, h, w] score maps -> [B, H, W] anomaly maps at the input size (upsampled,
+  blurred)."""
+  return anomaly_map.anomaly_maps(score_maps, tuple(config.input_size), sigma=config.sigma)
+
+
+def _program(method: str, arrays: Any, score: Callable[[Any, Array], tuple[Array, Array]],
+             config: Any) -> Program:
+  return Program(method, arrays, score, tuple(config.input_size), config.resize, config.crop,
+                 _config_settings(config))
 
 
 @register_program(spade.Spade, "spade")
@@ -150,16 +161,19 @@ def spade_program(detector: spade.Spade, index: spade.SpadeIndex) -> Program:
         kappa=cfg.kappa, combine=cfg.combine, **arrays["pixel_kwargs"])
     return scores, _maps(score_maps, cfg)
 
-  return Program("spade", arrays, score, cfg.resize, cfg.crop, _config_settings(cfg))
+  return _program("spade", arrays, score, cfg)
 
 
 @register_program(patchcore.PatchCore, "patchcore")
 def patchcore_program(detector: patchcore.PatchCore, index: patchcore.PatchCoreIndex
                       ) -> Program:
-  """PatchCore: locally aware patch features scored against the memory bank."""
+  """PatchCore: locally aware patch features scored against the memory bank (with a
+  kernel metric, the index's fitted kernel: its arrays are traced arguments)."""
   cfg = detector.config
   index = _prepared(detector, index)
   arrays = {"backbone": detector.backbone.variables, "bank": index.bank}
+  if cfg.is_kernel:
+    arrays["kernel"] = index.kernel
   backbone = detector.backbone
 
   def score(arrays, images):
@@ -168,11 +182,12 @@ def patchcore_program(detector: patchcore.PatchCore, index: patchcore.PatchCoreI
                                    patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
                                    reduction=cfg.reduction, seed=cfg.reduction_seed)
     scores, score_maps = memory_bank.patchcore_scores(
-        feats, arrays["bank"], k=cfg.k_nearest, metric=cfg.metric,
+        feats, arrays["bank"], k=cfg.k_nearest,
+        metric=arrays["kernel"] if cfg.is_kernel else cfg.metric,
         reweight_neighbors=cfg.num_neighbors if cfg.reweight else None, topk=cfg.topk)
     return scores, _maps(score_maps, cfg)
 
-  return Program("patchcore", arrays, score, cfg.resize, cfg.crop, _config_settings(cfg))
+  return _program("patchcore", arrays, score, cfg)
 
 
 @register_program(padim.Padim, "padim")
@@ -196,7 +211,7 @@ def padim_program(detector: padim.Padim, index: padim.PadimIndex) -> Program:
     maps = _maps(dist.reshape(n, h, w), cfg)
     return maps.max(axis=(1, 2)), maps
 
-  return Program("padim", arrays, score, cfg.resize, cfg.crop, _config_settings(cfg))
+  return _program("padim", arrays, score, cfg)
 
 
 def as_numpy_tree(tree: Any) -> Any:

@@ -7,14 +7,17 @@ or tensorflow-datasets). jax reads the program with flatbuffers, which it does n
 install itself: pip install jax numpy pillow safetensors flatbuffers.
 
 Reads every image under FOLDER (any depth; png, jpg/jpeg, bmp, tif/tiff, webp in any
-case; names starting with '.' skipped), resizes and centre-crops it as the detector did
-(PIL bilinear, shorter side to `resize`, then `crop`), runs the exported program in
+case; names starting with '.' skipped), brings it to the program's input size as the
+detector did (PIL bilinear; with a crop: shorter side to `resize`, then the centre
+`crop`; without: the whole image resized to `image_size`), runs the exported program in
 batches of the export's batch size (the last one padded), and writes
 
   OUT/scores.csv     "path,score" (+ ",anomalous" 1 / 0 when the export holds a
                      threshold), one row per image, sorted by path: predict.py's layout
   OUT/skipped.csv    "path,reason" of files that are not readable images (if any)
-  OUT/maps/<path>.npy   with --maps: each image's anomaly map [crop, crop] float32
+  OUT/maps/<path>.npy   with --maps: each image's anomaly map at the image's own size
+                     [H_i, W_i] float32 (NaN outside the crop of a cropping detector),
+                     as predict.py's --save_maps
 
 Before any image is read it refuses, with a message and exit status 1: a folder whose
 files fail the SHA-256 of manifest.json, a platform the program was not exported for,
@@ -39,7 +42,7 @@ import numpy as np
 from PIL import Image
 
 FORMAT = "spade_jax.deploy"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 1 << 20  # A manifest is a few kB; a bigger file is not one.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -171,18 +174,31 @@ class Artifact:
     self.arrays = {name: jax.device_put(a) for name, a in arrays.items()}
     spec = self.manifest["input"]
     self.batch_size, self.crop, self.resize = spec["batch_size"], spec["crop"], spec["resize"]
-    self.image_size = None if spec.get("image_size") is None else tuple(spec["image_size"])
+    self.input_size = tuple(spec["input_size"])  # (H, W): (crop, crop) or image_size.
+    fixed = spec.get("fixed_image_size")
+    self.fixed_image_size = None if fixed is None else tuple(fixed)
     self.has_threshold = "anomalous" in self.manifest.get("outputs", {})
 
   def check_batch(self, images: np.ndarray) -> None:
-    """Raises ArtifactError unless images are the program's [B, crop, crop, 3] uint8."""
-    want = (self.batch_size, self.crop, self.crop, 3)
+    """Raises ArtifactError unless images are the program's [B, H, W, 3] uint8."""
+    want = (self.batch_size, *self.input_size, 3)
     if images.dtype != np.uint8 or tuple(images.shape) != want:
-      raise ArtifactError(f"the program takes images {want} uint8 (resized and cropped as "
-                          f"the detector does), got {tuple(images.shape)} {images.dtype}")
+      raise ArtifactError(f"the program takes images {want} uint8 (brought to the input "
+                          f"size as the detector does: to_input), got "
+                          f"{tuple(images.shape)} {images.dtype}")
+
+  def to_input(self, image: np.ndarray) -> np.ndarray:
+    """[h, w, 3] uint8 -> [H, W, 3] uint8, the program's input (the detector's geometry)."""
+    if self.crop is None:
+      return resize_to(image, self.input_size)
+    return resize_crop(image, self.resize, self.crop)
+
+  def to_original(self, score_map: np.ndarray, height: int, width: int) -> np.ndarray:
+    """[H, W] map of the input -> [height, width] map of the image (NaN outside a crop)."""
+    return to_original(score_map, height, width, resize=self.resize, crop=self.crop)
 
   def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
-    """[n <= B, crop, crop, 3] uint8 -> {"scores": [n], "maps": [n, crop, crop]
+    """[n <= B, H, W, 3] uint8 -> {"scores": [n], "maps": [n, H, W]
     (, "anomalous": [n] bool)} as NumPy; a short batch is padded (images are scored
     independently, so padding changes nothing)."""
     n = images.shape[0]
@@ -249,6 +265,66 @@ def resize_crop(image: np.ndarray, resize: int, crop: int) -> np.ndarray:
   return np.asarray(pil.crop((left, top, left + crop, top + crop)))
 
 
+def resize_to(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+  """The whole image resized to size = (H, W) (PIL bilinear; not resized when it is
+  that size already), as spade_jax's preprocess with crop=None and image_size."""
+  h, w = size
+  pil = Image.fromarray(image, "RGB")
+  if pil.size != (w, h):
+    pil = pil.resize((w, h), Image.BILINEAR)
+  return np.asarray(pil)
+
+
+# ----------------------------------------------------------------------------------
+# Maps back to the image's own size: spade_jax.features.geometry.to_original.
+
+
+def aspect_size(resize: int, height: int, width: int) -> tuple[int, int]:
+  """(H, W) of an image with its shorter side resized to `resize` (torchvision's rule)."""
+  if height <= width:
+    return resize, int(resize * width / height)
+  return int(resize * height / width), resize
+
+
+def covered_box(height: int, width: int, resize: int, crop: int | None
+                ) -> tuple[float, float, float, float]:
+  """(top, left, box height, box width) in the image's pixels of what the input shows."""
+  if crop is None:
+    return 0.0, 0.0, float(height), float(width)
+  rh, rw = aspect_size(resize, height, width)
+  top, left = int(round((rh - crop) / 2.0)), int(round((rw - crop) / 2.0))
+  sy, sx = height / rh, width / rw
+  return top * sy, left * sx, crop * sy, crop * sx
+
+
+def _taps(out_size: int, start: float, extent: float, in_size: int):
+  """Per output pixel along one axis: two input taps, the second's weight, inside."""
+  centre = np.arange(out_size, dtype=np.float64) + 0.5
+  inside = (centre >= start) & (centre <= start + extent)
+  src = np.clip((centre - start) / extent * in_size - 0.5, 0.0, in_size - 1)
+  low = np.floor(src).astype(np.int64)
+  high = np.minimum(low + 1, in_size - 1)
+  return low, high, (src - low).astype(np.float32), inside
+
+
+def to_original(score_map: np.ndarray, height: int, width: int, *, resize: int,
+                crop: int | None) -> np.ndarray:
+  """[H, W] map of the input -> [height, width] float32: bilinear (half-pixel centres)
+  over the region the input covers, NaN outside it."""
+  score_map = np.asarray(score_map, np.float32)
+  top, left, box_h, box_w = covered_box(height, width, resize, crop)
+  r0, r1, fy, rows_in = _taps(height, top, box_h, score_map.shape[0])
+  c0, c1, fx, cols_in = _taps(width, left, box_w, score_map.shape[1])
+  upper, lower = score_map[r0], score_map[r1]
+  fy = fy[:, None]
+  rows = upper * (1 - fy) + lower * fy
+  out = rows[:, c0] * (1 - fx) + rows[:, c1] * fx
+  if not (rows_in.all() and cols_in.all()):
+    out[~rows_in] = np.nan
+    out[:, ~cols_in] = np.nan
+  return out.astype(np.float32)
+
+
 # ----------------------------------------------------------------------------------
 # Outputs.
 
@@ -276,7 +352,7 @@ def score_folder(artifact: Artifact, images_dir: pathlib.Path, output_dir: pathl
   if not files:
     raise ValueError(f"no images under {str(images_dir)!r}")
   output_dir.mkdir(parents=True, exist_ok=True)
-  paths, scores, anomalous, skipped, batch, names = [], [], [], [], [], []
+  paths, scores, anomalous, skipped, batch, names, sizes = [], [], [], [], [], [], []
 
   def flush():
     out = artifact(np.stack(batch))
@@ -284,13 +360,14 @@ def score_folder(artifact: Artifact, images_dir: pathlib.Path, output_dir: pathl
     if artifact.has_threshold:
       anomalous.extend(out["anomalous"].astype(int).tolist())
     if write_maps:
-      for name, score_map in zip(names, out["maps"]):
+      for name, score_map, (height, width) in zip(names, out["maps"], sizes):
         target = output_dir / "maps" / f"{name}.npy"
         target.parent.mkdir(parents=True, exist_ok=True)
-        np.save(target, score_map.astype(np.float32))
+        np.save(target, artifact.to_original(score_map, height, width))
     paths.extend(names)
     batch.clear()
     names.clear()
+    sizes.clear()
 
   for path, relative in files:
     try:
@@ -299,12 +376,13 @@ def score_folder(artifact: Artifact, images_dir: pathlib.Path, output_dir: pathl
       print(f"warning: skipping {relative}: {e}", file=sys.stderr)
       skipped.append([_cell(relative), str(e)])
       continue
-    if artifact.image_size is not None and image.shape[:2] != artifact.image_size:
+    fixed = artifact.fixed_image_size
+    if fixed is not None and image.shape[:2] != fixed:
       raise ValueError(f"image {relative!r} is {image.shape[0]}x{image.shape[1]}; this "
-                       f"program was exported for {artifact.image_size[0]}x"
-                       f"{artifact.image_size[1]} images only")
-    batch.append(resize_crop(image, artifact.resize, artifact.crop))
+                       f"program was exported for {fixed[0]}x{fixed[1]} images only")
+    batch.append(artifact.to_input(image))
     names.append(relative)
+    sizes.append(image.shape[:2])
     if len(batch) == artifact.batch_size:
       flush()
   if batch:
