@@ -3,10 +3,12 @@ spade_jax, and the refusals.
 
 The detectors run on a tiny spade_jax Backbone (a Flax module of average pools and 1x1
 projections, the layout of spade_fake_backbone.py: an export carries a Backbone's
-variables) at 64 x 64 on a tiny random category (mvtec_fixtures): 6 training and 7 test
-images, an export batch of 4 (so the last batch is padded). The end-to-end test
-(export.py on an index file, run.py without spade_jax) uses efficientnet_lite0 with its
-packaged ImageNet weights (no network), as fit.py would.
+variables) on a tiny random category of 32 x 40 images (mvtec_fixtures): 6 training and
+7 test images, an export batch of 4 (so the last batch is padded); the input is a 64 x 64
+centre crop, or the whole image at 64 x 80 (fit.py's default geometry). The end-to-end
+test (export.py on a whole-image index file, run.py without spade_jax) uses
+efficientnet_lite0 with its packaged ImageNet weights (no network), as fit.py would.
+run.py's maps are compared with predict.py's --save_maps, at each image's own size.
 
 Tolerance of run.py against predict.py: relative 2e-5 on the image scores (about 170
 float32 ulps) and 2e-5 of the largest map value on the maps. Both compute the same
@@ -141,8 +143,8 @@ def fixture_data(tmp_path_factory):
 
 @pytest.fixture(name="fitted", scope="module")
 def fixture_fitted(data):
-  """name -> (detector, index), fitted once per detector on first use ("lite0-spade":
-  SPADE on efficientnet_lite0, the others on tiny_backbone())."""
+  """name -> (detector, index), fitted once per detector on first use ("lite0-spade-whole":
+  "spade-whole" on efficientnet_lite0, the others on tiny_backbone())."""
   cache = {}
   tiny = tiny_backbone()
 
@@ -287,21 +289,24 @@ def run_isolated(site: pathlib.Path, *args: str, cwd: pathlib.Path
 
 
 def test_run_py_runs_without_spade_jax(fitted, scored, data, tmp_path):
-  """export.py (the command) on a saved index with a threshold, then run.py where
-  spade_jax cannot be imported: predict.py's scores; a tampered file is refused."""
-  detector, index = fitted("lite0-spade")
-  threshold = between_scores(scored("lite0-spade")[1], detector.config)
+  """export.py (the command) on a saved index with a threshold, fitted as fit.py's
+  defaults fit (the whole image, crop=None, a non-square image_size from the first
+  training image), then run.py where spade_jax cannot be imported: predict.py's scores
+  and maps; a tampered file is refused."""
+  detector, index = fitted("lite0-spade-whole")
+  threshold = between_scores(scored("lite0-spade-whole")[1], detector.config)
   index_path = tmp_path / "alpha.spade"
   spade_jax.save_index(index_path, index, threshold=threshold, settings={
       "method": "spade", "backbone": "efficientnet_lite0", "k_images": 3,
-      "k_image_score": 2, "resize": SIZE, "crop": SIZE})
+      "k_image_score": 2, "resize": SIZE, "crop": None,
+      "image_size": list(detector.config.image_size)})
   proc = subprocess.run(
       [sys.executable, str(REPO / "experiments" / "export.py"), f"--index={index_path}",
        f"--output_dir={tmp_path / 'export'}", f"--batch_size={BATCH}"],
       capture_output=True, text=True, timeout=300, check=False,
       env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
   assert proc.returncode == 0, proc.stderr[-3000:]
-  expected = predict(detector, index, data, threshold, tmp_path / "predict")
+  expected = predict(detector, index, data, threshold, tmp_path / "predict", save_maps=True)
 
   site = isolated_site(tmp_path)
   probe = run_isolated(site, "-c", "import spade_jax", cwd=tmp_path)
@@ -311,9 +316,15 @@ def test_run_py_runs_without_spade_jax(fitted, scored, data, tmp_path):
 
   run_py = tmp_path / "export" / "run.py"
   proc = run_isolated(site, str(run_py), f"--images={data.test_dir}",
-                      f"--output_dir={tmp_path / 'run'}", cwd=tmp_path)
+                      f"--output_dir={tmp_path / 'run'}", "--maps", cwd=tmp_path)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert_same_scores(expected, read_scores(tmp_path / "run" / "scores.csv"))
+  maps = scored("lite0-spade-whole")[2]
+  for path in scored("lite0-spade-whole")[0]:
+    run_map = np.load(tmp_path / "run" / "maps" / f"{path}.npy")
+    assert run_map.shape == IMAGE_HW, path
+    np.testing.assert_allclose(run_map, np.load(tmp_path / "predict" / "maps" / f"{path}.npy"),
+                               rtol=0, atol=RTOL * float(np.abs(maps).max()), err_msg=path)
 
   # One changed byte in the arrays: refused before any image is read.
   arrays = tmp_path / "export" / "arrays.safetensors"
