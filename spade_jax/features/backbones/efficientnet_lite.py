@@ -118,6 +118,9 @@ class EfficientNetLite(nn.Module):
   depth: float = 1.0
   num_classes: int | None = 1000
 
+  # Backbone.__call__ runs it one image at a time on CPU (backbone._compiled_apply).
+  cpu_image_at_a_time = True
+
   @nn.compact
   def __call__(self, images: jax.Array) -> dict[str, jax.Array]:
     """images: [N, H, W, 3] float32 normalized -> dict of features (module doc)."""
