@@ -52,6 +52,9 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per figure (median); 
 _BACKBONES = flags.DEFINE_list("backbones", ["resnet50", "wide_resnet50_2",
                                              "efficientnet_lite0"], "Backbones to time.")
 _BACKBONE_BATCH = flags.DEFINE_integer("backbone_batch", 8, "Images per forward pass.")
+_BACKBONE_TORCH = flags.DEFINE_string(
+    "backbone_torch_python", None, "A Python with torch (a throwaway venv): also time "
+    "PyTorch's forward pass of each backbone in the same run (bench/torch_backbone.py).")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Input / anomaly-map side.")
 # knn (the K = 50 layer1 gallery of wide_resnet50_2: 50 * 56 * 56 rows of 256)
 _KNN_QUERIES = flags.DEFINE_integer("knn_queries", 3136, "Q: query rows (56 * 56).")
@@ -153,7 +156,8 @@ def section_kwargs() -> dict[str, dict]:
   pyramid = {"grid": _PIXEL_GRID.value, "channels": _ints(_PIXEL_CHANNELS.value)}
   every = {
       "backbone": {"names": _BACKBONES.value, "batch": _BACKBONE_BATCH.value,
-                   "image_size": _IMAGE_SIZE.value, "repeats": repeats},
+                   "image_size": _IMAGE_SIZE.value, "repeats": repeats,
+                   "torch_python": _BACKBONE_TORCH.value},
       "knn": {**knn_shape, "gallery": _KNN_GALLERY.value, "k": _KNN_K.value,
               "repeats": _KNN_REPEATS.value,
               "ref_chunks": _ints(_REF_CHUNKS.value) if _REF_CHUNKS.value else None,

@@ -93,14 +93,13 @@ class MBConv(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     inputs = x
     hidden = self.in_channels * self.expand
-    no_pad = ((0, 0), (0, 0))
     if self.expand != 1:
-      x = layers.conv(hidden, 1, 1, no_pad, "expand_conv")(x)
+      x = layers.PointwiseConv(hidden, name="expand_conv")(x)
       x = nn.relu6(layers.batch_norm(_BN_EPS, "bn0")(x))
     pad = layers.tf_same_padding(x.shape[1], x.shape[2], self.kernel, self.stride)
-    x = layers.conv(hidden, self.kernel, self.stride, pad, "depthwise_conv", groups=hidden)(x)
+    x = layers.DepthwiseConv(hidden, self.kernel, self.stride, pad, name="depthwise_conv")(x)
     x = nn.relu6(layers.batch_norm(_BN_EPS, "bn1")(x))
-    x = layers.conv(self.out_channels, 1, 1, no_pad, "project_conv")(x)
+    x = layers.PointwiseConv(self.out_channels, name="project_conv")(x)
     x = layers.batch_norm(_BN_EPS, "bn2")(x)
     if self.stride == 1 and self.in_channels == self.out_channels:
       x = x + inputs  # Drop-connect is training-only.
@@ -119,6 +118,9 @@ class EfficientNetLite(nn.Module):
   depth: float = 1.0
   num_classes: int | None = 1000
 
+  # Backbone.__call__ runs it one image at a time on CPU (backbone._compiled_apply).
+  cpu_image_at_a_time = True
+
   @nn.compact
   def __call__(self, images: jax.Array) -> dict[str, jax.Array]:
     """images: [N, H, W, 3] float32 normalized -> dict of features (module doc)."""
@@ -136,7 +138,7 @@ class EfficientNetLite(nn.Module):
         index += 1
       if g_index in _PYRAMID_GROUPS:
         features[_PYRAMID_GROUPS[g_index]] = x
-    x = layers.conv(_HEAD, 1, 1, ((0, 0), (0, 0)), "conv_head")(x)
+    x = layers.PointwiseConv(_HEAD, name="conv_head")(x)
     x = nn.relu6(layers.batch_norm(_BN_EPS, "bn1")(x))
     features["pool"] = layers.global_avg_pool(x)
     if self.num_classes is not None:

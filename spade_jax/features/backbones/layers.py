@@ -6,6 +6,14 @@ pads (k//2 - 1, k//2), e.g. (2, 3) for the 7x7/s2 ResNet stem where PyTorch pads
 features, so ResNet layers use explicit symmetric padding. EfficientNet-Lite's
 reference (lukemelas) on the other hand *does* pad like TensorFlow, so it gets
 `tf_same_padding`, computed from the static input size.
+
+Depthwise and 1x1 convolutions are not `nn.Conv` here, for speed on CPU (issue 20,
+BENCHMARKS.md "Backbone throughput"): XLA:CPU runs a grouped convolution with one
+group per channel at a few GFLOP/s, about 10-30x slower than the same sum written as
+k * k shifted multiply-adds over the channels-last array, which XLA fuses into one
+loop; a 1x1 convolution is a matrix product, and as one it reaches XLA's fast dot
+path directly. Both keep nn.Conv's parameter ('kernel', same shape and init), so the
+variables, the converted checkpoints and Backbone.weights_id are unchanged.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import math
 
 import flax.linen as nn
 import jax
+from jax import lax
 import jax.numpy as jnp
 
 # torchvision's init for random (untrained) weights: He normal, fan_out.
@@ -47,6 +56,64 @@ def conv(features: int, kernel: int, stride: int, padding: Padding, name: str,
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                  padding=padding, feature_group_count=groups, use_bias=False,
                  kernel_init=conv_init, name=name)
+
+
+def depthwise_conv_nhwc(x: jax.Array, kernel: jax.Array, stride: int,
+                        padding: Padding) -> jax.Array:
+  """A depthwise (one group per channel) convolution as k * k shifted multiply-adds.
+
+  Args:
+    x: [N, H, W, C] float32.
+    kernel: [k, k, 1, C], nn.Conv's layout for feature_group_count == C.
+    stride: the same on both spatial axes.
+    padding: ((top, bottom), (left, right)) zeros.
+
+  Returns:
+    [N, Ho, Wo, C], Ho = (H + top + bottom - k) // stride + 1 (likewise Wo): the same
+    sum as lax.conv_general_dilated, in another order (equal within float32 rounding).
+  """
+  k = kernel.shape[0]
+  xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+  n, hp, wp, c = xp.shape
+  ho, wo = (hp - k) // stride + 1, (wp - k) // stride + 1
+  out = None
+  for i in range(k):
+    for j in range(k):
+      end = (n, i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1, c)
+      tap = lax.slice(xp, (0, i, j, 0), end, (1, stride, stride, 1))
+      term = tap * kernel[i, j, 0]
+      out = term if out is None else out + term
+  return out
+
+
+class DepthwiseConv(nn.Module):
+  """nn.Conv(features, (k, k), feature_group_count=features, use_bias=False), computed by
+  depthwise_conv_nhwc. Same parameter: 'kernel' [k, k, 1, features]."""
+  features: int
+  kernel_size: int
+  stride: int
+  padding: Padding
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [N, H, W, features] -> [N, Ho, Wo, features]."""
+    kernel = self.param("kernel", conv_init, (self.kernel_size, self.kernel_size, 1,
+                                              self.features))
+    return depthwise_conv_nhwc(x, kernel, self.stride, self.padding)
+
+
+class PointwiseConv(nn.Module):
+  """nn.Conv(features, (1, 1), use_bias=False) as a matrix product over the channels.
+
+  Same parameter: 'kernel' [1, 1, C_in, features].
+  """
+  features: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [N, H, W, C_in] -> [N, H, W, features]."""
+    kernel = self.param("kernel", conv_init, (1, 1, x.shape[-1], self.features))
+    return lax.dot_general(x, kernel[0, 0], (((x.ndim - 1,), (0,)), ((), ())))
 
 
 def batch_norm(epsilon: float, name: str) -> nn.BatchNorm:

@@ -62,11 +62,11 @@ class Bottleneck(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     out = self.planes * self.expansion
     no_pad = ((0, 0), (0, 0))
-    y = layers.conv(self.width, 1, 1, no_pad, "conv1")(x)
+    y = layers.PointwiseConv(self.width, name="conv1")(x)
     y = nn.relu(layers.batch_norm(_BN_EPS, "bn1")(y))
     y = layers.conv(self.width, 3, self.stride, layers.symmetric_padding(3), "conv2")(y)
     y = nn.relu(layers.batch_norm(_BN_EPS, "bn2")(y))
-    y = layers.conv(out, 1, 1, no_pad, "conv3")(y)
+    y = layers.PointwiseConv(out, name="conv3")(y)
     y = layers.batch_norm(_BN_EPS, "bn3")(y)
     if self.downsample:
       x = layers.conv(out, 1, self.stride, no_pad, "downsample_0")(x)
