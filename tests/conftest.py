@@ -1,6 +1,6 @@
 """Test setup: 8 fake CPU devices, set before jax is imported anywhere; one JAX
-compilation cache for the test session; the tests that share a module fixture run on
-one xdist worker."""
+compilation cache for the test session; the slow tier (tests/slow_tests.txt); the tests
+that share a module fixture run on one xdist worker."""
 
 import atexit
 import json
@@ -58,12 +58,27 @@ def _module_fixture_group(item: pytest.Item) -> str | None:
   return None
 
 
-@pytest.hookimpl(tryfirst=True)
+_SLOW_TESTS_FILE = pathlib.Path(__file__).with_name("slow_tests.txt")
+
+
+def _measured_slow_tests() -> set[str]:
+  """The test ids listed in tests/slow_tests.txt (measured over 2 s; see its header)."""
+  lines = _SLOW_TESTS_FILE.read_text(encoding="utf-8").splitlines()
+  return {line.strip() for line in lines if line.strip() and not line.startswith("#")}
+
+
+@pytest.hookimpl(tryfirst=True)  # Before pytest's -m deselects by mark.
 def pytest_collection_modifyitems(items):
-  """The tests of a module that share a module fixture (a benchmark run, scripts run as
+  """Marks slow the tests listed in tests/slow_tests.txt (the slow tier: pyproject.toml),
+  beside those marked in their modules.
+
+  The tests of a module that share a module fixture (a benchmark run, scripts run as
   subprocesses) are one xdist group: with --dist loadgroup (pyproject.toml) they run on
   one worker, so the fixture is made once per session, not once per worker."""
+  slow = _measured_slow_tests()
   for item in items:
+    if item.nodeid in slow:
+      item.add_marker(pytest.mark.slow)
     group = _module_fixture_group(item)
     if group is not None and item.get_closest_marker("xdist_group") is None:
       item.add_marker(pytest.mark.xdist_group(group))

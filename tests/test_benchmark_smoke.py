@@ -12,6 +12,8 @@ from spade_jax.search import distances
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "experiments"))
 from bench import suite  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+pytestmark = pytest.mark.slow  # The benchmark suite: the slow tier (pyproject.toml).
+
 _TINY_QUERIES = {"queries": 24, "dim": 8}
 _TINY_PYRAMID = {"grid": 8, "channels": [4, 8, 16]}
 TINY = {

@@ -226,6 +226,7 @@ def _assert_clean_error(proc, *needles):
     (["--benchmark=builtin_easy"], ["--benchmark", "builtin_hard", "'builtin_easy'"]),
     (["--benchmark=builtin", "--data_dir=/nonexistent"], ["--benchmark", "--data_dir"]),
 ])
+@pytest.mark.slow
 def test_evaluate_benchmark_flag_errors(tmp_path, args, needles):
   proc = _evaluate(*args, cwd=tmp_path)
   _assert_clean_error(proc, *needles)
@@ -234,6 +235,7 @@ def test_evaluate_benchmark_flag_errors(tmp_path, args, needles):
 
 @pytest.mark.parametrize("args, folder", [
     ([], "'results/builtin'"), (["--benchmark=builtin_hard"], "'results/builtin_hard'")])
+@pytest.mark.slow
 def test_evaluate_output_dir_default_follows_the_benchmark(tmp_path, args, folder):
   (tmp_path / "results").write_text("a file, so that the output folder cannot be made")
   proc = _evaluate(*args, cwd=tmp_path)

@@ -102,6 +102,7 @@ _FIT = ("--weights=none", "--k_images=1", "--k_image_score=1", "--resize=32", "-
         "--layers=layer1")
 
 
+@pytest.mark.slow
 def test_scripts_fill_the_default_cache_folder(train_dir, tmp_path):
   home = tmp_path / "home"
   fit = _run("fit.py", f"--train_dir={train_dir}", f"--index={tmp_path / 'i.spade'}", *_FIT,
@@ -118,6 +119,7 @@ def test_scripts_fill_the_default_cache_folder(train_dir, tmp_path):
   assert len(compilation_cache.cache_entries(home / "jax_compilation_cache")) > len(entries)
 
 
+@pytest.mark.slow
 def test_named_folder_and_off(train_dir, tmp_path):
   home, named = tmp_path / "home", tmp_path / "named"
   fit = _run("fit.py", f"--train_dir={train_dir}", f"--index={tmp_path / 'i.spade'}", *_FIT,
@@ -131,6 +133,7 @@ def test_named_folder_and_off(train_dir, tmp_path):
   assert not (home / "jax_compilation_cache").exists()
 
 
+@pytest.mark.slow
 def test_unusable_folder_is_a_clear_script_error(tmp_path):
   blocker = tmp_path / "file"
   blocker.write_text("x")
@@ -142,6 +145,7 @@ def test_unusable_folder_is_a_clear_script_error(tmp_path):
 
 @pytest.mark.parametrize("script", ["evaluate.py", "evaluate_stc.py", "fit.py", "predict.py",
                                     "benchmark.py"])
+@pytest.mark.slow
 def test_every_script_has_the_flag(script):
   proc = _run(script, "--help")  # absl's --help exits with status 1.
   assert "Traceback" not in proc.stderr, proc.stderr[-2000:]

@@ -288,6 +288,7 @@ def run_isolated(site: pathlib.Path, *args: str, cwd: pathlib.Path
                         env=env, cwd=cwd, timeout=300, check=False)
 
 
+@pytest.mark.slow
 def test_run_py_runs_without_spade_jax(fitted, scored, data, tmp_path):
   """export.py (the command) on a saved index with a threshold, fitted as fit.py's
   defaults fit (the whole image, crop=None, a non-square image_size from the first
@@ -449,6 +450,7 @@ def test_export_refuses_bad_arguments(fitted, tmp_path):
   assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_export_py_reports_bad_flags(tmp_path):
   proc = subprocess.run(
       [sys.executable, str(REPO / "experiments" / "export.py"),

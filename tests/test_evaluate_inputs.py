@@ -201,6 +201,7 @@ def test_failed_run_leaves_no_claim(data_dir, calls, tmp_path, monkeypatch):
   assert sorted(_evaluate(_config(data_dir), out)["categories"]) == ["alpha", "beta"]
 
 
+@pytest.mark.slow
 def test_two_script_processes_merge(data_dir, tmp_path):
   out = tmp_path / "out"
   common = [f"--data_dir={data_dir}", *SMALL, f"--output_dir={out}"]
@@ -253,6 +254,7 @@ def test_read_only_output_dir_is_refused_before_work(data_dir, calls, tmp_path):
   assert calls == {"load_backbone": 0, "categories": []}
 
 
+@pytest.mark.slow
 def test_script_output_dir_is_a_file(data_dir, tmp_path):
   blocker = tmp_path / "blocker"
   blocker.write_text("x")
@@ -261,6 +263,7 @@ def test_script_output_dir_is_a_file(data_dir, tmp_path):
   _assert_clean_error(proc, "evaluate.py", str(blocker), "output_dir")
 
 
+@pytest.mark.slow
 def test_stc_script_output_dir_is_a_file(tmp_path):
   from stc_fixtures import make_stc_tree  # pylint: disable=import-outside-toplevel
   root = make_stc_tree(tmp_path / "stc")
@@ -285,6 +288,7 @@ def test_eval_config_accepts_sigma_up_to_the_map_side():
   assert _config("data", sigma=0.0).sigma == 0.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sigma", ["inf", "1e6", "1e10", "-2"])
 def test_script_rejects_sigma(data_dir, tmp_path, sigma):
   proc = _run_script("evaluate.py", f"--data_dir={data_dir}", *SMALL, f"--sigma={sigma}",
@@ -293,6 +297,7 @@ def test_script_rejects_sigma(data_dir, tmp_path, sigma):
   assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_stc_script_rejects_sigma(tmp_path):
   from stc_fixtures import make_stc_tree  # pylint: disable=import-outside-toplevel
   root = make_stc_tree(tmp_path / "stc")
@@ -355,6 +360,7 @@ def test_foreign_results_json_is_refused_before_work(data_dir, calls, tmp_path, 
   assert calls == {"load_backbone": 0, "categories": []}
 
 
+@pytest.mark.slow
 def test_script_foreign_results_json(data_dir, tmp_path):
   out = tmp_path / "out"
   out.mkdir()
@@ -363,6 +369,7 @@ def test_script_foreign_results_json(data_dir, tmp_path):
   _assert_clean_error(proc, "evaluate.py", str(out / evaluation.RESULTS_FILE), "Move it away")
 
 
+@pytest.mark.slow
 def test_stc_script_foreign_results_json(tmp_path):
   from stc_fixtures import make_stc_tree  # pylint: disable=import-outside-toplevel
   root = make_stc_tree(tmp_path / "stc")
@@ -477,6 +484,7 @@ def test_evaluate_loaded_merges_and_validates(data_dir, calls, tmp_path):
     evaluation.evaluate_loaded(config, {}, output_dir=out, log=_quiet, extra_config={"x": 1})
 
 
+@pytest.mark.slow
 def test_script_all_good_category(data_dir, tmp_path):
   write_category(data_dir, "gamma", defects={})
   proc = _run_script("evaluate.py", f"--data_dir={data_dir}", *SMALL,

@@ -124,6 +124,7 @@ def _run_script(*args: str) -> subprocess.CompletedProcess:
                         capture_output=True, text=True, env=env, timeout=300)
 
 
+@pytest.mark.slow
 def test_script_rejects_unknown_flag_value(tmp_path):
   proc = _run_script("--combine=sum", f"--output_dir={tmp_path}")
   assert proc.returncode != 0
@@ -131,6 +132,7 @@ def test_script_rejects_unknown_flag_value(tmp_path):
   assert not (tmp_path / "results.json").exists()
 
 
+@pytest.mark.slow
 def test_script_rejects_missing_data_dir(tmp_path):
   proc = _run_script(f"--data_dir={tmp_path / 'missing'}", f"--output_dir={tmp_path / 'out'}")
   assert proc.returncode != 0
@@ -138,6 +140,7 @@ def test_script_rejects_missing_data_dir(tmp_path):
   assert not (tmp_path / "out" / "results.json").exists()
 
 
+@pytest.mark.slow
 def test_script_end_to_end(tiny_benchmark, tmp_path):
   proc = _run_script(f"--data_dir={tiny_benchmark}", "--categories=brick", "--k_images=4",
                      "--k_image_score=2", "--resize=96", "--crop=96", "--num_heatmaps=1",
@@ -149,6 +152,7 @@ def test_script_end_to_end(tiny_benchmark, tmp_path):
   assert results["config"]["resize"] == 96 and results["config"]["k_images"] == 4
 
 
+@pytest.mark.slow
 def test_stc_script_end_to_end(tmp_path):
   from stc_fixtures import make_stc_tree  # pylint: disable=import-outside-toplevel
   root = make_stc_tree(tmp_path / "stc")

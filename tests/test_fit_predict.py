@@ -26,6 +26,8 @@ from sklearn.metrics import roc_auc_score
 import spade_jax
 from spade_jax.data import mvtec
 
+pytestmark = pytest.mark.slow  # Scripts end to end: the slow tier (pyproject.toml).
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 K_IMAGES, K_IMAGE_SCORE, SIZE = 3, 2, 64
 SETTINGS = (f"--k_images={K_IMAGES}", f"--k_image_score={K_IMAGE_SCORE}", f"--resize={SIZE}",

@@ -372,6 +372,7 @@ def fixture_data_dir(tmp_path_factory):
   return root
 
 
+@pytest.mark.slow
 def test_evaluate_script_records_metric_and_aggregate(data_dir, tmp_path):
   out = tmp_path / "out"
   proc = _run("evaluate.py", f"--data_dir={data_dir}", *SMALL, "--num_heatmaps=0",
@@ -396,6 +397,7 @@ def test_evaluate_script_records_metric_and_aggregate(data_dir, tmp_path):
                                                      "--aggregate is not used by "
                                                      "--method=patchcore")),
 ])
+@pytest.mark.slow
 def test_evaluate_script_bad_names_are_clean_errors(data_dir, tmp_path, flags, needles):
   small = SMALL if "--method=patchcore" not in flags else [  # SPADE's flags are refused.
       f for f in SMALL if not f.startswith("--k_")]
@@ -419,6 +421,7 @@ def fixture_fitted_index(data_dir, tmp_path_factory):
   return index
 
 
+@pytest.mark.slow
 def test_fit_script_stores_kernels_and_calibrates_with_them(fitted_index):
   contents = index_file.load_index_file(fitted_index)
   index = contents.index
@@ -430,6 +433,7 @@ def test_fit_script_stores_kernels_and_calibrates_with_them(fitted_index):
                                                                            "kde")
 
 
+@pytest.mark.slow
 def test_predict_script_takes_the_scoring_from_the_index(data_dir, fitted_index, tmp_path):
   out = tmp_path / "out"
   proc = _run("predict.py", f"--index={fitted_index}", f"--images={data_dir / 'alpha' / 'test'}",

@@ -15,6 +15,8 @@ from spade_jax import evaluation
 from spade_jax.data import builtin
 from spade_jax.scoring import variants
 
+pytestmark = pytest.mark.slow  # Scripts end to end: the slow tier (pyproject.toml).
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = str(REPO / "experiments" / "kernels.py")
 FLAGS = ["--k_images=4", "--k_image_score=2", "--resize=128", "--crop=112", "--steps=3"]

@@ -23,6 +23,8 @@ import pytest
 from spade_jax import evaluation
 from spade_jax.data import builtin
 
+pytestmark = pytest.mark.slow  # Several processes: the slow tier (pyproject.toml).
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "evaluate.py"
 

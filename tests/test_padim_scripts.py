@@ -20,6 +20,8 @@ from test_fit_predict import assert_clean_error, read_scores, run_script
 import spade_jax
 from spade_jax.data import mvtec
 
+pytestmark = pytest.mark.slow  # Scripts end to end: the slow tier (pyproject.toml).
+
 SIZE = 64
 NUM_FEATURES = 20
 SETTINGS = ("--method=padim", f"--resize={SIZE}", f"--crop={SIZE}",

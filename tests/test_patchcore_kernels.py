@@ -299,6 +299,7 @@ SETTINGS = ("--method=patchcore", f"--resize={SIZE}", f"--crop={SIZE}", "--cores
             "--metric=mahalanobis")
 
 
+@pytest.mark.slow
 def test_fit_and_predict_scripts_with_a_kernel(tmp_path):
   data = tmp_path / "data"
   write_category(data, "alpha", n_train=6, n_good=2, defects={"hole": 2}, seed=11)
@@ -356,5 +357,6 @@ def test_patchcore_reads_metric_but_not_aggregate_or_bandwidth():
     detector_flags.check_method_flags("patchcore", {"aggregate", "metric"})
   config = detector_flags.patchcore_config(
       {"layers": ("layer2",), "patch_size": 3, "coreset_ratio": 0.1, "reweight": False,
-       "metric": "learned", "sigma": 4.0, "resize": 64, "crop": 64}, 2)
+       "metric": "learned", "sigma": 4.0, "resize": 64, "crop": 64,
+       "image_size": None}, 2)
   assert config.is_kernel and config.metric == "learned"

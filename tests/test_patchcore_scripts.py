@@ -25,6 +25,8 @@ from spade_jax.detector import calibration
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "experiments"))
 import detector_flags  # noqa: E402  (the scripts' module, beside them)
 
+pytestmark = pytest.mark.slow  # Scripts end to end: the slow tier (pyproject.toml).
+
 SIZE = 64
 SETTINGS = ("--method=patchcore", f"--resize={SIZE}", f"--crop={SIZE}", "--coreset_ratio=0.5")
 

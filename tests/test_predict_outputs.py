@@ -82,6 +82,7 @@ def _hidden_leftovers(out):
                 and n not in (predictions.COMPLETE_FILE, predictions.LOCK_FILE))
 
 
+@pytest.mark.slow
 def test_name_that_is_not_utf8_round_trips(tmp_path, detector):
   images = tmp_path / "images"
   try:
@@ -225,6 +226,7 @@ def _dead_pid():
   return int(proc.stdout)
 
 
+@pytest.mark.slow
 def test_temporary_folders_of_killed_runs_are_removed(tmp_path, detector):
   out = tmp_path / "out"
   images = _folder(tmp_path / "images", ["a.png"])
@@ -275,6 +277,7 @@ _KILLED_WHILE_WRITING_HEATMAPS = """
 """
 
 
+@pytest.mark.slow
 def test_kill_9_while_writing_heatmaps(tmp_path, detector):
   out = tmp_path / "out"
   _predict(detector, _folder(tmp_path / "one", ["a.png"]), out)
@@ -302,6 +305,7 @@ _HOLD_LOCK = """
 """
 
 
+@pytest.mark.slow
 def test_second_run_on_the_folder_is_refused(tmp_path, detector):
   out = tmp_path / "out"
   images = _folder(tmp_path / "images", ["a.png"])

@@ -91,6 +91,7 @@ def fixture_tiled_run(strips):
   return tiled, index, scores, maps
 
 
+@pytest.mark.slow
 def test_small_defect_on_a_strip_is_flagged_with_tiles_not_without(strips, tiled_run):
   train, test = strips
   _, _, scores, maps = tiled_run
@@ -104,6 +105,7 @@ def test_small_defect_on_a_strip_is_flagged_with_tiles_not_without(strips, tiled
   assert tiled_gain > 1.5 and tiled_gain > plain_gain + 0.5, (tiled_gain, plain_gain)
 
 
+@pytest.mark.slow
 def test_stitched_map_of_a_normal_image_has_no_seams(tiled_run):
   """Across the tile borders the map moves no more than inside the tiles (bound: 1.5x
   the largest step between neighbouring pixels away from any border)."""
@@ -119,6 +121,7 @@ def test_stitched_map_of_a_normal_image_has_no_seams(tiled_run):
   assert steps[:, near].max() <= 1.5 * steps[:, ~near].max()
 
 
+@pytest.mark.slow
 def test_tiles_on_a_mesh_score_as_on_one_device(strips, tiled_run):
   train, test = strips
   tiled, _, scores, maps = tiled_run

@@ -15,6 +15,8 @@ import PIL.Image
 import pytest
 from test_fit_predict import assert_clean_error, read_scores, run_script
 
+pytestmark = pytest.mark.slow  # Scripts end to end: the slow tier (pyproject.toml).
+
 PHOTO = (96, 128)  # (H, W) of the photos: 3:4, as a phone's.
 BOX = (0, 108, 20, 128)  # (top, left, bottom, right): the top-right corner.
 SETTINGS = ("--k_images=2", "--k_image_score=2", "--resize=64")

@@ -270,6 +270,7 @@ def test_recorded_settings_are_the_methods_own():
   assert recorded["coreset_ratio"] == 0.1 and recorded["weights"] == "none"
 
 
+@pytest.mark.slow
 def test_fit_script_refuses_a_flag_of_the_other_method(tmp_path):
   train = _write_folder(tmp_path / "train", _images(2))
   proc = run_script("fit.py", f"--train_dir={train}", f"--index={tmp_path / 'x.spade'}",
