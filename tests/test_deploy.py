@@ -190,7 +190,7 @@ def fixture_exports(fitted, scored, tmp_path_factory):
                    else None)
       folder = spade_jax.export_detector(
           detector, index, tmp_path_factory.mktemp(name) / "export", batch_size=BATCH,
-          threshold=threshold)
+          image_size=detector.config.input_size, threshold=threshold)  # = the default.
       cache[name, with_threshold] = folder, threshold
     return cache[name, with_threshold]
 
@@ -434,6 +434,8 @@ def test_export_refuses_bad_arguments(fitted, tmp_path):
          ({"platforms": ()}, "at least one"),
          ({"batch_size": 0}, "batch_size must be a positive int"),
          ({"fixed_image_size": (0, 3)}, "fixed_image_size must be"),
+         ({"image_size": (0, 3)}, "^image_size must be"),
+         ({"image_size": 17}, "not the detector's input size"),
          ({"threshold": 1.5}, "threshold must be a calibration.Threshold")]
   for kwargs, message in bad:
     with pytest.raises(ValueError, match=message):

@@ -110,6 +110,7 @@ def threshold_below(value: float) -> np.float32:
 
 def export_detector(detector: Any, index: Any, output_dir: str | os.PathLike[str], *,
                     platforms: Sequence[str] | str = ("cpu",), batch_size: int | None = None,
+                    image_size: int | tuple[int, int] | None = None,
                     fixed_image_size: int | tuple[int, int] | None = None,
                     threshold: calibration.Threshold | None = None) -> pathlib.Path:
   """Writes a fitted detector as a deployable folder (see the module docstring).
@@ -121,6 +122,10 @@ def export_detector(detector: Any, index: Any, output_dir: str | os.PathLike[str
     output_dir: the folder to write; it must not exist, or be empty.
     platforms: where the program may run: any of PLATFORMS (one multi-platform export).
     batch_size: images per program call; default detector.config.batch_size.
+    image_size: the program's input (height, width) or an int (square): the detector's
+      input size (config.input_size: its crop, or its image_size without one), which is
+      also the default (None). Another size is refused: the index's features were
+      extracted at that size.
     fixed_image_size: None: images of any size are brought to the detector's input size
       as it does (its resize, crop or image_size); (height, width) or an int: run.py
       refuses images of another size (e.g. a fixed camera whose frames must all be
@@ -142,6 +147,11 @@ def export_detector(detector: Any, index: Any, output_dir: str | os.PathLike[str
   batch_size = detector.config.batch_size if batch_size is None else batch_size
   if not _is_int(batch_size) or batch_size < 1:
     raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+  input_size = check_image_size(image_size, "image_size")
+  if input_size is not None and input_size != tuple(detector.config.input_size):
+    raise ValueError(f"image_size={image_size!r} is not the detector's input size "
+                     f"{tuple(detector.config.input_size)} (its index was fitted at that size; "
+                     f"fit again at the other size to export it)")
   fixed_image_size = check_image_size(fixed_image_size)
   check_not_tiled(detector)
   if threshold is not None:
