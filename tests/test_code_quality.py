@@ -6,7 +6,8 @@
   and sharded forms they choose between;
 * no import cycle in spade_jax, counting imports inside functions (grimp's graph,
   strongly connected components);
-* no source file in spade_jax/ or experiments/ over 600 lines.
+* no source file in spade_jax/ or experiments/ over 600 lines;
+* every test listed in tests/slow_tests.txt exists.
 """
 
 import pathlib
@@ -102,3 +103,20 @@ def test_no_source_file_over_600_lines():
         if lines > MAX_LINES:
           long[str(path.relative_to(REPO))] = lines
   assert long == {}, f"split these by job: {long}"
+
+
+def test_slow_tests_list_names_existing_tests():
+  """Every id in tests/slow_tests.txt names a test function of its file, so a renamed or
+  removed test does not silently fall out of the tier list."""
+  listed = [line.strip() for line in
+            (REPO / "tests" / "slow_tests.txt").read_text(encoding="utf-8").splitlines()
+            if line.strip() and not line.startswith("#")]
+  assert listed and len(listed) == len(set(listed))
+  missing = []
+  for nodeid in listed:
+    path, _, name = nodeid.partition("::")
+    source = REPO / path
+    function = name.split("[", 1)[0]
+    if not source.is_file() or f"\ndef {function}(" not in source.read_text(encoding="utf-8"):
+      missing.append(nodeid)
+  assert not missing, missing
