@@ -33,6 +33,7 @@ from spade_jax.detector import (
   SpadeIndex,
   tiling,
 )
+from spade_jax.detector.ensemble import DEFAULT_MEMBERS as ENSEMBLE_DEFAULT
 from spade_jax.detector.patchcore import IMAGE_SCORES
 from spade_jax.evaluation.config import METHODS, check_padim_scoring, check_patchcore_scoring
 from spade_jax.features import geometry
@@ -78,6 +79,11 @@ class DetectorFlags:
   tile_size: flags.FlagHolder[int | None]
   tile_overlap: flags.FlagHolder[int]
   tile_merge: flags.FlagHolder[str]
+  # Set by define_detector_flags (defaulted here only to keep the constructor short).
+  ensemble_members: flags.FlagHolder[list[str] | None] = None
+  ensemble_combine: flags.FlagHolder[str] = None
+  ensemble_statistics: flags.FlagHolder[str] = None
+  ensemble_folds: flags.FlagHolder[int] = None
 
   def settings(self) -> dict[str, Any]:
     """The detector settings as keyword arguments of evaluation.EvalConfig (weights
@@ -100,7 +106,12 @@ class DetectorFlags:
         "reweight": self.reweight.value, "image_score": self.image_score.value,
         "topk": self.topk.value, "reduction": self.reduction.value,
         "num_features": self.num_features.value, "feature_seed": self.feature_seed.value,
-        "regularization": self.regularization.value, "epsilon": self.epsilon.value}
+        "regularization": self.regularization.value, "epsilon": self.epsilon.value,
+        "ensemble_members": (None if self.ensemble_members.value is None
+                             else tuple(self.ensemble_members.value)),
+        "ensemble_combine": self.ensemble_combine.value,
+        "ensemble_statistics": self.ensemble_statistics.value,
+        "ensemble_folds": self.ensemble_folds.value}
 
   def given(self) -> set[str]:
     """Names of the detector flags set on the command line (not left at their default)."""
@@ -168,9 +179,10 @@ def define_detector_flags(crop_default: str = str(_DEFAULT.crop)) -> DetectorFla
       method=flags.DEFINE_enum(
           "method", "spade", list(METHODS),
           "Detector: spade (SPADE, Cohen & Hoshen 2020), patchcore (PatchCore, Roth et "
-          "al. 2022: a coreset memory bank of locally aware patch features) or padim "
+          "al. 2022: a coreset memory bank of locally aware patch features), padim "
           "(PaDiM, Defard et al. 2020: a Gaussian per position of random-subset "
-          "embeddings, Mahalanobis distances)."),
+          "embeddings, Mahalanobis distances) or ensemble (evaluate.py: several of them, "
+          "see --ensemble_members)."),
       backbone=flags.DEFINE_enum(
           "backbone", "efficientnet_lite0", list(BACKBONES),
           "Feature extractor; wide_resnet50_2 reproduces the paper."),
@@ -267,6 +279,25 @@ def define_detector_flags(crop_default: str = str(_DEFAULT.crop)) -> DetectorFla
           "tile_merge", "mean", list(tiling.MERGES), "With --tile_size: how overlapping "
           "tile maps combine: mean (feathered across the overlap) or max."),
   )
+  holders = dataclasses.replace(
+      holders,
+      ensemble_members=flags.DEFINE_list(
+          "ensemble_members", None, "ensemble: its members, comma-separated, each "
+          "METHOD:METRIC:BACKBONE[:LAYERS] (METHOD spade|patchcore|padim; METRIC empty: "
+          "the method's default, padim none; BACKBONE empty: --backbone; LAYERS joined by "
+          "'+', absent: the method's default), e.g. patchcore:l2:efficientnet_lite0,"
+          "padim::efficientnet_lite1:layer1+layer2. Default: "
+          f"{','.join(ENSEMBLE_DEFAULT)} (the README's choice for faint defects)."),
+      ensemble_combine=flags.DEFINE_enum(
+          "ensemble_combine", "mean", ["mean", "max"], "ensemble: how the members' "
+          "standardised scores and maps are combined."),
+      ensemble_statistics=flags.DEFINE_enum(
+          "ensemble_statistics", "mean_std", ["mean_std", "median_mad"], "ensemble: "
+          "the statistics of each member's held-out normal scores and map pixels that "
+          "standardise it: mean and standard deviation, or median and 1.4826 MAD."),
+      ensemble_folds=flags.DEFINE_integer(
+          "ensemble_folds", 5, "ensemble: folds of whole training images; each member is "
+          "refitted without a fold to score it (its held-out normal statistics)."))
   flags.register_validator("crop", _valid(geometry.parse_crop, "--crop"))
   flags.register_validator("image_size",
                            _valid(lambda v, f: geometry.parse_image_size(v or "", f),
@@ -286,7 +317,11 @@ METHOD_FLAGS = {
     "patchcore": ("coreset_ratio", "patch_size", "reweight", "metric", "image_score", "topk",
                   "reduction"),
     "padim": ("num_features", "feature_seed", "regularization", "epsilon"),
+    "ensemble": ("ensemble_members", "ensemble_combine", "ensemble_statistics",
+                 "ensemble_folds"),
 }
+# Every-method flags that an ensemble does not read (its members have their own).
+ENSEMBLE_UNUSED = ("layers",)
 
 
 def _foreign_flags(method: str) -> set[str]:
@@ -299,6 +334,12 @@ def check_method_flags(method: str, given: set[str]) -> None:
   """Raises a ValueError naming the flags in `given` (DetectorFlags.given()) that
   `method` does not read (other methods' only: METHOD_FLAGS)."""
   foreign = sorted(_foreign_flags(method) & set(given))
+  if method == "ensemble":
+    unused = sorted(set(ENSEMBLE_UNUSED) & set(given))
+    if unused:
+      raise ValueError(f"--{unused[0]} is not used by --method=ensemble: each member names "
+                       "its own (--ensemble_members=METHOD:METRIC:BACKBONE:LAYERS, layers "
+                       "joined by '+'); drop it")
   if foreign:
     listed = ", ".join(f"--{name}" for name in foreign)
     owners = sorted({other for other, names in METHOD_FLAGS.items()
@@ -358,6 +399,10 @@ def detector_config(method: str, settings: dict[str, Any], batch_size: int):
     return patchcore_config(settings, batch_size)
   if method == "padim":
     return padim_config(settings, batch_size)
+  if method == "ensemble":
+    raise ValueError("--method=ensemble is evaluate.py's (and spade_jax.Ensemble's): "
+                     "fit.py and predict.py cannot save or load an ensemble index yet; "
+                     "fit its members one by one (--method=spade|patchcore|padim)")
   raise ValueError(f"--method must be one of {METHODS}, got {method!r}")
 
 

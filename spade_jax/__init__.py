@@ -8,6 +8,7 @@ Public API (see README.md):
   scores, maps = spade.score(index, test_images_uint8)
   patchcore = spade_jax.PatchCore(backbone, spade_jax.PatchCoreConfig())  # the same calls
   padim = spade_jax.Padim(backbone, spade_jax.PadimConfig())              # the same calls
+  ensemble = spade_jax.Ensemble([patchcore, padim], spade_jax.EnsembleConfig())  # the same
 
 The package is the pipeline, one folder per stage (docs/ARCHITECTURE.md):
 features/ (images -> pyramid and patch features), search/ (distance kernels, exact kNN,
@@ -67,6 +68,9 @@ _EXPORTS = {
     "Padim": "spade_jax.detector.padim",
     "PadimConfig": "spade_jax.detector.padim",
     "PadimIndex": "spade_jax.detector.padim",
+    "Ensemble": "spade_jax.detector.ensemble",
+    "EnsembleConfig": "spade_jax.detector.ensemble",
+    "EnsembleIndex": "spade_jax.detector.ensemble",
     "save_index": "spade_jax.detector.index_file",
     "load_index": "spade_jax.detector.index_file",
     # Deployment: a fitted detector as a standalone folder.
@@ -138,6 +142,7 @@ sys.meta_path.insert(0, _SubmoduleAliases())
 # (export_detector is left out: spade_jax.deploy is a top stage, which the stages below,
 # importing this package, must not reach; see pyproject.toml's layers.)
 if TYPE_CHECKING:  # Static type checkers see the real imports.
+  from spade_jax.detector.ensemble import Ensemble, EnsembleConfig, EnsembleIndex
   from spade_jax.detector.index_file import load_index, save_index
   from spade_jax.detector.padim import Padim, PadimConfig, PadimIndex
   from spade_jax.detector.patchcore import PatchCore, PatchCoreConfig, PatchCoreIndex

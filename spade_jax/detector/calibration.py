@@ -276,17 +276,24 @@ def describe_folds(folds: int, num_images: int) -> str:
   return "leave-one-out" if folds == num_images else f"{folds}-fold"
 
 
+def fold_splits(num_images: int, folds: int) -> list[tuple[np.ndarray, np.ndarray]]:
+  """The (train indices, held-out indices) of each of `folds` contiguous folds of
+  num_images images (numpy.array_split of the indices, in image order): every image is
+  held out exactly once, and never among its own fold's training images."""
+  indices = np.arange(num_images)
+  return [(np.setdiff1d(indices, held_out, assume_unique=True), held_out)
+          for held_out in np.array_split(indices, folds)]
+
+
 def held_out_scores(score_fold: ScoreFold, num_images: int, folds: int) -> np.ndarray:
   """[num_images] scores, each image's from a detector fitted without its fold.
 
   Folds are contiguous in image order (numpy.array_split of the indices).
   """
   scores = np.full(num_images, np.nan, np.float64)
-  indices = np.arange(num_images)
   report = progress_lib.Progress("calibration: scored", num_images)
   done = 0
-  for held_out in np.array_split(indices, folds):
-    train = np.setdiff1d(indices, held_out, assume_unique=True)
+  for train, held_out in fold_splits(num_images, folds):
     with progress_lib.quiet():
       scores[held_out] = np.asarray(score_fold(train, held_out), np.float64)
     done += len(held_out)

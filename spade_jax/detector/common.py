@@ -133,6 +133,8 @@ def with_whole_image_size(detector: Any, height: int, width: int) -> Any:
   config.resize, its aspect kept (geometry.aspect_size): how fit_folder and evaluate
   choose the one input size from the first training image."""
   from spade_jax.features import geometry  # pylint: disable=import-outside-toplevel
+  if hasattr(detector, "with_whole_image_size"):  # An Ensemble: each member's.
+    return detector.with_whole_image_size(height, width)
   config = detector.config
   if config.crop is not None or config.image_size is not None:
     return detector

@@ -20,15 +20,16 @@ from typing import Any
 import numpy as np
 
 from spade_jax.detector import KERNEL_METRICS, PadimConfig, PatchCoreConfig, SpadeConfig, tiling
+from spade_jax.detector import ensemble as ensemble_lib
 from spade_jax.features import geometry
 from spade_jax.search import distances
 
 _DEFAULT = SpadeConfig()
 _PATCHCORE = PatchCoreConfig()
 _PADIM = PadimConfig()
-# Detectors evaluate.py runs: SPADE (detector/spade.py), PatchCore (detector/patchcore.py)
-# and PaDiM (detector/padim.py).
-METHODS = ("spade", "patchcore", "padim")
+# Detectors evaluate.py runs: SPADE (detector/spade.py), PatchCore (detector/patchcore.py),
+# PaDiM (detector/padim.py) and fused ensembles of them (detector/ensemble.py).
+METHODS = ("spade", "patchcore", "padim", "ensemble")
 # The settings each method's numbers depend on (recorded in results.json's "config").
 _COMMON_KEYS = ("data_dir", "method", "backbone", "weights", "layers", "sigma", "metric",
                 "resize", "crop")
@@ -36,9 +37,12 @@ _METHOD_KEYS = {
     "spade": ("k_images", "k_image_score", "kappa", "combine", "aggregate", "bandwidth"),
     "patchcore": ("coreset_ratio", "patch_size", "reweight"),
     "padim": ("num_features", "feature_seed", "regularization", "epsilon"),
+    "ensemble": ("ensemble_members", "ensemble_combine", "ensemble_statistics",
+                 "ensemble_folds"),
 }
-# Common settings a method does not use (not recorded for it): PaDiM has no metric.
-_UNUSED_KEYS = {"padim": ("metric",)}
+# Common settings a method does not use (not recorded for it): PaDiM has no metric, an
+# ensemble's members have their own metrics and layers.
+_UNUSED_KEYS = {"padim": ("metric",), "ensemble": ("layers", "metric")}
 
 
 def _normalise_path(path: str | os.PathLike[str]) -> str:
@@ -63,7 +67,11 @@ class EvalConfig:
   metric (its distance is the Mahalanobis one). metric may name
   a kernel fitted on the training features (SPADE and PatchCore: KERNEL_METRICS, e.g.
   "mahalanobis"); aggregate ("mean", "softmin", "kde") and bandwidth (None: the median
-  heuristic) are SPADE's (SpadeConfig).
+  heuristic) are SPADE's (SpadeConfig). method "ensemble" (detector/ensemble.py) records
+  ensemble_members (canonical METHOD:METRIC:BACKBONE[:LAYERS] texts; None:
+  ensemble.DEFAULT_MEMBERS), ensemble_combine, ensemble_statistics and ensemble_folds,
+  and no layers or metric (each member has its own); its members take backbone (when
+  they name none), weights, sigma, resize, crop and image_size from here.
 
   Raises:
     ValueError: a setting out of range (the message names it).
@@ -97,6 +105,10 @@ class EvalConfig:
   tile_size: int | None = None
   tile_overlap: int = 0
   tile_merge: str = "mean"
+  ensemble_members: tuple[str, ...] | None = None
+  ensemble_combine: str = "mean"
+  ensemble_statistics: str = "mean_std"
+  ensemble_folds: int = ensemble_lib.DEFAULT_FOLDS
 
   def __post_init__(self):
     if not isinstance(self.data_dir, (str, os.PathLike)):
@@ -106,8 +118,14 @@ class EvalConfig:
       object.__setattr__(self, "weights", os.fspath(self.weights))
     if self.method not in METHODS:
       raise ValueError(f"EvalConfig.method must be one of {METHODS}, got {self.method!r}")
+    if self.method == "ensemble":  # Canonical member texts (a bad one names the flag).
+      members = (ensemble_lib.DEFAULT_MEMBERS if self.ensemble_members is None
+                 else self.ensemble_members)
+      object.__setattr__(self, "ensemble_members",
+                         tuple(m.text() for m in ensemble_lib.parse_members(members)))
     if self.layers is None:
-      default = {"spade": _DEFAULT, "patchcore": _PATCHCORE, "padim": _PADIM}[self.method]
+      default = {"spade": _DEFAULT, "patchcore": _PATCHCORE, "padim": _PADIM,
+                 "ensemble": _PATCHCORE}[self.method]
       object.__setattr__(self, "layers", default.layers)
     if isinstance(self.layers, (list, tuple)):
       object.__setattr__(self, "layers", tuple(self.layers))
@@ -128,6 +146,9 @@ class EvalConfig:
       if self.crop is not None or self.image_size is not None:
         raise ValueError("EvalConfig.tile_size cuts the images into tiles at their native "
                          "resolution: it needs crop=None and no image_size")
+      if self.method == "ensemble":
+        raise ValueError("EvalConfig.tile_size: tiles are not supported with method "
+                         "'ensemble' yet (drop --tile_size)")
     object.__setattr__(self, "sigma", float(sigma))
     if self.bandwidth is not None:
       object.__setattr__(self, "bandwidth", float(self.bandwidth))
@@ -164,8 +185,28 @@ class EvalConfig:
                        crop=self.crop, image_size=self.image_size,
                        batch_size=batch_size)
 
-  def detector_config(self, batch_size: int) -> SpadeConfig | PatchCoreConfig | PadimConfig:
-    """The chosen method's config (ValueError naming a bad setting)."""
+  def member_settings(self, batch_size: int) -> dict[str, Any]:
+    """The settings every ensemble member's config takes from this one."""
+    return {"sigma": self.sigma, "resize": self.resize, "crop": self.crop,
+            "image_size": self.image_size, "batch_size": batch_size}
+
+  def ensemble_config(self, batch_size: int) -> ensemble_lib.EnsembleConfig:
+    """The EnsembleConfig, after checking every member's config (ValueError naming
+    --ensemble_members and the member)."""
+    if self.aggregate != "mean" or self.bandwidth is not None:
+      raise ValueError("aggregate / bandwidth are SPADE's (method 'spade'); an ensemble's "
+                       "members use their methods' defaults: leave them unset")
+    for spec in ensemble_lib.parse_members(self.ensemble_members):
+      ensemble_lib.member_config(spec, **self.member_settings(batch_size))
+    return ensemble_lib.EnsembleConfig(combine=self.ensemble_combine,
+                                       statistics=self.ensemble_statistics,
+                                       folds=self.ensemble_folds)
+
+  def detector_config(self, batch_size: int):
+    """The chosen method's config (ValueError naming a bad setting): a SpadeConfig,
+    PatchCoreConfig, PadimConfig or (method "ensemble") EnsembleConfig."""
+    if self.method == "ensemble":
+      return self.ensemble_config(batch_size)
     if self.method == "spade":
       return self.spade_config(batch_size)
     if self.method == "padim":
@@ -177,6 +218,10 @@ class EvalConfig:
     Padim)."""
     import spade_jax  # pylint: disable=import-outside-toplevel
     config = self.detector_config(batch_size)  # Before the (slow) backbone load.
+    if self.method == "ensemble":  # Each member's backbone, loaded once.
+      return ensemble_lib.Ensemble.from_specs(
+          self.ensemble_members, config, backbone=self.backbone, weights=self.weights,
+          **self.member_settings(batch_size))
     backbone = spade_jax.load_backbone(self.backbone, weights=self.weights)
     detector = {"spade": spade_jax.Spade, "patchcore": spade_jax.PatchCore,
                 "padim": spade_jax.Padim}[self.method]
@@ -195,6 +240,8 @@ class EvalConfig:
       out.update(self.tiles.settings())
     if self.method == "patchcore":
       out.update(patchcore_json(self.patchcore_config(batch_size=1)))
+    if self.method == "ensemble":
+      out["ensemble_members"] = list(self.ensemble_members)
     return out
 
 
@@ -275,6 +322,11 @@ def check_test_labels(name: str, labels: Sequence[int], n_train: int,
     raise ValueError(
         f"category {name!r} has {n_train} training image(s); PaDiM needs at least 2 (a "
         f"covariance per position): add training images {leave_out}")
+  if config.method == "ensemble" and n_train < config.ensemble_folds:
+    raise ValueError(
+        f"category {name!r} has {n_train} training image(s), fewer than the ensemble's "
+        f"{config.ensemble_folds} held-out folds (--ensemble_folds): add training images "
+        f"{leave_out}")
 
 
 def check_masks(name: str, masks: np.ndarray) -> None:

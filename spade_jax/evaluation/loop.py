@@ -111,7 +111,8 @@ def evaluate_category(spade, category_data, *, crop: int | None, resize: int,
     resize = crop = image_size = None
   else:
     spade = common.with_whole_image_size(spade, *np.shape(data.train_images[0])[:2])
-    image_size = spade.config.image_size
+    # An Ensemble's maps are at its first member's size (Ensemble.output_size).
+    image_size = getattr(spade, "members", (spade,))[0].config.image_size
   masks = preprocess_masks(data.test_masks, resize=resize, crop=crop, image_size=image_size)
   config_lib.check_masks(data.category, masks)  # Before the expensive part.
   with progress.record_stages() as stages:
@@ -264,6 +265,9 @@ def evaluate(config: EvalConfig, *, output_dir: str | os.PathLike[str],
   multiprocess = jax.process_count() > 1
   if multiprocess and config.tiles is not None:
     raise ValueError("tiles (--tile_size) are not supported with several processes yet")
+  if multiprocess and config.method == "ensemble":
+    raise ValueError("method 'ensemble' is not supported with several processes yet "
+                     "(run one process; --shard spreads its members over the devices)")
   writer = jax.process_index() == 0
   data_dir = pathlib.Path(config.data_dir)
   found = mvtec.list_categories(data_dir)
