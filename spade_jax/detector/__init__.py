@@ -3,8 +3,8 @@ fit / score over the stages below (spade.py), PatchCore's config, memory-bank in
 fit / score (patchcore.py), PaDiM's config, per-position Gaussian index and fit / score
 (padim.py), fused ensembles of them (ensemble.py), what the detectors share
 (common.py), a config's kernels and bandwidths (metric_fit.py), index files of all three
-(index_file.py, index_kernels.py, index_padim.py), and a decision threshold calibrated on normal images alone
-(calibration.py)."""
+(index_file.py, index_kernels.py, index_padim.py), and a decision threshold calibrated
+on normal images alone (calibration.py)."""
 
 from spade_jax.detector.calibration import Threshold, spade_threshold
 from spade_jax.detector.index_file import (

@@ -1,0 +1,217 @@
+"""Fused ensembles (spade_jax.Ensemble): held-out statistics from whole-image folds,
+standardisation and combination against a brute-force NumPy reference computed from the
+members' own fit / score, maps of other sizes, the mesh, member specs and their errors.
+
+A tiny fake backbone (spade_fake_backbone) at 32 x 32; no torch, no network.
+"""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+from spade_fake_backbone import FakeBackbone
+from test_anomaly_map import _bilinear_ref
+
+import spade_jax
+from spade_jax.detector import ensemble as ensemble_lib
+from spade_jax.evaluation import EvalConfig
+
+SIZE = 32
+PATCHCORE = spade_jax.PatchCoreConfig(resize=SIZE, crop=SIZE, batch_size=4, coreset_ratio=0.5)
+PADIM = spade_jax.PadimConfig(resize=SIZE, crop=SIZE, batch_size=4, num_features=12)
+NUM_TRAIN = 9
+FOLDS = 3
+
+
+def _images(rng, n, defect=False):
+  """Smooth stripes with noise; a defect is a bright 8 x 8 square."""
+  yy, xx = np.mgrid[:SIZE, :SIZE]
+  out = []
+  for _ in range(n):
+    phase = np.array([0.0, 1.0, 2.0]) + rng.uniform(0, 0.1, 3)
+    img = 128 + 50 * np.sin((xx + 0.5 * yy)[..., None] / 4.0 + phase)
+    img = img + rng.normal(0, 6, (SIZE, SIZE, 3))
+    if defect:
+      img[12:20, 14:22] = 255
+    out.append(np.clip(img, 0, 255).astype(np.uint8))
+  return np.stack(out)
+
+
+def _members():
+  backbone = FakeBackbone()
+  return [spade_jax.PatchCore(backbone, PATCHCORE), spade_jax.Padim(backbone, PADIM)]
+
+
+@pytest.fixture(name="data", scope="module")
+def fixture_data():
+  rng = np.random.default_rng(0)
+  train = _images(rng, NUM_TRAIN)
+  test = np.concatenate([_images(rng, 3), _images(rng, 2, defect=True)])
+  ensemble = spade_jax.Ensemble(_members(), spade_jax.EnsembleConfig(folds=FOLDS))
+  return ensemble, ensemble.fit(train), train, test
+
+
+def _reference_stats(detector, train, kind="mean_std"):
+  """Held-out statistics by brute force: each contiguous fold of whole images scored by
+  the member fitted (from images) on the others; NumPy statistics."""
+  scores, maps = np.zeros(len(train)), np.zeros((len(train), SIZE, SIZE))
+  for held in np.array_split(np.arange(len(train)), FOLDS):
+    rest = np.setdiff1d(np.arange(len(train)), held)
+    s, m = detector.score(detector.fit(train[rest]), train[held])
+    scores[held], maps[held] = s, m
+  if kind == "mean_std":
+    return scores.mean(), scores.std(), maps.mean(), maps.std(), scores
+  med, pmed = np.median(scores), np.median(maps)
+  return (med, 1.4826 * np.median(np.abs(scores - med)), pmed,
+          1.4826 * np.median(np.abs(maps - pmed)), scores)
+
+
+def test_statistics_come_from_held_out_folds(data):
+  ensemble, index, train, _ = data
+  for m, detector in enumerate(ensemble.members):
+    center, scale, pcenter, pscale, _ = _reference_stats(detector, train)
+    np.testing.assert_allclose(
+        [index.image_center[m], index.image_scale[m], index.pixel_center[m],
+         index.pixel_scale[m]], [center, scale, pcenter, pscale], rtol=1e-4, atol=1e-6)
+
+
+def test_a_training_image_is_never_scored_by_a_member_that_saw_it():
+  # With the whole bank (no coreset), an image scored by a PatchCore fitted on it has
+  # every patch at distance 0 from the bank: its own score is 0.
+  rng = np.random.default_rng(1)
+  train = _images(rng, NUM_TRAIN)
+  patchcore = spade_jax.PatchCore(FakeBackbone(), dataclasses.replace(PATCHCORE,
+                                                                      coreset_ratio=1.0))
+  features = patchcore.extract(train)
+  own, _ = patchcore.score_features(patchcore.fit_features(features), features)
+  np.testing.assert_allclose(own, 0, atol=1e-3)
+  held, maps = ensemble_lib.held_out_outputs(patchcore, features, FOLDS)
+  assert held.shape == (NUM_TRAIN,) and maps.shape == (NUM_TRAIN, SIZE, SIZE)
+  assert np.all(held > 0.02), held  # Each from a detector fitted without its image.
+  _, _, _, _, reference = _reference_stats(patchcore, train)
+  np.testing.assert_allclose(held, reference, rtol=1e-4)
+
+
+@pytest.mark.parametrize("combine", ["mean", "max"])
+def test_combination_matches_numpy_on_the_members_own_outputs(data, combine):
+  ensemble, index, _, test = data
+  ensemble = spade_jax.Ensemble(ensemble.members, spade_jax.EnsembleConfig(
+      combine=combine, folds=FOLDS))
+  scores, maps = ensemble.score(index, test)
+  z_scores, z_maps = [], []
+  for m, (detector, member_index) in enumerate(zip(ensemble.members, index.indices)):
+    s, a = detector.score(member_index, test)
+    z_scores.append((np.float64(s) - index.image_center[m]) / index.image_scale[m])
+    z_maps.append((np.float64(a) - index.pixel_center[m]) / index.pixel_scale[m])
+  reduce = np.mean if combine == "mean" else np.max
+  assert scores.shape == (len(test),) and maps.shape == (len(test), SIZE, SIZE)
+  np.testing.assert_allclose(scores, reduce(z_scores, axis=0), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(maps, reduce(z_maps, axis=0), rtol=1e-5, atol=1e-5)
+  assert scores[3:].min() > scores[:3].max()  # The planted squares rank first.
+
+
+def test_median_mad_statistics_match_numpy(data):
+  ensemble, _, train, _ = data
+  detector = ensemble.members[1]
+  config = spade_jax.EnsembleConfig(statistics="median_mad", folds=FOLDS)
+  index = spade_jax.Ensemble([detector], config).fit(train)
+  expected = _reference_stats(detector, train, "median_mad")[:4]
+  np.testing.assert_allclose([index.image_center[0], index.image_scale[0],
+                              index.pixel_center[0], index.pixel_scale[0]], expected,
+                             rtol=1e-4, atol=1e-6)
+
+
+def test_statistics_floor_a_constant_scale():
+  center, scale = ensemble_lib.statistics(np.full(10, 3.0), "mean_std")
+  assert center == 3.0 and scale == pytest.approx(ensemble_lib.SCALE_FLOOR * 3.0)
+  values = np.random.default_rng(0).normal(2.0, 0.5, 1000)
+  assert ensemble_lib.statistics(values, "mean_std") == pytest.approx(
+      (values.mean(), values.std()))
+
+
+def test_maps_of_another_size_are_resized_to_the_first_members():
+  rng = np.random.default_rng(2)
+  big, small = rng.random((2, 8, 8)).astype(np.float32), rng.random((2, 4, 4)).astype(
+      np.float32)
+  index = ensemble_lib.EnsembleIndex(
+      indices=(), image_center=np.float32([0, 1]), image_scale=np.float32([1, 2]),
+      pixel_center=np.float32([0.5, 0.25]), pixel_scale=np.float32([2, 4]), members=())
+  scores, maps = ensemble_lib.combine_outputs([np.zeros(2), np.ones(2)], [big, small], index,
+                                              "mean", (8, 8))
+  expected = ((big - 0.5) / 2 + (_bilinear_ref(small, 8, 8) - 0.25) / 4) / 2
+  np.testing.assert_allclose(maps, expected, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(scores, [0.0, 0.0])
+
+
+def test_a_sharded_ensemble_equals_one_device(data):
+  ensemble, index, train, test = data
+  mesh = jax.make_mesh((len(jax.devices()),), ("data",))
+  sharded = ensemble.fit(train, mesh=mesh)
+  for name in ("image_center", "image_scale", "pixel_center", "pixel_scale"):
+    np.testing.assert_allclose(getattr(sharded, name), getattr(index, name), rtol=1e-4,
+                               atol=1e-5)
+  ref_scores, ref_maps = ensemble.score(index, test)
+  scores, maps = ensemble.score(sharded, test)
+  np.testing.assert_allclose(scores, ref_scores, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(maps, ref_maps, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("knn:l2:efficientnet_lite0", "METHOD 'knn'"),
+    ("padim:l2:efficientnet_lite0", "padim has no metric"),
+    ("patchcore:manhattan:efficientnet_lite0", "METRIC 'manhattan'"),
+    ("patchcore:l2:resnet7", "BACKBONE 'resnet7'"),
+    ("patchcore:l2", "3 or 4 fields"),
+    ("patchcore:l2:efficientnet_lite0:layer1++layer2", "LAYERS"),
+    ("patchcore:l2:efficientnet_lite0,patchcore:l2:efficientnet_lite0", "listed twice"),
+    (",", "no members"),
+])
+def test_bad_member_specs_name_the_flag_and_the_member(text, needle):
+  with pytest.raises(ValueError, match="--ensemble_members") as info:
+    ensemble_lib.parse_members(text)
+  assert needle in str(info.value)
+  with pytest.raises(ValueError, match="--ensemble_members"):
+    EvalConfig(data_dir="d", method="ensemble", ensemble_members=(text,))
+
+
+def test_member_specs_round_trip_and_build_configs():
+  specs = ensemble_lib.parse_members(
+      " patchcore:mahalanobis:efficientnet_lite1 , padim::efficientnet_lite2:layer1+layer2,"
+      "spade::")
+  assert [s.text() for s in specs] == ["patchcore:mahalanobis:efficientnet_lite1",
+                                       "padim::efficientnet_lite2:layer1+layer2", "spade::"]
+  config = ensemble_lib.member_config(specs[1], resize=64, crop=64, sigma=2.0)
+  assert config.layers == ("layer1", "layer2") and config.crop == 64
+  assert ensemble_lib.member_config(specs[0]).metric == "mahalanobis"
+  with pytest.raises(ValueError, match="--ensemble_members: member 'padim::'"):
+    ensemble_lib.member_config(ensemble_lib.parse_member("padim::"), sigma=-1.0)
+
+
+def test_a_member_that_fails_is_named():
+  class Broken(spade_jax.PatchCore):
+    def fit_features(self, *args, **kwargs):
+      raise RuntimeError("boom")
+
+  members = [spade_jax.Padim(FakeBackbone(), PADIM), Broken(FakeBackbone(), PATCHCORE)]
+  ensemble = spade_jax.Ensemble(members, spade_jax.EnsembleConfig(folds=FOLDS))
+  with pytest.raises(ValueError, match=r"ensemble member 1 \(patchcore:l2:fake_pyramid:"
+                                       r"layer2\+layer3\) failed: RuntimeError: boom"):
+    ensemble.fit(_images(np.random.default_rng(3), NUM_TRAIN))
+  with pytest.raises(ValueError, match="member 'patchcore:l2::layer9'"):
+    spade_jax.Ensemble.from_specs("patchcore:l2::layer9", backbone="fake",
+                                  load_backbone=lambda name, weights: FakeBackbone(name))
+
+
+def test_eval_config_records_the_members():
+  config = EvalConfig(data_dir="d", method="ensemble",
+                      ensemble_members=("padim::efficientnet_lite1",), ensemble_combine="max")
+  recorded = config.to_json()
+  assert recorded["method"] == "ensemble"
+  assert recorded["ensemble_members"] == ["padim::efficientnet_lite1"]
+  assert recorded["ensemble_combine"] == "max"
+  assert not {"layers", "metric", "k_images", "coreset_ratio"} & set(recorded)
+  default = EvalConfig(data_dir="d", method="ensemble").to_json()
+  assert default["ensemble_members"] == list(ensemble_lib.DEFAULT_MEMBERS)
+  with pytest.raises(ValueError, match="combine"):
+    EvalConfig(data_dir="d", method="ensemble", ensemble_combine="median")
