@@ -2,16 +2,21 @@
 standardisation and combination against a brute-force NumPy reference computed from the
 members' own fit / score, maps of other sizes, the mesh, member specs and their errors.
 
-A tiny fake backbone (spade_fake_backbone) at 32 x 32; no torch, no network.
+A tiny fake backbone (spade_fake_backbone) at 32 x 32; no torch, no network. The tests
+that fit detectors over folds, and evaluate.py end to end (efficientnet_lite0's packaged
+weights at 64 x 64), are in the slow tier.
 """
 
 import dataclasses
+import json
 
 import jax
+from mvtec_fixtures import write_category
 import numpy as np
 import pytest
 from spade_fake_backbone import FakeBackbone
 from test_anomaly_map import _bilinear_ref
+from test_fit_predict import assert_clean_error, run_script
 
 import spade_jax
 from spade_jax.detector import ensemble as ensemble_lib
@@ -67,6 +72,7 @@ def _reference_stats(detector, train, kind="mean_std"):
           1.4826 * np.median(np.abs(maps - pmed)), scores)
 
 
+@pytest.mark.slow  # Fits detectors over folds: seconds each.
 def test_statistics_come_from_held_out_folds(data):
   ensemble, index, train, _ = data
   for m, detector in enumerate(ensemble.members):
@@ -76,6 +82,7 @@ def test_statistics_come_from_held_out_folds(data):
          index.pixel_scale[m]], [center, scale, pcenter, pscale], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow  # Fits detectors over folds: seconds each.
 def test_a_training_image_is_never_scored_by_a_member_that_saw_it():
   # With the whole bank (no coreset), an image scored by a PatchCore fitted on it has
   # every patch at distance 0 from the bank: its own score is 0.
@@ -94,6 +101,7 @@ def test_a_training_image_is_never_scored_by_a_member_that_saw_it():
 
 
 @pytest.mark.parametrize("combine", ["mean", "max"])
+@pytest.mark.slow  # Fits detectors over folds: seconds each.
 def test_combination_matches_numpy_on_the_members_own_outputs(data, combine):
   ensemble, index, _, test = data
   ensemble = spade_jax.Ensemble(ensemble.members, spade_jax.EnsembleConfig(
@@ -111,6 +119,7 @@ def test_combination_matches_numpy_on_the_members_own_outputs(data, combine):
   assert scores[3:].min() > scores[:3].max()  # The planted squares rank first.
 
 
+@pytest.mark.slow  # Fits detectors over folds: seconds each.
 def test_median_mad_statistics_match_numpy(data):
   ensemble, _, train, _ = data
   detector = ensemble.members[1]
@@ -144,6 +153,7 @@ def test_maps_of_another_size_are_resized_to_the_first_members():
   np.testing.assert_allclose(scores, [0.0, 0.0])
 
 
+@pytest.mark.slow  # Fits detectors over folds: seconds each.
 def test_a_sharded_ensemble_equals_one_device(data):
   ensemble, index, train, test = data
   mesh = jax.make_mesh((len(jax.devices()),), ("data",))
@@ -188,6 +198,7 @@ def test_member_specs_round_trip_and_build_configs():
     ensemble_lib.member_config(ensemble_lib.parse_member("padim::"), sigma=-1.0)
 
 
+@pytest.mark.slow  # Fits detectors over folds: seconds each.
 def test_a_member_that_fails_is_named():
   class Broken(spade_jax.PatchCore):
     def fit_features(self, *args, **kwargs):
@@ -215,3 +226,43 @@ def test_eval_config_records_the_members():
   assert default["ensemble_members"] == list(ensemble_lib.DEFAULT_MEMBERS)
   with pytest.raises(ValueError, match="combine"):
     EvalConfig(data_dir="d", method="ensemble", ensemble_combine="median")
+
+
+@pytest.mark.slow  # The script end to end.
+def test_evaluate_script_runs_an_ensemble_and_records_its_members(tmp_path):
+  data = tmp_path / "data"
+  write_category(data, "alpha", n_train=6, n_good=3, defects={"crack": 2, "hole": 2}, seed=5)
+  members = "patchcore:l2:efficientnet_lite0,padim::efficientnet_lite0:layer1+layer2"
+  out = tmp_path / "out"
+  proc = run_script("evaluate.py", f"--data_dir={data}", "--method=ensemble", "--resize=64",
+                    "--crop=64", f"--ensemble_members={members}", "--ensemble_folds=3",
+                    "--ensemble_combine=max", "--num_heatmaps=1", f"--output_dir={out}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = json.loads((out / "results.json").read_text())
+  config = results["config"]
+  assert config["method"] == "ensemble" and config["ensemble_combine"] == "max"
+  assert config["ensemble_members"] == members.split(",")
+  assert config["ensemble_folds"] == 3 and config["ensemble_statistics"] == "mean_std"
+  entry = results["categories"]["alpha"]
+  assert set(entry) >= {"image_auroc", "pixel_auroc", "au_pro", "n_train", "n_test",
+                        "seconds", "stage_seconds"}
+  assert set(results["mean"]) == {"image_auroc", "pixel_auroc", "au_pro"}
+
+
+@pytest.mark.slow  # The scripts as subprocesses.
+def test_scripts_refuse_bad_ensemble_flags(tmp_path):
+  data = tmp_path / "data"
+  write_category(data, "alpha", n_train=4, n_good=2, defects={"crack": 2}, seed=1)
+  bad = run_script("evaluate.py", f"--data_dir={data}", "--method=ensemble",
+                   "--ensemble_members=patchcore:l2:efficientnet_lite0,knn::",
+                   f"--output_dir={tmp_path / 'o1'}")
+  assert_clean_error(bad, "evaluate.py", "--ensemble_members", "knn::")
+  layers = run_script("evaluate.py", f"--data_dir={data}", "--method=ensemble",
+                      "--layers=layer1", f"--output_dir={tmp_path / 'o2'}")
+  assert_clean_error(layers, "evaluate.py", "--layers is not used by --method=ensemble")
+  foreign = run_script("evaluate.py", f"--data_dir={data}", "--method=patchcore",
+                       "--ensemble_combine=max", f"--output_dir={tmp_path / 'o3'}")
+  assert_clean_error(foreign, "evaluate.py", "--ensemble_combine")
+  fit = run_script("fit.py", f"--train_dir={data / 'alpha' / 'train' / 'good'}",
+                   f"--index={tmp_path / 'x.index'}", "--method=ensemble")
+  assert_clean_error(fit, "fit.py", "--method=ensemble", "cannot save or load an ensemble")
