@@ -71,8 +71,8 @@ _EXPORTS = {
     "Ensemble": "spade_jax.detector.ensemble",
     "EnsembleConfig": "spade_jax.detector.ensemble",
     "EnsembleIndex": "spade_jax.detector.ensemble",
-    "save_ensemble_index": "spade_jax.detector.ensemble",
-    "load_ensemble_index": "spade_jax.detector.ensemble",
+    "save_ensemble_index": "spade_jax.detector.index_ensemble",
+    "load_ensemble_index": "spade_jax.detector.index_ensemble",
     "save_index": "spade_jax.detector.index_file",
     "load_index": "spade_jax.detector.index_file",
     # Deployment: a fitted detector as a standalone folder.
@@ -144,13 +144,8 @@ sys.meta_path.insert(0, _SubmoduleAliases())
 # (export_detector is left out: spade_jax.deploy is a top stage, which the stages below,
 # importing this package, must not reach; see pyproject.toml's layers.)
 if TYPE_CHECKING:  # Static type checkers see the real imports.
-  from spade_jax.detector.ensemble import (
-    Ensemble,
-    EnsembleConfig,
-    EnsembleIndex,
-    load_ensemble_index,
-    save_ensemble_index,
-  )
+  from spade_jax.detector.ensemble import Ensemble, EnsembleConfig, EnsembleIndex
+  from spade_jax.detector.index_ensemble import load_ensemble_index, save_ensemble_index
   from spade_jax.detector.index_file import load_index, save_index
   from spade_jax.detector.padim import Padim, PadimConfig, PadimIndex
   from spade_jax.detector.patchcore import PatchCore, PatchCoreConfig, PatchCoreIndex

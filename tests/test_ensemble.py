@@ -272,25 +272,25 @@ def test_scripts_refuse_bad_ensemble_flags(tmp_path):
 def test_index_folder_round_trip_and_checks(data, tmp_path):
   ensemble, index, _, test = data
   path = tmp_path / "part.ensemble"
-  ensemble_lib.save_ensemble_index(path, index)
-  ensemble_lib.save_ensemble_index(path, index)  # Over an existing one.
+  spade_jax.save_ensemble_index(path, index)
+  spade_jax.save_ensemble_index(path, index)  # Over an existing one.
   assert sorted(p.name for p in tmp_path.iterdir()) == ["part.ensemble"]
-  loaded = ensemble_lib.load_ensemble_index(path, expect=ensemble)
+  loaded = spade_jax.load_ensemble_index(path, expect=ensemble)
   np.testing.assert_array_equal(loaded.image_scale, index.image_scale)
   for got, want in zip(ensemble.score(loaded, test), ensemble.score(index, test)):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
   other = spade_jax.Ensemble(ensemble.members[:1])
   with pytest.raises(ValueError, match="not this ensemble's"):
-    ensemble_lib.load_ensemble_index(path, expect=other)
+    spade_jax.load_ensemble_index(path, expect=other)
   member = path / "member_1.safetensors"
   damaged = bytearray(member.read_bytes())
   damaged[-1] ^= 0xFF  # One bit pattern of the last tensor's data.
   member.write_bytes(bytes(damaged))
   with pytest.raises(ValueError, match="SHA-256"):
-    ensemble_lib.load_ensemble_index(path)
-  ensemble_lib.save_ensemble_index(path, index)
+    spade_jax.load_ensemble_index(path)
+  spade_jax.save_ensemble_index(path, index)
   manifest = json.loads((path / "manifest.json").read_text())
   manifest["image_scale"][0] = 0.0
   (path / "manifest.json").write_text(json.dumps(manifest))
   with pytest.raises(ValueError, match="image_scale"):
-    ensemble_lib.load_ensemble_index(path)
+    spade_jax.load_ensemble_index(path)

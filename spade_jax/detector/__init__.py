@@ -1,10 +1,10 @@
 """Stage 4, the detector: SpadeConfig, the fitted SpadeIndex (a pytree value), Spade's
 fit / score over the stages below (spade.py), PatchCore's config, memory-bank index and
 fit / score (patchcore.py), PaDiM's config, per-position Gaussian index and fit / score
-(padim.py), fused ensembles of them (ensemble.py), what the detectors share
-(common.py), a config's kernels and bandwidths (metric_fit.py), index files of all three
-(index_file.py, index_kernels.py, index_padim.py), and a decision threshold calibrated
-on normal images alone (calibration.py)."""
+(padim.py), fused ensembles of them (ensemble.py; index folders: index_ensemble.py),
+what the detectors share (common.py), a config's kernels and bandwidths (metric_fit.py),
+index files of all three (index_file.py, index_kernels.py, index_padim.py), and a
+decision threshold calibrated on normal images alone (calibration.py)."""
 
 from spade_jax.detector.calibration import Threshold, spade_threshold
 from spade_jax.detector.index_file import (

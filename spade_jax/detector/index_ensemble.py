@@ -1,0 +1,134 @@
+"""Ensemble index folders: every member's index file (index_file.save_index: no pickle,
+checksummed) and manifest.json with the standardisation statistics and every member
+file's SHA-256, written atomically. Loading reads JSON and safetensors only; it never
+executes code."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+from typing import Any
+
+import numpy as np
+
+from spade_jax.detector import index_file
+from spade_jax.detector.ensemble import STATISTICS, Ensemble, EnsembleIndex
+from spade_jax.host import atomic
+
+ENSEMBLE_INDEX_FORMAT = "spade_jax.ensemble_index"
+ENSEMBLE_INDEX_VERSION = 1
+MANIFEST = "manifest.json"
+_STAT_NAMES = ("image_center", "image_scale", "pixel_center", "pixel_scale")
+
+
+def _member_file(m: int) -> str:
+  return f"member_{m}.safetensors"
+
+
+def _sha256(path: Any) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def save_ensemble_index(path: Any, index: EnsembleIndex) -> None:
+  """Writes `index` to the folder `path`: member_<m>.safetensors (save_index) and
+  manifest.json (format, version, member names, statistics, each file's SHA-256).
+
+  Built in a temporary folder next to `path`, then renamed to it: `path` holds a whole
+  index or none. An existing index at `path` is moved aside first and removed after the
+  rename (a crash between the two renames leaves it under a temporary name, never a
+  partial index at `path`).
+
+  Raises:
+    ValueError: not an EnsembleIndex, or the parent folder does not exist.
+  """
+  if not isinstance(index, EnsembleIndex):
+    raise ValueError(f"index must be an EnsembleIndex, got {type(index).__name__}")
+  path = pathlib.Path(path)
+  if not path.parent.is_dir():
+    raise ValueError(f"cannot save the ensemble index to {str(path)!r}: its folder "
+                     f"{str(path.parent)!r} does not exist")
+  tmp = atomic.new_temp_dir(path)
+  try:
+    files = []
+    for m, member in enumerate(index.indices):
+      index_file.save_index(tmp / _member_file(m), member)
+      files.append({"file": _member_file(m), "sha256": _sha256(tmp / _member_file(m))})
+    manifest = {"format": ENSEMBLE_INDEX_FORMAT, "version": ENSEMBLE_INDEX_VERSION,
+                "members": list(index.members), "statistics": index.statistics,
+                "files": files,
+                **{n: [float(v) for v in np.asarray(getattr(index, n))] for n in _STAT_NAMES}}
+    with atomic.atomic_path(tmp / MANIFEST) as out:
+      out.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    old = None
+    if path.exists():
+      old = atomic.new_temp_dir(path)
+      os.replace(path, old / "old")
+    os.replace(tmp, path)
+    if old is not None:
+      shutil.rmtree(old, ignore_errors=True)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def load_ensemble_index(path: Any, expect: Ensemble | None = None) -> EnsembleIndex:
+  """Reads a folder written by save_ensemble_index, checking it before it is used.
+
+  The manifest's format, version, fields and statistics (finite, scales > 0), then each
+  member file's SHA-256, then each member index (index_file.load_index, with its own
+  checksums; against `expect`'s member detectors when given).
+
+  Raises:
+    ValueError: naming the folder and what is wrong (also: other members than
+      `expect`'s).
+  """
+  path = pathlib.Path(path)
+  where = f"ensemble index {str(path)!r}"
+  try:
+    manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+  except (OSError, ValueError, RecursionError) as e:
+    raise ValueError(f"{where}: cannot read {MANIFEST} ({e})") from None
+  fields = {"format", "version", "members", "statistics", "files", *_STAT_NAMES}
+  if not isinstance(manifest, dict) or set(manifest) != fields:
+    raise ValueError(f"{where}: {MANIFEST} must be an object with the fields "
+                     f"{sorted(fields)}")
+  if manifest["format"] != ENSEMBLE_INDEX_FORMAT or manifest["version"] != \
+      ENSEMBLE_INDEX_VERSION:
+    raise ValueError(f"{where}: format {manifest['format']!r} version "
+                     f"{manifest['version']!r} is not {ENSEMBLE_INDEX_FORMAT!r} version "
+                     f"{ENSEMBLE_INDEX_VERSION}")
+  members, files = manifest["members"], manifest["files"]
+  count = len(members) if isinstance(members, list) else -1
+  if count < 1 or not all(isinstance(m, str) for m in members) or not isinstance(
+      files, list) or len(files) != count or manifest["statistics"] not in STATISTICS:
+    raise ValueError(f"{where}: {MANIFEST} has malformed members, files or statistics")
+  stats = {}
+  for name in _STAT_NAMES:
+    values = manifest[name]
+    if not isinstance(values, list) or len(values) != count or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+        for v in values) or (name.endswith("scale") and min(values) <= 0):
+      raise ValueError(f"{where}: {name} must be {count} finite numbers (scales > 0)")
+    stats[name] = np.asarray(values, np.float32)
+  if expect is not None and tuple(members) != expect.names:
+    raise ValueError(f"{where}: fitted for members {members}, not this ensemble's "
+                     f"{list(expect.names)}")
+  indices = []
+  for m, entry in enumerate(files):
+    if not isinstance(entry, dict) or entry.get("file") != _member_file(m):
+      raise ValueError(f"{where}: files[{m}] must name {_member_file(m)!r}")
+    member_path = path / _member_file(m)
+    if not member_path.is_file() or _sha256(member_path) != entry.get("sha256"):
+      raise ValueError(f"{where}: {_member_file(m)} is missing or does not match its "
+                       "SHA-256 in the manifest (damaged or edited); refit")
+    indices.append(index_file.load_index(
+        member_path, None if expect is None else expect.members[m]))
+  return EnsembleIndex(indices=tuple(indices), members=tuple(members),
+                       statistics=manifest["statistics"], **stats)
