@@ -23,7 +23,11 @@ kernels (one kernel fitted on the training patches, the coreset selected in its 
 but not --aggregate / --bandwidth (its patch score is the nearest bank entry's
 distance); --method=padim (PaDiM: --num_features, --feature_seed, --regularization,
 --epsilon) has no metric (Mahalanobis distances to per-position Gaussians), and its
-"config" records its own settings instead.
+"config" records its own settings instead. --method=ensemble fuses several detectors
+(README "Ensembles"): --ensemble_members=METHOD:METRIC:BACKBONE[:LAYERS],... (default:
+the README's choice for faint defects), --ensemble_combine=mean|max,
+--ensemble_statistics=mean_std|median_mad, --ensemble_folds; "config" records the
+members and these settings.
 
 Geometry: by default the MVTec protocol (--resize=256 --crop=224: the centre crop, and
 the masks cropped alike), so the tables compare with the papers'. --crop=none inspects
