@@ -4,7 +4,7 @@ without refitting (how the default ensemble of spade_jax.detector.ensemble was c
 For every data folder, category and member (METHOD:METRIC:BACKBONE[:LAYERS]) it stores
 in <output_dir>/<dataset>/<category>/<member>.npz what Ensemble.fit / score compute for
 that member: the held-out normal statistics (both kinds) and the test scores and maps
-(float16), plus the category's test labels and masks. ensemble_table.py then combines
+(float32), plus the category's test labels and masks. ensemble_table.py then combines
 them exactly as Ensemble.score does (combine_outputs) and prints the metrics.
 
   python experiments/ensemble_members.py --data_dirs=hard_s0=/tmp/b/hard_s0 \
