@@ -16,6 +16,9 @@ Sections (see BENCHMARKS.md for what each figure means):
   pipeline   end to end: images/s of fit and of scoring (backbone + search + maps) per
              method, and predict.py's wall time with a cold, then a warm compilation cache
              (about 8 min of the suite on 2 busy CPU cores at its defaults)
+  end_to_end evaluate.py on one built-in category (spade, patchcore; cold and warm
+             compilation cache) against a PyTorch SPADE (--end_to_end_torch_python) and
+             anomalib's PatchCore (--end_to_end_anomalib_python), with its profile
 
 JAX's persistent compilation cache is on, as in every script (--compilation_cache_dir,
 default $SPADE_JAX_CACHE/jax_compilation_cache; 'none' turns it off). With a warm
@@ -137,6 +140,21 @@ _KERNELS_CHANNELS = flags.DEFINE_list("kernels_channels", ["24", "40", "112"],
 _KERNELS_K = flags.DEFINE_integer("kernels_k_images", 50, "K of the kernels section.")
 
 
+# end_to_end
+_E2E_CATEGORY = flags.DEFINE_string("end_to_end_category", "gravel",
+                                    "The built-in category evaluate.py runs on.")
+_E2E_TORCH = flags.DEFINE_string(
+    "end_to_end_torch_python", None, "A Python with torch, torchvision, scikit-learn and "
+    "the efficientnet-lite0 weights (e.g. the anomalib venv): runs bench/torch_spade.py.")
+_E2E_ANOMALIB = flags.DEFINE_string(
+    "end_to_end_anomalib_python", None, "The anomalib 2.7 venv's Python "
+    "(../shared/tools/anomalib): runs its PatchCore on the same category.")
+_E2E_ANOMALIB_SCRIPT = flags.DEFINE_string(
+    "end_to_end_anomalib_script", str(pathlib.Path(__file__).resolve().parents[2] / "shared"
+                                      / "tools" / "anomalib" / "run_anomalib.py"),
+    "anomalib's runner (run_anomalib.py).")
+
+
 def _ints(values: Sequence[str]) -> list[int]:
   return [int(v) for v in values]
 
@@ -191,6 +209,9 @@ def section_kwargs() -> dict[str, dict]:
                       "channels": _ints(_KERNELS_CHANNELS.value), "k_images": _KERNELS_K.value,
                       "num_test": 1, "knn_level": 0, "repeats": repeats,
                       "image_size": _IMAGE_SIZE.value}
+  every["end_to_end"] = {"category": _E2E_CATEGORY.value, "torch_python": _E2E_TORCH.value,
+                         "anomalib_python": _E2E_ANOMALIB.value,
+                         "anomalib_script": _E2E_ANOMALIB_SCRIPT.value}
   unknown = sorted(set(_SECTIONS.value) - set(every))
   if unknown:
     raise app.UsageError(f"unknown --sections {unknown}; valid: {', '.join(every)}")

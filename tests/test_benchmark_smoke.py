@@ -5,6 +5,7 @@ import json
 import pathlib
 import sys
 
+from mvtec_fixtures import write_category
 import pytest
 
 from spade_jax.search import distances
@@ -41,11 +42,16 @@ TINY = {
 
 
 @pytest.fixture(name="results", scope="module")
-def _results():
+def _results(tmp_path_factory):
+  data = tmp_path_factory.mktemp("end_to_end")  # A tiny category for evaluate.py.
+  write_category(data, "alpha", n_train=4, n_good=2, defects={"crack": 2}, seed=5)
+  sizes = {**TINY, "end_to_end": {
+      "category": "alpha", "methods": ["spade"], "data_dir": str(data),
+      "evaluate_flags": ["--resize=64", "--crop=64", "--k_images=2", "--k_image_score=1"]}}
   with pytest.MonkeyPatch.context() as mp:
     # The precision section registers two bf16 metrics; keep the registry as it was.
     mp.setattr(distances, "METRICS", dict(distances.METRICS))
-    return suite.run_suite(TINY, log=lambda _: None)
+    return suite.run_suite(sizes, log=lambda _: None)
 
 
 def test_every_section_runs(results):
@@ -88,6 +94,12 @@ def test_section_keys(results):
   assert coreset["sharded"]["status"] == "ok" and coreset["sharded"]["coreset_same"]
   kernels = {r["kernel"]: r for r in sections["kernels"]["rows"]}
   assert set(kernels) == {"l2", "mahalanobis", "polynomial"} and kernels["l2"]["knn_vs_l2"] == 1
+  end_to_end = sections["end_to_end"]  # No reference Python here: spade_jax alone.
+  assert set(end_to_end["runs"]) == {"spade_cold", "spade_warm"}
+  for run in end_to_end["runs"].values():
+    assert {"wall_s", "startup_s", "stage_s", "other_s", "image_auroc"} <= set(run)
+    assert set(run["stage_s"]) == {"backbone", "search", "maps", "metrics"}
+  assert "compile_s" in end_to_end["runs"]["spade_cold"]
   scaling = sections["scaling"]
   if scaling["status"] == "ok":
     assert {"efficiency", "sharded_over_unsharded", "indices_match"} <= set(scaling["rows"][1])
@@ -99,5 +111,6 @@ def test_section_keys(results):
 
 def test_markdown_has_every_section(results):
   text = suite.markdown(results)
-  for title in ("Backbone", "kNN", "Pixel", "scaling", "memory", "Precision", "Pipeline"):
+  for title in ("Backbone", "kNN", "Pixel", "scaling", "memory", "Precision", "Pipeline",
+                "End to end"):
     assert title in text
