@@ -4,11 +4,10 @@ named variants of spade_jax.scoring.variants."""
 
 import json
 import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+import script_server
 
 import spade_jax
 from spade_jax import evaluation
@@ -18,7 +17,6 @@ from spade_jax.scoring import variants
 pytestmark = pytest.mark.slow  # Scripts end to end: the slow tier (pyproject.toml).
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SCRIPT = str(REPO / "experiments" / "kernels.py")
 FLAGS = ["--k_images=4", "--k_image_score=2", "--resize=128", "--crop=112", "--steps=3"]
 
 
@@ -30,8 +28,7 @@ def tiny_benchmark(tmp_path_factory) -> pathlib.Path:
 
 
 def _run(*args):
-  return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True,
-                        cwd=REPO, check=False, timeout=900)
+  return script_server.run_script("kernels.py", *args, cwd=str(REPO), timeout=900)
 
 
 def test_script_writes_each_variant_and_the_comparison(tiny_benchmark, tmp_path):
