@@ -45,7 +45,7 @@ from test_export import ACCELERATOR_TARGETS, custom_call_targets, low_precision_
 
 import spade_jax
 from spade_jax.data import mvtec
-from spade_jax.deploy import artifact, export
+from spade_jax.deploy import artifact, export, programs
 from spade_jax.detector import calibration, tiling
 from spade_jax.evaluation import folders
 from spade_jax.features import geometry
@@ -383,8 +383,15 @@ def test_other_jax_version_is_named(cpu_export):
     runner.load_program(b"\x00" * 64, {"jax_version": "99.1.0"})
 
 
-def test_accelerator_export_is_checked_and_refused_on_cpu(fitted, tmp_path):
-  detector, index = fitted("patchcore")
+@pytest.mark.parametrize("case", ["patchcore", "tiled-spade-mean"])
+def test_accelerator_export_is_checked_and_refused_on_cpu(case, fitted, tiled_fitted, tmp_path):
+  """Exports for cuda and tpu, made on this CPU (a whole-image PatchCore, and a SPADE
+  index fitted on tiles: its program of tiles), checked as test_export.py checks the
+  library's."""
+  if case.startswith("tiled-"):
+    detector, index, _ = tiled_fitted(case.removeprefix("tiled-"))
+  else:
+    detector, index = fitted(case)
   folder = spade_jax.export_detector(detector, index, tmp_path / "export",
                                      platforms=("cuda", "tpu"), batch_size=BATCH)
   runner = load_runner(folder)
@@ -398,6 +405,9 @@ def test_accelerator_export_is_checked_and_refused_on_cpu(fitted, tmp_path):
   assert not targets - ACCELERATOR_TARGETS, targets
   # Full float32 products: the search's (matmul.py) and every other dot of the program.
   assert "stablehlo.dot" in text and not low_precision_dots(text), low_precision_dots(text)[:3]
+  if case.startswith("tiled-"):
+    assert manifest["input"]["tiles"]["tile_size"] == 64
+    assert manifest["input"]["shape"] == [BATCH, 64, 64, 3]
   with pytest.raises(runner.ArtifactError, match=r"exported for \['cuda', 'tpu'\], and jax "
                      r"runs on cpu here.*--platforms=cuda,tpu,cpu"):
     runner.Artifact(folder)
@@ -418,6 +428,32 @@ def test_image_of_another_size_is_refused(cpu_export, data, tmp_path):
     runner.score_folder(artifact_, data.test_dir, tmp_path / "run")
   with pytest.raises(runner.ArtifactError, match=r"takes images \(4, 64, 64, 3\) uint8"):
     artifact_.check_batch(np.zeros((4, 32, 32, 3), np.uint8))
+
+
+def test_batch_dimension_is_static(fitted, cpu_export):
+  """The export's batch is static and run.py pads the last batch (test_run_py_...: 7
+  images in batches of 4), rather than a symbolic batch (jax.export.symbolic_shape("b"))
+  that would need no padding: the library's search chooses its query blocks from the
+  query count (search/neighbors.default_query_block: a block near 2.4M / chunk entries
+  that divides the count, no ragged last block), a Python decision on a static shape
+  that a symbolic batch cannot make. Making it shape-independent would change the
+  library's blocking for one padded batch per run (and a jitted polymorphic program
+  still compiles once per distinct batch size, so the last short batch would cost a
+  second compilation). If this trace starts to succeed, revisit the choice."""
+  exported = load_runner(cpu_export).load_program(
+      (cpu_export / "program.jaxexport").read_bytes(), {})
+  assert exported.in_avals[-1].shape == (BATCH, SIZE, SIZE, 3)
+  detector, index = fitted("spade")
+  program = programs.build(detector, index)
+  arrays, rebuild = artifact.flatten_arrays(programs.as_numpy_tree(program.arrays))
+  specs = {name: jax.ShapeDtypeStruct(a.shape, a.dtype) for name, a in arrays.items()}
+  batch, = jax.export.symbolic_shape("b")
+  images = jax.ShapeDtypeStruct((batch, SIZE, SIZE, 3), np.float32)
+  with cpu_kernel.xla_only(), pytest.raises(Exception, match="is inconclusive") as info:
+    jax.export.export(jax.jit(lambda named, x: program.score(rebuild(named), x)),
+                      platforms=("cpu",))(specs, images)
+  assert any(entry.name == "default_query_block" for entry in info.traceback), \
+      [entry.name for entry in info.traceback]
 
 
 def test_check_image_size():
