@@ -641,8 +641,8 @@ def test_runner_tiles_match_the_library():
   rng = np.random.default_rng(0)
   cases = [(h, w, t, o) for t in (32, 33, 64, 100) for o in sorted({0, 1, t // 4, t // 2, t - 1})
            for h in (t, t + 1, 2 * t - 1, 3 * t + 7) for w in (t, 2 * t + 5, 517)]
-  cases += [(int(rng.integers(32, 900)), int(rng.integers(32, 900)), 32, int(rng.integers(0, 32)))
-            for _ in range(200)]
+  cases += [(int(rng.integers(t, 900)), int(rng.integers(t, 900)), t, int(rng.integers(t // 8, t)))
+            for t in rng.integers(32, 300, 200)]
   for h, w, t, o in cases:
     config = tiling.TileConfig(t, o)
     boxes = runner.tile_boxes(h, w, runner.TileSettings(t, o, "mean"))
