@@ -9,6 +9,9 @@ centre crop, or the whole image at 64 x 80 (fit.py's default geometry). The end-
 test (export.py on a whole-image index file, run.py without spade_jax) uses
 efficientnet_lite0 with its packaged ImageNet weights (no network), as fit.py would.
 run.py's maps are compared with predict.py's --save_maps, at each image's own size.
+Tiled exports (an index fitted on 64 x 64 tiles, overlap 16 or 0, mean or max merge) are
+compared with predict_folder(tiles=) on test images of five sizes, and end to end
+through fit.py, export.py, predict.py and run.py (efficientnet_lite0).
 
 Tolerance of run.py against predict.py: relative 2e-5 on the image scores (about 170
 float32 ulps) and 2e-5 of the largest map value on the maps. Both compute the same
