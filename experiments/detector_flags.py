@@ -125,8 +125,8 @@ class DetectorFlags:
         raise ValueError(
             f"--tile_size={size} does not match the index {where}, which was fitted "
             f"{'without tiles' if fitted is None else f'on tiles of {fitted}'}; drop "
-            f"--tile_size (predict.py takes it from the index) or refit with fit.py "
-            f"--tile_size={size}")
+            f"--tile_size (predict.py and export.py take it from the index) or refit "
+            f"with fit.py --tile_size={size}")
       size = fitted
     if size is None:
       extra = sorted(present - {"tile_size"})
