@@ -99,7 +99,7 @@ def main(argv: Sequence[str]) -> None:
     tiles = _DETECTOR.tiles()
     if tiles is not None:  # Native-resolution tiles: no crop.
       settings.update(crop=None, tile_size=tiles.tile_size, tile_overlap=tiles.tile_overlap,
-                      tile_merge=tiles.merge)
+                      tile_merge=tiles.merge, tile_position_weight=tiles.position_weight)
     evaluation.EvalConfig(data_dir=_DATA_DIR.value or "", **settings)
     benchmark = _BENCHMARK.value or "builtin"
     if _BENCHMARK.value is not None and _DATA_DIR.value is not None:
