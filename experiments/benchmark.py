@@ -94,9 +94,10 @@ _MEMORY_ROWS = flags.DEFINE_integer("memory_knn_rows", 19600, "knn gallery rows 
 _MEMORY_K = flags.DEFINE_integer("memory_pixel_k_images", 6,
                                  "K for pixel; K at scale 1 for pixel_k.")
 _MEMORY_TILE_IMAGES = flags.DEFINE_list(
-    "memory_tile_images", ["256x256", "2000x2000", "8000x2000"],
+    "memory_tile_images", ["256x256", "928x928", "2000x2000", "8000x2000"],
     "Images (HxW) scored tile by tile, one fresh process each: the working set must not "
-    "grow with the image (issue 19). Empty: skip.")
+    "grow with the image (issue 19; 928x928 is 16 tiles of 256 overlap 32: one tile "
+    "batch at --batch_size 4). Empty: skip.")
 _MEMORY_TILE_SIZE = flags.DEFINE_integer("memory_tile_size", 256, "Tile side of "
                                          "--memory_tile_images.")
 _MEMORY_TILE_OVERLAP = flags.DEFINE_integer("memory_tile_overlap", 32, "Tile overlap of "

@@ -110,8 +110,10 @@ class DetectorFlags:
 
   def tiles(self, contents=None, where: str = "") -> tiling.TileConfig | None:
     """The tiling the flags ask for (None: no --tile_size), or with `contents` (an index
-    file, predict.py) the one its fit recorded: --tile_size is the index's (a given one
-    that differs is an error), --tile_overlap and --tile_merge the flags' when given.
+    file, predict.py) the one its fit recorded: --tile_size and --tile_position_weight
+    are the index's (a given one that differs is an error), --tile_overlap and
+    --tile_merge the flags' when given (--tile_overlap the index's when it holds a
+    threshold: the tiles set the image scores it was calibrated on).
 
     Raises:
       ValueError: a bad tile flag, --tile_size with --crop or --image_size, or one that
@@ -142,6 +144,13 @@ class DetectorFlags:
                else recorded.get("tile_overlap", 0))
     merge = (self.tile_merge.value if "tile_merge" in present or contents is None
              else recorded.get("tile_merge", "mean"))
+    fitted_overlap = recorded.get("tile_overlap", 0)
+    if (contents is not None and getattr(contents, "threshold", None) is not None
+        and overlap != fitted_overlap):
+      raise ValueError(
+          f"--tile_overlap={overlap}: the index {where} holds a threshold calibrated on "
+          f"tiles with --tile_overlap={fitted_overlap} (the tiles set the image scores); "
+          "drop --tile_overlap or refit with fit.py --calibrate")
     position = self.tile_position_weight.value
     if contents is not None:  # The index's features hold the positions (or not).
       fitted = recorded.get("tile_position_weight", 0.0)

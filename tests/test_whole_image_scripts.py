@@ -136,6 +136,10 @@ def test_tiled_fit_and_predict(ws):
                     f"--output_dir={ws.root / 'refused'}", "--tile_size=32")
   assert_clean_error(proc, "predict.py", "--tile_size=32 does not match the index",
                      "on tiles of 64")
+  proc = run_script("predict.py", f"--index={index}", f"--images={ws.root / 'test'}",
+                    f"--output_dir={ws.root / 'refused'}", "--tile_overlap=8")
+  assert_clean_error(proc, "predict.py", "threshold calibrated on tiles with "
+                     "--tile_overlap=16")
 
 
 @pytest.mark.parametrize("flags, needle", [
