@@ -190,7 +190,9 @@ def fit_folder(spade, train_dir: str | os.PathLike[str], index_path: str | os.Pa
       calibration.PATCHCORE_FOLDS folds, PaDiM calibration.PADIM_FOLDS).
     settings: recorded in the index (save_index's `settings`), e.g. fit.py's flags.
     tiles: fit on the images' tiles at their native resolution (detector.tiling; every
-      tile counts as a training image); recorded in the index's settings.
+      tile counts as a training image); recorded in the index's settings. With
+      calibrate, the folds are folds of whole images and an image's held-out score is
+      the max over its tiles (calibration's groups).
     log: progress lines.
 
   Raises:
