@@ -231,8 +231,8 @@ def _check_geometry_fields(where: str, config: dict[str, Any]) -> None:
 def _check_bank_spec(where: str, specs: dict[str, tuple[str, Sequence[int]]],
                      metadata: dict[str, str], levels: Sequence[str]) -> None:
   """Checks a PatchCore file's tensors: "bank" (F32, [B, D], D <= embed_dim, + 2 with
-  tile positions) and its
-  kernel's (F32; their shapes are the kernel's own, checked when it is built)."""
+  tile positions) and its kernel's (F32; their shapes are the kernel's own, checked
+  when it is built)."""
   expected = _tensor_names(where, metadata, levels)
   extra = sorted(set(specs) - set(expected))
   if "bank" not in specs:
