@@ -8,7 +8,8 @@ Sections (see BENCHMARKS.md for what each figure means):
   knn        spade_jax.knn GFLOP/s on the K=50 layer1 shape vs NumPy and jnp.dot matmul
   pixel      seconds per test image of pixel scoring + anomaly maps (WRN50-2 shapes, K=50)
   scaling    weak scaling of knn on a sharded gallery over 1, 2, 4, 8 fake CPU devices
-  memory     scoring working set (peak RSS - RSS with inputs) as the gallery grows 8x
+  memory     scoring working set (peak RSS - RSS with inputs) as the gallery grows 8x,
+             and of one image scored tile by tile from 256 x 256 to 8000 x 2000
   precision  bfloat16 distances and lax.approx_min_k: speed and accuracy vs exact search
   kernels    spade_jax.kernels against L2: knn and pixel scoring seconds, ratios to L2
   coreset    PatchCore: coreset seconds and memory as N grows to 1M, scoring s / image
@@ -95,6 +96,15 @@ _MEMORY_SCALES = flags.DEFINE_list("memory_scales", ["1", "2", "4", "8"],
 _MEMORY_ROWS = flags.DEFINE_integer("memory_knn_rows", 19600, "knn gallery rows at scale 1.")
 _MEMORY_K = flags.DEFINE_integer("memory_pixel_k_images", 6,
                                  "K for pixel; K at scale 1 for pixel_k.")
+_MEMORY_TILE_IMAGES = flags.DEFINE_list(
+    "memory_tile_images", ["256x256", "928x928", "2000x2000", "8000x2000"],
+    "Images (HxW) scored tile by tile, one fresh process each: the working set must not "
+    "grow with the image (issue 19; 928x928 is 16 tiles of 256 overlap 32: one tile "
+    "batch at --batch_size 4). Empty: skip.")
+_MEMORY_TILE_SIZE = flags.DEFINE_integer("memory_tile_size", 256, "Tile side of "
+                                         "--memory_tile_images.")
+_MEMORY_TILE_OVERLAP = flags.DEFINE_integer("memory_tile_overlap", 32, "Tile overlap of "
+                                            "--memory_tile_images.")
 _MEMORY_TRAIN = flags.DEFINE_integer("memory_pixel_train_images", 25,
                                      "Training images at scale 1 for pixel.")
 # precision
@@ -188,7 +198,10 @@ def section_kwargs() -> dict[str, dict]:
                   "repeats": repeats},
       "memory": {**knn_shape, **pyramid, "kinds": _MEMORY_KINDS.value,
                  "scales": _ints(_MEMORY_SCALES.value), "rows": _MEMORY_ROWS.value,
-                 "k_images": _MEMORY_K.value, "train_images": _MEMORY_TRAIN.value},
+                 "k_images": _MEMORY_K.value, "train_images": _MEMORY_TRAIN.value,
+                 "tile_images": _MEMORY_TILE_IMAGES.value,
+                 "tile_size": _MEMORY_TILE_SIZE.value,
+                 "tile_overlap": _MEMORY_TILE_OVERLAP.value},
       "precision": {**knn_shape, "gallery": _PRECISION_GALLERY.value,
                     "k": _PRECISION_K.value, "repeats": repeats,
                     "recall_target": _RECALL_TARGET.value},

@@ -26,7 +26,9 @@ TINY = {
     "scaling": {**_TINY_QUERIES, "device_counts": [1, 2], "rows_per_device": 37, "k": 1,
                 "repeats": 1},
     "memory": {**_TINY_QUERIES, **_TINY_PYRAMID, "kinds": ["knn"], "scales": [1, 2],
-               "rows": 200, "k_images": 2, "train_images": 4},
+               "rows": 200, "k_images": 2, "train_images": 4,
+               "tile_images": ["32x32", "64x64", "64x128"], "tile_size": 32,
+               "tile_overlap": 0, "tile_batch_size": 1},
     "precision": {**_TINY_QUERIES, "gallery": 301, "k": 3, "repeats": 1,
                   "recall_target": 0.95},
     "pipeline": {"backbone": "efficientnet_lite0", "methods": ["spade", "patchcore"],
@@ -76,6 +78,10 @@ def test_section_keys(results):
   assert "working_set_ratio" in memory["ratios"]["knn"]
   assert memory["ratios"]["knn"]["memory"] == "host"  # CPU: the scoring buffers are host's.
   assert memory["rows"][0]["device_working_set_bytes"] is None
+  tiles = memory["tiles"]  # One image tile by tile: 1, 4 and 8 tiles of 32, 4 per call.
+  assert [r["tiles"] for r in tiles["rows"]] == [1, 4, 8]
+  assert {"working_set_without_map_bytes", "map_bytes"} <= set(tiles["rows"][0])
+  assert tiles["judged"] == ["64x64", "64x128"] and "ratio_without_map" in tiles
   pipeline = sections["pipeline"]
   assert {"fit_images_per_s", "score_images_per_s", "stage_s_per_image"} <= set(
       pipeline["rows"][0])

@@ -62,6 +62,22 @@ def test_script_refuses_bad_flags(tiny_benchmark, tmp_path):
   assert proc.returncode != 0 and "unknown --variants ['nope']" in proc.stderr
   proc = _run(f"--data_dir={tiny_benchmark}", f"--output_dir={tmp_path}", "--k_images=50")
   assert proc.returncode != 0 and "k_images=50" in proc.stderr
+  proc = _run(f"--data_dir={tiny_benchmark}", f"--output_dir={tmp_path}", "--crop=whole")
+  assert proc.returncode != 0 and "--crop must be a positive int or 'none'" in proc.stderr
+  assert "Traceback" not in proc.stderr
+
+
+def test_script_accepts_crop_none(tiny_benchmark, tmp_path):
+  """--crop=none as evaluate.py: the whole image at the first training image's size, the
+  masks resized to it; results.json records crop null."""
+  out = tmp_path / "out"
+  proc = _run(f"--data_dir={tiny_benchmark}", f"--output_dir={out}", "--variants=l2",
+              "--k_images=4", "--k_image_score=2", "--resize=64", "--crop=none")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = json.loads((out / "l2" / "results.json").read_text())
+  assert results["config"]["crop"] is None
+  for m in evaluation.METRIC_NAMES:
+    assert 0 <= results["categories"]["cup"][m] <= 1
 
 
 @pytest.mark.parametrize("name", sorted(variants.VARIANTS))

@@ -20,6 +20,7 @@ from . import common, coreset, knn, memory, scaling
 WORKERS: dict[str, Callable[..., dict[str, Any]]] = {
     "scaling": scaling.worker,
     "memory": memory.worker,
+    "memory_tiles": memory.tiled_worker,
     "coreset": coreset.worker,
     "coreset_sharded": coreset.sharded_worker,
 }
