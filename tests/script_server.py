@@ -41,19 +41,26 @@ _servers: dict[tuple, subprocess.Popen] = {}
 _lock = threading.Lock()
 
 
+_MAX_SERVERS = 4  # Per test process; the least recently used one is stopped beyond.
+
+
 def _server(script: str, env: dict[str, str]) -> subprocess.Popen:
   key = (script, tuple(sorted(env.items())))
-  proc = _servers.get(key)
+  proc = _servers.pop(key, None)  # Re-inserted below: the dict's order is recency.
   if proc is None or proc.poll() is not None:
+    while len(_servers) >= _MAX_SERVERS:
+      _kill(_servers.pop(next(iter(_servers))))
     proc = subprocess.Popen([sys.executable, "-u", __file__, str(REPO / "experiments" / script)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-    _servers[key] = proc
+  _servers[key] = proc
   return proc
 
 
 def _kill(proc: subprocess.Popen) -> None:
   proc.kill()
   proc.wait()
+  for stream in (proc.stdin, proc.stdout):
+    stream.close()
 
 
 @atexit.register
