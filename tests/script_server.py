@@ -7,9 +7,10 @@ fresh process each time. `run_script` sends the run to a server process that imp
 the script once (one server per script and environment, per test process) and returns
 what a subprocess would: a CompletedProcess with the return code, stdout and stderr.
 The server does what absl's app.run does for each run: parse the flags (from their
-defaults again), run main(argv), turn SystemExit, app.UsageError and uncaught
-exceptions into the exit code and stderr text a real run prints. absl's log lines go
-to the run's stderr.
+defaults again, verbosity INFO), run main(argv), turn SystemExit, app.UsageError and
+uncaught exceptions into the exit code and stderr text a real run prints. absl's log
+lines go to the run's stderr, and Python warnings show again in each run (the warning
+filters and registries are reset around it).
 
 What stays a real subprocess: runs with an environment the server was not started
 with (each environment has its own server), and the tests that are about processes
@@ -34,6 +35,7 @@ import subprocess
 import sys
 import threading
 import traceback
+import warnings
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 _REPLY = "SCRIPT_SERVER_REPLY "
@@ -121,7 +123,9 @@ def _serve(path: str) -> None:
     out, err = io.StringIO(), io.StringIO()
     handler.stream = err
     code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    warnings.onceregistry.clear()  # A warning shows once per run, as in a fresh process
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+        warnings.catch_warnings():  # (entering it also resets the modules' registries).
       try:
         flags.FLAGS.unparse_flags()
         try:
@@ -131,6 +135,8 @@ def _serve(path: str) -> None:
                            "  Pass --helpshort or --helpfull to see help on flags.\n")
           code = 1
         else:
+          if flags.FLAGS["verbosity"].using_default_value:  # As app.run: INFO by default.
+            flags.FLAGS.verbosity = 0
           try:
             module.main(argv)
           except app.UsageError as e:
