@@ -448,6 +448,15 @@ def test_accelerator_exports_use_their_platforms_blocking():
   assert _TOP_K_WHOLE_BLOCK.search(both) and _GROUP_MINIMA.search(both)
 
 
+def test_pixel_scores_exports_use_their_platforms_blocking():
+  # SPADE's pixel search (layer1 of _levels: 64 positions, K = 4 images of 64 rows):
+  # lax.top_k over each [64, 256] block on cuda, the grouped selection on tpu.
+  case = next(c for c in EXPORTS if c.name == "pixel_scores-ensemble")
+  top_k = re.compile(r'"chlo\.top_k"[^\n]*\(tensor<(?:1x)?64x256xf32>\)')  # 1: lax.map's batch.
+  assert top_k.search(_export(case, ("cuda",)).mlir_module())
+  assert not top_k.search(_export(case, ("tpu",)).mlir_module())
+
+
 def test_bf16_search_multiplies_bf16_rows_and_float32_norms():
   text = _knn_module(("cuda",), precision="bf16")
   dots = _DOT.findall(text)
