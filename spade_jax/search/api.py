@@ -50,7 +50,7 @@ def knn(queries: Array, gallery: Array, k: int, metric: str | distances.Metric =
       blocking is exact; only the speed differs.
     precision: "float32" (exact, the default) or "bf16": proxies from bfloat16 products
       (float32 accumulation; the norms in float32), the neighbours picked from a
-      shortlist of neighbors.bf16_shortlist(k, M) candidates re-ranked by the exact
+      shortlist of blocking.bf16_shortlist(k, M) candidates re-ranked by the exact
       float32 distance: the distances returned are exact, the neighbours may miss a
       true one (recall in BENCHMARKS.md). l2, sqeuclidean, cosine and L2 kernels only;
       XLA only (no CPU kernel), meant for GPUs and TPUs.
