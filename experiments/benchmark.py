@@ -129,6 +129,15 @@ _CORESET_DEVICES = flags.DEFINE_integer("coreset_sharded_devices", 8,
                                         "Fake CPU devices of the sharded comparison.")
 _CORESET_SHARDED_N = flags.DEFINE_integer("coreset_sharded_n", 200000,
                                           "N of the sharded coreset comparison.")
+_CORESET_PRECISION_NS = flags.DEFINE_list(
+    "coreset_precision_ns", ["200000", "1000000"], "N of the float32 vs bf16 coreset "
+    "comparison (one process each; ms per step, same selection).")
+_CORESET_PRECISION_SIZE = flags.DEFINE_integer(
+    "coreset_precision_size", None, "Greedy steps of the float32 vs bf16 comparison "
+    "(default --coreset_size; 100000 at N = 1M is a 10% coreset).")
+_CORESET_PARTS = flags.DEFINE_list("coreset_parts", ["scaling", "scoring", "sharded",
+                                                     "precision"],
+                                   "Parts of the coreset section to run.")
 # pipeline
 _PIPELINE_BACKBONE = flags.DEFINE_string("pipeline_backbone", "wide_resnet50_2",
                                          "Backbone of the end-to-end runs (random weights).")
@@ -217,7 +226,9 @@ def section_kwargs() -> dict[str, dict]:
       "train_images": _CORESET_TRAIN.value, "k_images": _PIXEL_K.value,
       "num_test": _CORESET_TEST.value, "repeats": repeats,
       "sharded_devices": _CORESET_DEVICES.value, "sharded_n": _CORESET_SHARDED_N.value,
-      "grid": _PIXEL_GRID.value, "image_size": _IMAGE_SIZE.value}
+      "grid": _PIXEL_GRID.value, "image_size": _IMAGE_SIZE.value,
+      "precision_ns": _ints(_CORESET_PRECISION_NS.value),
+      "precision_size": _CORESET_PRECISION_SIZE.value, "parts": _CORESET_PARTS.value}
   every["kernels"] = {"names": _KERNELS.value, "grid": _PIXEL_GRID.value,
                       "channels": _ints(_KERNELS_CHANNELS.value), "k_images": _KERNELS_K.value,
                       "num_test": 1, "knn_level": 0, "repeats": repeats,

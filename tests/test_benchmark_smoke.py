@@ -37,7 +37,7 @@ TINY = {
     "coreset": {"ns": [300, 600], "dim": 8, "size": 5, "projection_dim": None,
                 "profiles": ["efficientnet_lite0"], "train_images": 4, "k_images": 2,
                 "num_test": 1, "repeats": 1, "sharded_devices": 2, "sharded_n": 50,
-                "grid": 8, "image_size": 16},
+                "grid": 8, "image_size": 16, "precision_ns": [300]},
     "kernels": {**_TINY_PYRAMID, "names": ["l2", "mahalanobis", "polynomial"], "k_images": 3,
                 "num_test": 1, "knn_level": 1, "repeats": 1, "image_size": 16},
 }
@@ -91,13 +91,17 @@ def test_section_keys(results):
   assert set(pipeline["cache"]["runs"]) == {"off", "cold", "warm"}
   assert pipeline["cache"]["runs"]["cold"]["cache_entries"] > 0
   precision = {r["variant"]: r for r in sections["precision"]["rows"]}
-  assert set(precision) == {"exact_f32", "bf16_matmul", "bf16_inputs", "approx_min_k"}
+  assert set(precision) == {"exact_f32", "bf16_matmul", "bf16_inputs", "approx_min_k",
+                            "exact_f32_cpu_blocking", "knn_bf16_shortlist"}
   assert precision["exact_f32"]["recall_at_k"] == 1.0
+  assert precision["exact_f32_cpu_blocking"]["recall_at_k"] == 1.0
+  assert {r["k"] for r in sections["precision"]["structured"]} == {1, 5, 50}
   coreset = sections["coreset"]
   assert {"seconds", "ms_per_step", "working_set_bytes", "xla_temp_bytes"} <= set(
       coreset["coreset"][0])
   assert {"patchcore_s_per_image", "spade_s_per_image"} <= set(coreset["scoring"][0])
   assert coreset["sharded"]["status"] == "ok" and coreset["sharded"]["coreset_same"]
+  assert coreset["precision"][0]["same_selection"] == {"float32": True, "bf16": True}
   kernels = {r["kernel"]: r for r in sections["kernels"]["rows"]}
   assert set(kernels) == {"l2", "mahalanobis", "polynomial"} and kernels["l2"]["knn_vs_l2"] == 1
   end_to_end = sections["end_to_end"]  # No reference Python here: spade_jax alone.

@@ -23,6 +23,7 @@ WORKERS: dict[str, Callable[..., dict[str, Any]]] = {
     "memory_tiles": memory.tiled_worker,
     "coreset": coreset.worker,
     "coreset_sharded": coreset.sharded_worker,
+    "coreset_precision": coreset.precision_worker,
 }
 
 SERVERS: dict[str, Callable[..., None]] = {"numpy_matmul": knn.numpy_matmul_server}
