@@ -129,7 +129,7 @@ def export_detector(detector: Any, index: Any, output_dir: str | os.PathLike[str
     batch_size: images (tiles, when tiled) per program call; default
       detector.config.batch_size. The batch dimension is static: run.py pads the last
       batch (the search's blocking is chosen from the static query count,
-      search.neighbors.default_blocks, so the program cannot be traced with a symbolic
+      search.blocking.default_blocks, so the program cannot be traced with a symbolic
       batch).
     image_size: the program's input (height, width) or an int (square): the detector's
       input size (config.input_size: its crop, or its image_size without one; (T, T)
