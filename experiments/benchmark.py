@@ -8,7 +8,8 @@ Sections (see BENCHMARKS.md for what each figure means):
   knn        spade_jax.knn GFLOP/s on the K=50 layer1 shape vs NumPy and jnp.dot matmul
   pixel      seconds per test image of pixel scoring + anomaly maps (WRN50-2 shapes, K=50)
   scaling    weak scaling of knn on a sharded gallery over 1, 2, 4, 8 fake CPU devices
-  memory     scoring working set (peak RSS - RSS with inputs) as the gallery grows 8x
+  memory     scoring working set (peak RSS - RSS with inputs) as the gallery grows 8x,
+             and of one image scored tile by tile from 256 x 256 to 8000 x 2000
   precision  bfloat16 distances and lax.approx_min_k: speed and accuracy vs exact search
   kernels    spade_jax.kernels against L2: knn and pixel scoring seconds, ratios to L2
   coreset    PatchCore: coreset seconds and memory as N grows to 1M, scoring s / image
@@ -16,6 +17,9 @@ Sections (see BENCHMARKS.md for what each figure means):
   pipeline   end to end: images/s of fit and of scoring (backbone + search + maps) per
              method, and predict.py's wall time with a cold, then a warm compilation cache
              (about 8 min of the suite on 2 busy CPU cores at its defaults)
+  end_to_end evaluate.py on one built-in category (spade, patchcore; cold and warm
+             compilation cache) against a PyTorch SPADE (--end_to_end_torch_python) and
+             anomalib's PatchCore (--end_to_end_anomalib_python), with its profile
 
 JAX's persistent compilation cache is on, as in every script (--compilation_cache_dir,
 default $SPADE_JAX_CACHE/jax_compilation_cache; 'none' turns it off). With a warm
@@ -92,6 +96,15 @@ _MEMORY_SCALES = flags.DEFINE_list("memory_scales", ["1", "2", "4", "8"],
 _MEMORY_ROWS = flags.DEFINE_integer("memory_knn_rows", 19600, "knn gallery rows at scale 1.")
 _MEMORY_K = flags.DEFINE_integer("memory_pixel_k_images", 6,
                                  "K for pixel; K at scale 1 for pixel_k.")
+_MEMORY_TILE_IMAGES = flags.DEFINE_list(
+    "memory_tile_images", ["256x256", "928x928", "2000x2000", "8000x2000"],
+    "Images (HxW) scored tile by tile, one fresh process each: the working set must not "
+    "grow with the image (issue 19; 928x928 is 16 tiles of 256 overlap 32: one tile "
+    "batch at --batch_size 4). Empty: skip.")
+_MEMORY_TILE_SIZE = flags.DEFINE_integer("memory_tile_size", 256, "Tile side of "
+                                         "--memory_tile_images.")
+_MEMORY_TILE_OVERLAP = flags.DEFINE_integer("memory_tile_overlap", 32, "Tile overlap of "
+                                            "--memory_tile_images.")
 _MEMORY_TRAIN = flags.DEFINE_integer("memory_pixel_train_images", 25,
                                      "Training images at scale 1 for pixel.")
 # precision
@@ -116,6 +129,15 @@ _CORESET_DEVICES = flags.DEFINE_integer("coreset_sharded_devices", 8,
                                         "Fake CPU devices of the sharded comparison.")
 _CORESET_SHARDED_N = flags.DEFINE_integer("coreset_sharded_n", 200000,
                                           "N of the sharded coreset comparison.")
+_CORESET_PRECISION_NS = flags.DEFINE_list(
+    "coreset_precision_ns", ["200000", "1000000"], "N of the float32 vs bf16 coreset "
+    "comparison (one process each; ms per step, same selection).")
+_CORESET_PRECISION_SIZE = flags.DEFINE_integer(
+    "coreset_precision_size", None, "Greedy steps of the float32 vs bf16 comparison "
+    "(default --coreset_size; 100000 at N = 1M is a 10% coreset).")
+_CORESET_PARTS = flags.DEFINE_list("coreset_parts", ["scaling", "scoring", "sharded",
+                                                     "precision"],
+                                   "Parts of the coreset section to run.")
 # pipeline
 _PIPELINE_BACKBONE = flags.DEFINE_string("pipeline_backbone", "wide_resnet50_2",
                                          "Backbone of the end-to-end runs (random weights).")
@@ -135,6 +157,21 @@ _KERNELS = flags.DEFINE_list("kernels_names", ["l2", "mahalanobis", "linear", "r
 _KERNELS_CHANNELS = flags.DEFINE_list("kernels_channels", ["24", "40", "112"],
                                       "Channels of layer1..3 (efficientnet_lite0).")
 _KERNELS_K = flags.DEFINE_integer("kernels_k_images", 50, "K of the kernels section.")
+
+
+# end_to_end
+_E2E_CATEGORY = flags.DEFINE_string("end_to_end_category", "gravel",
+                                    "The built-in category evaluate.py runs on.")
+_E2E_TORCH = flags.DEFINE_string(
+    "end_to_end_torch_python", None, "A Python with torch, torchvision, scikit-learn and "
+    "the efficientnet-lite0 weights (e.g. the anomalib venv): runs bench/torch_spade.py.")
+_E2E_ANOMALIB = flags.DEFINE_string(
+    "end_to_end_anomalib_python", None, "The anomalib 2.7 venv's Python "
+    "(../shared/tools/anomalib): runs its PatchCore on the same category.")
+_E2E_ANOMALIB_SCRIPT = flags.DEFINE_string(
+    "end_to_end_anomalib_script", str(pathlib.Path(__file__).resolve().parents[2] / "shared"
+                                      / "tools" / "anomalib" / "run_anomalib.py"),
+    "anomalib's runner (run_anomalib.py).")
 
 
 def _ints(values: Sequence[str]) -> list[int]:
@@ -170,7 +207,10 @@ def section_kwargs() -> dict[str, dict]:
                   "repeats": repeats},
       "memory": {**knn_shape, **pyramid, "kinds": _MEMORY_KINDS.value,
                  "scales": _ints(_MEMORY_SCALES.value), "rows": _MEMORY_ROWS.value,
-                 "k_images": _MEMORY_K.value, "train_images": _MEMORY_TRAIN.value},
+                 "k_images": _MEMORY_K.value, "train_images": _MEMORY_TRAIN.value,
+                 "tile_images": _MEMORY_TILE_IMAGES.value,
+                 "tile_size": _MEMORY_TILE_SIZE.value,
+                 "tile_overlap": _MEMORY_TILE_OVERLAP.value},
       "precision": {**knn_shape, "gallery": _PRECISION_GALLERY.value,
                     "k": _PRECISION_K.value, "repeats": repeats,
                     "recall_target": _RECALL_TARGET.value},
@@ -186,11 +226,16 @@ def section_kwargs() -> dict[str, dict]:
       "train_images": _CORESET_TRAIN.value, "k_images": _PIXEL_K.value,
       "num_test": _CORESET_TEST.value, "repeats": repeats,
       "sharded_devices": _CORESET_DEVICES.value, "sharded_n": _CORESET_SHARDED_N.value,
-      "grid": _PIXEL_GRID.value, "image_size": _IMAGE_SIZE.value}
+      "grid": _PIXEL_GRID.value, "image_size": _IMAGE_SIZE.value,
+      "precision_ns": _ints(_CORESET_PRECISION_NS.value),
+      "precision_size": _CORESET_PRECISION_SIZE.value, "parts": _CORESET_PARTS.value}
   every["kernels"] = {"names": _KERNELS.value, "grid": _PIXEL_GRID.value,
                       "channels": _ints(_KERNELS_CHANNELS.value), "k_images": _KERNELS_K.value,
                       "num_test": 1, "knn_level": 0, "repeats": repeats,
                       "image_size": _IMAGE_SIZE.value}
+  every["end_to_end"] = {"category": _E2E_CATEGORY.value, "torch_python": _E2E_TORCH.value,
+                         "anomalib_python": _E2E_ANOMALIB.value,
+                         "anomalib_script": _E2E_ANOMALIB_SCRIPT.value}
   unknown = sorted(set(_SECTIONS.value) - set(every))
   if unknown:
     raise app.UsageError(f"unknown --sections {unknown}; valid: {', '.join(every)}")

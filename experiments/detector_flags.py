@@ -79,6 +79,7 @@ class DetectorFlags:
   tile_size: flags.FlagHolder[int | None]
   tile_overlap: flags.FlagHolder[int]
   tile_merge: flags.FlagHolder[str]
+  tile_position_weight: flags.FlagHolder[float]
   # Set by define_detector_flags (defaulted here only to keep the constructor short).
   ensemble_members: flags.FlagHolder[list[str] | None] = None
   ensemble_combine: flags.FlagHolder[str] = None
@@ -120,8 +121,10 @@ class DetectorFlags:
 
   def tiles(self, contents=None, where: str = "") -> tiling.TileConfig | None:
     """The tiling the flags ask for (None: no --tile_size), or with `contents` (an index
-    file, predict.py) the one its fit recorded: --tile_size is the index's (a given one
-    that differs is an error), --tile_overlap and --tile_merge the flags' when given.
+    file, predict.py) the one its fit recorded: --tile_size and --tile_position_weight
+    are the index's (a given one that differs is an error), --tile_overlap and
+    --tile_merge the flags' when given (--tile_overlap the index's when it holds a
+    threshold: the tiles set the image scores it was calibrated on).
 
     Raises:
       ValueError: a bad tile flag, --tile_size with --crop or --image_size, or one that
@@ -136,8 +139,8 @@ class DetectorFlags:
         raise ValueError(
             f"--tile_size={size} does not match the index {where}, which was fitted "
             f"{'without tiles' if fitted is None else f'on tiles of {fitted}'}; drop "
-            f"--tile_size (predict.py takes it from the index) or refit with fit.py "
-            f"--tile_size={size}")
+            f"--tile_size (predict.py and export.py take it from the index) or refit "
+            f"with fit.py --tile_size={size}")
       size = fitted
     if size is None:
       extra = sorted(present - {"tile_size"})
@@ -152,8 +155,27 @@ class DetectorFlags:
                else recorded.get("tile_overlap", 0))
     merge = (self.tile_merge.value if "tile_merge" in present or contents is None
              else recorded.get("tile_merge", "mean"))
+    fitted_overlap = recorded.get("tile_overlap", 0)
+    if (contents is not None and getattr(contents, "threshold", None) is not None
+        and overlap != fitted_overlap):
+      raise ValueError(
+          f"--tile_overlap={overlap}: the index {where} holds a threshold calibrated on "
+          f"tiles with --tile_overlap={fitted_overlap} (the tiles set the image scores); "
+          "drop --tile_overlap or refit with fit.py --calibrate")
+    position = self.tile_position_weight.value
+    if contents is not None:  # The index's features hold the positions (or not).
+      fitted = recorded.get("tile_position_weight", 0.0)
+      if "tile_position_weight" in present and position != fitted:
+        raise ValueError(
+            f"--tile_position_weight={position} does not match the index {where}, whose "
+            f"tile features were fitted with {fitted}; drop --tile_position_weight "
+            "(predict.py takes it from the index) or refit")
+      position = fitted
+    if position and contents is None and self.method.value == "padim":
+      raise ValueError("--tile_position_weight is for --method=spade and patchcore: "
+                       "PaDiM's Gaussians already model each position of a tile")
     try:
-      return tiling.TileConfig(size, overlap, merge)
+      return tiling.TileConfig(size, overlap, merge, position)
     except ValueError as e:
       raise ValueError(f"--{e}") from None
 
@@ -278,6 +300,11 @@ def define_detector_flags(crop_default: str = str(_DEFAULT.crop)) -> DetectorFla
       tile_merge=flags.DEFINE_enum(
           "tile_merge", "mean", list(tiling.MERGES), "With --tile_size: how overlapping "
           "tile maps combine: mean (feathered across the overlap) or max."),
+      tile_position_weight=flags.DEFINE_float(
+          "tile_position_weight", 0.0, "With --tile_size (research option; spade, "
+          "patchcore): append each tile's normalised centre (y, x) in [0, 1], times this "
+          "weight, to its features, so tiles are compared preferably with training tiles "
+          "at the same place. 0: off."),
   )
   holders = dataclasses.replace(
       holders,
@@ -306,7 +333,7 @@ def define_detector_flags(crop_default: str = str(_DEFAULT.crop)) -> DetectorFla
 
 
 # Tiling's flags: not detector settings (DetectorFlags.tiles; recorded by fit.py).
-TILE_FLAGS = ("tile_size", "tile_overlap", "tile_merge")
+TILE_FLAGS = ("tile_size", "tile_overlap", "tile_merge", "tile_position_weight")
 
 # Flags that not every method reads, by the methods that read them (the flags listed
 # nowhere are every method's): giving one with a method that does not list it is an

@@ -37,7 +37,7 @@ and the pixel metrics (pixel AUROC, AU-PRO) are computed at that input resolutio
 masks resized to it (nearest): the same common resolution for every method.
 results.json's "config" then records "crop": null and "image_size". --tile_size=T
 (--tile_overlap, --tile_merge) fits and scores native-resolution tiles instead (see
-fit.py), with the pixel metrics at the masks' own resolution.
+fit.py), with the pixel metrics at the masks' own resolution, on one process or several.
 
 Several processes (jax.distributed; each reads its share of the images, process 0
 writes the results), e.g. two CPU processes on this machine:
@@ -103,7 +103,7 @@ def main(argv: Sequence[str]) -> None:
     tiles = _DETECTOR.tiles()
     if tiles is not None:  # Native-resolution tiles: no crop.
       settings.update(crop=None, tile_size=tiles.tile_size, tile_overlap=tiles.tile_overlap,
-                      tile_merge=tiles.merge)
+                      tile_merge=tiles.merge, tile_position_weight=tiles.position_weight)
     evaluation.EvalConfig(data_dir=_DATA_DIR.value or "", **settings)
     benchmark = _BENCHMARK.value or "builtin"
     if _BENCHMARK.value is not None and _DATA_DIR.value is not None:

@@ -17,8 +17,14 @@ several platforms (exported on any machine: no accelerator needed). --batch_size
 number of images per program call (run.py pads the last batch). --fixed_image_size=H,W
 makes run.py refuse images of another size (default: any size, brought to the index's
 input size as predict.py does: resized whole with fit.py's default --crop=none, or resized
-and centre-cropped with a --crop index). Indexes fitted on tiles (--tile_size) cannot be
-exported yet.
+and centre-cropped with a --crop index).
+
+An index fitted on tiles (fit.py --tile_size) exports a program of tiles: its
+--tile_size is the index's (another is an error naming the flag, as is --tile_size on
+an index fitted without tiles); --tile_overlap and --tile_merge are the index's unless
+given, as predict.py takes them. run.py then cuts every image into tiles at its native
+resolution as predict.py does, stitches the maps and takes the largest tile score;
+--batch_size counts tiles.
 """
 
 from collections.abc import Sequence
@@ -55,7 +61,7 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   import spade_jax  # pylint: disable=import-outside-toplevel
   from spade_jax.deploy import artifact, export  # pylint: disable=import-outside-toplevel
-  from spade_jax.detector import load_index_file  # pylint: disable=import-outside-toplevel
+  from spade_jax.detector import load_index_file, tiling  # pylint: disable=import-outside-toplevel
   start = time.perf_counter()
   try:  # Everything checkable before the backbone loads.
     platforms = export.check_platforms(_PLATFORMS.value)
@@ -63,19 +69,23 @@ def main(argv: Sequence[str]) -> None:
                                                "--fixed_image_size")
     artifact.check_output_dir(_OUTPUT_DIR.value)
     contents = load_index_file(_INDEX.value)
-    export.check_not_tiled(None, contents.settings)
     settings = detector_flags.settings_from_index(
         _DETECTOR.settings(), _DETECTOR.given(), contents, _INDEX.value)
     detector_flags.detector_config(settings["method"], settings, _DETECTOR.batch_size.value)
+    tiles = _DETECTOR.tiles(contents, _INDEX.value)  # predict.py's: the index's tile_size.
     detector = detector_flags.make_detector(settings["method"], settings,
                                             _DETECTOR.batch_size.value)
+    if tiles is not None:
+      detector = tiling.Tiled(detector, tiles)
     out = spade_jax.export_detector(detector, contents.index, _OUTPUT_DIR.value,
                                     platforms=platforms, fixed_image_size=fixed_image_size,
                                     threshold=contents.threshold)
   except (ValueError, OSError) as e:  # Bad input: a message, not a traceback.
     sys.exit(f"export.py: error: {e}")
   size = sum(p.stat().st_size for p in out.iterdir())
-  print(f"exported {settings['method']} for {','.join(platforms)} in "
+  tiled = "" if tiles is None else f" (tiles of {tiles.tile_size}, overlap " \
+      f"{tiles.tile_overlap}, merge {tiles.merge})"
+  print(f"exported {settings['method']}{tiled} for {','.join(platforms)} in "
         f"{time.perf_counter() - start:.1f} s: {out} ({size / 2**20:.1f} MiB)")
   print(f"run it with: python {out / 'run.py'} --images=FOLDER --output_dir=OUT")
 

@@ -11,7 +11,10 @@ it (a warning says how many). --crop=224 gives the MVTec protocol's centre crop.
 
 --tile_size=T (--tile_overlap=O, --tile_merge) fits on T x T tiles of every image at
 its native resolution instead (large images, small defects; the last tiles flush with
-the image's edges); the index records it and predict.py tiles the same way.
+the image's edges); the index records it and predict.py tiles the same way. With
+--calibrate the folds are folds of whole images (an image's tiles never split) and an
+image's held-out score is the max over its tiles. --tile_position_weight=W (research
+option, off by default) appends each tile's normalised centre, times W, to its features.
 
 Every image under --train_dir is read, at any depth (png, jpg/jpeg, bmp, tif/tiff,
 webp, any case; names starting with '.' are skipped). A file that is not a readable

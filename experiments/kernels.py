@@ -27,8 +27,10 @@ import numpy as np
 
 import spade_jax
 from spade_jax import evaluation
+from spade_jax.detector import common
 from spade_jax.evaluation import metrics
 from spade_jax.evaluation import results as results_lib
+from spade_jax.features import geometry
 from spade_jax.features.backbones import BACKBONES
 from spade_jax.host import atomic
 from spade_jax.scoring import variants as variants_lib
@@ -53,7 +55,9 @@ _K_IMAGE_SCORE = flags.DEFINE_integer("k_image_score", _DEFAULT.k_image_score,
                                       "k of the image score.")
 _KAPPA = flags.DEFINE_integer("kappa", _DEFAULT.kappa, "kappa: nearest features per pixel.")
 _RESIZE = flags.DEFINE_integer("resize", _DEFAULT.resize, "Shorter side is resized to this.")
-_CROP = flags.DEFINE_integer("crop", _DEFAULT.crop, "Centre crop size.")
+_CROP = flags.DEFINE_string("crop", str(_DEFAULT.crop), "Centre crop size, or 'none': the "
+                            "whole image, resized to the first training image's size with "
+                            "its shorter side at --resize (as evaluate.py --crop=none).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Images per backbone call.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of random kernels, folds, synthetic anomalies.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "results/kernels", "Where results go.")
@@ -81,7 +85,7 @@ def _evaluate_variant(name, fitted_fn, test_pool, test_levels, train_pool, train
                                       combine=cfg.combine, **fitted.pixel_kwargs())
   scores, score_maps = np.asarray(scores), jax.block_until_ready(score_maps)
   search_s = lap()
-  maps = np.asarray(spade_jax.anomaly_maps(score_maps, (cfg.crop, cfg.crop), sigma=cfg.sigma))
+  maps = np.asarray(spade_jax.anomaly_maps(score_maps, cfg.input_size, sigma=cfg.sigma))
   maps_s = lap()
   labels = np.asarray(data.test_labels)
   result = {"image_auroc": float(metrics.image_auroc(labels, scores)),
@@ -94,10 +98,13 @@ def _evaluate_variant(name, fitted_fn, test_pool, test_levels, train_pool, train
   return result, times
 
 
-def _crop_box(shape: tuple[int, ...], resize: int, crop: int) -> tuple[int, int, int, int]:
+def _crop_box(shape: tuple[int, ...], resize: int, crop: int | None
+              ) -> tuple[int, int, int, int]:
   """The centre crop the features see, in the images' pixels (the shorter side is
-  resized to `resize`, then the centre crop x crop is kept)."""
+  resized to `resize`, then the centre crop x crop is kept; crop None: all of it)."""
   h, w = shape[:2]
+  if crop is None:
+    return 0, 0, h, w
   side = min(h, w) * crop / resize
   top, left = int(np.ceil((h - side) / 2)), int(np.ceil((w - side) / 2))
   return top, left, int((h + side) // 2), int((w + side) // 2)
@@ -159,7 +166,7 @@ def main(argv: Sequence[str]) -> None:
     config = evaluation.EvalConfig(
         data_dir=data_dir, backbone=_BACKBONE.value, weights=weights,
         k_images=_K_IMAGES.value, k_image_score=_K_IMAGE_SCORE.value, kappa=_KAPPA.value,
-        resize=_RESIZE.value, crop=_CROP.value)
+        resize=_RESIZE.value, crop=geometry.parse_crop(_CROP.value, "--crop"))
     names = list(dict.fromkeys(_VARIANTS.value))
     extra, stores = {}, {}
     for name in names:
@@ -186,8 +193,8 @@ def main(argv: Sequence[str]) -> None:
                                    len(files.train), config)
   except (ValueError, OSError) as e:
     sys.exit(f"kernels.py: error: {e}")
-  cfg = config.spade_config(_BATCH_SIZE.value)
-  spade = spade_jax.Spade(spade_jax.load_backbone(config.backbone, weights=config.weights), cfg)
+  base = spade_jax.Spade(spade_jax.load_backbone(config.backbone, weights=config.weights),
+                         config.spade_config(_BATCH_SIZE.value))
   key = jax.random.key(_SEED.value)
   for c, category in enumerate(todo):
     pending = [n for n in names if category not in stores[n].read()["categories"]]
@@ -195,7 +202,11 @@ def main(argv: Sequence[str]) -> None:
       logging.info("%s: every variant done, skipped", category)
       continue
     data = mvtec.load_category(data_dir, category)
-    masks = preprocess_masks(data.test_masks, resize=cfg.resize, crop=cfg.crop)
+    # --crop=none: the category's first training image's size (shorter side at --resize).
+    spade = common.with_whole_image_size(base, *data.train_images.shape[1:3])
+    cfg = spade.config
+    masks = preprocess_masks(data.test_masks, resize=cfg.resize, crop=cfg.crop,
+                             image_size=cfg.image_size)
     start = time.perf_counter()
     train_pool, train_levels = _features(spade, data.train_images)
     test_pool, test_levels = _features(spade, data.test_images)

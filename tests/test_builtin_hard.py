@@ -6,12 +6,11 @@ import itertools
 import json
 import os
 import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from scipy import ndimage
+import script_server
 
 from spade_jax.data import builtin, defects, mvtec
 from spade_jax.host import paths
@@ -209,9 +208,7 @@ def _evaluate(*args, cwd):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env[paths.CACHE_ENV] = str(cwd / "cache")
   env.pop("XLA_FLAGS", None)
-  return subprocess.run([sys.executable, str(REPO / "experiments" / "evaluate.py"), *args],
-                        capture_output=True, text=True, env=env, cwd=cwd, timeout=300,
-                        check=False)
+  return script_server.run_script("evaluate.py", *args, env=env, cwd=str(cwd), timeout=300)
 
 
 def _assert_clean_error(proc, *needles):

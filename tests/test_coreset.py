@@ -145,3 +145,76 @@ def test_bad_features():
   gallery = spade_jax.shard_gallery(np.zeros((5, 3), np.float32), _mesh(), MESH_AXIS)
   with pytest.raises(ValueError, match=r"size must be an int in \[1, 5\]"):
     spade_jax.coreset(gallery, 6)  # 5 valid rows (8 with padding).
+
+
+# precision="bf16": each step reads bfloat16 rows and recomputes in float32 only the rows
+# whose lower bound allows a new minimum, so the selection is the float32 greedy's. The
+# data below take both branches: at most max(256, N / 32) such rows (a gather), or all.
+
+
+@pytest.mark.slow  # ~2.5 s on the 2 busy cores.
+def test_bf16_selection_equals_float32_on_integer_features_with_ties():
+  x = np.random.default_rng(0).integers(-3, 4, (601, 12)).astype(np.float32)
+  ref = greedy_reference(x, 150, 17)[0]
+  np.testing.assert_array_equal(
+      np.asarray(spade_jax.coreset(x, 150, projection_dim=None, start=17, precision="bf16")),
+      ref)
+
+
+@pytest.mark.slow  # Four selections compiled: ~3 s on the 2 busy cores.
+def test_bf16_selection_equals_float32_on_gaussian_and_projected_features():
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(700, 24)).astype(np.float32)
+  ref, margin = greedy_reference(x, 200)
+  assert margin > 1e-5
+  out = spade_jax.coreset(x, 200, projection_dim=None, precision="bf16")
+  np.testing.assert_array_equal(np.asarray(out), ref)
+  wide = rng.normal(size=(900, 64)).astype(np.float32) + 3.0  # An offset: larger norms.
+  np.testing.assert_array_equal(
+      np.asarray(spade_jax.coreset(wide, 120, projection_dim=16, key=5, precision="bf16")),
+      np.asarray(spade_jax.coreset(wide, 120, projection_dim=16, key=5)))
+
+
+@pytest.mark.slow  # Eager ops, each compiled: ~2.5 s on the 2 busy cores.
+def test_bf16_lower_bounds_hold():
+  # The bound never exceeds the float32 distance the greedy computes (the rows whose
+  # bound reaches their minimum keep it without a float32 distance).
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.normal(size=(500, 128)).astype(np.float32) * rng.uniform(
+      0.01, 100, (500, 1)).astype(np.float32))
+  low, error = coreset_lib._bf16_rows(x)  # pylint: disable=protected-access
+  for center in (x[3], x[300] * 0.999, jnp.zeros(128)):
+    bound = coreset_lib._lower_bounds(low, error, center)  # pylint: disable=protected-access
+    exact = coreset_lib._distances(x, center, None)  # pylint: disable=protected-access
+    assert bool(jnp.all(bound <= exact))
+    # Tight: within 1% for rows not too near the center (what makes it skip rows).
+    far = exact > 1e-2 * jnp.max(exact)
+    assert float(jnp.max(jnp.where(far, 1 - bound / exact, 0))) < 0.05
+
+
+@pytest.mark.slow  # 8 fake devices: ~3 s.
+@pytest.mark.parametrize("rows,projection_dim", [(2203, None), (517, 8)])
+def test_bf16_sharded_equals_single_device(rows, projection_dim):
+  # 2203 rows: 276 per device, over the 256 rows gathered, so the first steps take the
+  # every-row branch on each device.
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(rows, 20)).astype(np.float32)
+  single = np.asarray(spade_jax.coreset(x, 90, projection_dim=projection_dim, start=rows // 2))
+  gallery = spade_jax.shard_gallery(x, _mesh(), MESH_AXIS)
+  sharded = spade_jax.coreset(gallery, 90, projection_dim=projection_dim, start=rows // 2,
+                              precision="bf16")
+  np.testing.assert_array_equal(np.asarray(sharded), single)
+  ints = rng.integers(-2, 3, (rows, 6)).astype(np.float32)  # Ties across shards.
+  np.testing.assert_array_equal(
+      np.asarray(spade_jax.coreset(spade_jax.shard_gallery(ints, _mesh(), MESH_AXIS), 90,
+                                   projection_dim=None, precision="bf16")),
+      greedy_reference(ints, 90)[0])
+
+
+def test_bf16_validation():
+  x = np.zeros((40, 4), np.float32)
+  with pytest.raises(ValueError, match="precision"):
+    spade_jax.coreset(x, 3, precision="fp16")
+  poly = spade_jax.kernels.from_features("polynomial", np.eye(8, 4, dtype=np.float32))
+  with pytest.raises(ValueError, match="bf16"):
+    spade_jax.coreset(x, 3, metric=poly, precision="bf16")

@@ -192,7 +192,8 @@ def test_knn_lowers_to_the_kernel_only_for_auto():
 
   def hlo(kernel):
     return neighbors._knn_jit.lower(  # pylint: disable=protected-access
-        q, g, k=2, metric=distances.L2, chunk_size=8, query_block=5, kernel=kernel).as_text()
+        q, g, k=2, metric=distances.L2, chunk_size=8, query_block=5, kernel=kernel,
+        blocking="cpu", precision="float32").as_text()
 
   assert cpu_kernel.TARGET in hlo("auto")
   assert cpu_kernel.TARGET not in hlo("xla")

@@ -9,6 +9,9 @@ centre crop, or the whole image at 64 x 80 (fit.py's default geometry). The end-
 test (export.py on a whole-image index file, run.py without spade_jax) uses
 efficientnet_lite0 with its packaged ImageNet weights (no network), as fit.py would.
 run.py's maps are compared with predict.py's --save_maps, at each image's own size.
+Tiled exports (an index fitted on 64 x 64 tiles, overlap 16 or 0, mean or max merge) are
+compared with predict_folder(tiles=) on test images of five sizes, and end to end
+through fit.py, export.py, predict.py and run.py (efficientnet_lite0).
 
 Tolerance of run.py against predict.py: relative 2e-5 on the image scores (about 170
 float32 ulps) and 2e-5 of the largest map value on the maps. Both compute the same
@@ -45,7 +48,7 @@ from test_export import ACCELERATOR_TARGETS, custom_call_targets, low_precision_
 
 import spade_jax
 from spade_jax.data import mvtec
-from spade_jax.deploy import artifact, export
+from spade_jax.deploy import artifact, export, programs
 from spade_jax.detector import calibration, tiling
 from spade_jax.evaluation import folders
 from spade_jax.features import geometry
@@ -383,8 +386,15 @@ def test_other_jax_version_is_named(cpu_export):
     runner.load_program(b"\x00" * 64, {"jax_version": "99.1.0"})
 
 
-def test_accelerator_export_is_checked_and_refused_on_cpu(fitted, tmp_path):
-  detector, index = fitted("patchcore")
+@pytest.mark.parametrize("case", ["patchcore", "tiled-spade-mean"])
+def test_accelerator_export_is_checked_and_refused_on_cpu(case, fitted, tiled_fitted, tmp_path):
+  """Exports for cuda and tpu, made on this CPU (a whole-image PatchCore, and a SPADE
+  index fitted on tiles: its program of tiles), checked as test_export.py checks the
+  library's."""
+  if case.startswith("tiled-"):
+    detector, index, _ = tiled_fitted(case.removeprefix("tiled-"))
+  else:
+    detector, index = fitted(case)
   folder = spade_jax.export_detector(detector, index, tmp_path / "export",
                                      platforms=("cuda", "tpu"), batch_size=BATCH)
   runner = load_runner(folder)
@@ -398,6 +408,9 @@ def test_accelerator_export_is_checked_and_refused_on_cpu(fitted, tmp_path):
   assert not targets - ACCELERATOR_TARGETS, targets
   # Full float32 products: the search's (matmul.py) and every other dot of the program.
   assert "stablehlo.dot" in text and not low_precision_dots(text), low_precision_dots(text)[:3]
+  if case.startswith("tiled-"):
+    assert manifest["input"]["tiles"]["tile_size"] == 64
+    assert manifest["input"]["shape"] == [BATCH, 64, 64, 3]
   with pytest.raises(runner.ArtifactError, match=r"exported for \['cuda', 'tpu'\], and jax "
                      r"runs on cpu here.*--platforms=cuda,tpu,cpu"):
     runner.Artifact(folder)
@@ -418,6 +431,32 @@ def test_image_of_another_size_is_refused(cpu_export, data, tmp_path):
     runner.score_folder(artifact_, data.test_dir, tmp_path / "run")
   with pytest.raises(runner.ArtifactError, match=r"takes images \(4, 64, 64, 3\) uint8"):
     artifact_.check_batch(np.zeros((4, 32, 32, 3), np.uint8))
+
+
+def test_batch_dimension_is_static(fitted, cpu_export):
+  """The export's batch is static and run.py pads the last batch (test_run_py_...: 7
+  images in batches of 4), rather than a symbolic batch (jax.export.symbolic_shape("b"))
+  that would need no padding: the library's search chooses its query blocks from the
+  query count (search/blocking.py, default_blocks / default_query_block: a block near
+  2.4M / chunk entries that divides the count, no ragged last block), a Python decision on
+  a static shape that a symbolic batch cannot make. Making it shape-independent would change the
+  library's blocking for one padded batch per run (and a jitted polymorphic program
+  still compiles once per distinct batch size, so the last short batch would cost a
+  second compilation). If this trace starts to succeed, revisit the choice."""
+  exported = load_runner(cpu_export).load_program(
+      (cpu_export / "program.jaxexport").read_bytes(), {})
+  assert exported.in_avals[-1].shape == (BATCH, SIZE, SIZE, 3)
+  detector, index = fitted("spade")
+  program = programs.build(detector, index)
+  arrays, rebuild = artifact.flatten_arrays(programs.as_numpy_tree(program.arrays))
+  specs = {name: jax.ShapeDtypeStruct(a.shape, a.dtype) for name, a in arrays.items()}
+  batch, = jax.export.symbolic_shape("b")
+  images = jax.ShapeDtypeStruct((batch, SIZE, SIZE, 3), np.float32)
+  with cpu_kernel.xla_only(), pytest.raises(Exception, match="is inconclusive") as info:
+    jax.export.export(jax.jit(lambda named, x: program.score(rebuild(named), x)),
+                      platforms=("cpu",))(specs, images)
+  assert any(entry.name in ("default_blocks", "default_query_block", "_query_block")
+             for entry in info.traceback), [entry.name for entry in info.traceback]
 
 
 def test_check_image_size():
@@ -462,27 +501,6 @@ def test_export_py_reports_bad_flags(tmp_path):
   assert "export.py: error: platforms must be among" in proc.stderr, proc.stderr[-2000:]
 
 
-def test_tiled_index_is_refused(fitted, tmp_path):
-  """A tiled detector, or an index file whose fit recorded tiles (fit.py --tile_size):
-  one line, no traceback, nothing written."""
-  detector, index = fitted("spade")
-  tiled = tiling.Tiled(detector, tiling.TileConfig(tile_size=SIZE))
-  with pytest.raises(ValueError, match="fitted on tiles .* cannot be exported yet"):
-    spade_jax.export_detector(tiled, index, tmp_path / "out")
-  index_path = tmp_path / "tiled.spade"
-  spade_jax.save_index(index_path, index, settings={
-      "method": "spade", "backbone": "tiny_pyramid", "k_images": 3, "k_image_score": 2,
-      **tiling.TileConfig(tile_size=SIZE).settings()})
-  proc = subprocess.run(
-      [sys.executable, str(REPO / "experiments" / "export.py"), f"--index={index_path}",
-       f"--output_dir={tmp_path / 'out'}"], capture_output=True, text=True, timeout=300,
-      check=False)
-  assert proc.returncode != 0 and "Traceback" not in proc.stderr
-  lines = [l for l in proc.stderr.splitlines() if "export.py: error:" in l]
-  assert len(lines) == 1 and "cannot be exported yet" in lines[0], proc.stderr[-2000:]
-  assert not (tmp_path / "out").exists()
-
-
 def test_export_refuses_a_backbone_without_variables(data, tmp_path):
   from spade_fake_backbone import FakeBackbone  # pylint: disable=import-outside-toplevel
   detector = spade_jax.Spade(FakeBackbone(), spade_jax.SpadeConfig(
@@ -523,3 +541,191 @@ def test_xla_only_is_scoped():
     assert not cpu_kernel.available() and "xla_only" in cpu_kernel.unavailable_reason()
     assert cpu_kernel.TARGET not in lowered()
   assert cpu_kernel.available() and cpu_kernel.TARGET in lowered()
+
+
+# ----------------------------------------------------------------------------------
+# Tiled exports (fit.py / predict.py --tile_size): the program scores batches of tiles;
+# run.py cuts, stitches and takes the largest tile score as predict.py does.
+
+TILE_TRAIN_HW = (80, 112)
+# Test images of several sizes, none a multiple of the tile's step: 1 + 4 + 6 + 8 + 3 =
+# 22 tiles of 64 with overlap 16, so batches of 4 tiles mix images and the last is padded.
+TILE_TEST_HW = {"a_one_tile.png": (64, 64), "b_train_size.png": TILE_TRAIN_HW,
+                "c/odd.png": (97, 150), "c/strip.png": (70, 200), "d_tall.png": (128, 64)}
+TILED_CASES = {
+    "spade-mean": ("spade", tiling.TileConfig(64, 16, "mean"), False),
+    "patchcore-max-threshold": ("patchcore", tiling.TileConfig(64, 16, "max"), True),
+    "padim-no-overlap-threshold": ("padim", tiling.TileConfig(64, 0, "mean"), True),
+}
+
+
+@pytest.fixture(name="tiled_data", scope="module")
+def fixture_tiled_data(tmp_path_factory):
+  """Training images of 80 x 112 and a test folder of TILE_TEST_HW (random RGB)."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  root = tmp_path_factory.mktemp("tiled")
+  rng = np.random.default_rng(5)
+  train = [rng.integers(0, 256, (*TILE_TRAIN_HW, 3), np.uint8) for _ in range(3)]
+  test = {}
+  for name, hw in TILE_TEST_HW.items():
+    image = rng.integers(0, 256, (*hw, 3), np.uint8)
+    (root / "test" / name).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(root / "test" / name)
+    test[name] = image
+  for i, image in enumerate(train):
+    (root / "train").mkdir(exist_ok=True)
+    Image.fromarray(image).save(root / "train" / f"{i}.png")
+  return types.SimpleNamespace(root=root, train=train, test=test, test_dir=root / "test",
+                               train_dir=root / "train")
+
+
+@pytest.fixture(name="tiled_fitted", scope="module")
+def fixture_tiled_fitted(tiled_data):
+  """case -> (Tiled detector, index, scores of the test images (sorted by name)), fitted
+  on the training images' tiles once per case."""
+  cache, tiny = {}, tiny_backbone()
+
+  def get(case):
+    if case not in cache:
+      name, tiles, _ = TILED_CASES[case]
+      tiled = tiling.Tiled(DETECTORS[name](tiny), tiles)
+      index = tiled.fit(tiled_data.train)
+      scores, _ = tiled.score(index, [tiled_data.test[n] for n in sorted(tiled_data.test)])
+      cache[case] = tiled, index, scores
+    return cache[case]
+
+  return get
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(TILED_CASES))
+def test_tiled_run_py_gives_predict_py_scores_and_maps(case, tiled_fitted, tiled_data,
+                                                       tmp_path):
+  """run.py on a tiled export against predict.py with the same tiles (predict_folder
+  tiles=): the same RTOL as the whole-image exports. Each tile is scored as a whole-image
+  input is (same programs, same float32 rounding argument); the image score is the
+  largest tile score (a max: exact, so within RTOL), and the stitched map a weighted
+  average (or max) of tile maps each within the tolerance, computed by the same float64
+  arithmetic on both sides (test_runner_tiles_match_the_library), so within it too."""
+  _, tiles, with_threshold = TILED_CASES[case]
+  tiled, index, scores = tiled_fitted(case)
+  threshold = between_scores(scores, tiled.config) if with_threshold else None
+  folders.predict_folder(tiled.detector, index, tiled_data.test_dir, tmp_path / "predict",
+                         threshold=threshold, write_heatmaps=False, num_summary=0,
+                         save_maps=True, tiles=tiles)
+  expected = read_scores(tmp_path / "predict" / "scores.csv")
+  if with_threshold:
+    assert {r[2] for r in expected[1]} == {"0", "1"}
+  folder = spade_jax.export_detector(tiled, index, tmp_path / "export", batch_size=BATCH,
+                                     threshold=threshold)
+  manifest = json.loads((folder / "manifest.json").read_text())
+  assert manifest["input"]["tiles"] == {"tile_size": 64, "tile_overlap": tiles.tile_overlap,
+                                        "merge": tiles.merge}
+  assert manifest["input"]["shape"] == [BATCH, 64, 64, 3] and manifest["custom_calls"] == []
+  runner = load_runner(folder)
+  run_paths, _, skipped = runner.score_folder(runner.Artifact(folder), tiled_data.test_dir,
+                                              tmp_path / "run", write_maps=True)
+  assert not skipped and run_paths == sorted(TILE_TEST_HW)
+  assert_same_scores(expected, read_scores(tmp_path / "run" / "scores.csv"))
+  for name, hw in TILE_TEST_HW.items():
+    run_map = np.load(tmp_path / "run" / "maps" / f"{name}.npy")
+    predict_map = np.load(tmp_path / "predict" / "maps" / f"{name}.npy")
+    assert run_map.shape == predict_map.shape == hw and run_map.dtype == np.float32, name
+    assert np.isfinite(run_map).all(), name  # Every pixel is in a tile.
+    np.testing.assert_allclose(run_map, predict_map, rtol=0,
+                               atol=RTOL * float(np.abs(predict_map).max()), err_msg=name)
+
+
+def test_runner_tiles_match_the_library():
+  """run.py's own tiling arithmetic (it imports no spade_jax) against
+  spade_jax.detector.tiling: the same tile positions for many sizes, tile sizes and
+  overlaps, and the same stitched maps, bit for bit (mean and max)."""
+  runner = load_runner_source()
+  rng = np.random.default_rng(0)
+  cases = [(h, w, t, o) for t in (32, 33, 64, 100) for o in sorted({0, 1, t // 4, t // 2, t - 1})
+           for h in (t, t + 1, 2 * t - 1, 3 * t + 7) for w in (t, 2 * t + 5, 517)]
+  cases += [(int(rng.integers(t, 900)), int(rng.integers(t, 900)), t, int(rng.integers(t // 8, t)))
+            for t in rng.integers(32, 300, 200)]
+  for h, w, t, o in cases:
+    config = tiling.TileConfig(t, o)
+    boxes = runner.tile_boxes(h, w, runner.TileSettings(t, o, "mean"))
+    assert boxes == tiling.tile_boxes(h, w, config), (h, w, t, o)
+  for h, w, t, o in [(97, 150, 64, 16), (70, 200, 64, 0), (64, 64, 64, 63), (129, 77, 33, 8)]:
+    boxes = tiling.tile_boxes(h, w, tiling.TileConfig(t, o))
+    maps = [rng.random((t, t), np.float32) for _ in boxes]
+    for merge in tiling.MERGES:
+      stitched = runner.Stitched("x", h, w, boxes, runner.TileSettings(t, o, merge))
+      for m in maps:
+        stitched.add(m, np.float32(m.max()), False)
+      assert stitched.complete and stitched.score == max(m.max() for m in maps)
+      np.testing.assert_array_equal(stitched.map(), tiling.stitch(maps, boxes, h, w, merge, o))
+  with pytest.raises(ValueError, match=r"tile_size=64 is larger than the image \(63x100\)"):
+    runner.tile_boxes(63, 100, runner.TileSettings(64, 0, "mean"))
+
+
+def load_runner_source() -> types.ModuleType:
+  """spade_jax/deploy/runner.py (run.py's source) as a module."""
+  path = REPO / "spade_jax" / "deploy" / "runner.py"
+  spec = importlib.util.spec_from_file_location("runner_source", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, str(REPO / "experiments" / name), *args],
+                        capture_output=True, text=True, timeout=600, check=False,
+                        env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+
+
+@pytest.mark.slow
+def test_tiled_index_from_fit_py_exports_and_runs_without_spade_jax(tiled_data, tmp_path):
+  """The commands end to end: fit.py --tile_size (efficientnet_lite0, packaged weights),
+  export.py (the index's tiling; a flag that contradicts it is refused, naming it),
+  predict.py and run.py (where spade_jax cannot be imported) on images of several sizes:
+  the same scores.csv within RTOL, the same maps; an image smaller than a tile is refused
+  by run.py in one line."""
+  index_path = tmp_path / "tiled.spade"
+  proc = run_script("fit.py", f"--train_dir={tiled_data.train_dir}", f"--index={index_path}",
+                    "--k_images=3", "--k_image_score=2", "--tile_size=64", "--tile_overlap=16",
+                    "--tile_merge=max")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  for flag, message in [("--tile_size=32", "--tile_size=32 does not match the index"),
+                        ("--tile_overlap=64", "--tile_overlap=64 must be smaller than")]:
+    proc = run_script("export.py", f"--index={index_path}",
+                      f"--output_dir={tmp_path / 'refused'}", flag)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    lines = [l for l in proc.stderr.splitlines() if "export.py: error:" in l]
+    assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+    assert not (tmp_path / "refused").exists()
+  proc = run_script("export.py", f"--index={index_path}", f"--output_dir={tmp_path / 'export'}",
+                    f"--batch_size={BATCH}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "tiles of 64, overlap 16, merge max" in proc.stdout, proc.stdout
+  proc = run_script("predict.py", f"--index={index_path}", f"--images={tiled_data.test_dir}",
+                    f"--output_dir={tmp_path / 'predict'}", "--save_maps", "--noheatmaps",
+                    "--num_summary=0", "--compilation_cache_dir=none")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+
+  site = isolated_site(tmp_path)
+  run_py = tmp_path / "export" / "run.py"
+  proc = run_isolated(site, str(run_py), f"--images={tiled_data.test_dir}",
+                      f"--output_dir={tmp_path / 'run'}", "--maps", cwd=tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert_same_scores(read_scores(tmp_path / "predict" / "scores.csv"),
+                     read_scores(tmp_path / "run" / "scores.csv"))
+  for name, hw in TILE_TEST_HW.items():
+    predict_map = np.load(tmp_path / "predict" / "maps" / f"{name}.npy")
+    run_map = np.load(tmp_path / "run" / "maps" / f"{name}.npy")
+    assert run_map.shape == hw
+    np.testing.assert_allclose(run_map, predict_map, rtol=0,
+                               atol=RTOL * float(np.abs(predict_map).max()), err_msg=name)
+
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  small = tmp_path / "small"
+  small.mkdir()
+  Image.fromarray(np.zeros((40, 300, 3), np.uint8)).save(small / "thin.png")
+  proc = run_isolated(site, str(run_py), f"--images={small}", f"--output_dir={tmp_path / 'r2'}",
+                      cwd=tmp_path)
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  assert "image 'thin.png': tile_size=64 is larger than the image (40x300)" in proc.stderr

@@ -18,6 +18,7 @@ from hostile_fixtures import write_bomb_png
 from mvtec_fixtures import write_category
 import numpy as np
 import pytest
+import script_server
 from spade_fake_backbone import FakeBackbone
 
 import spade_jax
@@ -79,8 +80,7 @@ def _on_disk(out) -> dict:
 def _run_script(script: str, *args: str) -> subprocess.CompletedProcess:
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
-  return subprocess.run([sys.executable, str(REPO / "experiments" / script), *args],
-                        capture_output=True, text=True, env=env, timeout=300, check=False)
+  return script_server.run_script(script, *args, env=env, timeout=300)
 
 
 def _assert_clean_error(proc: subprocess.CompletedProcess, script: str, *needles: str):

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import script_server
 
 from spade_jax import evaluation
 from spade_jax.data import builtin
@@ -120,8 +121,7 @@ def test_unknown_category_is_refused(tiny_benchmark, tmp_path):
 def _run_script(*args: str) -> subprocess.CompletedProcess:
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
-  return subprocess.run([sys.executable, str(REPO / "experiments" / "evaluate.py"), *args],
-                        capture_output=True, text=True, env=env, timeout=300)
+  return script_server.run_script("evaluate.py", *args, env=env, timeout=300)
 
 
 @pytest.mark.slow

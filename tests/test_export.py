@@ -65,6 +65,13 @@ EXPORTS = (
            lambda: (_f32(7, 16), _f32(40, 16)), uses_cpu_kernel=True),
     Export("knn-cosine-k4", lambda q, g: spade_jax.knn(q, g, 4, "cosine"),
            lambda: (_f32(7, 16), _f32(40, 16)), uses_cpu_kernel=True),
+    # Search options: a blocking forced on every platform, bf16 products.
+    Export("knn-l2-k4-blocking-gpu", lambda q, g: spade_jax.knn(q, g, 4, blocking="gpu"),
+           lambda: (_f32(7, 16), _f32(40, 16))),
+    Export("knn-l2-k1-blocking-tpu", lambda q, g: spade_jax.knn(q, g, 1, blocking="tpu"),
+           lambda: (_f32(7, 16), _f32(40, 16))),
+    Export("knn-l2-k4-bf16", lambda q, g: spade_jax.knn(q, g, 4, precision="bf16"),
+           lambda: (_f32(7, 16), _f32(40, 16))),
     # SPADE scores.
     Export("image_scores", lambda t, g: spade_jax.image_scores(t, g, 3, num_neighbors=4),
            lambda: (_f32(5, 16), _f32(40, 16)), uses_cpu_kernel=True),
@@ -371,9 +378,11 @@ _DOT = re.compile(r"stablehlo\.dot(?:_general)?\b[^\n]*")
 
 
 def low_precision_dots(module_text: str) -> list[str]:
-  """The float32 dot / dot_general lines of an MLIR module not at precision HIGHEST."""
+  """The float32 dot / dot_general lines of an MLIR module not at precision HIGHEST (a
+  product of bfloat16 operands, precision="bf16", is not a float32 dot)."""
   return [line for line in _DOT.findall(module_text)
-          if "xf32>" in line.split(":")[-1] and "precision = [HIGHEST, HIGHEST]" not in line]
+          if "xf32>" in line.split(":")[-1].split("->")[0]
+          and "precision = [HIGHEST, HIGHEST]" not in line]
 
 
 def test_low_precision_dot_regex():
@@ -381,8 +390,10 @@ def test_low_precision_dot_regex():
              "(tensor<7x16xf32>, tensor<40x16xf32>) -> tensor<7x40xf32>")
   highest = default.replace(": (", ", precision = [HIGHEST, HIGHEST] : (")
   bf16 = default.replace("xf32>", "xbf16>")
+  bf16_to_f32 = default.replace("16xf32>", "16xbf16>")  # bf16 operands, f32 result.
   assert low_precision_dots(default) == [default[len("%2 = "):]]
   assert not low_precision_dots(highest) and not low_precision_dots(bf16)
+  assert not low_precision_dots(bf16_to_f32)
 
 
 @pytest.mark.parametrize("case", [c for c in EXPORTS if not c.name.endswith(".apply")],
@@ -392,3 +403,63 @@ def test_accelerator_export_multiplies_at_full_float32_precision(case):
   if "stablehlo.dot" not in text:
     pytest.skip(f"{case.name}: no product in the lowering (exact differences)")
   assert not low_precision_dots(text), (case.name, low_precision_dots(text)[:3])
+
+
+# ----------------------------------------------------------------------------------
+# The search blocking of each platform (neighbors.BLOCKINGS) is the one lowered.
+
+
+def _knn_module(platforms: tuple[str, ...], **options) -> str:
+  """knn(k=1) of 64 queries against 40000 rows (D = 16), exported for `platforms`."""
+  return export.export(
+      jax.jit(lambda q, g: spade_jax.knn(q, g, 1, **options)), platforms=platforms,
+      disabled_checks=[export.DisabledSafetyCheck.custom_call(cpu_kernel.TARGET)],
+  )(_f32(64, 16), _f32(40000, 16)).mlir_module()
+
+
+_TOP_K_WHOLE_BLOCK = re.compile(r'"chlo\.top_k"[^\n]*\(tensor<64x40000xf32>\)')
+_GROUP_MINIMA = re.compile(r"stablehlo\.minimum across dimensions = \[2\] : "
+                           r"\(tensor<64x(\d+)x32xf32>")
+
+
+def test_accelerator_exports_use_their_platforms_blocking():
+  # cuda: one [64, 40000] block (all queries, the whole gallery: under 2^23 entries)
+  # and lax.top_k over it; tpu: the same block, grouped selection (minima of 1250
+  # groups of 32); cpu with kernel="xla": the CPU blocking, chunks of 8000 rows
+  # (250 groups). No CPU custom call in the accelerator modules.
+  cuda = _knn_module(("cuda",))
+  assert _TOP_K_WHOLE_BLOCK.search(cuda)
+  assert not _GROUP_MINIMA.search(cuda)
+  tpu = _knn_module(("tpu",))
+  assert not _TOP_K_WHOLE_BLOCK.search(tpu)
+  assert {int(g) for g in _GROUP_MINIMA.findall(tpu)} == {1250}
+  cpu = _knn_module(("cpu",), kernel="xla")
+  assert not _TOP_K_WHOLE_BLOCK.search(cpu)
+  assert {int(g) for g in _GROUP_MINIMA.findall(cpu)} == {250}
+  for text in (cuda, tpu):
+    assert cpu_kernel.TARGET not in text
+    assert not any("cpu" in t.lower() for t in custom_call_targets(text))
+  # Forced: the gpu blocking on a CPU lowering, the cpu one on cuda.
+  assert _TOP_K_WHOLE_BLOCK.search(_knn_module(("cpu",), blocking="gpu"))
+  assert {int(g) for g in _GROUP_MINIMA.findall(_knn_module(("cuda",), blocking="cpu"))} \
+      == {250}
+  # One module for both platforms holds both blockings.
+  both = _knn_module(("cuda", "tpu"))
+  assert _TOP_K_WHOLE_BLOCK.search(both) and _GROUP_MINIMA.search(both)
+
+
+def test_pixel_scores_exports_use_their_platforms_blocking():
+  # SPADE's pixel search (layer1 of _levels: 64 positions, K = 4 images of 64 rows):
+  # lax.top_k over each [64, 256] block on cuda, the grouped selection on tpu.
+  case = next(c for c in EXPORTS if c.name == "pixel_scores-ensemble")
+  top_k = re.compile(r'"chlo\.top_k"[^\n]*\(tensor<(?:1x)?64x256xf32>\)')  # 1: lax.map's batch.
+  assert top_k.search(_export(case, ("cuda",)).mlir_module())
+  assert not top_k.search(_export(case, ("tpu",)).mlir_module())
+
+
+def test_bf16_search_multiplies_bf16_rows_and_float32_norms():
+  text = _knn_module(("cuda",), precision="bf16")
+  dots = _DOT.findall(text)
+  assert any("xbf16>" in d.split(":")[-1] for d in dots)  # The rows' product.
+  assert any("precision = [HIGHEST, HIGHEST]" in d for d in dots)  # The norms' column.
+  assert not low_precision_dots(text)

@@ -1,4 +1,5 @@
-"""experiments/fit.py then predict.py, run as a user would (subprocesses): the same image
+"""experiments/fit.py then predict.py, run as a user would (subprocesses for the shared
+fit and predict, the script server of tests/script_server.py for the rest): the same image
 scores as evaluate.py and as Spade.fit / score in process, the threshold column
 against a brute-force leave-one-out, the output files, unreadable images skipped, and
 clear errors for indexes that do not fit.
@@ -21,6 +22,7 @@ from mvtec_fixtures import write_category
 import numpy as np
 import PIL.Image
 import pytest
+import script_server
 from sklearn.metrics import roc_auc_score
 
 import spade_jax
@@ -35,10 +37,14 @@ SETTINGS = (f"--k_images={K_IMAGES}", f"--k_image_score={K_IMAGE_SCORE}", f"--re
 QUANTILE = 0.5  # A threshold in the middle of the scores: both decisions occur.
 
 
-def run_script(script: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_script(script: str, *args: str, env: dict | None = None,
+               fresh_process: bool = False) -> subprocess.CompletedProcess:
+  """The script's run, in a fresh process or (the default) in its script server."""
   full_env = dict(os.environ, JAX_PLATFORMS="cpu")
   full_env.pop("XLA_FLAGS", None)  # One CPU device, as a user runs it.
   full_env.update(env or {})
+  if not fresh_process:
+    return script_server.run_script(script, *args, env=full_env, timeout=300)
   return subprocess.run([sys.executable, str(REPO / "experiments" / script), *args],
                         capture_output=True, text=True, env=full_env, timeout=300, check=False)
 
@@ -66,11 +72,11 @@ def fixture_workspace(tmp_path_factory):
   index = root / "alpha.spade"
   fit = run_script("fit.py", f"--train_dir={data / 'alpha' / 'train' / 'good'}",
                    f"--index={index}", *SETTINGS, "--calibrate",
-                   f"--calibration_quantile={QUANTILE}")
+                   f"--calibration_quantile={QUANTILE}", fresh_process=True)
   assert fit.returncode == 0, fit.stderr[-3000:]
   out = root / "out"
   predict = run_script("predict.py", f"--index={index}", f"--images={data / 'alpha' / 'test'}",
-                       f"--output_dir={out}")
+                       f"--output_dir={out}", fresh_process=True)
   assert predict.returncode == 0, predict.stderr[-3000:]
   return types.SimpleNamespace(root=root, data=data, index=index, out=out, fit=fit,
                                predict=predict)

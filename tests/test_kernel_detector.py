@@ -12,7 +12,6 @@ import os
 import pathlib
 import struct
 import subprocess
-import sys
 
 import jax
 from mvtec_fixtures import write_category
@@ -20,6 +19,7 @@ import numpy as np
 import PIL.Image
 import pytest
 from safetensors import numpy as safetensors_numpy
+import script_server
 from spade_fake_backbone import FakeBackbone
 
 import spade_jax
@@ -361,8 +361,7 @@ def test_eval_config_records_and_checks_the_scoring(tmp_path):
 def _run(script: str, *args: str) -> subprocess.CompletedProcess:
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
-  return subprocess.run([sys.executable, str(REPO / "experiments" / script), *args],
-                        capture_output=True, text=True, env=env, timeout=300, check=False)
+  return script_server.run_script(script, *args, env=env, timeout=300)
 
 
 @pytest.fixture(name="data_dir", scope="module")

@@ -4,11 +4,10 @@ named variants of spade_jax.scoring.variants."""
 
 import json
 import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+import script_server
 
 import spade_jax
 from spade_jax import evaluation
@@ -18,7 +17,6 @@ from spade_jax.scoring import variants
 pytestmark = pytest.mark.slow  # Scripts end to end: the slow tier (pyproject.toml).
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SCRIPT = str(REPO / "experiments" / "kernels.py")
 FLAGS = ["--k_images=4", "--k_image_score=2", "--resize=128", "--crop=112", "--steps=3"]
 
 
@@ -30,8 +28,7 @@ def tiny_benchmark(tmp_path_factory) -> pathlib.Path:
 
 
 def _run(*args):
-  return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True,
-                        cwd=REPO, check=False, timeout=900)
+  return script_server.run_script("kernels.py", *args, cwd=str(REPO), timeout=900)
 
 
 def test_script_writes_each_variant_and_the_comparison(tiny_benchmark, tmp_path):
@@ -65,6 +62,22 @@ def test_script_refuses_bad_flags(tiny_benchmark, tmp_path):
   assert proc.returncode != 0 and "unknown --variants ['nope']" in proc.stderr
   proc = _run(f"--data_dir={tiny_benchmark}", f"--output_dir={tmp_path}", "--k_images=50")
   assert proc.returncode != 0 and "k_images=50" in proc.stderr
+  proc = _run(f"--data_dir={tiny_benchmark}", f"--output_dir={tmp_path}", "--crop=whole")
+  assert proc.returncode != 0 and "--crop must be a positive int or 'none'" in proc.stderr
+  assert "Traceback" not in proc.stderr
+
+
+def test_script_accepts_crop_none(tiny_benchmark, tmp_path):
+  """--crop=none as evaluate.py: the whole image at the first training image's size, the
+  masks resized to it; results.json records crop null."""
+  out = tmp_path / "out"
+  proc = _run(f"--data_dir={tiny_benchmark}", f"--output_dir={out}", "--variants=l2",
+              "--k_images=4", "--k_image_score=2", "--resize=64", "--crop=none")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = json.loads((out / "l2" / "results.json").read_text())
+  assert results["config"]["crop"] is None
+  for m in evaluation.METRIC_NAMES:
+    assert 0 <= results["categories"]["cup"][m] <= 1
 
 
 @pytest.mark.parametrize("name", sorted(variants.VARIANTS))

@@ -58,16 +58,20 @@ def _finish(procs: list[subprocess.Popen], timeout: float) -> list[tuple[int, st
 
 # SPADE as published; PatchCore (its coreset selected over the 4 devices of 2 processes,
 # its memory bank sharded); SPADE with a Mahalanobis kernel and soft scores (the kernels
-# fitted on the gathered training features, replicated on the mesh).
+# fitted on the gathered training features, replicated on the mesh); SPADE on tiles
+# (each process tiles its share of the 256 x 256 images, 9 tiles each; the gallery is
+# every process's tiles, the maps stitched at the masks' resolution).
 METHODS = {"spade": [], "patchcore": ["--method=patchcore", "--coreset_ratio=0.25"],
-           "mahalanobis-softmin": ["--metric=mahalanobis", "--aggregate=softmin"]}
+           "mahalanobis-softmin": ["--metric=mahalanobis", "--aggregate=softmin"],
+           "spade-tiles": ["--crop=none", "--tile_size=128", "--tile_overlap=32"]}
 
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_two_processes_match_one(tmp_path, method):
   data = builtin.generate_builtin_benchmark(tmp_path / "data", categories=["brick"],
                                             num_train=6, num_test=5)
-  common = [f"--data_dir={data}", "--categories=brick", "--resize=96", "--crop=96",
+  geometry = [] if "tiles" in method else ["--resize=96", "--crop=96"]
+  common = [f"--data_dir={data}", "--categories=brick", *geometry,
             "--num_heatmaps=1", "--batch_size=4", *METHODS[method]]
   if method != "patchcore":
     common += ["--k_images=3", "--k_image_score=2"]

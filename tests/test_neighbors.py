@@ -46,9 +46,9 @@ def _ref_knn(q, g, k, metric):
 
 
 def _check(q, g, k, metric, chunk_size=None, exact_ties=False, query_block=None,
-           kernel="auto"):
+           kernel="auto", blocking="auto"):
   dist, idx = spade_jax.knn(q, g, k, metric, chunk_size=chunk_size, query_block=query_block,
-                            kernel=kernel)
+                            kernel=kernel, blocking=blocking)
   dist, idx = np.asarray(dist), np.asarray(idx)
   ref_d, ref_i, full = _ref_knn(q, g, k, metric)
   assert dist.shape == idx.shape == (q.shape[0], k)
@@ -322,3 +322,123 @@ def test_largest_safe_magnitude_passes():
   g = np.stack([np.full(dim, -limit * 0.99), np.zeros(dim)]).astype(np.float32)
   dist, idx = spade_jax.knn(q, g, 2)
   assert np.isfinite(np.asarray(dist)).all() and sorted(np.asarray(idx)[0]) == [0, 1]
+
+
+# ----------------------------------------------------------------------------------
+# Per-platform blocking (neighbors.BLOCKINGS), each forced on this CPU: exact like the
+# default. The accelerator lowerings' structure is checked in tests/test_export.py.
+
+ACCELERATOR_BLOCKINGS = pytest.mark.parametrize("blocking", ["gpu", "tpu"])
+
+
+@pytest.mark.parametrize("q_rows,m_rows,dim,k,chunk,metric", [
+    (5, 37, 8, 1, None, "l2"),          # The blocking's own sizes: one chunk.
+    (5, 37, 8, 3, 10, "cosine"),        # Given sizes: 3 chunks and a tail of 7.
+    (6, 150, 4, 1, 64, "sqeuclidean"),
+    (6, 150, 4, 12, 64, "l2"),
+    (4, 37, 8, 37, 10, "l2"),           # k = M > chunk.
+    (3, 20, 1, 4, 6, "l2"),             # D = 1.
+])
+@ACCELERATOR_BLOCKINGS
+def test_accelerator_blockings_are_exact(q_rows, m_rows, dim, k, chunk, metric, blocking):
+  rng = np.random.default_rng(q_rows * 1000 + m_rows + 1)
+  q = rng.standard_normal((q_rows, dim)).astype(np.float32)
+  g = rng.standard_normal((m_rows, dim)).astype(np.float32)
+  _check(q, g, k, metric, chunk, blocking=blocking)
+
+
+@pytest.mark.parametrize("k,chunk", [(1, 4), (5, 16), (11, 32), (4, None)])
+@ACCELERATOR_BLOCKINGS
+def test_accelerator_blockings_break_ties_by_lower_index(k, chunk, blocking):
+  rng = np.random.default_rng(k * 10 + (chunk or 0))
+  g = rng.integers(-2, 3, size=(101, 3)).astype(np.float32)
+  g[[10, 21, 40, 77]] = g[2]
+  q = np.concatenate([g[[2, 5]], rng.integers(-2, 3, size=(4, 3))]).astype(np.float32)
+  _check(q, g, k, "l2", chunk, exact_ties=True, blocking=blocking)
+
+
+def test_blocking_table():
+  # The CPU entry is the tuned default (unchanged); gpu / tpu block all queries (up to
+  # 4096) against ~2^23-entry blocks, chunks multiples of 128 dividing the gallery.
+  cpu, gpu = neighbors.BLOCKINGS["cpu"], neighbors.BLOCKINGS["gpu"]
+  assert cpu.blocks(3136, 156800) == neighbors.default_blocks(3136, 156800) == (6272, 392)
+  assert gpu.blocks(3136, 156800) == (3200, 3136)  # WRN50-2 layer1 at K = 50.
+  chunk, block = gpu.blocks(10000, 1_254_400)
+  assert block == 4096 and chunk % 128 == 0 and 1_254_400 % chunk == 0
+  assert 2 ** 22 <= chunk * block <= 1.5 * 2 ** 23
+  assert gpu.blocks(10000, 1_000_000) == (2048, 4096)  # No multiple of 128 divides it.
+  assert gpu.blocks(7, 40) == (40, 7)
+  assert (gpu.selection, neighbors.BLOCKINGS["tpu"].selection) == ("top_k", "groups")
+
+
+@pytest.mark.slow  # 8 fake devices, two blockings: ~2.5 s.
+def test_sharded_accelerator_blocking_equals_single_device():
+  rng = np.random.default_rng(12)
+  q = rng.standard_normal((9, 8)).astype(np.float32)
+  g = rng.standard_normal((203, 8)).astype(np.float32)
+  gallery = spade_jax.shard_gallery(g, jax.make_mesh((len(jax.devices()),), ("data",)))
+  single = spade_jax.knn(q, g, 5)
+  for blocking in ("gpu", "tpu"):
+    sharded = spade_jax.knn(q, gallery, 5, blocking=blocking)
+    np.testing.assert_array_equal(np.asarray(sharded[1]), np.asarray(single[1]))
+    np.testing.assert_allclose(np.asarray(sharded[0]), np.asarray(single[0]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda q, g: spade_jax.knn(q, g, 1, blocking="fast"), "blocking"),
+    (lambda q, g: spade_jax.knn(q, g, 1, precision="fp8"), "precision"),
+    (lambda q, g: spade_jax.knn(q, g, 1, spade_jax.kernels.from_features(
+        "polynomial", np.eye(4, 3, dtype=np.float32)), precision="bf16"), "bf16"),
+])
+def test_search_option_validation(call, match):
+  x = np.zeros((4, 3), np.float32)
+  with pytest.raises(ValueError, match=match):
+    call(x, x)
+
+
+# precision="bf16": recall@k against exact search on seeded structured features
+# (ReLU of a rank-32 map plus noise, as CNN features), deterministic for fixed data.
+# Measured (BENCHMARKS.md): 1.0 at k = 1, 5, 50 with the shortlist, 0.993-0.996 with
+# bf16 proxies alone. The bound asserted: >= 0.999.
+BF16_RECALL_BOUND = 0.999
+
+
+def _structured(n, seed, dim=64, rank=16):
+  basis = np.random.default_rng(0)
+  w = basis.normal(size=(rank, dim)).astype(np.float32) / np.sqrt(rank)
+  bias = 0.5 * basis.normal(size=dim).astype(np.float32)
+  rng = np.random.default_rng(seed)
+  z = rng.normal(size=(n, rank)).astype(np.float32)
+  return np.maximum(z @ w + bias, 0) + 0.1 * rng.normal(size=(n, dim)).astype(np.float32)
+
+
+@pytest.mark.slow  # Three searches compiled: 2-3 s on the 2 busy cores.
+@pytest.mark.parametrize("k", [1, 10])
+def test_bf16_precision_recall_and_exact_distances(k):
+  q, g = _structured(150, 1), _structured(2000, 2)
+  exact_d, exact_i = (np.asarray(a) for a in spade_jax.knn(q, g, k))
+  dist, idx = (np.asarray(a) for a in spade_jax.knn(q, g, k, precision="bf16"))
+  recall = np.mean([len(set(a) & set(b)) / k for a, b in zip(idx, exact_i)])
+  assert recall >= BF16_RECALL_BOUND, recall
+  # The distances are the exact float32 ones of the neighbours returned.
+  ref = np.sqrt(((q[:, None, :].astype(np.float64) - g[idx]) ** 2).sum(-1))
+  np.testing.assert_allclose(dist, ref, rtol=RTOL, atol=ATOL)
+  assert (np.diff(dist, axis=1) >= 0).all()
+  # Without the shortlist (bf16 proxies alone) the recall is measurably lower: the
+  # re-ranking is what holds the bound.
+  if k == 10:
+    assert not np.array_equal(np.asarray(spade_jax.knn(q, g, k, _bf16_only())[1]), exact_i)
+
+
+def _bf16_only():
+  """L2 ranked by bf16 products alone (no shortlist), exact distances recomputed."""
+  l2 = distances.get_metric("l2")
+  def embed_q(x):
+    return jnp.concatenate([(-2.0 * x).astype(jnp.bfloat16).astype(jnp.float32),
+                            jnp.ones(x.shape[:-1] + (1,), jnp.float32)], axis=-1)
+  def embed_g(x):
+    return jnp.concatenate([x.astype(jnp.bfloat16).astype(jnp.float32),
+                            jnp.sum(x * x, axis=-1, keepdims=True)], axis=-1)
+  return dataclasses.replace(l2, name="l2_bf16_only", embed_queries=embed_q,
+                             embed_gallery=embed_g, gallery_extra=None,
+                             prepare_is_identity=False)

@@ -45,6 +45,23 @@ def test_pixel_scores_match_reference(combine, kappa, chunk, batch, metric, sear
   np.testing.assert_allclose(got, ref, rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize("blocking", ["gpu", "tpu"])
+@pytest.mark.parametrize("combine,kappa,chunk", [("ensemble", 1, None), ("ensemble", 3, 2),
+                                                 ("cat", 2, None)])
+def test_pixel_scores_accelerator_blockings_match_reference(blocking, combine, kappa, chunk):
+  # The GPU / TPU blockings (neighbors.BLOCKINGS: all positions per block, lax.top_k on
+  # GPUs), forced on this CPU: the same scores as the reference.
+  rng = np.random.default_rng(1)
+  test, train = _pyramid(rng, 3), _pyramid(rng, 7)
+  nbrs = np.stack([rng.permutation(7)[:5] for _ in range(3)]).astype(np.int32)
+  got = scoring.pixel_scores(test, train, nbrs, kappa=kappa, combine=combine,
+                             images_per_chunk=chunk, blocking=blocking)
+  ref = reference.pixel_scores(test, train, nbrs, kappa, combine, "l2")
+  np.testing.assert_allclose(got, ref, rtol=RTOL, atol=ATOL)
+  with pytest.raises(ValueError, match="blocking"):
+    scoring.pixel_scores(test, train, nbrs, blocking="fast")
+
+
 def test_pixel_scores_single_level_non_square():
   rng = np.random.default_rng(2)
   test = {"a": rng.standard_normal((2, 3, 5, 4)).astype(np.float32)}

@@ -57,6 +57,23 @@ def test_stitch_against_brute_force():
   np.testing.assert_allclose(tiling.stitch(maps, boxes, h, w, "max"), peak, rtol=1e-6)
 
 
+@pytest.mark.parametrize("merge", tiling.MERGES)
+def test_stitcher_tile_batch_by_tile_batch_equals_stitch(merge):
+  """Tiled.score_image's Stitcher (maps added a batch at a time, separable "mean"
+  weights) gives stitch()'s map."""
+  rng = np.random.default_rng(1)
+  config = tiling.TileConfig(32, 7, merge)
+  boxes = tiling.tile_boxes(70, 101, config)
+  maps = [rng.random((32, 32)).astype(np.float32) for _ in boxes]
+  stitcher = tiling.Stitcher(70, 101, config)
+  for start in range(0, len(maps), 5):
+    stitcher.add(maps[start:start + 5])
+  np.testing.assert_allclose(stitcher.result(), tiling.stitch(maps, boxes, 70, 101, merge, 7),
+                             rtol=1e-6)
+  with pytest.raises(ValueError, match="0 of 12 tiles added"):
+    tiling.Stitcher(70, 101, config).result()
+
+
 def test_bad_tile_settings_are_clear_errors():
   with pytest.raises(ValueError, match="tile_overlap=128 must be smaller than tile_size=128"):
     tiling.TileConfig(128, 128)

@@ -195,6 +195,14 @@ def test_eval_config_records_geometry_only_when_not_the_default():
   assert whole["crop"] is None and whole["image_size"] == [64, 96]
   tiled = evaluation.EvalConfig(data_dir="d", crop=None, tile_size=256, tile_overlap=32)
   assert tiled.to_json()["tile_size"] == 256 and tiled.tiles.tile_overlap == 32
+  assert "tile_position_weight" not in tiled.to_json()  # Off: recorded as before.
+  placed = evaluation.EvalConfig(data_dir="d", crop=None, tile_size=256,
+                                 tile_position_weight=2.0)
+  assert placed.to_json()["tile_position_weight"] == 2.0
+  assert placed.tiles.position_weight == 2.0
+  with pytest.raises(ValueError, match="tile_position_weight is for SPADE and PatchCore"):
+    evaluation.EvalConfig(data_dir="d", method="padim", crop=None, tile_size=256,
+                          tile_position_weight=1.0)
   with pytest.raises(ValueError, match="it needs crop=None"):
     evaluation.EvalConfig(data_dir="d", tile_size=256)
   with pytest.raises(ValueError, match="tile_overlap=256 must be smaller"):

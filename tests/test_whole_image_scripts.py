@@ -110,19 +110,22 @@ def test_bad_geometry_flags_are_flag_errors(ws, flag, needle):
 
 
 def test_tiled_fit_and_predict(ws):
-  """fit.py --tile_size: the index records the tiles, predict.py tiles the same way; maps
-  stitched at each image's size, the corner defect on top."""
+  """fit.py --tile_size --calibrate: the index records the tiles and a threshold
+  calibrated on whole images (6 of them, leave-one-out); predict.py tiles the same way
+  and applies it; maps stitched at each image's size, the corner defect on top."""
   index = ws.root / "tiled.spade"
   fit = run_script("fit.py", f"--train_dir={ws.root / 'train'}", f"--index={index}",
-                   *SETTINGS, "--tile_size=64", "--tile_overlap=16")
+                   *SETTINGS, "--tile_size=64", "--tile_overlap=16", "--calibrate")
   assert fit.returncode == 0, fit.stderr[-3000:]
   assert "images at 64x64" in fit.stdout  # Tiles, at their native resolution.
+  assert "leave-one-out held-out scores of 6 normal images" in fit.stdout
   out = ws.root / "tiled_out"
   predict = run_script("predict.py", f"--index={index}", f"--images={ws.root / 'test'}",
                        f"--output_dir={out}", "--save_maps", "--num_summary=2")
   assert predict.returncode == 0, predict.stderr[-3000:]
-  _, rows = read_scores(out / "scores.csv")
-  scores = {path: float(score) for path, score in rows}
+  header, rows = read_scores(out / "scores.csv")
+  assert header == ["path", "score", "anomalous"] and "anomalous:" in predict.stdout
+  scores = {path: float(score) for path, score, _ in rows}
   assert scores["defect/b.png"] > max(scores["good/a.png"], scores["other/c.png"])
   anomaly_map = np.load(out / "maps" / "defect" / "b.png.npy")
   assert anomaly_map.shape == PHOTO
@@ -133,12 +136,19 @@ def test_tiled_fit_and_predict(ws):
                     f"--output_dir={ws.root / 'refused'}", "--tile_size=32")
   assert_clean_error(proc, "predict.py", "--tile_size=32 does not match the index",
                      "on tiles of 64")
+  proc = run_script("predict.py", f"--index={index}", f"--images={ws.root / 'test'}",
+                    f"--output_dir={ws.root / 'refused'}", "--tile_overlap=8")
+  assert_clean_error(proc, "predict.py", "threshold calibrated on tiles with "
+                     "--tile_overlap=16")
 
 
 @pytest.mark.parametrize("flags, needle", [
     (("--tile_size=200",), "tile_size=200 is larger than the image (96x128)"),
     (("--tile_size=64", "--tile_overlap=64"), "tile_overlap=64 must be smaller than"),
     (("--tile_size=64", "--crop=56"), "it excludes --crop and --image_size"),
+    (("--tile_size=64", "--tile_position_weight=-1"), "--tile_position_weight must be a "
+                                                      "finite number >= 0"),
+    (("--tile_position_weight=1",), "--tile_position_weight needs --tile_size"),
 ])
 def test_bad_tile_flags_are_clear_errors(ws, flags, needle):
   proc = run_script("fit.py", f"--train_dir={ws.root / 'train'}",

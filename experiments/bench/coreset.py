@@ -35,6 +35,9 @@ from spade_jax.search import coreset as coreset_lib
 from . import common, memory, pixel
 
 TITLE = "PatchCore: coreset, scoring, sharded bank"
+# The section's parts: coreset time / memory as N grows, PatchCore vs SPADE scoring,
+# sharded vs one device, float32 vs bf16 coreset steps.
+PARTS = ("scaling", "scoring", "sharded", "precision")
 # Channels of layer1..3 and of the pooled vector, at 224 x 224 input (56, 28, 14 grids).
 PROFILES = {"wide_resnet50_2": ([256, 512, 1024], 2048),
             "efficientnet_lite0": ([24, 40, 112], 1280)}
@@ -80,6 +83,45 @@ def worker(n: int, dim: int, size: int, projection_dim: int | None) -> dict[str,
           "working_set_bytes": peak - inputs_rss,
           "xla_temp_bytes": compiled.memory_analysis().temp_size_in_bytes,
           "n_by_n_bytes": 4 * n * n}
+
+
+def precision_worker(n: int, dim: int, size: int, repeats: int,
+                     precisions: Sequence[str] = ("float32", "bf16")) -> dict[str, Any]:
+  """float32 vs bf16 coreset (spade_jax.coreset precision=...) on [n, dim] N(0, 1)
+  features in one process: each compiled ahead of time, then `repeats` timed calls
+  taking turns; ms per greedy step, whether the selections are equal, peak device
+  memory (where the device reports it)."""
+  x = common.random_normal(0, (n, dim))
+  key = jax.random.key(0)
+  key_data, impl = jax.random.key_data(key), str(jax.random.key_impl(key))
+  start = jnp.int32(0)
+  compiled, compile_s = {}, {}
+  for p in precisions:
+    t0 = time.perf_counter()
+    compiled[p] = coreset_lib._coreset_jit.lower(  # pylint: disable=protected-access
+        x, key_data, start, size=size, projection_dim=None, impl=impl,
+        precision=p).compile()
+    compile_s[p] = time.perf_counter() - t0
+  times: dict[str, list[float]] = {p: [] for p in precisions}
+  selected = {}
+  for _ in range(max(1, repeats)):
+    for p in precisions:
+      t0 = time.perf_counter()
+      selected[p] = jax.block_until_ready(compiled[p](x, key_data, start))
+      times[p].append(time.perf_counter() - t0)
+  stats = jax.devices()[0].memory_stats() or {}
+  first = precisions[0]
+  return {"n": n, "dim": dim, "size": size, "repeats": max(1, repeats),
+          "platform": jax.devices()[0].platform,
+          "seconds": {p: float(np.median(v)) for p, v in times.items()},
+          "ms_per_step": {p: 1e3 * float(np.median(v)) / max(size - 1, 1)
+                          for p, v in times.items()},
+          "compile_s": compile_s,
+          "same_selection": {p: bool(np.array_equal(np.asarray(selected[p]),
+                                                    np.asarray(selected[first])))
+                             for p in precisions},
+          "peak_device_bytes": stats.get("peak_bytes_in_use"),
+          "features_bytes": int(x.nbytes)}
 
 
 def _scoring_fns(profile: str, grid: int, train_images: int, k_images: int, num_test: int,
@@ -149,10 +191,22 @@ def sharded_worker(devices: int, n: int, dim: int, size: int, profile: str, grid
 def section(ns: Sequence[int], dim: int, size: int, projection_dim: int | None,
             profiles: Sequence[str], train_images: int, k_images: int, num_test: int,
             repeats: int, sharded_devices: int, sharded_n: int, grid: int = 56,
-            coreset_ratio: float = 0.1, image_size: int = 224) -> dict[str, Any]:
-  """The three parts (module docstring); each coreset point in a fresh process."""
+            coreset_ratio: float = 0.1, image_size: int = 224,
+            precision_ns: Sequence[int] = (), precision_size: int | None = None,
+            parts: Sequence[str] = PARTS) -> dict[str, Any]:
+  """The parts (module docstring) named in `parts`; each coreset point in a fresh
+  process. precision: float32 vs bf16 at each N of precision_ns (precision_size steps,
+  default `size`), one process per N."""
+  unknown = sorted(set(parts) - set(PARTS))
+  if unknown:
+    raise ValueError(f"unknown coreset parts {unknown}; valid: {', '.join(PARTS)}")
+  precision = [common.run_worker("coreset_precision",
+                                 {"n": n, "dim": dim, "size": precision_size or size,
+                                  "repeats": repeats},
+                                 extra_env={"MALLOC_MMAP_THRESHOLD_": "131072"}, timeout_s=3600)
+               for n in (precision_ns if "precision" in parts else ())]
   points = []
-  for n in ns:
+  for n in (ns if "scaling" in parts else ()):
     res = common.run_worker("coreset", {"n": n, "dim": dim, "size": size,
                                         "projection_dim": projection_dim},
                             device_count=None, extra_env={"MALLOC_MMAP_THRESHOLD_": "131072"})
@@ -160,7 +214,7 @@ def section(ns: Sequence[int], dim: int, size: int, projection_dim: int | None,
     points.append(res)
   mem_total = _mem_total()
   scoring = []
-  for profile in profiles:
+  for profile in (profiles if "scoring" in parts else ()):
     fns, bank_rows, bank_dim = _scoring_fns(profile, grid, train_images, k_images, num_test,
                                             coreset_ratio, 1024, 4.0, image_size)
     timings = common.time_interleaved(fns, repeats)
@@ -169,7 +223,7 @@ def section(ns: Sequence[int], dim: int, size: int, projection_dim: int | None,
                        for m, t in timings.items()}, "timings": timings})
     del fns
     gc.collect()
-  sharded = common.run_worker(
+  sharded = {"status": "not run"} if "sharded" not in parts else common.run_worker(
       "coreset_sharded", {"devices": sharded_devices, "n": sharded_n, "dim": dim,
                           "size": size, "profile": profiles[0], "grid": grid,
                           "train_images": train_images,
@@ -179,7 +233,7 @@ def section(ns: Sequence[int], dim: int, size: int, projection_dim: int | None,
           "n_by_n_limit": None if mem_total is None else math.isqrt(mem_total // 4),
           "coreset_ratio": coreset_ratio, "train_images": train_images, "k_images": k_images,
           "num_test": num_test, "grid": grid, "image_size": image_size,
-          "scoring": scoring, "sharded": sharded}
+          "scoring": scoring, "sharded": sharded, "precision": precision}
 
 
 def markdown(r: dict[str, Any]) -> list[str]:
@@ -195,7 +249,10 @@ def markdown(r: dict[str, Any]) -> list[str]:
                  mib(p["working_set_bytes"]), mib(p["xla_temp_bytes"]),
                  f(p["xla_temp_bytes"] / p["n"]), mib(p["n_by_n_bytes"])])
   first = next((p for p in r["coreset"] if "seconds" in p), {})
-  lines = [f"Coreset: spade_jax.coreset(N(0, 1) features [N, {first.get('dim')}], "
+  lines = _precision_lines(r.get("precision") or [])
+  if not rows:
+    return lines + _scoring_and_sharded_lines(r)
+  lines += [f"Coreset: spade_jax.coreset(N(0, 1) features [N, {first.get('dim')}], "
            f"size={first.get('size')}, projection_dim={first.get('projection_dim')}), one "
            f"fresh process per N; the timed call follows a compiling one. The "
            f"{r['coreset_ratio']:.0%} column extrapolates ms/step to a "
@@ -215,6 +272,39 @@ def markdown(r: dict[str, Any]) -> list[str]:
   if r.get("n_by_n_limit"):
     lines.append(f"\nAn N x N float32 distance matrix exceeds this machine's "
                  f"{r['mem_total_bytes'] / 2**30:.1f} GiB beyond N = {r['n_by_n_limit']:,}.")
+  return lines + _scoring_and_sharded_lines(r)
+
+
+def _precision_lines(points: list[dict[str, Any]]) -> list[str]:
+  """The float32 vs bf16 coreset table (empty when not run)."""
+  if not points:
+    return []
+  f, mib = common.fmt, common.mib
+  rows = []
+  for p in points:
+    if "ms_per_step" not in p:
+      rows.append([p.get("n"), "-", "-", "-", "-", "-", p.get("status")])
+      continue
+    ms = p["ms_per_step"]
+    peak = p.get("peak_device_bytes")
+    rows.append([p["n"], p["size"], f(ms["float32"]), f(ms["bf16"]),
+                 f(ms["float32"] / ms["bf16"]), f(p["same_selection"]["bf16"]),
+                 "-" if peak is None else mib(peak)])
+  p0 = next((p for p in points if "ms_per_step" in p), {})
+  return [f"Coreset precision: spade_jax.coreset(N(0, 1) features [N, {p0.get('dim')}], "
+          f"projection_dim=None, precision=float32 | bf16) in one process per N, each "
+          f"compiled ahead of time, then {p0.get('repeats')} timed calls taking turns "
+          f"(median), on {p0.get('platform')}."] + common.table(
+              ["N", "steps", "float32 ms / step", "bf16 ms / step", "float32 / bf16",
+               "same selection", "peak device MiB"], rows) + [""]
+
+
+def _scoring_and_sharded_lines(r: dict[str, Any]) -> list[str]:
+  """The scoring and sharded tables (each only when run)."""
+  f = common.fmt
+  lines: list[str] = []
+  if not r["scoring"]:
+    return lines + _sharded_lines(r["sharded"])
   lines += ["", f"Scoring, seconds per test image (no backbone; random features; "
             f"{r['num_test']} images per call; {r['train_images']} training images; "
             f"PatchCore: {r['coreset_ratio']:.0%} bank of layer2 + 3 patches, k = 1; "
@@ -226,10 +316,16 @@ def markdown(r: dict[str, Any]) -> list[str]:
                           f(s["patchcore_s_per_image"]), f(s["spade_s_per_image"]),
                           f(s["spade_s_per_image"] / s["patchcore_s_per_image"])]
                          for s in r["scoring"]])
-  sh = r["sharded"]
+  return lines + _sharded_lines(r["sharded"])
+
+
+def _sharded_lines(sh: dict[str, Any]) -> list[str]:
+  f = common.fmt
+  if sh.get("status") == "not run":
+    return []
   if sh.get("status") != "ok":
-    return lines + ["", f"Sharded bank: {sh.get('status')}"]
-  lines += ["", f"Sharded vs one device, {sh['devices']} fake CPU devices sharing this "
+    return ["", f"Sharded bank: {sh.get('status')}"]
+  lines = ["", f"Sharded vs one device, {sh['devices']} fake CPU devices sharing this "
             f"machine's cores (overhead, not speedup): coreset of N = {sh['n']} x "
             f"{sh['dim']} (size {sh['size']}), PatchCore scoring of {sh['num_test']} images "
             f"against a {sh['bank_rows']} x {sh['bank_dim']} bank."]

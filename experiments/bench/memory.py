@@ -1,5 +1,8 @@
 """Peak memory while scoring: the working set (peak RSS - RSS with inputs built) of one
-knn or pixel-scoring call as the gallery grows, each point in a fresh process."""
+knn or pixel-scoring call as the gallery grows, each point in a fresh process; and of
+scoring one image tile by tile (detector.tiling) as the image grows from one tile to an
+8000 x 2000 strip (issue 19: the working set is bounded by the tile batch, not the
+image)."""
 
 from __future__ import annotations
 
@@ -133,10 +136,84 @@ def worker(kind: str, scale: int, queries: int, rows: int, dim: int, k_images: i
           "device_working_set_bytes": device_set}
 
 
+def _peak_of(run) -> tuple[int, int, str]:
+  """(RSS with inputs, peak RSS during run(), how the peak was found): run() once more
+  after a warm-up call."""
+  run()
+  gc.collect()
+  inputs_rss = _current_rss()
+  reset = _reset_peak_rss()
+  with _RssSampler() if not reset else contextlib.nullcontext() as sampler:
+    run()
+  peak = _vm_hwm() if reset else sampler.peak
+  return inputs_rss, peak, "VmHWM after clear_refs reset" if reset else "RSS polling (1 ms)"
+
+
+def tiled_worker(height: int, width: int, tile_size: int, tile_overlap: int,
+                 backbone: str, batch_size: int) -> dict[str, Any]:
+  """Working set of scoring one height x width image tile by tile (Tiled.score_image:
+  SPADE, K = 1, fitted on the tiles of one tile_size x tile_size image) = peak RSS
+  during the call - RSS with the image and index built, after a warm-up call. The
+  stitched map (float32, height x width) is the call's output: its bytes are reported
+  beside the working set, and the working set without it."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  from spade_jax.detector import tiling  # pylint: disable=import-outside-toplevel
+  tiles = tiling.TileConfig(tile_size, tile_overlap)
+  spade = spade_jax.Spade(spade_jax.load_backbone(backbone, weights=None), spade_jax.SpadeConfig(
+      k_images=1, k_image_score=1, crop=None, batch_size=batch_size))
+  tiled = tiling.Tiled(spade, tiles)
+  rng = np.random.default_rng(0)
+  index = tiled.fit(rng.integers(0, 256, (1, tile_size, tile_size, 3), np.uint8))
+  image = rng.integers(0, 256, (height, width, 3), np.uint8)
+  inputs_rss, peak, method = _peak_of(lambda: tiled.score_image(index, image))
+  map_bytes = height * width * 4
+  return {"kind": "tiles", "image": f"{height}x{width}", "pixels": height * width,
+          "tiles": len(tiling.tile_boxes(height, width, tiles)),
+          "tiles_per_call": tiling.TILE_BATCHES * batch_size, "image_bytes": image.nbytes,
+          "inputs_rss_bytes": inputs_rss, "peak_rss_bytes": peak,
+          "working_set_bytes": peak - inputs_rss, "map_bytes": map_bytes,
+          "working_set_without_map_bytes": peak - inputs_rss - map_bytes,
+          "peak_method": method}
+
+
+def tiles_section(images: Sequence[str], tile_size: int, tile_overlap: int, backbone: str,
+                  batch_size: int) -> dict[str, Any]:
+  """tiled_worker for each "HxW" of `images`, each in a fresh process; the ratio of the
+  largest to the smallest working set without the output map, among the images of at
+  least one whole tile batch (TILE_BATCHES x batch_size tiles)."""
+  rows = []
+  for spec in images:
+    h, w = (int(v) for v in spec.lower().split("x"))
+    res = common.run_worker(
+        "memory_tiles", {"height": h, "width": w, "tile_size": tile_size,
+                         "tile_overlap": tile_overlap, "backbone": backbone,
+                         "batch_size": batch_size},
+        device_count=None, extra_env={"MALLOC_MMAP_THRESHOLD_": "131072"})
+    res.setdefault("image", spec)
+    rows.append(res)
+  out: dict[str, Any] = {"rows": rows, "tile_size": tile_size, "tile_overlap": tile_overlap,
+                         "backbone": backbone, "batch_size": batch_size}
+  # Judged among the images that fill at least one whole tile batch (an image of fewer
+  # tiles runs a smaller batch through the backbone: less memory, not a fair base).
+  full = [r for r in rows if "working_set_bytes" in r and r["tiles"] >= r["tiles_per_call"]]
+  if len(full) >= 2:
+    sets = [max(r["working_set_without_map_bytes"], 1) for r in full]
+    out["judged"] = [r["image"] for r in full]
+    out["pixel_growth"] = max(r["pixels"] for r in full) / min(r["pixels"] for r in full)
+    out["ratio_without_map"] = max(sets) / min(sets)
+    out["flat"] = out["ratio_without_map"] <= FLAT_LIMIT
+  return out
+
+
 def section(kinds: Sequence[str], scales: Sequence[int], queries: int, rows: int,
             dim: int, k_images: int, train_images: int, grid: int,
-            channels: Sequence[int]) -> dict[str, Any]:
+            channels: Sequence[int], tile_images: Sequence[str] = (), tile_size: int = 256,
+            tile_overlap: int = 32, tile_backbone: str = "efficientnet_lite0",
+            tile_batch_size: int = 4) -> dict[str, Any]:
   """Working set while scoring as the gallery grows; each point in a fresh process.
+  tile_images ("HxW"): also the working set of scoring one image of each size tile by
+  tile (tiles_section).
 
   MALLOC_MMAP_THRESHOLD_ fixes glibc's mmap threshold, so freed large buffers go back
   to the OS and RSS follows live allocations (otherwise the warm-up call's freed
@@ -170,6 +247,9 @@ def section(kinds: Sequence[str], scales: Sequence[int], queries: int, rows: int
                              "memory": "device" if key.startswith("device") else "host"}
     out["rows"].extend(points)
   out["limit"] = FLAT_LIMIT
+  if tile_images:
+    out["tiles"] = tiles_section(tile_images, tile_size, tile_overlap, tile_backbone,
+                                 tile_batch_size)
   return out
 
 
@@ -195,4 +275,31 @@ def markdown(r: dict[str, Any]) -> list[str]:
                  f"max/min x{ratio['working_set_ratio']:.2f} (largest/smallest gallery "
                  f"x{ratio['last_over_first']:.2f}; limit {r['limit']}): "
                  f"{'flat' if ratio['flat'] else 'NOT flat'}.")
+  if "tiles" in r:
+    lines += ["", *tiles_markdown(r["tiles"], r["limit"])]
+  return lines
+
+
+def tiles_markdown(t: dict[str, Any], limit: float) -> list[str]:
+  """The tiled-image table: one image scored tile by tile, as the image grows."""
+  mib = common.mib
+  lines = [f"Tiled scoring (detector.tiling, {t['backbone']} with random weights, SPADE "
+           f"K = 1, tiles {t['tile_size']} overlap {t['tile_overlap']}, batch_size "
+           f"{t['batch_size']}): working set of one Tiled.score_image call = peak RSS - RSS "
+           "with the image and the index built (after a warm-up call). The stitched map "
+           "(float32, the image's size) is the call's output; the last column leaves it "
+           "out."]
+  rows = [[x.get("image"), x.get("tiles"), x.get("tiles_per_call"), mib(x.get("image_bytes")),
+           mib(x.get("inputs_rss_bytes")), mib(x.get("peak_rss_bytes")),
+           mib(x.get("working_set_bytes")), mib(x.get("map_bytes")),
+           mib(x.get("working_set_without_map_bytes")), x.get("peak_method", x.get("status"))]
+          for x in t["rows"]]
+  lines += common.table(["image", "tiles", "tiles per call", "image MiB",
+                         "RSS with inputs MiB", "peak RSS MiB", "working set MiB",
+                         "output map MiB", "working set without the map MiB", "method"], rows)
+  if "ratio_without_map" in t:
+    lines.append(f"\ntiles: images of at least one whole tile batch ({', '.join(t['judged'])}"
+                 f", x{t['pixel_growth']:.0f} pixels) -> working set without the output "
+                 f"map max/min x{t['ratio_without_map']:.2f} (limit {limit}): "
+                 f"{'flat' if t['flat'] else 'NOT flat'}.")
   return lines

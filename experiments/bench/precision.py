@@ -124,6 +124,13 @@ def section(queries: int, gallery: int, dim: int, k: int, repeats: int,
                                            check_finite_inputs=False),
       "approx_min_k": lambda: approx_knn(q, g, k=k, chunk=chunk,
                                          recall_target=recall_target),
+      # knn's own options: the CPU blocking on every platform (the default before the
+      # per-platform blocking), and precision="bf16" (bf16 proxies, float32 re-ranking
+      # of a shortlist).
+      "exact_f32_cpu_blocking": lambda: spade_jax.knn(q, g, k, check_finite_inputs=False,
+                                                      blocking="cpu", kernel="xla"),
+      "knn_bf16_shortlist": lambda: spade_jax.knn(q, g, k, check_finite_inputs=False,
+                                                  precision="bf16"),
   }
   timings = common.time_interleaved(variants, repeats)
   exact = jax.device_get(variants["exact_f32"]())
@@ -134,7 +141,35 @@ def section(queries: int, gallery: int, dim: int, k: int, repeats: int,
     row["speedup_vs_exact"] = base / row["median_s"]
   return {"queries": queries, "gallery": gallery, "dim": dim, "k": k, "chunk": chunk,
           "recall_target": recall_target, "platform": jax.devices()[0].platform,
-          "approx_lowering": _approx_lowering(k, recall_target), "rows": rows}
+          "approx_lowering": _approx_lowering(k, recall_target), "rows": rows,
+          "structured": structured_recall(min(queries, 1000), min(gallery, 20000), dim)}
+
+
+def structured_features(n: int, dim: int, seed: int, rank: int = 32) -> np.ndarray:
+  """[n, dim] CNN-like features: ReLU of a rank-`rank` map (fixed, seed 0) of N(0, 1)
+  codes plus a bias, and N(0, 0.1^2) noise; rows of seed `seed`."""
+  basis = np.random.default_rng(0)
+  w = basis.normal(size=(rank, dim)).astype(np.float32) / np.sqrt(rank)
+  bias = 0.5 * basis.normal(size=dim).astype(np.float32)
+  rng = np.random.default_rng(seed)
+  z = rng.normal(size=(n, rank)).astype(np.float32)
+  return np.maximum(z @ w + bias, 0) + 0.1 * rng.normal(size=(n, dim)).astype(np.float32)
+
+
+def structured_recall(queries: int, gallery: int, dim: int,
+                      ks: tuple[int, ...] = (1, 5, 50)) -> list[dict[str, Any]]:
+  """recall@k of knn(precision="bf16") and of plain bf16 proxies (bf16_matmul: no
+  shortlist) against exact search on structured_features."""
+  q, g = structured_features(queries, dim, 1), structured_features(gallery, dim, 2)
+  bf16 = bf16_metrics()["l2_bf16_matmul"]
+  rows = []
+  for k in ks:
+    exact = jax.device_get(spade_jax.knn(q, g, k))
+    for name, fn in (("knn_bf16_shortlist", lambda: spade_jax.knn(q, g, k, precision="bf16")),
+                     ("bf16_matmul", lambda: spade_jax.knn(q, g, k, bf16))):
+      rows.append({"variant": name, "k": k, "queries": queries, "gallery": gallery,
+                   **accuracy(exact, jax.device_get(fn()))})
+  return rows
 
 
 def _approx_lowering(k: int, recall_target: float) -> str:
@@ -159,4 +194,12 @@ def markdown(r: dict[str, Any]) -> list[str]:
                  "accuracy loss of bf16 but no speedup (expect one on GPU/TPU).")
   lines += common.table(["variant", "median s", "GFLOP/s", "speed vs exact", "recall@k",
                          "max rel dist err", "mean rel dist err"], rows)
+  structured = r.get("structured") or []
+  if structured:
+    x0 = structured[0]
+    lines += ["", f"Recall on structured features (structured_features: ReLU of a rank-32 "
+              f"map plus noise, Q={x0['queries']} M={x0['gallery']} D={r['dim']}):"]
+    lines += common.table(["variant", "k", "recall@k", "max rel dist err"],
+                          [[x["variant"], x["k"], f(x["recall_at_k"], 4),
+                            f(x["max_rel_dist_err"])] for x in structured])
   return lines

@@ -13,11 +13,23 @@ import time
 import traceback
 from typing import Any
 
-from . import backbone, coreset, kernels, knn, machine, memory, pipeline, pixel, precision, scaling
+from . import (
+  backbone,
+  coreset,
+  end_to_end,
+  kernels,
+  knn,
+  machine,
+  memory,
+  pipeline,
+  pixel,
+  precision,
+  scaling,
+)
 
 _MODULES = {"backbone": backbone, "knn": knn, "pixel": pixel, "scaling": scaling,
             "memory": memory, "precision": precision, "pipeline": pipeline,
-            "coreset": coreset, "kernels": kernels}
+            "coreset": coreset, "kernels": kernels, "end_to_end": end_to_end}
 SECTIONS = tuple(_MODULES)  # The order they run and are reported in.
 
 

@@ -20,8 +20,10 @@ from . import common, coreset, knn, memory, scaling
 WORKERS: dict[str, Callable[..., dict[str, Any]]] = {
     "scaling": scaling.worker,
     "memory": memory.worker,
+    "memory_tiles": memory.tiled_worker,
     "coreset": coreset.worker,
     "coreset_sharded": coreset.sharded_worker,
+    "coreset_precision": coreset.precision_worker,
 }
 
 SERVERS: dict[str, Callable[..., None]] = {"numpy_matmul": knn.numpy_matmul_server}

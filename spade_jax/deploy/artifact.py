@@ -22,11 +22,11 @@ import jax
 import numpy as np
 import safetensors.numpy
 
-from spade_jax.detector import calibration
+from spade_jax.detector import calibration, tiling
 from spade_jax.host import atomic
 
 FORMAT = "spade_jax.deploy"
-FORMAT_VERSION = 2  # 2: the detector's geometry (input size, crop or not).
+FORMAT_VERSION = 3  # 2: the detector's geometry (input size, crop or not); 3: tiles.
 MANIFEST = "manifest.json"
 PROGRAM = "program.jaxexport"
 ARRAYS = "arrays.safetensors"
@@ -102,7 +102,7 @@ def _version(package: str) -> str | None:
 
 def manifest(*, method: str, settings: dict[str, Any], platforms: tuple[str, ...],
              batch_size: int, input_size: tuple[int, int], resize: int, crop: int | None,
-             fixed_image_size: tuple[int, int] | None,
+             fixed_image_size: tuple[int, int] | None, tiles: tiling.TileConfig | None,
              arrays: dict[str, np.ndarray], threshold: calibration.Threshold | None,
              index_info: dict[str, Any], custom_calls: list[str]) -> dict[str, Any]:
   """The manifest's fields, all but "files" and "export_seconds" (write adds them).
@@ -110,7 +110,9 @@ def manifest(*, method: str, settings: dict[str, Any], platforms: tuple[str, ...
   "input" records the detector's geometry (features/geometry.py): the program's input
   [batch_size, H, W, 3] with (H, W) = input_size; crop an int (shorter side to resize,
   centre crop) or None (the whole image resized to image_size = input_size); and
-  fixed_image_size, the only image size run.py accepts (None: any).
+  fixed_image_size, the only image size run.py accepts (None: any); tiles: None, or
+  the tiling ({"tile_size", "tile_overlap", "merge"}) run.py cuts every image with at its
+  native resolution (the program's input is then one tile: input_size = (T, T)).
   """
   height, width = input_size
   outputs = {"scores": {"shape": [batch_size], "dtype": "float32"},
@@ -132,11 +134,10 @@ def manifest(*, method: str, settings: dict[str, Any], platforms: tuple[str, ...
                 "image_size": None if crop is not None else [height, width],
                 "fixed_image_size": (None if fixed_image_size is None
                                      else list(fixed_image_size)),
-                "preprocessing": (
-                    "shorter side to resize (PIL bilinear), centre crop" if crop is not None
-                    else "resize to image_size (PIL bilinear), no crop")
-                + "; normalisation is in the program; maps back to each image's size "
-                "(bilinear, half-pixel centres; NaN outside a crop)"},
+                "tiles": None if tiles is None else {
+                    "tile_size": int(tiles.tile_size),
+                    "tile_overlap": int(tiles.tile_overlap), "merge": tiles.merge},
+                "preprocessing": _preprocessing(crop, tiles)},
       "outputs": outputs,
       "threshold": None if threshold is None else json.loads(threshold.to_json()),
       "custom_calls": custom_calls,
@@ -144,6 +145,19 @@ def manifest(*, method: str, settings: dict[str, Any], platforms: tuple[str, ...
       "array_shapes": {name: [str(a.dtype), list(a.shape)] for name, a in arrays.items()},
       "runner": RUNNER,
   }
+
+
+def _preprocessing(crop: int | None, tiles: tiling.TileConfig | None) -> str:
+  if tiles is not None:
+    return ("each image cut into tile_size x tile_size tiles at its native resolution (no "
+            "resize; step tile_size - tile_overlap, the last row and column flush with the "
+            "image's edges); normalisation is in the program; tile maps stitched at the "
+            "image's size (merge: mean, weighted across the overlap, or max); image score "
+            "= the largest tile score")
+  return (("shorter side to resize (PIL bilinear), centre crop" if crop is not None
+           else "resize to image_size (PIL bilinear), no crop")
+          + "; normalisation is in the program; maps back to each image's size "
+          "(bilinear, half-pixel centres; NaN outside a crop)")
 
 
 def manifest_digest(fields: dict[str, Any]) -> str:

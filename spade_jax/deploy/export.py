@@ -20,12 +20,15 @@ The folder (artifact.py writes it):
 run.py brings each image to the input size as the library does (features/geometry.py:
 with a crop, shorter side to resize and centre crop; with crop=None, a resize to
 image_size) and maps each anomaly map back to the image's own size (geometry.to_original),
-as predict.py's --save_maps. Indexes fitted on tiles (fit.py --tile_size) cannot be
-exported yet.
+as predict.py's --save_maps. A tiled detector (fit.py / predict.py --tile_size;
+detector.tiling.Tiled) exports a program of T x T tiles: run.py cuts every image into
+tiles at its native resolution as tiling.py does, stitches their maps at the image's
+size (mean or max) and takes the largest tile score.
 
 The program is traced from the detector's own scoring functions (programs.py), at the
-batch size given: run.py pads the last batch. The search keeps the library's memory
-bound (streamed blocks, never the full distance matrix).
+batch size given (static: the search's blocking is chosen from the query count, so a
+symbolic batch cannot be traced): run.py pads the last batch. The search keeps the
+library's memory bound (streamed blocks, never the full distance matrix).
 """
 
 from __future__ import annotations
@@ -88,15 +91,13 @@ def check_image_size(image_size: Any, name: str = "fixed_image_size"
   return int(size[0]), int(size[1])
 
 
-TILED_MESSAGE = ("indexes fitted on tiles (--tile_size) cannot be exported yet: refit "
-                 "without --tile_size to export")
-
-
-def check_not_tiled(detector: Any, settings: dict[str, Any] | None = None) -> None:
-  """Raises ValueError (TILED_MESSAGE) for a tiled detector (detector.tiling.Tiled) or
-  index-file settings that record a tiling (fit_folder's "tile_size")."""
-  if isinstance(detector, tiling.Tiled) or (settings or {}).get("tile_size") is not None:
-    raise ValueError(TILED_MESSAGE)
+def split_tiles(detector: Any) -> tuple[Any, tiling.TileConfig | None]:
+  """(the detector a program is built from, its TileConfig or None): a tiled detector
+  (detector.tiling.Tiled) gives its inner detector, whose input is one tile (crop=None,
+  image_size=(T, T)), and its tiling."""
+  if isinstance(detector, tiling.Tiled):
+    return detector.detector, detector.tiles
+  return detector, None
 
 
 def threshold_below(value: float) -> np.float32:
@@ -117,15 +118,23 @@ def export_detector(detector: Any, index: Any, output_dir: str | os.PathLike[str
 
   Args:
     detector: a Spade, PatchCore or Padim with a spade_jax Backbone (or any detector with
-      a builder in programs.py).
+      a builder in programs.py), or one of them tiled (detector.tiling.Tiled, as
+      fit.py / predict.py --tile_size use it): the program then scores batches of
+      T x T tiles, and run.py cuts each image into tiles at its native resolution as
+      tiling.py does (same positions), stitches the tile maps (the TileConfig's merge)
+      and takes the largest tile score as the image's.
     index: its fitted index (from fit / load_index), checked as score checks it.
     output_dir: the folder to write; it must not exist, or be empty.
     platforms: where the program may run: any of PLATFORMS (one multi-platform export).
-    batch_size: images per program call; default detector.config.batch_size.
+    batch_size: images (tiles, when tiled) per program call; default
+      detector.config.batch_size. The batch dimension is static: run.py pads the last
+      batch (the search's blocking is chosen from the static query count,
+      search.blocking.default_blocks, so the program cannot be traced with a symbolic
+      batch).
     image_size: the program's input (height, width) or an int (square): the detector's
-      input size (config.input_size: its crop, or its image_size without one), which is
-      also the default (None). Another size is refused: the index's features were
-      extracted at that size.
+      input size (config.input_size: its crop, or its image_size without one; (T, T)
+      when tiled), which is also the default (None). Another size is refused: the
+      index's features were extracted at that size.
     fixed_image_size: None: images of any size are brought to the detector's input size
       as it does (its resize, crop or image_size); (height, width) or an int: run.py
       refuses images of another size (e.g. a fixed camera whose frames must all be
@@ -138,12 +147,13 @@ def export_detector(detector: Any, index: Any, output_dir: str | os.PathLike[str
     The folder written.
 
   Raises:
-    ValueError: a bad argument, a detector that cannot be exported (a tiled one among
-      them), an index that does not fit it, a threshold calibrated under other settings,
-      or an output folder that is not empty.
+    ValueError: a bad argument, a detector that cannot be exported, an index that does
+      not fit it, a threshold calibrated under other settings, a fixed image size smaller
+      than the tiles, or an output folder that is not empty.
   """
   start = time.perf_counter()
   platforms = check_platforms(platforms)
+  detector, tiles = split_tiles(detector)
   batch_size = detector.config.batch_size if batch_size is None else batch_size
   if not _is_int(batch_size) or batch_size < 1:
     raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -153,7 +163,10 @@ def export_detector(detector: Any, index: Any, output_dir: str | os.PathLike[str
                      f"{tuple(detector.config.input_size)} (its index was fitted at that size; "
                      f"fit again at the other size to export it)")
   fixed_image_size = check_image_size(fixed_image_size)
-  check_not_tiled(detector)
+  if tiles is not None and fixed_image_size is not None \
+      and min(fixed_image_size) < tiles.tile_size:
+    raise ValueError(f"fixed_image_size={fixed_image_size} is smaller than the tiles "
+                     f"(tile_size={tiles.tile_size})")
   if threshold is not None:
     if not isinstance(threshold, calibration.Threshold):
       raise ValueError(f"threshold must be a calibration.Threshold (load_index_file(...)"
@@ -185,7 +198,8 @@ def export_detector(detector: Any, index: Any, output_dir: str | os.PathLike[str
   manifest = artifact.manifest(
       method=program.method, settings=program.settings, platforms=platforms,
       batch_size=batch_size, input_size=program.input_size, resize=program.resize,
-      crop=program.crop, fixed_image_size=fixed_image_size, arrays=arrays, threshold=threshold,
+      crop=program.crop, fixed_image_size=fixed_image_size, tiles=tiles, arrays=arrays,
+      threshold=threshold,
       index_info=_index_info(index), custom_calls=artifact.custom_call_targets(text))
   artifact.write(out, exported.serialize(), arrays, manifest,
                  export_seconds=time.perf_counter() - start)

@@ -19,6 +19,15 @@ batches of the export's batch size (the last one padded), and writes
                      [H_i, W_i] float32 (NaN outside the crop of a cropping detector),
                      as predict.py's --save_maps
 
+An export of a tiled detector (fit.py --tile_size) takes no resize: every image is cut
+into tile_size x tile_size tiles at its native resolution, exactly where
+spade_jax.detector.tiling cuts them (a step of tile_size - tile_overlap, the last row
+and column flush with the image's edges); tiles of consecutive images fill the program's
+batches; the tile maps are stitched at the image's size (merge "mean": averaged with
+weights that fade each tile out across the overlap; "max": their maximum), and the
+image's score is its largest tile score (with a threshold: anomalous when a tile is).
+Memory: one batch of tiles, plus the images whose tiles are in it and their maps.
+
 Before any image is read it refuses, with a message and exit status 1: a folder whose
 files fail the SHA-256 of manifest.json, a platform the program was not exported for,
 and a jax that cannot deserialise the program (naming the jax that wrote it). With an
@@ -42,7 +51,7 @@ import numpy as np
 from PIL import Image
 
 FORMAT = "spade_jax.deploy"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 1 << 20  # A manifest is a few kB; a bigger file is not one.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -178,6 +187,9 @@ class Artifact:
     fixed = spec.get("fixed_image_size")
     self.fixed_image_size = None if fixed is None else tuple(fixed)
     self.has_threshold = "anomalous" in self.manifest.get("outputs", {})
+    tiles = spec.get("tiles")
+    self.tiles = None if tiles is None else TileSettings(
+        int(tiles["tile_size"]), int(tiles["tile_overlap"]), str(tiles["merge"]))
 
   def check_batch(self, images: np.ndarray) -> None:
     """Raises ArtifactError unless images are the program's [B, H, W, 3] uint8."""
@@ -326,6 +338,93 @@ def to_original(score_map: np.ndarray, height: int, width: int, *, resize: int,
 
 
 # ----------------------------------------------------------------------------------
+# Tiles: spade_jax.detector.tiling's arithmetic (tile_grid, ramp, stitch), repeated here
+# (run.py imports no spade_jax; tests/test_deploy.py checks both give the same tiles).
+
+
+class TileSettings:
+  """The export's tiling: tile_size T, tile_overlap O, merge ("mean" or "max")."""
+
+  def __init__(self, tile_size: int, tile_overlap: int, merge: str):
+    if not 0 <= tile_overlap < tile_size or merge not in ("mean", "max"):
+      raise ArtifactError(f"the manifest's tiles are not valid: tile_size={tile_size}, "
+                          f"tile_overlap={tile_overlap}, merge={merge!r}")
+    self.tile_size, self.tile_overlap, self.merge = tile_size, tile_overlap, merge
+
+
+def tile_grid(length: int, tile: int, overlap: int) -> list[int]:
+  """Start offsets of the tiles along an axis of `length` >= tile pixels: a step of
+  tile - overlap, the last tile flush with the end (spade_jax.detector.tiling)."""
+  starts = list(range(0, length - tile + 1, tile - overlap))
+  if starts[-1] + tile < length:
+    starts.append(length - tile)
+  return starts
+
+
+def tile_boxes(height: int, width: int, tiles: TileSettings) -> list[tuple[int, int]]:
+  """(top, left) of every tile of a height x width image, row by row.
+
+  Raises:
+    ValueError: the image is smaller than a tile.
+  """
+  t = tiles.tile_size
+  if height < t or width < t:
+    raise ValueError(f"tile_size={t} is larger than the image ({height}x{width}); this "
+                     f"program scores tiles of {t}x{t}")
+  return [(top, left) for top in tile_grid(height, t, tiles.tile_overlap)
+          for left in tile_grid(width, t, tiles.tile_overlap)]
+
+
+def ramp(tile: int, overlap: int) -> np.ndarray:
+  """[tile] float64 weights of "mean" stitching: 1 inside, falling linearly to
+  1 / (overlap + 1) across the overlap at each edge."""
+  i = np.arange(tile, dtype=np.float64)
+  return np.minimum(1.0, (np.minimum(i, tile - 1 - i) + 1) / (overlap + 1))
+
+
+class Stitched:
+  """One image's map, stitched tile by tile in tile_boxes order (as tiling.stitch:
+  float64 weighted sums for "mean", a float32 running maximum for "max"), its score
+  the largest tile score, its decision whether any tile's is anomalous."""
+
+  def __init__(self, name: str, height: int, width: int, boxes: list[tuple[int, int]],
+               tiles: TileSettings):
+    self.name, self.boxes, self.tiles, self.done = name, boxes, tiles, 0
+    self.score, self.anomalous = np.float32(-np.inf), False
+    if tiles.merge == "max":
+      self.total = np.full((height, width), -np.inf, np.float32)
+      self.weight = self.ramps = None
+    else:
+      self.total = np.zeros((height, width), np.float64)
+      self.weight = np.zeros((height, width), np.float64)
+      r = ramp(tiles.tile_size, tiles.tile_overlap)
+      self.ramps = np.outer(r, r)
+
+  def add(self, tile_map: np.ndarray, score: np.float32, anomalous: bool) -> None:
+    """The next tile's [T, T] map, score and decision."""
+    y, x = self.boxes[self.done]
+    t = self.tiles.tile_size
+    if self.ramps is None:
+      np.maximum(self.total[y:y + t, x:x + t], tile_map, out=self.total[y:y + t, x:x + t])
+    else:
+      self.total[y:y + t, x:x + t] += self.ramps * tile_map
+      self.weight[y:y + t, x:x + t] += self.ramps
+    self.score = max(self.score, np.float32(score))
+    self.anomalous = self.anomalous or bool(anomalous)
+    self.done += 1
+
+  @property
+  def complete(self) -> bool:
+    return self.done == len(self.boxes)
+
+  def map(self) -> np.ndarray:
+    """[height, width] float32, the stitched map (once complete)."""
+    if self.ramps is None:
+      return self.total
+    return (self.total / self.weight).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------
 # Outputs.
 
 
@@ -341,6 +440,64 @@ def _cell(text: str) -> str:
   return "'" + text if text.startswith(_FORMULA_START) else text
 
 
+def _score_resized(artifact: Artifact, images, emit) -> None:
+  """Whole images, each brought to the input size, artifact.batch_size at a time."""
+  batch, pending = [], []
+
+  def flush():
+    out = artifact(np.stack(batch))
+    for i, (name, (height, width)) in enumerate(pending):
+      emit(name, out["scores"][i], out["anomalous"][i] if artifact.has_threshold else None,
+           lambda m=out["maps"][i], h=height, w=width: artifact.to_original(m, h, w))
+    batch.clear()
+    pending.clear()
+
+  for name, image in images:
+    batch.append(artifact.to_input(image))
+    pending.append((name, image.shape[:2]))
+    if len(batch) == artifact.batch_size:
+      flush()
+  if batch:
+    flush()
+
+
+def _score_tiled(artifact: Artifact, images, emit) -> None:
+  """Every image cut into tiles (tile_boxes); tiles of consecutive images fill batches
+  of artifact.batch_size; an image is emitted once its last tile is scored."""
+  tiles, size = artifact.tiles, artifact.batch_size
+  t = tiles.tile_size
+  batch = np.zeros((size, t, t, 3), np.uint8)
+  owners: list[Stitched] = []  # The image of each tile in the batch.
+  open_images: list[Stitched] = []  # In reading order.
+
+  def flush():
+    out = artifact(batch[:len(owners)])
+    for i, stitched in enumerate(owners):
+      stitched.add(out["maps"][i], out["scores"][i],
+                   artifact.has_threshold and bool(out["anomalous"][i]))
+    owners.clear()
+    while open_images and open_images[0].complete:
+      done = open_images.pop(0)
+      emit(done.name, done.score, done.anomalous if artifact.has_threshold else None,
+           done.map)
+
+  for name, image in images:
+    height, width = image.shape[:2]
+    try:
+      boxes = tile_boxes(height, width, tiles)
+    except ValueError as e:
+      raise ValueError(f"image {name!r}: {e}") from None
+    stitched = Stitched(name, height, width, boxes, tiles)
+    open_images.append(stitched)
+    for y, x in boxes:
+      batch[len(owners)] = image[y:y + t, x:x + t]
+      owners.append(stitched)
+      if len(owners) == size:
+        flush()
+  if owners:
+    flush()
+
+
 def score_folder(artifact: Artifact, images_dir: pathlib.Path, output_dir: pathlib.Path,
                  write_maps: bool = False) -> tuple[list[str], np.ndarray, list[list[str]]]:
   """Scores every image under images_dir; writes scores.csv (and skipped.csv, maps/).
@@ -352,41 +509,33 @@ def score_folder(artifact: Artifact, images_dir: pathlib.Path, output_dir: pathl
   if not files:
     raise ValueError(f"no images under {str(images_dir)!r}")
   output_dir.mkdir(parents=True, exist_ok=True)
-  paths, scores, anomalous, skipped, batch, names, sizes = [], [], [], [], [], [], []
+  paths, scores, anomalous, skipped = [], [], [], []
 
-  def flush():
-    out = artifact(np.stack(batch))
-    scores.extend(out["scores"].tolist())
-    if artifact.has_threshold:
-      anomalous.extend(out["anomalous"].astype(int).tolist())
+  def emit(name, score, decision, full_map):
+    """One image's results; full_map() its map at the image's own size."""
+    paths.append(name)
+    scores.append(np.float32(score))
+    anomalous.append(None if decision is None else int(decision))
     if write_maps:
-      for name, score_map, (height, width) in zip(names, out["maps"], sizes):
-        target = output_dir / "maps" / f"{name}.npy"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        np.save(target, artifact.to_original(score_map, height, width))
-    paths.extend(names)
-    batch.clear()
-    names.clear()
-    sizes.clear()
+      target = output_dir / "maps" / f"{name}.npy"
+      target.parent.mkdir(parents=True, exist_ok=True)
+      np.save(target, full_map())
 
-  for path, relative in files:
-    try:
-      image = read_rgb(path)
-    except ValueError as e:
-      print(f"warning: skipping {relative}: {e}", file=sys.stderr)
-      skipped.append([_cell(relative), str(e)])
-      continue
+  def images():
     fixed = artifact.fixed_image_size
-    if fixed is not None and image.shape[:2] != fixed:
-      raise ValueError(f"image {relative!r} is {image.shape[0]}x{image.shape[1]}; this "
-                       f"program was exported for {fixed[0]}x{fixed[1]} images only")
-    batch.append(artifact.to_input(image))
-    names.append(relative)
-    sizes.append(image.shape[:2])
-    if len(batch) == artifact.batch_size:
-      flush()
-  if batch:
-    flush()
+    for path, relative in files:
+      try:
+        image = read_rgb(path)
+      except ValueError as e:
+        print(f"warning: skipping {relative}: {e}", file=sys.stderr)
+        skipped.append([_cell(relative), str(e)])
+        continue
+      if fixed is not None and image.shape[:2] != fixed:
+        raise ValueError(f"image {relative!r} is {image.shape[0]}x{image.shape[1]}; this "
+                         f"program was exported for {fixed[0]}x{fixed[1]} images only")
+      yield relative, image
+
+  (_score_resized if artifact.tiles is None else _score_tiled)(artifact, images(), emit)
   if not paths:
     raise ValueError(f"none of the {len(files)} image files under {str(images_dir)!r} is "
                      "readable")

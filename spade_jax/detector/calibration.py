@@ -24,6 +24,13 @@ library path that applies a threshold (predict_folder, Threshold.anomalous) call
 Each fold scores as Spade.score does: with a kernel metric the pooled kernel, and
 with "softmin" / "kde" without a bandwidth the median-heuristic bandwidth, are fitted
 on the fold's training images (metric_fit), as Spade.fit fits them on all of them.
+
+Tiled detectors (detector.tiling; fit.py --calibrate --tile_size): the features' rows
+are tiles, `groups` names each row's image. The folds are folds of whole images (all
+tiles of an image in one fold: no image is scored against its own tiles), each fold's
+detector is fitted on the other images' tiles, and an image's held-out score is the
+maximum of its tiles' scores, as Tiled.score scores it; num_images and folds count
+images. The threshold holds for the tiling it was calibrated with (the index's).
 """
 
 from __future__ import annotations
@@ -218,7 +225,7 @@ LEARNED_MIN_IMAGES = variants.MIN_LEARNED_IMAGES
 
 
 def calibration_folds(detector: Any, num_images: int, quantile: float = 0.99,
-                      folds: int | None = None) -> int:
+                      folds: int | None = None, groups: Any = None) -> int:
   """The folds a calibration of `detector` on num_images images runs, checked before any
   work (fit.py, fit_folder and the *_threshold functions all use it).
 
@@ -227,11 +234,17 @@ def calibration_folds(detector: Any, num_images: int, quantile: float = 0.99,
   (one coreset, and kernel, per fold), PADIM_FOLDS for PaDiM (its Gaussians refitted per fold);
   more folds than images is leave-one-out.
 
+  groups ([rows] int, tiles): row r of the features is a tile of image groups[r];
+  the folds split the num_images images (never an image's tiles), and each fold's
+  training rows (tiles) must be as many as its detector needs (grouped_folds).
+
   Raises:
     ValueError: see check_calibration_args; also a learned kernel (SPADE's or
       PatchCore's) whose folds would be fitted on fewer than LEARNED_MIN_IMAGES
       images, or PaDiM folds fitted on fewer than PADIM_MIN_IMAGES.
   """
+  if groups is not None:
+    return grouped_folds(detector, groups, quantile, folds)
   cfg = detector.config
   if isinstance(detector, Spade):
     learned = cfg.metric in LEARNED_METRICS
@@ -256,6 +269,64 @@ def calibration_folds(detector: Any, num_images: int, quantile: float = 0.99,
                                  PATCHCORE_FOLDS if folds is None else folds, 1,
                                  what="one training image")
   _check_learned_folds(cfg.metric, num_images, folds)
+  return folds
+
+
+def _default_folds(detector: Any) -> int | None:
+  """calibration_folds' folds=None: None (leave-one-out) for SPADE, else the fixed count."""
+  if isinstance(detector, Spade):
+    return LEARNED_FOLDS if detector.config.metric in LEARNED_METRICS else None
+  return PADIM_FOLDS if isinstance(detector, Padim) else PATCHCORE_FOLDS
+
+
+def _min_rows(detector: Any) -> tuple[int, str]:
+  """(rows each fold's detector is fitted on at least, what they are for)."""
+  cfg = detector.config
+  if isinstance(detector, Padim):
+    return PADIM_MIN_IMAGES, "PaDiM's covariance per position"
+  need, what = 1, "one training tile"
+  if isinstance(detector, Spade):
+    need, what = cfg.k_image_score, f"k_image_score={cfg.k_image_score}"
+  if cfg.metric in LEARNED_METRICS and LEARNED_MIN_IMAGES > need:
+    need, what = LEARNED_MIN_IMAGES, "the learned kernel (metric='learned')"
+  return need, what
+
+
+def image_groups(counts: Any) -> np.ndarray:
+  """[sum(counts)] int: the image of each row, for images of counts[i] rows (tiles) each,
+  in order."""
+  counts = np.asarray(counts, np.int64)
+  return np.repeat(np.arange(len(counts)), counts)
+
+
+def grouped_folds(detector: Any, groups: Any, quantile: float = 0.99,
+                  folds: int | None = None) -> int:
+  """calibration_folds for rows grouped into images (tiles: groups[r] is row r's image,
+  0 .. num_images - 1, each image's rows contiguous): folds of whole images (folds None:
+  the detector's default, leave-one-out of images for SPADE), and every fold's training
+  rows as many as the detector needs.
+
+  Raises:
+    ValueError: see check_calibration_args, or a fold fitted on too few tiles.
+  """
+  groups = np.asarray(groups)
+  if groups.ndim != 1 or groups.size == 0 or not np.issubdtype(groups.dtype, np.integer) \
+      or groups.min() < 0 or np.any(np.diff(groups) < 0):
+    raise ValueError("groups must be [rows] image indices in order (each image's rows "
+                     f"contiguous), got {groups!r:.200}")
+  counts = np.bincount(groups)
+  num_images = len(counts)
+  folds = check_calibration_args(num_images, quantile,
+                                 _default_folds(detector) if folds is None else folds, 0)
+  need, what = _min_rows(detector)
+  smallest = min(int(counts.sum() - counts[part].sum())
+                 for part in np.array_split(np.arange(num_images), folds))
+  if smallest < need:
+    raise ValueError(
+        f"calibration with {folds} folds of whole images fits each fold on as few as "
+        f"{smallest} of the {int(counts.sum())} training tiles, fewer than {what} needs "
+        f"({need}); use more folds (up to {num_images}: leave-one-out) or more training "
+        "images")
   return folds
 
 
@@ -285,24 +356,38 @@ def fold_splits(num_images: int, folds: int) -> list[tuple[np.ndarray, np.ndarra
           for held_out in np.array_split(indices, folds)]
 
 
-def held_out_scores(score_fold: ScoreFold, num_images: int, folds: int) -> np.ndarray:
+def held_out_scores(score_fold: ScoreFold, num_images: int, folds: int,
+                    groups: Any = None) -> np.ndarray:
   """[num_images] scores, each image's from a detector fitted without its fold.
 
-  Folds are contiguous in image order (numpy.array_split of the indices).
+  Folds are contiguous in image order (numpy.array_split of the indices). With groups
+  ([rows] image of each row: tiles), the folds split the images, score_fold gets and
+  scores rows (tiles), and an image's score is the maximum of its rows' scores (as
+  Tiled.score scores an image).
   """
   scores = np.full(num_images, np.nan, np.float64)
+  rows_of = None if groups is None else np.asarray(groups)
   report = progress_lib.Progress("calibration: scored", num_images)
   done = 0
   for train, held_out in fold_splits(num_images, folds):
     with progress_lib.quiet():
-      scores[held_out] = np.asarray(score_fold(train, held_out), np.float64)
+      if rows_of is None:
+        scores[held_out] = np.asarray(score_fold(train, held_out), np.float64)
+      else:
+        held_rows = np.flatnonzero(np.isin(rows_of, held_out))
+        train_rows = np.flatnonzero(~np.isin(rows_of, held_out))
+        row_scores = np.asarray(score_fold(train_rows, held_rows), np.float64)
+        best = np.full(num_images, -np.inf)
+        np.maximum.at(best, rows_of[held_rows], row_scores)
+        scores[held_out] = best[held_out]
     done += len(held_out)
     report.update(done)
   return scores
 
 
 def spade_threshold(spade: Spade, train_pool: np.ndarray, *, quantile: float = 0.99,
-                    folds: int | None = None) -> tuple[Threshold, np.ndarray]:
+                    folds: int | None = None, groups: Any = None
+                    ) -> tuple[Threshold, np.ndarray]:
   """SPADE's threshold on image scores from its training images' pooled features.
 
   Args:
@@ -314,9 +399,12 @@ def spade_threshold(spade: Spade, train_pool: np.ndarray, *, quantile: float = 0
     folds: cross-validation folds; None: leave-one-out, except for a learned kernel
       (metric "learned": every fold learns its kernel with optax, seconds each), where
       None means LEARNED_FOLDS folds.
+    groups: tiles (detector.tiling): [N] the image of each row of train_pool, in
+      order (image_groups); the folds are folds of whole images and an image's score
+      is the maximum of its tiles' (held_out_scores). None: a row is an image.
 
   Returns:
-    (Threshold, held-out scores [N] float64).
+    (Threshold, held-out scores [images] float64).
 
   Raises:
     ValueError: see check_calibration_args.
@@ -325,7 +413,8 @@ def spade_threshold(spade: Spade, train_pool: np.ndarray, *, quantile: float = 0
   pool = np.asarray(train_pool, np.float32)
   if pool.ndim != 2:
     raise ValueError(f"train_pool must be [N, D], got shape {pool.shape}")
-  folds = calibration_folds(spade, pool.shape[0], quantile, folds)
+  num_images = _num_images(pool.shape[0], groups)
+  folds = calibration_folds(spade, pool.shape[0], quantile, folds, groups)
 
   def score_fold(train: np.ndarray, held_out: np.ndarray) -> np.ndarray:
     kernels, bandwidths = metric_fit.fit_metric(cfg, pool[train], {})  # "pool" alone.
@@ -335,15 +424,16 @@ def spade_threshold(spade: Spade, train_pool: np.ndarray, *, quantile: float = 0
                                      bandwidth=bandwidths.get("pool", cfg.bandwidth))
     return np.asarray(scores)
 
-  scores = held_out_scores(score_fold, pool.shape[0], folds)
+  scores = held_out_scores(score_fold, num_images, folds, groups)
   settings = cfg.score_settings()
   threshold = Threshold(value=float(np.quantile(scores, quantile)), quantile=float(quantile),
-                        folds=folds, num_images=int(pool.shape[0]), settings=settings)
+                        folds=folds, num_images=num_images, settings=settings)
   return threshold, scores
 
 
 def patchcore_threshold(patchcore, train_patches: np.ndarray, *, quantile: float = 0.99,
-                        folds: int | None = None) -> tuple[Threshold, np.ndarray]:
+                        folds: int | None = None, groups: Any = None
+                        ) -> tuple[Threshold, np.ndarray]:
   """PatchCore's threshold on image scores from its training images' patch features.
 
   Each fold's images are scored against a memory bank (coreset included) fitted on
@@ -357,6 +447,7 @@ def patchcore_threshold(patchcore, train_patches: np.ndarray, *, quantile: float
       (PatchCore.extract), in file order.
     quantile: the quantile of the held-out scores taken as the threshold.
     folds: cross-validation folds; None: PATCHCORE_FOLDS.
+    groups: tiles: the image of each row, as in spade_threshold.
 
   Returns:
     (Threshold, held-out scores [N] float64).
@@ -365,11 +456,12 @@ def patchcore_threshold(patchcore, train_patches: np.ndarray, *, quantile: float
     ValueError: see check_calibration_args.
   """
   return refit_threshold(patchcore, train_patches, "train_patches", "[N, h, w, D]",
-                         quantile=quantile, folds=folds)
+                         quantile=quantile, folds=folds, groups=groups)
 
 
 def padim_threshold(padim: Padim, train_embeddings: np.ndarray, *, quantile: float = 0.99,
-                    folds: int | None = None) -> tuple[Threshold, np.ndarray]:
+                    folds: int | None = None, groups: Any = None
+                    ) -> tuple[Threshold, np.ndarray]:
   """PaDiM's threshold on image scores from its training images' embeddings.
 
   Each fold's images are scored (the maximum of their blurred Mahalanobis maps, as
@@ -383,6 +475,7 @@ def padim_threshold(padim: Padim, train_embeddings: np.ndarray, *, quantile: flo
       in file order.
     quantile: the quantile of the held-out scores taken as the threshold.
     folds: cross-validation folds; None: PADIM_FOLDS.
+    groups: tiles: the image of each row, as in spade_threshold.
 
   Returns:
     (Threshold, held-out scores [N] float64).
@@ -391,11 +484,12 @@ def padim_threshold(padim: Padim, train_embeddings: np.ndarray, *, quantile: flo
     ValueError: see calibration_folds.
   """
   return refit_threshold(padim, train_embeddings, "train_embeddings", "[N, h, w, d]",
-                         quantile=quantile, folds=folds)
+                         quantile=quantile, folds=folds, groups=groups)
 
 
 def refit_threshold(detector: Any, train_features: np.ndarray, name: str, layout: str, *,
-                    quantile: float, folds: int | None) -> tuple[Threshold, np.ndarray]:
+                    quantile: float, folds: int | None, groups: Any = None
+                    ) -> tuple[Threshold, np.ndarray]:
   """The threshold of a detector that refits everything per fold (PatchCore, PaDiM):
   each fold's images scored by detector.score_features against
   detector.fit_features of the other folds' features.
@@ -405,7 +499,7 @@ def refit_threshold(detector: Any, train_features: np.ndarray, name: str, layout
     train_features: [N, h, w, D] features of the N training images (its extract), in
       file order.
     name, layout: the argument's name and layout, for the message of a bad shape.
-    quantile, folds: as in patchcore_threshold.
+    quantile, folds, groups: as in patchcore_threshold.
 
   Returns:
     (Threshold, held-out scores [N] float64).
@@ -413,15 +507,27 @@ def refit_threshold(detector: Any, train_features: np.ndarray, name: str, layout
   features = np.asarray(train_features, np.float32)
   if features.ndim != 4:
     raise ValueError(f"{name} must be {layout}, got shape {features.shape}")
-  folds = calibration_folds(detector, features.shape[0], quantile, folds)
+  num_images = _num_images(features.shape[0], groups)
+  folds = calibration_folds(detector, features.shape[0], quantile, folds, groups)
 
   def score_fold(train: np.ndarray, held_out: np.ndarray) -> np.ndarray:
     index = detector.fit_features(features[train])
     scores, _ = detector.score_features(index, features[held_out])
     return np.asarray(scores)
 
-  scores = held_out_scores(score_fold, features.shape[0], folds)
+  scores = held_out_scores(score_fold, num_images, folds, groups)
   threshold = Threshold(value=float(np.quantile(scores, quantile)), quantile=float(quantile),
-                        folds=folds, num_images=int(features.shape[0]),
+                        folds=folds, num_images=num_images,
                         settings=detector.config.score_settings())
   return threshold, scores
+
+
+def _num_images(rows: int, groups: Any) -> int:
+  """Images among `rows` feature rows: rows, or with groups (one per row) their count."""
+  if groups is None:
+    return int(rows)
+  groups = np.asarray(groups)
+  if groups.shape != (rows,):
+    raise ValueError(f"groups must name the image of each of the {rows} rows, got shape "
+                     f"{groups.shape}")
+  return int(groups.max()) + 1

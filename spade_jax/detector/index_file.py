@@ -230,8 +230,9 @@ def _check_geometry_fields(where: str, config: dict[str, Any]) -> None:
 
 def _check_bank_spec(where: str, specs: dict[str, tuple[str, Sequence[int]]],
                      metadata: dict[str, str], levels: Sequence[str]) -> None:
-  """Checks a PatchCore file's tensors: "bank" (F32, [B, D], D <= embed_dim) and its
-  kernel's (F32; their shapes are the kernel's own, checked when it is built)."""
+  """Checks a PatchCore file's tensors: "bank" (F32, [B, D], D <= embed_dim, + 2 with
+  tile positions) and its kernel's (F32; their shapes are the kernel's own, checked
+  when it is built)."""
   expected = _tensor_names(where, metadata, levels)
   extra = sorted(set(specs) - set(expected))
   if "bank" not in specs:
@@ -255,9 +256,14 @@ def _check_bank_spec(where: str, specs: dict[str, tuple[str, Sequence[int]]],
   if not all(d >= 1 for d in shape):
     raise ValueError(f"{where}: tensor 'bank' has shape {list(shape)}: empty")
   embed_dim = json.loads(metadata["feature_config"])["embed_dim"]
-  if embed_dim is not None and shape[1] > embed_dim:
+  # Tiles with their positions as a feature (detector.tiling, settings'
+  # "tile_position_weight"): 2 more channels, the tile's (y, x).
+  settings = _parse_json(where, "settings", metadata.get("settings") or "{}")
+  positions = 2 if isinstance(settings, dict) and settings.get("tile_position_weight") else 0
+  if embed_dim is not None and shape[1] > embed_dim + positions:
     raise ValueError(f"{where}: tensor 'bank' has {shape[1]} channels but feature_config's "
-                     f"embed_dim is {embed_dim}")
+                     f"embed_dim is {embed_dim}"
+                     + (f" (+ {positions} tile position channels)" if positions else ""))
 
 
 def _check_tensor_specs(where: str, specs: dict[str, tuple[str, Sequence[int]]],

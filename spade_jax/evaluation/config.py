@@ -105,6 +105,7 @@ class EvalConfig:
   tile_size: int | None = None
   tile_overlap: int = 0
   tile_merge: str = "mean"
+  tile_position_weight: float = 0.0
   ensemble_members: tuple[str, ...] | None = None
   ensemble_combine: str = "mean"
   ensemble_statistics: str = "mean_std"
@@ -142,7 +143,11 @@ class EvalConfig:
     self.detector_config(batch_size=1)  # The method's checks (k's, layers, crop, ...).
     object.__setattr__(self, "image_size", geometry.check_image_size(self.image_size))
     if self.tile_size is not None:
-      tiling.TileConfig(self.tile_size, self.tile_overlap, self.tile_merge)  # Checks them.
+      tiling.TileConfig(self.tile_size, self.tile_overlap, self.tile_merge,  # Checks them.
+                        self.tile_position_weight)
+      if self.tile_position_weight and self.method == "padim":
+        raise ValueError("EvalConfig.tile_position_weight is for SPADE and PatchCore: "
+                         "PaDiM's Gaussians already model each position of a tile")
       if self.crop is not None or self.image_size is not None:
         raise ValueError("EvalConfig.tile_size cuts the images into tiles at their native "
                          "resolution: it needs crop=None and no image_size")
@@ -158,7 +163,8 @@ class EvalConfig:
     """The tiling (detector.tiling), or None."""
     if self.tile_size is None:
       return None
-    return tiling.TileConfig(self.tile_size, self.tile_overlap, self.tile_merge)
+    return tiling.TileConfig(self.tile_size, self.tile_overlap, self.tile_merge,
+                             self.tile_position_weight)
 
   def spade_config(self, batch_size: int) -> SpadeConfig:
     return SpadeConfig(k_images=self.k_images, k_image_score=self.k_image_score,

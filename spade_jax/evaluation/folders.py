@@ -190,7 +190,9 @@ def fit_folder(spade, train_dir: str | os.PathLike[str], index_path: str | os.Pa
       calibration.PATCHCORE_FOLDS folds, PaDiM calibration.PADIM_FOLDS).
     settings: recorded in the index (save_index's `settings`), e.g. fit.py's flags.
     tiles: fit on the images' tiles at their native resolution (detector.tiling; every
-      tile counts as a training image); recorded in the index's settings.
+      tile counts as a training image); recorded in the index's settings. With
+      calibrate, the folds are folds of whole images and an image's held-out score is
+      the max over its tiles (calibration's groups).
     log: progress lines.
 
   Raises:
@@ -201,17 +203,18 @@ def fit_folder(spade, train_dir: str | os.PathLike[str], index_path: str | os.Pa
   index_path = check_index_path(index_path)
   files = _image_files(train_dir, "training images")
   if tiles is not None:
-    if calibrate:
-      raise ValueError("calibrating a threshold on tiles is not supported yet: drop "
-                       "--calibrate or --tile_size")
-    spade = tiling.tiled_detector(spade, tiles)  # Every tile one input of T x T.
+    tiled = tiling.Tiled(spade, tiles)  # Every tile one input of T x T.
+    spade = tiled.detector
     settings = {**(settings or {}), **tiles.settings()}
   else:  # (Tiles are more than the images: counted after reading.)
     _check_k(spade, len(files), f"training folder {str(train_dir)!r}")
   is_spade = isinstance(spade, Spade)
   _check_learned(spade, len(files), f"training folder {str(train_dir)!r}")
   if calibrate:  # Checked before any work; again below if files are skipped.
-    calibration.calibration_folds(spade, len(files), quantile, folds)
+    if tiles is None:
+      calibration.calibration_folds(spade, len(files), quantile, folds)
+    else:  # Folds of whole images; the tiles each fold fits on are checked once cut.
+      calibration.check_calibration_args(len(files), quantile, folds, 0)
   log(f"fit: {len(files)} image files under {train_dir}")
   skipped: list[folder.Skipped] = []
   # extract() outputs: Spade's (pool, {level: ...}), PatchCore's patches, PaDiM's embeddings.
@@ -219,6 +222,7 @@ def fit_folder(spade, train_dir: str | os.PathLike[str], index_path: str | os.Pa
   report = progress.Progress("fit: features of", len(files), log=log)
   chunk = _CHUNK_BATCHES * spade.config.batch_size
   count = stretched = 0
+  tile_counts: list[int] = []  # Tiles: the tiles of each image read.
   for images, _ in folder.read_chunks(files, chunk, _warn_skip(skipped)):
     if not count:  # Whole images: one input size, the first image's unless given.
       spade = common.with_whole_image_size(spade, *images[0].shape[:2])
@@ -227,12 +231,17 @@ def fit_folder(spade, train_dir: str | os.PathLike[str], index_path: str | os.Pa
         log(f"fit: tiles of {h}x{w} at the images' native resolution")
       elif spade.config.crop is None:
         log(f"fit: whole images, resized to {h}x{w} (image_size)")
-    if tiles is not None:
-      images = tiling.Tiled(spade, tiles).training_tiles(images)
-    with progress.quiet():
-      chunks.append(spade.extract(images))
-    count += len(images)
-    stretched += _count_stretched(images, spade.config)
+    if tiles is None:
+      with progress.quiet():
+        chunks.append(spade.extract(images))
+      count += len(images)
+      stretched += _count_stretched(images, spade.config)
+    else:  # The tiles of these images (their positions appended if asked).
+      with progress.quiet():
+        features, counts = tiled.extract(images)
+      chunks.append(features)
+      tile_counts += counts
+      count += sum(counts)
     report.update(count + len(skipped))
   if count == 0:
     raise ValueError(f"training images: none of the {len(files)} image files under "
@@ -240,24 +249,27 @@ def fit_folder(spade, train_dir: str | os.PathLike[str], index_path: str | os.Pa
   _warn_stretched(stretched, count, spade.config, "fit")
   _check_k(spade, count, f"training folder {str(train_dir)!r} (readable images)")
   _check_learned(spade, count, f"training folder {str(train_dir)!r} (readable images)")
+  groups = None if tiles is None else calibration.image_groups(tile_counts)
   if calibrate:  # The plan, checked and logged before the index is fitted.
+    num_images = count if tiles is None else len(tile_counts)
     how = calibration.describe_folds(
-        calibration.calibration_folds(spade, count, quantile, folds), count)
-    log(f"calibrate (after the fit): {how} image scores of the {count} training images, "
-        f"quantile {quantile}")
+        calibration.calibration_folds(spade, count, quantile, folds, groups), num_images)
+    what = "" if tiles is None else f" (the max over their {count} tiles)"
+    log(f"calibrate (after the fit): {how} image scores of the {num_images} training "
+        f"images{what}, quantile {quantile}")
   features = jax.tree.map(lambda *parts: np.concatenate(parts), *chunks)
   index = spade.fit_features(*(features if is_spade else (features,)))
   threshold = held_out = None
   if calibrate:
     if is_spade:
-      threshold, held_out = calibration.spade_threshold(spade, features[0],
-                                                        quantile=quantile, folds=folds)
+      threshold, held_out = calibration.spade_threshold(
+          spade, features[0], quantile=quantile, folds=folds, groups=groups)
     elif isinstance(spade, Padim):
-      threshold, held_out = calibration.padim_threshold(spade, features,
-                                                        quantile=quantile, folds=folds)
+      threshold, held_out = calibration.padim_threshold(
+          spade, features, quantile=quantile, folds=folds, groups=groups)
     else:
-      threshold, held_out = calibration.patchcore_threshold(spade, features,
-                                                            quantile=quantile, folds=folds)
+      threshold, held_out = calibration.patchcore_threshold(
+          spade, features, quantile=quantile, folds=folds, groups=groups)
   index_file.save_index(index_path, index, threshold=threshold, settings=settings)
   return FitReport(index_path, count, skipped, threshold, held_out,
                    time.perf_counter() - start, spade.config.input_size)

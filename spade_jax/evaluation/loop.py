@@ -14,7 +14,10 @@ test features, masks and labels are gathered on every process, which all score e
 test image through the sharded search (the collectives need them all). PaDiM's
 training embeddings are gathered too: its Gaussians need every image at each
 position, and the mesh splits the positions instead. Process 0 alone writes
-results.json and the heatmaps.
+results.json and the heatmaps. With tiles (--tile_size) each process cuts its share of
+the images into tiles; the gallery is all processes' training tiles, and the test
+tiles' features are gathered image by image (an image's tiles stay together), so every
+process scores and stitches every test image as one process would.
 
 """
 
@@ -131,12 +134,17 @@ def evaluate_category(spade, category_data, *, crop: int | None, resize: int,
 
 
 def evaluate_category_multiprocess(spade, data_dir: pathlib.Path, name: str, mesh, *,
-                                   crop: int, resize: int,
+                                   crop: int | None, resize: int,
                                    heatmap_dir: pathlib.Path | None, num_heatmaps: int,
-                                   log: Callable[[str], None]) -> dict[str, Any]:
+                                   log: Callable[[str], None],
+                                   tiles: tiling.TileConfig | None = None) -> dict[str, Any]:
   """evaluate_category as one of several processes; every process returns the result.
 
-  Process p reads the images p::P; see the module docstring for the data flow.
+  Process p reads the images p::P; see the module docstring for the data flow. tiles:
+  each process cuts its images into tiles (their features gathered image by image, all
+  of an image's tiles together, as one process lists them), the gallery is every
+  process's training tiles, and every process stitches every test image's tile maps
+  (image score: the max over its tiles), as evaluate_category with tiles.
   """
   import jax  # pylint: disable=import-outside-toplevel
 
@@ -150,17 +158,40 @@ def evaluate_category_multiprocess(spade, data_dir: pathlib.Path, name: str, mes
     raise ValueError(f"{name}: {len(files.train)} train / {len(files.test)} test images "
                      f"cannot be shared by {count} processes (need >= 1 each)")
   train_files, test_items = distributed.share(files.train), distributed.share(files.test)
+  tiled = None if tiles is None else tiling.Tiled(spade, tiles)
+  if tiled is not None:  # Native-resolution tiles; metrics at the masks' own resolution.
+    spade, resize, crop = tiled.detector, None, None
+
+  def extract(images: np.ndarray, what: str):
+    """(features: extract's output, tiles per image: None without tiles)."""
+    if tiled is None:
+      return spade.extract(images), None
+    features, counts = tiled.extract(images)
+    if len(set(counts)) != 1:
+      raise ValueError(f"{name} {what}: images of several sizes (tiles per image "
+                       f"{sorted(set(counts))}); a category's images share one size")
+    return features, counts[0]
+
+  def gather(features, total: int, per_image: int | None):
+    """Every process's rows of images in image order (tiles: an image's rows together)."""
+    if per_image is None:
+      return jax.tree.map(lambda v: distributed.gather_shares(v, total), features)
+    return jax.tree.map(
+        lambda v: distributed.gather_shares(
+            v.reshape((-1, per_image) + v.shape[1:]), total).reshape((-1,) + v.shape[1:]),
+        features)
+
   with progress.record_stages() as stages:
     log(f"  fit on {len(files.train)} normal images ({len(train_files)} read here)")
     train = mvtec.stack_split([mvtec.read_rgb(f) for f in train_files],
                               [files.relative(f) for f in train_files], f"{name} train")
-    # Every process reads its own first image: the category's images share one size.
-    spade = common.with_whole_image_size(spade, *train.shape[1:3])
-    image_size = spade.config.image_size
-    features = spade.extract(train)
+    if tiled is None:
+      # Every process reads its own first image: the category's images share one size.
+      spade = common.with_whole_image_size(spade, *train.shape[1:3])
+    image_size = None if tiled is not None else spade.config.image_size
+    features, per_train = extract(train, "train")
     if _fits_on_all_images(spade):  # Every process fits on all the training embeddings.
-      index = spade.fit_features(distributed.gather_shares(features, len(files.train)),
-                                 mesh=mesh)
+      index = spade.fit_features(gather(features, len(files.train), per_train), mesh=mesh)
     else:
       index = spade.fit_features(*_feature_args(features), mesh=mesh, process_local=True)
     log(f"  score {len(files.test)} test images ({len(test_items)} read here)")
@@ -170,12 +201,15 @@ def evaluate_category_multiprocess(spade, data_dir: pathlib.Path, name: str, mes
     local_masks = mvtec.stack_split([mask for _, mask in examples], test_paths,
                                     f"{name} test masks")
     n_test = len(files.test)
-    features = jax.tree.map(lambda v: distributed.gather_shares(v, n_test),
-                            spade.extract(test))
+    local_features, per_test = extract(test, "test")
+    features = gather(local_features, n_test, per_test)
     masks = distributed.gather_shares(preprocess_masks(local_masks, resize=resize, crop=crop,
                                                        image_size=image_size), n_test)
     config_lib.check_masks(name, masks)
     scores, maps = spade.score_features(index, *_feature_args(features))
+    if tiled is not None:  # Every test image's tiles, stitched at the image's size.
+      scores, maps = tiled.assemble(scores, maps, [test.shape[1:3]] * n_test)
+      maps = np.stack(maps)
     labels = np.array([int(t.defect != mvtec.GOOD) for t in files.test], np.int32)
     result = _category_result(scores, maps, masks, labels, len(files.train))
   if jax_process_index() == 0:
@@ -263,8 +297,6 @@ def evaluate(config: EvalConfig, *, output_dir: str | os.PathLike[str],
 
   config.detector_config(batch_size)  # Checks batch_size.
   multiprocess = jax.process_count() > 1
-  if multiprocess and config.tiles is not None:
-    raise ValueError("tiles (--tile_size) are not supported with several processes yet")
   if multiprocess and config.method == "ensemble":
     raise ValueError("method 'ensemble' is not supported with several processes yet "
                      "(run one process; --shard spreads its members over the devices)")
@@ -320,7 +352,7 @@ def evaluate(config: EvalConfig, *, output_dir: str | os.PathLike[str],
       if multiprocess:
         result = evaluate_category_multiprocess(
             spade, data_dir, name, mesh, crop=config.crop, resize=config.resize,
-            heatmap_dir=heatmap_dir, num_heatmaps=num_heatmaps, log=log)
+            heatmap_dir=heatmap_dir, num_heatmaps=num_heatmaps, log=log, tiles=config.tiles)
       else:
         data = mvtec.load_category(data_dir, name)
         kwargs = {} if mesh is None else {"mesh": mesh}

@@ -173,7 +173,7 @@ def pixel_scores(test_features: Mapping[str, Array], train_features: Mapping[str
                  neighbor_indices: Array, kappa: int = 1, combine: str = "ensemble",
                  metric: Any = "l2", *, aggregate: str = "mean", bandwidth: Any = None,
                  images_per_chunk: int | None = None, test_batch_size: int = 1,
-                 check_finite_inputs: bool = True) -> Array:
+                 check_finite_inputs: bool = True, blocking: str = "auto") -> Array:
   """SPADE pixel scores on the finest pyramid grid.
 
   Args:
@@ -197,6 +197,11 @@ def pixel_scores(test_features: Mapping[str, Array], train_features: Mapping[str
     test_batch_size: test images vmapped together (lax.map batch); 1 is fastest on CPU.
     check_finite_inputs: reject NaN/Inf features and kernel parameters (one device
       reduction per array).
+    blocking: the search blocking, as spade_jax.knn's: "auto" by the platform lowered
+      for (on GPUs and TPUs all positions of a test image against ~2^23-entry blocks,
+      lax.top_k over each on GPUs; images_per_chunk, when given, is kept), or "cpu",
+      "gpu", "tpu" on every platform. Every blocking gives the same scores up to the
+      proxies' rounding. A sharded gallery uses the CPU blocking.
 
   Returns:
     [N, H0, W0] float32 score maps, (H0, W0) = the finest level's grid.
@@ -224,6 +229,9 @@ def pixel_scores(test_features: Mapping[str, Array], train_features: Mapping[str
     raise ValueError(f"test_batch_size must be a positive int, got {test_batch_size!r}")
   if images_per_chunk is not None and (not _is_int(images_per_chunk) or images_per_chunk < 1):
     raise ValueError(f"images_per_chunk must be a positive int, got {images_per_chunk!r}")
+  if blocking not in neighbors.BLOCKING_CHOICES:
+    raise ValueError(f"blocking must be one of {neighbors.BLOCKING_CHOICES}, got "
+                     f"{blocking!r}")
   if check_finite_inputs:
     for level in levels:
       neighbors.check_finite(f"test_features[{level!r}]", test_features[level])
@@ -253,4 +261,5 @@ def pixel_scores(test_features: Mapping[str, Array], train_features: Mapping[str
       jnp.asarray(neighbor_indices, jnp.int32), metrics, bandwidths, levels=levels,
       grid=grid, kappa=int(kappa), combine=combine, aggregate=aggregate,
       images_per_chunk=tuple(chunks), query_blocks=tuple(query_blocks),
-      test_batch_size=int(min(test_batch_size, n)))
+      test_batch_size=int(min(test_batch_size, n)), blocking=blocking,
+      fixed_chunks=images_per_chunk is not None)

@@ -114,7 +114,8 @@ def uses_bank_kernel(metric: distances.Metric, bank: Array) -> bool:
 def _stream_images(queries: Array, nbrs: Array, rows_of, rows_at, positions: int,
                    images_per_chunk: int, kappa: int, metric: distances.Metric,
                    reduce: Callable[[Array], Array], query_block: int | None = None,
-                   bank: Array | None = None) -> Array:
+                   bank: Array | None = None, blocking: str = "cpu",
+                   fixed_chunks: bool = True) -> Array:
   """Score of each query from its kappa nearest rows of the K-image gallery.
 
   Args:
@@ -131,6 +132,11 @@ def _stream_images(queries: Array, nbrs: Array, rows_of, rows_at, positions: int
     query_block: queries per proxy block.
     bank: optional [N, positions, D] with rows_of(ids) == bank[ids].reshape(-1, D);
       on CPU the kernel then reads the K images' rows in place (no gathered chunks).
+    blocking: "cpu" (images_per_chunk and query_block as given, the grouped selection;
+      the CPU kernel on CPU lowerings), "auto" (neighbors.BLOCKINGS' entry of the
+      platform lowered for; "cpu" on CPUs) or "gpu" / "tpu" on every platform.
+    fixed_chunks: with an accelerator blocking, keep images_per_chunk and query_block
+      (the caller chose them) rather than the blocking's own sizes for these shapes.
 
   Returns:
     [Q] float32 scores; differentiable (the search selects under stop_gradient, the
@@ -142,30 +148,51 @@ def _stream_images(queries: Array, nbrs: Array, rows_of, rows_at, positions: int
   q_emb = neighbors.embed_queries(search, q, center)
   num_images = nbrs.shape[0]
   b = min(images_per_chunk, num_images)
-  num_full, tail = divmod(num_images, b)
 
   def chunk(start, count):
     ids = lax.dynamic_slice_in_dim(nbrs, start, count)
     return search.prepare(lax.stop_gradient(rows_of(ids)).astype(jnp.float32)), None
 
-  def chunked():
-    proxies, idx = neighbors.stream_topk(q_emb, lambda j: chunk(j * b, b), num_full,
-                                         b * positions, kappa, search,
-                                         query_block=query_block, center=center)
-    if tail:
-      start = num_full * b
-      proxies, idx = neighbors.stream_topk(q_emb, lambda j: chunk(start, tail), 1,
-                                           tail * positions, kappa, search,
-                                           carry=(proxies, idx),
-                                           first_index=start * positions,
-                                           query_block=query_block, center=center)
-    return proxies, idx
+  def chunked_with(b, query_block, selection):
+    num_full, tail = divmod(num_images, b)
+    options = {"query_block": query_block, "center": center, "selection": selection}
 
-  proxies, idx = neighbors.cpu_or_xla(
-      bank is not None and uses_bank_kernel(metric, bank),
-      lambda: cpu_kernel.search_bank(q_emb, lax.stop_gradient(bank), nbrs, kappa, search,
-                                     center=center),
-      chunked)
+    def chunked():
+      proxies, idx = neighbors.stream_topk(q_emb, lambda j: chunk(j * b, b), num_full,
+                                           b * positions, kappa, search, **options)
+      if tail:
+        start = num_full * b
+        proxies, idx = neighbors.stream_topk(q_emb, lambda j: chunk(start, tail), 1,
+                                             tail * positions, kappa, search,
+                                             carry=(proxies, idx),
+                                             first_index=start * positions, **options)
+      return proxies, idx
+
+    return chunked
+
+  def on_cpu():
+    return neighbors.cpu_or_xla(
+        bank is not None and uses_bank_kernel(metric, bank),
+        lambda: cpu_kernel.search_bank(q_emb, lax.stop_gradient(bank), nbrs, kappa, search,
+                                       center=center),
+        chunked_with(b, query_block, "groups"))
+
+  def accelerator(name):
+    blocks = neighbors.BLOCKINGS[name]
+    if fixed_chunks:
+      return chunked_with(b, query_block, blocks.selection)
+    rows, q_block = blocks.blocks(q.shape[0], num_images * positions)
+    return chunked_with(min(num_images, max(1, round(rows / positions))), q_block,
+                        blocks.selection)
+
+  if blocking == "cpu":
+    proxies, idx = on_cpu()
+  elif blocking == "auto":
+    on_gpu = accelerator("gpu")
+    proxies, idx = lax.platform_dependent(cpu=on_cpu, cuda=on_gpu, rocm=on_gpu,
+                                          tpu=accelerator("tpu"), default=on_cpu)
+  else:
+    proxies, idx = accelerator(blocking)()
 
   def gather_rows(i):
     return neighbors.prepare_rows(metric, rows_at(nbrs[i // positions], i % positions))
@@ -252,14 +279,15 @@ def _pixel_scores_one(test: dict[str, Array], train: dict[str, Array], nbrs: Arr
                       metrics: tuple[Any, ...], bandwidths: tuple[Array, ...], *,
                       levels: tuple[str, ...], grid: tuple[int, int], kappa: int,
                       combine: str, aggregate: str, images_per_chunk: tuple[int, ...],
-                      query_blocks: tuple[int, ...]) -> Array:
+                      query_blocks: tuple[int, ...], blocking: str = "cpu",
+                      fixed_chunks: bool = True) -> Array:
   """Score map [H0, W0] of one test image, all K images on this device."""
 
   def stream(queries, nbrs, *, rows_of, rows_at, positions, images_per_chunk, query_block,
              bank, part):
     return _stream_images(queries, nbrs, rows_of, rows_at, positions, images_per_chunk,
                           kappa, metrics[part], reducer(aggregate, bandwidths[part]),
-                          query_block, bank)
+                          query_block, bank, blocking, fixed_chunks)
 
   return pyramid_scores(test, train, nbrs, levels=levels, grid=grid, combine=combine,
                         images_per_chunk=images_per_chunk, query_blocks=query_blocks,
@@ -268,14 +296,17 @@ def _pixel_scores_one(test: dict[str, Array], train: dict[str, Array], nbrs: Arr
 
 @functools.partial(jax.jit, static_argnames=("levels", "grid", "kappa", "combine",
                                              "aggregate", "images_per_chunk", "query_blocks",
-                                             "test_batch_size"))
+                                             "test_batch_size", "blocking", "fixed_chunks"))
 def pixel_scores_jit(test, train, nbrs, metrics, bandwidths, *, levels, grid, kappa, combine,
-                      aggregate, images_per_chunk, query_blocks, test_batch_size):
-  """metrics / bandwidths: one per level ("ensemble") or one ("cat"), as tuples."""
+                      aggregate, images_per_chunk, query_blocks, test_batch_size,
+                      blocking="cpu", fixed_chunks=True):
+  """metrics / bandwidths: one per level ("ensemble") or one ("cat"), as tuples;
+  blocking / fixed_chunks: _stream_images'."""
   test, train, metrics = prepare_levels(test, train, metrics, levels, combine)
   one = functools.partial(_pixel_scores_one, metrics=metrics, bandwidths=bandwidths,
                           levels=levels, grid=grid, kappa=kappa, combine=combine,
                           aggregate=aggregate, images_per_chunk=images_per_chunk,
-                          query_blocks=query_blocks)
+                          query_blocks=query_blocks, blocking=blocking,
+                          fixed_chunks=fixed_chunks)
   return lax.map(lambda xs: one(xs[0], train, xs[1]), (test, nbrs),
                  batch_size=test_batch_size)

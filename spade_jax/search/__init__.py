@@ -6,6 +6,7 @@
   are traced, differentiable jit arguments (Mahalanobis, low-rank linear, RBF,
   Laplacian, polynomial, random Fourier and Nystrom features), learned with optax;
 * neighbors.py: the streamed exact kNN on one device (running top-k, exact recompute);
+* blocking.py: its blocking per platform (BLOCKINGS) and the bf16 precision option;
 * cpu_kernel.py, csrc/knn_cpu.cc: the same search as an XLA FFI custom call on CPU
   (BLAS sgemm + in-cache selection), chosen only in CPU lowerings;
 * sharding.py: galleries sharded over a mesh axis (padding + validity mask);

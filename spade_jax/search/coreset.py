@@ -71,8 +71,31 @@ def _distances(x: Array, center: Array, metric) -> Array:
   return jax.vmap(metric.exact, (0, None))(x, center)
 
 
+def _bf16_rows(x: Array) -> tuple[Array, Array]:
+  """(x rounded to bfloat16 [R, d], the rounding's norm per row |x - bf16(x)| [R],
+  rounded up): the rows a precision="bf16" step reads, and their error bound."""
+  low = x.astype(jnp.bfloat16)
+  error = jnp.sqrt(jnp.sum(jnp.square(x - low.astype(jnp.float32)), axis=1))
+  return low, error * np.float32(1 + 2.0 ** -10) + np.float32(np.finfo(np.float32).tiny)
+
+
+def _lower_bounds(low: Array, error: Array, center: Array) -> Array:
+  """[R] lower bounds of the float32 squared distances |x_i - center|^2 (as _distances
+  computes them) from the bfloat16 rows: |x - c| >= |bf16(x) - c| - |x - bf16(x)|, and
+  float32 sums of d squares are within (d + 2) 2^-24 of the real ones (a 4x margin is
+  taken)."""
+  d = low.shape[1]
+  slack = np.float32((d + 2) * 2.0 ** -22)
+  # The barrier keeps the row sums a reduction of their own: fused into the bound's
+  # elementwise tail, XLA:CPU runs them about 1.5x slower.
+  approx = lax.optimization_barrier(
+      jnp.sum(jnp.square(low.astype(jnp.float32) - center[None, :]), axis=1))
+  root = jnp.sqrt(approx * (1 - slack)) * (1 - slack) - error
+  return jnp.square(jnp.maximum(root, 0.0)) * (1 - slack)
+
+
 def _greedy(x: Array, valid: Array | None, start: Array, size: int, first_row: Array,
-            axis: str | None, metric=None) -> Array:
+            axis: str | None, metric=None, precision: str = "float32") -> Array:
   """The selection loop on one device's rows (traced; inside shard_map when `axis`).
 
   Args:
@@ -84,6 +107,11 @@ def _greedy(x: Array, valid: Array | None, start: Array, size: int, first_row: A
     axis: the mesh axis the rows are split over, or None (one device).
     metric: None (squared L2) or a kernel whose exact distance is compared (not an
       L2 kernel: those come as prepared rows x with metric None).
+    precision: "float32", or "bf16" (metric None only): each step reads bfloat16 copies
+      of the rows, which bound every row's float32 distance from below; only the rows
+      whose bound does not rule out a new minimum (at most max(256, R / 32) of them,
+      else all rows) get their float32 distance, so the running minima, and the
+      selection, are the float32 greedy's.
 
   Returns:
     [size] int32 global indices in selection order (the same on every device).
@@ -109,10 +137,30 @@ def _greedy(x: Array, valid: Array | None, start: Array, size: int, first_row: A
   mins = mark_selected(mins, start)
   selected = jnp.zeros((size,), jnp.int32).at[0].set(start)
 
+  if precision == "bf16":
+    low, error = _bf16_rows(x)
+    capacity = min(num, max(256, num // 32))
+
+  def update_mins(mins, center):
+    if precision != "bf16":
+      return jnp.minimum(mins, _distances(x, center, metric))
+    # Rows whose lower bound reaches their minimum keep it (d >= bound >= min).
+    open_rows = _lower_bounds(low, error, center) < mins
+    count = jnp.sum(open_rows.astype(jnp.int32))
+
+    def few(mins):
+      rows = jnp.nonzero(open_rows, size=capacity, fill_value=num)[0]
+      dist = _distances(x[jnp.minimum(rows, num - 1)], center, None)
+      return mins.at[rows].min(dist, mode="drop")
+
+    def every(mins):
+      return jnp.minimum(mins, _distances(x, center, None))
+
+    return lax.cond(count <= capacity, few, every, mins)
+
   def step(i, carry):
     mins, selected, center = carry
-    dist = _distances(x, center, metric)
-    mins = jnp.minimum(mins, dist)
+    mins = update_mins(mins, center)
     best = jnp.max(mins)
     local = jnp.min(jnp.where(mins == best, iota, num))  # Lowest row holding the max.
     local = jnp.minimum(local, num - 1)
@@ -172,18 +220,19 @@ def _projection(key_data: Array, impl: str, dim: int,
   return projection_matrix(jax.random.wrap_key_data(key_data, impl=impl), dim, projection_dim)
 
 
-@functools.partial(jax.jit, static_argnames=("size", "projection_dim", "impl"))
+@functools.partial(jax.jit, static_argnames=("size", "projection_dim", "impl", "precision"))
 def _coreset_jit(features: Array, key_data: Array, start: Array, metric=None, *, size: int,
-                 projection_dim: int | None, impl: str) -> Array:
+                 projection_dim: int | None, impl: str, precision: str = "float32") -> Array:
   x, exact = _search_rows(features, metric)
   projection = _projection(key_data, impl, x.shape[1], projection_dim)
-  return _greedy(_project(x, projection), None, start, size, jnp.int32(0), None, exact)
+  return _greedy(_project(x, projection), None, start, size, jnp.int32(0), None, exact,
+                 precision)
 
 
-@functools.partial(jax.jit, static_argnames=("size", "projection_dim", "impl"))
+@functools.partial(jax.jit, static_argnames=("size", "projection_dim", "impl", "precision"))
 def _sharded_coreset_jit(gallery: sharding.ShardedGallery, key_data: Array, start: Array,
                          metric=None, *, size: int, projection_dim: int | None,
-                         impl: str) -> Array:
+                         impl: str, precision: str = "float32") -> Array:
   axis, shard_rows = gallery.axis, gallery.shard_rows
   dim = _search_dim(metric, gallery.data.shape[1])
   projection = _projection(key_data, impl, dim, projection_dim)
@@ -191,7 +240,7 @@ def _sharded_coreset_jit(gallery: sharding.ShardedGallery, key_data: Array, star
   def local(block, valid, metric, proj, first):
     first_row = (lax.axis_index(axis) * shard_rows).astype(jnp.int32)
     x, exact = _search_rows(block, metric)
-    return _greedy(_project(x, proj), valid, first, size, first_row, axis, exact)
+    return _greedy(_project(x, proj), valid, first, size, first_row, axis, exact, precision)
 
   # A kernel's parameters enter replicated (P()), as arguments (not closed over).
   return jax.shard_map(local, mesh=gallery.mesh, in_specs=(P(axis), P(axis), P(), P(), P()),
@@ -233,7 +282,7 @@ def _check_start(start, gallery: sharding.ShardedGallery | None, num_rows: int) 
 
 def coreset(features: Array | sharding.ShardedGallery, size: int, *,
             projection_dim: int | None = 128, start: int = 0, key=None,
-            metric=None) -> Array:
+            metric=None, precision: str = "float32") -> Array:
   """PatchCore's greedy coreset: `size` rows of `features` that cover them (k-center).
 
   Args:
@@ -248,6 +297,11 @@ def coreset(features: Array | sharding.ShardedGallery, size: int, *,
       the selection runs in its search space (module docstring); projection_dim then
       applies to an L2 kernel's transformed rows, and not to other kernels (their
       exact distances are compared).
+    precision: "float32" (the default) or "bf16": each greedy step reads bfloat16 copies
+      of the (projected) rows, half the bytes, and computes the float32 distance only
+      of the rows whose bound from the bfloat16 rows allows a new minimum (_greedy), so
+      the selection is the float32 one; it costs a bfloat16 copy of the rows (2 bytes
+      per value) besides them. Not with a kernel that is not searched as L2.
 
   Returns:
     [size] int32 row indices, distinct, in selection order (indices[0] == start); on
@@ -271,6 +325,8 @@ def coreset(features: Array | sharding.ShardedGallery, size: int, *,
   if projection_dim is not None and (not _is_int(projection_dim) or projection_dim < 1):
     raise ValueError(f"projection_dim must be a positive int or None, got {projection_dim!r}")
   _check_start(start, sharded, num_rows)
+  if precision not in ("float32", "bf16"):
+    raise ValueError(f"precision must be 'float32' or 'bf16', got {precision!r}")
   key = _as_key(key)
   neighbors.check_finite("features", features if sharded is None else sharded.data)
   if metric is not None:
@@ -280,13 +336,17 @@ def coreset(features: Array | sharding.ShardedGallery, size: int, *,
     metric = neighbors.resolve_metric(metric, dim)
     if not _in_l2_space(metric):
       projection_dim = None  # The kernel's exact distances: no rows to project.
+      if precision == "bf16":
+        raise ValueError(f"precision='bf16' needs squared L2 rows (no kernel, or an L2 "
+                         f"kernel), got {metric!r:.100}")
     dim = _search_dim(metric, dim)
   if projection_dim is not None and projection_dim >= dim:
     projection_dim = None  # Projecting up would not reduce the work.
   projection_dim = None if projection_dim is None else int(projection_dim)
   # The key travels as its raw data (a plain uint32 array, placeable on any mesh).
   key_data, impl = jax.random.key_data(key), str(jax.random.key_impl(key))
-  static = {"size": int(size), "projection_dim": projection_dim, "impl": impl}
+  static = {"size": int(size), "projection_dim": projection_dim, "impl": impl,
+            "precision": precision}
   if sharded is None:
     return _coreset_jit(features, key_data, jnp.int32(start), metric, **static)
   mesh = sharded.mesh

@@ -30,6 +30,9 @@ of the queries when the features share a large common offset (`search_center`):
 (q - c, g - c) keeps the proxies' rounding relative to the data's spread. The
 translation costs O((Q + M) D) next to the search's O(Q M D).
 
+On other platforms the blocking and selection follow blocking.BLOCKINGS (larger blocks,
+lax.top_k on GPUs); precision="bf16" ranks by bf16 products, re-ranked in float32.
+
 The building blocks are split for the sharded search (one shard = one `local_knn`
 with a validity mask and an index offset; shards' candidates are combined with
 `merge_topk`).
@@ -53,52 +56,23 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
+from spade_jax.search import blocking as blocks_lib
 from spade_jax.search import cpu_kernel, distances
 from spade_jax.search.kernels import base
 
 Array = jax.Array
+# Re-exported: the library reads them as neighbors.*.
+BLOCKINGS, BLOCKING_CHOICES = blocks_lib.BLOCKINGS, blocks_lib.BLOCKING_CHOICES
+default_blocks, default_query_block = blocks_lib.default_blocks, blocks_lib.default_query_block
+check_search_options = blocks_lib.check_search_options
 ChunkFn = Callable[[Array], tuple[Array, Array | None]]
 
-# Default blocking (tuned on a 2-core AVX-512 CPU, layer1 shape of K = 50): gallery
-# chunks of ~_CHUNK rows, compared with ~_BLOCK_ELEMENTS // chunk queries at a time, so
-# one [query_block, chunk] proxy block is ~9 MiB: big enough for a full-speed matmul
-# and few loop steps, small enough to be re-read from cache by the selection.
-_CHUNK = 6144
-_BLOCK_ELEMENTS = 6144 * 400
 _BIG_INDEX = np.iinfo(np.int32).max
 # The selection first reduces groups of this many consecutive columns.
 _GROUP = 32
 # knn / stream_topk `kernel` values: "auto" uses the CPU kernel (cpu_kernel.py) on CPU
 # lowerings when it is available and XLA everywhere else; "xla" always uses XLA.
 KERNELS = ("auto", "xla")
-
-
-def _near_divisor(total: int, target: int, multiple: int) -> int:
-  """A multiple of `multiple` dividing `total` within [target/2, 3*target/2], closest to
-  target (no ragged last block), else target rounded to `multiple`."""
-  lo, hi = max(multiple, target // 2), target * 3 // 2
-  best = None
-  for c in range(lo // multiple * multiple, hi + 1, multiple):
-    if c >= lo and total % c == 0 and (best is None or abs(c - target) < abs(best - target)):
-      best = c
-  return best if best is not None else max(multiple, round(target / multiple) * multiple)
-
-
-def default_query_block(num_queries: int, chunk_size: int) -> int:
-  """Queries per [query_block, chunk_size] proxy block (~_BLOCK_ELEMENTS entries)."""
-  target = max(8, _BLOCK_ELEMENTS // max(chunk_size, 1))
-  if num_queries <= target * 3 // 2:
-    return max(1, num_queries)
-  return _near_divisor(num_queries, target, 8)
-
-
-def default_blocks(num_queries: int, gallery_size: int) -> tuple[int, int]:
-  """(chunk_size, query_block) for a [num_queries, D] x [gallery_size, D] search."""
-  if gallery_size <= _CHUNK * 3 // 2:
-    chunk = max(1, gallery_size)
-  else:
-    chunk = _near_divisor(gallery_size, _CHUNK, 32)
-  return chunk, default_query_block(num_queries, chunk)
 
 
 # ----------------------------------------------------------------------------------
@@ -173,6 +147,13 @@ def _chunk_topk(block: Array, k: int) -> tuple[Array, Array]:
   cols = (chosen[:, :, None] * g + jnp.arange(g, dtype=jnp.int32)).reshape(q, num_groups * g)
   neg, pos = lax.top_k(-members, k)
   return -neg, jnp.take_along_axis(cols, pos, axis=1)
+
+
+def _block_topk(block: Array, k: int) -> tuple[Array, Array]:
+  """[Q, C] -> ([Q, k'], [Q, k']) smallest entries, k' = min(k, C), by (value, column):
+  lax.top_k over the whole block (lower index first among equal values)."""
+  neg, idx = lax.top_k(-block, min(k, block.shape[1]))
+  return -neg, idx.astype(jnp.int32)
 
 
 def merge_topk(vals_a: Array, idx_a: Array, vals_b: Array, idx_b: Array,
@@ -263,7 +244,8 @@ def stream_topk(query_embeddings: Array, chunk_fn: ChunkFn, num_chunks: int,
                 chunk_size: int, k: int, metric: distances.Metric,
                 carry: tuple[Array, Array] | None = None, first_index: int = 0,
                 query_block: int | None = None, kernel: str = "auto",
-                center: Array | None = None) -> tuple[Array, Array]:
+                center: Array | None = None, selection: str = "groups",
+                precision: str = "float32") -> tuple[Array, Array]:
   """Running top-k of the Metric proxy over `num_chunks` equal gallery chunks.
 
   Each gallery chunk is embedded once and compared with the queries `query_block`
@@ -284,26 +266,36 @@ def stream_topk(query_embeddings: Array, chunk_fn: ChunkFn, num_chunks: int,
     kernel: "auto" (the CPU kernel on CPU when available) or "xla" (see KERNELS).
     center: the search's translation [D'] (search_center) or None; chunk rows are
       embedded minus it.
+    selection: the XLA path's per-block selection, "groups" or "top_k" (Blocking).
+    precision: "float32", or "bf16" (bf16_pairwise; XLA only, the CPU kernel is float32).
 
   Returns:
     ([Q, k] proxies ascending, [Q, k] int32 gallery indices); slots never filled hold
     (+inf, -1).
   """
   q = query_embeddings.shape[0]
-  queries = _pad_depth(query_embeddings)
+  queries = query_embeddings if precision == "bf16" else _pad_depth(query_embeddings)
   query_block = q if query_block is None else max(1, min(query_block, q))
   if carry is None:
     carry = (jnp.full((q, k), jnp.inf, jnp.float32), jnp.full((q, k), -1, jnp.int32))
 
-  def update(rows, valid, offset, start, size, state):
+  def update(rows, valid, offset, start, size, state, prepared_dim):
     """Merges chunk rows into the running top-k of queries [start, start + size)."""
     all_v, all_i = state
     best_v = lax.dynamic_slice_in_dim(all_v, start, size)
     best_i = lax.dynamic_slice_in_dim(all_i, start, size)
-    block = metric.pairwise(lax.dynamic_slice_in_dim(queries, start, size), rows)
+    q_rows = lax.dynamic_slice_in_dim(queries, start, size)
+    if precision == "bf16":
+      block = blocks_lib.bf16_pairwise(q_rows, rows, prepared_dim)
+    else:
+      block = metric.pairwise(q_rows, rows)
     if valid is not None:
       block = jnp.where(valid[None, :], block, jnp.inf)
-    if k == 1:
+    if selection == "top_k":
+      v, i = _block_topk(block, k)
+      i = jnp.where(jnp.isinf(v), -1, i + offset)
+      best_v, best_i = merge_topk(best_v, best_i, v, i, k)
+    elif k == 1:
       v, i = _chunk_top1(block)
       # Strict <: on a tie the earlier chunk (lower index) keeps the slot.
       take = v < best_v
@@ -315,16 +307,20 @@ def stream_topk(query_embeddings: Array, chunk_fn: ChunkFn, num_chunks: int,
     return (lax.dynamic_update_slice_in_dim(all_v, best_v, start, 0),
             lax.dynamic_update_slice_in_dim(all_i, best_i, start, 0))
 
-  use_cpu_kernel = _cpu_kernel_enabled(kernel, metric)
+  if selection not in ("groups", "top_k"):
+    raise ValueError(f"selection must be 'groups' or 'top_k', got {selection!r}")
+  blocks_lib.check_precision(precision, metric)
+  use_cpu_kernel = precision == "float32" and _cpu_kernel_enabled(kernel, metric)
 
   def body(j, state):
     rows, valid = chunk_fn(j)
     offset = first_index + j * chunk_size
 
     def with_xla(st):
-      emb = _pad_depth(metric.embed_gallery(rows if center is None else rows - center))
-      return _blocked(q, query_block,
-                      lambda start, size, s: update(emb, valid, offset, start, size, s), st)
+      emb = metric.embed_gallery(rows if center is None else rows - center)
+      emb = emb if precision == "bf16" else _pad_depth(emb)
+      return _blocked(q, query_block, lambda start, size, s: update(
+          emb, valid, offset, start, size, s, rows.shape[-1]), st)
 
     def with_cpu_kernel(st):
       bank, extra, shift = cpu_kernel.gallery_parts(metric, rows, center)
@@ -386,8 +382,10 @@ def prepare_rows(metric: Any, rows: Array) -> Array:
 
 
 def local_knn(queries: Array, gallery: Array, k: int, metric: distances.Metric,
-              chunk_size: int, valid: Array | None = None, index_offset: int | Array = 0,
-              query_block: int | None = None, kernel: str = "auto") -> tuple[Array, Array]:
+              chunk_size: int | None, valid: Array | None = None,
+              index_offset: int | Array = 0, query_block: int | None = None,
+              kernel: str = "auto", blocking: str = "cpu",
+              precision: str = "float32") -> tuple[Array, Array]:
   """Exact kNN of one gallery block (not jitted; the caller's jit/vmap/shard_map wraps it).
 
   Args:
@@ -396,43 +394,62 @@ def local_knn(queries: Array, gallery: Array, k: int, metric: distances.Metric,
     k: neighbours, 1 <= k; if fewer than k valid rows exist, trailing slots are
       (+inf, -1).
     metric: the Metric.
-    chunk_size: gallery rows per chunk; a last partial chunk is handled separately.
+    chunk_size: gallery rows per chunk (a last partial chunk is handled separately), or
+      None: the blocking's own (chunk, query block) for these shapes (Blocking.blocks).
     valid: optional [M] bool; False rows (padding) are never returned.
     index_offset: added to the returned indices (a shard's first global row).
-    query_block: queries per proxy block of the XLA path (None = all at once).
+    query_block: queries per proxy block of the XLA path (None = all at once; ignored
+      when chunk_size is None).
     kernel: "auto" or "xla" (see KERNELS).
+    blocking: "auto" (BLOCKINGS' entry of the platform lowered for: lax.platform_dependent)
+      or a key of BLOCKINGS for every platform; "cpu" (the default here) is the search
+      before per-platform blocking. The CPU kernel (kernel="auto") is used on CPU
+      lowerings by "auto" and "cpu" only.
+    precision: "float32" or "bf16" (blocking.PRECISIONS): bf16 proxies pick
+      blocking.bf16_shortlist(k, M) candidates, re-ranked by the exact distance.
 
   Returns:
     (distances [Q, k] float32 ascending, indices [Q, k] int32), ties by lower index;
     the distances are differentiable (module docstring), the indices constants.
   """
+  check_search_options(blocking, precision, metric)
   m_rows = gallery.shape[0]
   search = base.frozen(metric)  # The selection: constants for differentiation.
   q = search.prepare(lax.stop_gradient(queries).astype(jnp.float32))
   g = search.prepare(lax.stop_gradient(gallery).astype(jnp.float32))
   center = search_center(search, q)
   q_emb = embed_queries(search, q, center)
-  chunk_size = min(chunk_size, m_rows)
-  num_full, tail = divmod(m_rows, chunk_size)
+  k_search = blocks_lib.bf16_shortlist(k, m_rows) if precision == "bf16" else k
 
-  def with_xla():
-    def full_chunk(j):
-      start = j * chunk_size
-      rows = lax.dynamic_slice_in_dim(g, start, chunk_size)
-      ok = None if valid is None else lax.dynamic_slice_in_dim(valid, start, chunk_size)
-      return rows, ok
+  def xla_search(blocks: blocks_lib.Blocking) -> Callable[[], tuple[Array, Array]]:
+    if chunk_size is None:
+      chunk, q_block = blocks.blocks(q.shape[0], m_rows)
+    else:
+      chunk, q_block = min(chunk_size, m_rows), query_block
+    num_full, tail = divmod(m_rows, chunk)
+    options = {"query_block": q_block, "kernel": "xla", "center": center,
+               "selection": blocks.selection, "precision": precision}
 
-    proxies, idx = stream_topk(q_emb, full_chunk, num_full, chunk_size, k, search,
-                               query_block=query_block, kernel="xla", center=center)
-    if tail:
-      # The tail is one more (smaller, static-shape) chunk: nothing is dropped and no
-      # padded copy of the gallery is made.
-      start = num_full * chunk_size
-      tail_valid = None if valid is None else valid[start:]
-      proxies, idx = stream_topk(q_emb, lambda j: (g[start:], tail_valid), 1, tail, k,
-                                 search, carry=(proxies, idx), first_index=start,
-                                 query_block=query_block, kernel="xla", center=center)
-    return proxies, idx
+    def with_xla():
+      def full_chunk(j):
+        start = j * chunk
+        rows = lax.dynamic_slice_in_dim(g, start, chunk)
+        ok = None if valid is None else lax.dynamic_slice_in_dim(valid, start, chunk)
+        return rows, ok
+
+      proxies, idx = stream_topk(q_emb, full_chunk, num_full, chunk, k_search, search,
+                                 **options)
+      if tail:
+        # The tail is one more (smaller, static-shape) chunk: nothing is dropped and no
+        # padded copy of the gallery is made.
+        start = num_full * chunk
+        tail_valid = None if valid is None else valid[start:]
+        proxies, idx = stream_topk(q_emb, lambda j: (g[start:], tail_valid), 1, tail,
+                                   k_search, search, carry=(proxies, idx),
+                                   first_index=start, **options)
+      return proxies, idx
+
+    return with_xla
 
   def with_cpu_kernel():
     # One call for the whole gallery, read in place (the kernel blocks it itself).
@@ -443,19 +460,32 @@ def local_knn(queries: Array, gallery: Array, k: int, metric: distances.Metric,
                            *empty, valid=None if valid is None else valid[None],
                            center=shift)
 
-  proxies, idx = cpu_or_xla(_cpu_kernel_enabled(kernel, metric), with_cpu_kernel, with_xla)
+  use_cpu_kernel = precision == "float32" and _cpu_kernel_enabled(kernel, metric)
+  if blocking == "auto":
+    on_cpu = with_cpu_kernel if use_cpu_kernel else xla_search(BLOCKINGS["cpu"])
+    on_gpu = xla_search(BLOCKINGS["gpu"])
+    proxies, idx = lax.platform_dependent(cpu=on_cpu, cuda=on_gpu, rocm=on_gpu,
+                                          tpu=xla_search(BLOCKINGS["tpu"]),
+                                          default=xla_search(BLOCKINGS["cpu"]))
+  elif blocking == "cpu":
+    proxies, idx = cpu_or_xla(use_cpu_kernel, with_cpu_kernel, xla_search(BLOCKINGS["cpu"]))
+  else:
+    proxies, idx = xla_search(BLOCKINGS[blocking])()
   live_queries = metric.prepare(queries.astype(jnp.float32))
   dist, idx = exact_recompute(live_queries, proxies, idx,
                               lambda i: prepare_rows(metric, gallery[i]), metric)
+  dist, idx = dist[:, :k], idx[:, :k]
   idx = jnp.where(idx >= 0, idx + index_offset, -1)
   return dist, idx.astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "chunk_size", "query_block", "kernel"))
-def _knn_jit(queries: Array, gallery: Array, metric: Any, *, k: int, chunk_size: int,
-             query_block: int, kernel: str) -> tuple[Array, Array]:
+@functools.partial(jax.jit, static_argnames=("k", "chunk_size", "query_block", "kernel",
+                                             "blocking", "precision"))
+def _knn_jit(queries: Array, gallery: Array, metric: Any, *, k: int, chunk_size: int | None,
+             query_block: int | None, kernel: str, blocking: str,
+             precision: str) -> tuple[Array, Array]:
   return local_knn(queries, gallery, k, metric, chunk_size, query_block=query_block,
-                   kernel=kernel)
+                   kernel=kernel, blocking=blocking, precision=precision)
 
 
 @jax.jit
@@ -551,20 +581,20 @@ def _positive_int_or_none(name: str, value) -> None:
 
 def knn(queries: Array, gallery: Array, k: int, metric: str | distances.Metric = "l2", *,
         chunk_size: int | None = None, query_block: int | None = None,
-        check_finite_inputs: bool = True, kernel: str = "auto") -> tuple[Array, Array]:
+        check_finite_inputs: bool = True, kernel: str = "auto", blocking: str = "auto",
+        precision: str = "float32") -> tuple[Array, Array]:
   """spade_jax.knn on a gallery held by one device (validated here); see api.knn."""
   validate_knn_args(queries, gallery, k)
   m = resolve_metric(metric, gallery.shape[1], check_finite_inputs=check_finite_inputs)
   _check_kernel(kernel)
+  check_search_options(blocking, precision, m)
   _positive_int_or_none("chunk_size", chunk_size)
   _positive_int_or_none("query_block", query_block)
-  default_chunk, _ = default_blocks(queries.shape[0], gallery.shape[0])
-  chunk_size = default_chunk if chunk_size is None else min(int(chunk_size), gallery.shape[0])
-  if query_block is None:
-    query_block = default_query_block(queries.shape[0], chunk_size)
-  query_block = min(int(query_block), queries.shape[0])
+  chunk_size, query_block = blocks_lib.explicit_blocks(queries.shape[0], gallery.shape[0],
+                                                       chunk_size, query_block)
   if check_finite_inputs:
     check_finite("queries", queries)
     check_finite("gallery", gallery)
   return _knn_jit(queries, gallery, m, k=int(k), chunk_size=chunk_size,
-                  query_block=max(1, query_block), kernel=kernel)
+                  query_block=query_block, kernel=kernel, blocking=blocking,
+                  precision=precision)

@@ -61,7 +61,8 @@ def merge_gathered(dist: Array, idx: Array, axis: str, k: int) -> tuple[Array, A
 
 
 def search_shards(queries: Array, gallery: ShardedGallery, k: int, metric: distances.Metric,
-            chunk_size: int, query_block: int, kernel: str = "auto") -> tuple[Array, Array]:
+            chunk_size: int | None, query_block: int | None, kernel: str = "auto",
+            blocking: str = "cpu", precision: str = "float32") -> tuple[Array, Array]:
   """([Q, k] distances, [Q, k] global indices), replicated on the mesh (traced)."""
   mesh, axis = gallery.mesh, gallery.axis
   spec, ways = query_spec(mesh, axis)
@@ -73,7 +74,7 @@ def search_shards(queries: Array, gallery: ShardedGallery, k: int, metric: dista
     offset = lax.axis_index(axis) * rows
     dist, idx = neighbors.local_knn(q, g, min(k, rows), metric, chunk_size, valid=valid,
                                     index_offset=offset, query_block=query_block,
-                                    kernel=kernel)
+                                    kernel=kernel, blocking=blocking, precision=precision)
     if rows < k:  # Fewer rows than k on a shard: fill with empty candidates.
       dist = jnp.pad(dist, ((0, 0), (0, k - rows)), constant_values=jnp.inf)
       idx = jnp.pad(idx, ((0, 0), (0, k - rows)), constant_values=-1)
@@ -89,14 +90,17 @@ def search_shards(queries: Array, gallery: ShardedGallery, k: int, metric: dista
   return dist, idx
 
 
-@functools.partial(jax.jit, static_argnames=("k", "chunk_size", "query_block", "kernel"))
-def _knn_jit(queries, gallery, metric, *, k, chunk_size, query_block, kernel):
-  return search_shards(queries, gallery, k, metric, chunk_size, query_block, kernel)
+@functools.partial(jax.jit, static_argnames=("k", "chunk_size", "query_block", "kernel",
+                                             "blocking", "precision"))
+def _knn_jit(queries, gallery, metric, *, k, chunk_size, query_block, kernel, blocking,
+             precision):
+  return search_shards(queries, gallery, k, metric, chunk_size, query_block, kernel,
+                       blocking, precision)
 
 
 def local_blocks(num_queries: int, gallery: ShardedGallery, chunk_size: int | None,
             query_block: int | None) -> tuple[int, int]:
-  """Per-device (chunk_size, query_block) from the local shapes."""
+  """Per-device (chunk_size, query_block) from the local shapes (the CPU blocking)."""
   _, ways = query_spec(gallery.mesh, gallery.axis)
   local_queries = max(1, -(-num_queries // ways))
   default_chunk, _ = neighbors.default_blocks(local_queries, gallery.shard_rows)
@@ -104,6 +108,15 @@ def local_blocks(num_queries: int, gallery: ShardedGallery, chunk_size: int | No
   if query_block is None:
     query_block = neighbors.default_query_block(local_queries, chunk)
   return chunk, max(1, min(int(query_block), local_queries))
+
+
+def explicit_local_blocks(num_queries: int, gallery: ShardedGallery, chunk_size: int | None,
+                          query_block: int | None) -> tuple[int | None, int | None]:
+  """local_blocks when the caller gives a size; (None, None) otherwise: each device's
+  blocking follows the platform (neighbors.local_knn)."""
+  if chunk_size is None and query_block is None:
+    return None, None
+  return local_blocks(num_queries, gallery, chunk_size, query_block)
 
 
 def place_metric(metric: Any, mesh: Mesh) -> Any:
@@ -119,14 +132,15 @@ def check_valid_rows(name: str, value: int, gallery: ShardedGallery) -> None:
 def knn(queries: Array, gallery: ShardedGallery, k: int,
         metric: str | distances.Metric = "l2", *, chunk_size: int | None = None,
         query_block: int | None = None,
-        check_finite_inputs: bool = True, kernel: str = "auto") -> tuple[Array, Array]:
+        check_finite_inputs: bool = True, kernel: str = "auto", blocking: str = "auto",
+        precision: str = "float32") -> tuple[Array, Array]:
   """spade_jax.knn on a sharded gallery (same arguments and results).
 
   Args:
     queries: [Q, D] float (host or any device; replicated onto the mesh).
     gallery: ShardedGallery of M rows [M, D].
-    k, metric, chunk_size, query_block, check_finite_inputs, kernel: as spade_jax.knn;
-      chunk_size / query_block apply per device.
+    k, metric, chunk_size, query_block, check_finite_inputs, kernel, blocking,
+      precision: as spade_jax.knn; chunk_size / query_block apply per device.
 
   Returns:
     (distances [Q, k] float32 ascending, indices [Q, k] int32 global rows), replicated
@@ -137,12 +151,13 @@ def knn(queries: Array, gallery: ShardedGallery, k: int,
   m = neighbors.resolve_metric(metric, gallery.shape[1],
                                check_finite_inputs=check_finite_inputs)
   neighbors._check_kernel(kernel)  # pylint: disable=protected-access
+  neighbors.check_search_options(blocking, precision, m)
   neighbors._positive_int_or_none("chunk_size", chunk_size)  # pylint: disable=protected-access
   neighbors._positive_int_or_none("query_block", query_block)  # pylint: disable=protected-access
   if check_finite_inputs:
     neighbors.check_finite("queries", queries)
     neighbors.check_finite("gallery", gallery.data)
-  chunk, block = local_blocks(queries.shape[0], gallery, chunk_size, query_block)
+  chunk, block = explicit_local_blocks(queries.shape[0], gallery, chunk_size, query_block)
   queries = sharding.place_replicated(queries, gallery.mesh)
   return _knn_jit(queries, gallery, place_metric(m, gallery.mesh), k=int(k), chunk_size=chunk,
-                  query_block=block, kernel=kernel)
+                  query_block=block, kernel=kernel, blocking=blocking, precision=precision)
