@@ -15,6 +15,7 @@ from mvtec_fixtures import write_category
 import numpy as np
 import pytest
 from spade_fake_backbone import FakeBackbone
+from stripe_images import stripe_images
 from test_anomaly_map import _bilinear_ref
 from test_fit_predict import assert_clean_error, run_script
 
@@ -31,16 +32,7 @@ FOLDS = 3
 
 def _images(rng, n, defect=False):
   """Smooth stripes with noise; a defect is a bright 8 x 8 square."""
-  yy, xx = np.mgrid[:SIZE, :SIZE]
-  out = []
-  for _ in range(n):
-    phase = np.array([0.0, 1.0, 2.0]) + rng.uniform(0, 0.1, 3)
-    img = 128 + 50 * np.sin((xx + 0.5 * yy)[..., None] / 4.0 + phase)
-    img = img + rng.normal(0, 6, (SIZE, SIZE, 3))
-    if defect:
-      img[12:20, 14:22] = 255
-    out.append(np.clip(img, 0, 255).astype(np.uint8))
-  return np.stack(out)
+  return stripe_images(rng, n, SIZE, (slice(12, 20), slice(14, 22)) if defect else None)
 
 
 def _members():

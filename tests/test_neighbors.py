@@ -1,6 +1,8 @@
 """knn vs a brute-force float64 NumPy reference."""
 
 import dataclasses
+import pathlib
+import sys
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -12,6 +14,9 @@ import tolerances
 
 import spade_jax
 from spade_jax.search import distances, neighbors
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "experiments"))
+from bench import precision as precision_bench  # noqa: E402  (the benchmark's features)
 
 # Tolerance: the returned distances are recomputed directly (sum of squared
 # differences in float32) from float32 inputs, so their relative error is a few
@@ -404,12 +409,7 @@ BF16_RECALL_BOUND = 0.999
 
 
 def _structured(n, seed, dim=64, rank=16):
-  basis = np.random.default_rng(0)
-  w = basis.normal(size=(rank, dim)).astype(np.float32) / np.sqrt(rank)
-  bias = 0.5 * basis.normal(size=dim).astype(np.float32)
-  rng = np.random.default_rng(seed)
-  z = rng.normal(size=(n, rank)).astype(np.float32)
-  return np.maximum(z @ w + bias, 0) + 0.1 * rng.normal(size=(n, dim)).astype(np.float32)
+  return precision_bench.structured_features(n, dim, seed, rank=rank)
 
 
 @pytest.mark.slow  # Three searches compiled: 2-3 s on the 2 busy cores.

@@ -14,6 +14,7 @@ import pytest
 from scipy import ndimage
 from sklearn import covariance as sk_covariance
 from spade_fake_backbone import CHANNELS, FakeBackbone
+from stripe_images import stripe_images
 from test_anomaly_map import _bilinear_ref
 
 import spade_jax
@@ -31,16 +32,7 @@ SQUARE = (slice(12, 22), slice(14, 24))  # The planted anomaly of the last test 
 
 def _images(rng, n, defect=False):
   """Smooth stripes with noise; a defect is a bright 10 x 10 square."""
-  yy, xx = np.mgrid[:SIZE, :SIZE]
-  out = []
-  for _ in range(n):
-    phase = np.array([0.0, 1.0, 2.0]) + rng.uniform(0, 0.1, 3)
-    img = 128 + 50 * np.sin((xx + 0.5 * yy)[..., None] / 4.0 + phase)
-    img = img + rng.normal(0, 6, (SIZE, SIZE, 3))
-    if defect:
-      img[SQUARE] = 255
-    out.append(np.clip(img, 0, 255).astype(np.uint8))
-  return np.stack(out)
+  return stripe_images(rng, n, SIZE, SQUARE if defect else None)
 
 
 @pytest.fixture(scope="module")
