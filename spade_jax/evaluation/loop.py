@@ -120,10 +120,12 @@ def evaluate_category(spade, category_data, *, crop: int | None, resize: int,
   config_lib.check_masks(data.category, masks)  # Before the expensive part.
   with progress.record_stages() as stages:
     log(f"  fit on {len(data.train_images)} normal images")
-    index = spade.fit(data.train_images) if mesh is None else spade.fit(data.train_images,
-                                                                          mesh=mesh)
+    with progress.stage("fit"):
+      index = spade.fit(data.train_images) if mesh is None else spade.fit(data.train_images,
+                                                                            mesh=mesh)
     log(f"  score {len(data.test_images)} test images")
-    scores, maps = spade.score(index, data.test_images)
+    with progress.stage("score"):
+      scores, maps = spade.score(index, data.test_images)
     maps = np.stack(maps)  # Tiled: a list of maps at the images' (equal) size.
     labels = np.asarray(data.test_labels)
     result = _category_result(scores, maps, masks, labels, len(data.train_images))
@@ -183,33 +185,35 @@ def evaluate_category_multiprocess(spade, data_dir: pathlib.Path, name: str, mes
 
   with progress.record_stages() as stages:
     log(f"  fit on {len(files.train)} normal images ({len(train_files)} read here)")
-    train = mvtec.stack_split([mvtec.read_rgb(f) for f in train_files],
-                              [files.relative(f) for f in train_files], f"{name} train")
-    if tiled is None:
-      # Every process reads its own first image: the category's images share one size.
-      spade = common.with_whole_image_size(spade, *train.shape[1:3])
-    image_size = None if tiled is not None else spade.config.image_size
-    features, per_train = extract(train, "train")
-    if _fits_on_all_images(spade):  # Every process fits on all the training embeddings.
-      index = spade.fit_features(gather(features, len(files.train), per_train), mesh=mesh)
-    else:
-      index = spade.fit_features(*_feature_args(features), mesh=mesh, process_local=True)
+    with progress.stage("fit"):
+      train = mvtec.stack_split([mvtec.read_rgb(f) for f in train_files],
+                                [files.relative(f) for f in train_files], f"{name} train")
+      if tiled is None:
+        # Every process reads its own first image: the category's images share one size.
+        spade = common.with_whole_image_size(spade, *train.shape[1:3])
+      image_size = None if tiled is not None else spade.config.image_size
+      features, per_train = extract(train, "train")
+      if _fits_on_all_images(spade):  # Every process fits on all the training embeddings.
+        index = spade.fit_features(gather(features, len(files.train), per_train), mesh=mesh)
+      else:
+        index = spade.fit_features(*_feature_args(features), mesh=mesh, process_local=True)
     log(f"  score {len(files.test)} test images ({len(test_items)} read here)")
-    examples = [mvtec.read_test_example(item) for item in test_items]
-    test_paths = [files.relative(item.path) for item in test_items]
-    test = mvtec.stack_split([image for image, _ in examples], test_paths, f"{name} test")
-    local_masks = mvtec.stack_split([mask for _, mask in examples], test_paths,
-                                    f"{name} test masks")
-    n_test = len(files.test)
-    local_features, per_test = extract(test, "test")
-    features = gather(local_features, n_test, per_test)
-    masks = distributed.gather_shares(preprocess_masks(local_masks, resize=resize, crop=crop,
-                                                       image_size=image_size), n_test)
-    config_lib.check_masks(name, masks)
-    scores, maps = spade.score_features(index, *_feature_args(features))
-    if tiled is not None:  # Every test image's tiles, stitched at the image's size.
-      scores, maps = tiled.assemble(scores, maps, [test.shape[1:3]] * n_test)
-      maps = np.stack(maps)
+    with progress.stage("score"):
+      examples = [mvtec.read_test_example(item) for item in test_items]
+      test_paths = [files.relative(item.path) for item in test_items]
+      test = mvtec.stack_split([image for image, _ in examples], test_paths, f"{name} test")
+      local_masks = mvtec.stack_split([mask for _, mask in examples], test_paths,
+                                      f"{name} test masks")
+      n_test = len(files.test)
+      local_features, per_test = extract(test, "test")
+      features = gather(local_features, n_test, per_test)
+      masks = distributed.gather_shares(preprocess_masks(local_masks, resize=resize, crop=crop,
+                                                         image_size=image_size), n_test)
+      config_lib.check_masks(name, masks)
+      scores, maps = spade.score_features(index, *_feature_args(features))
+      if tiled is not None:  # Every test image's tiles, stitched at the image's size.
+        scores, maps = tiled.assemble(scores, maps, [test.shape[1:3]] * n_test)
+        maps = np.stack(maps)
     labels = np.array([int(t.defect != mvtec.GOOD) for t in files.test], np.int32)
     result = _category_result(scores, maps, masks, labels, len(files.train))
   if jax_process_index() == 0:
