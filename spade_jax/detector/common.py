@@ -117,6 +117,32 @@ def image_batches(images: np.ndarray | Sequence[np.ndarray], what: str, done: st
     report.update(min(start + batch_size, count))
 
 
+def pad_batch(batch: np.ndarray, batch_size: int, total: int) -> tuple[np.ndarray, int]:
+  """(batch padded to batch_size rows by repeating its last row, its real row count).
+
+  The last, shorter batch of images that fill several batches is padded, so the backbone
+  (and what follows it per batch) runs one compiled program for every batch instead of
+  compiling a second shape for the remainder: a first run saves that compilation (seconds
+  for each backbone) for a few images' work. A run of a single batch (total <=
+  batch_size) keeps its own shape. Every image is computed on its own, so the real rows'
+  outputs do not depend on the padding; `unpad` drops it.
+
+  Args:
+    batch: [B, ...] preprocessed images, B <= batch_size.
+    batch_size: the detector's batch size.
+    total: how many images the run holds in all.
+  """
+  count = int(batch.shape[0])
+  if total <= batch_size or count >= batch_size:
+    return batch, count
+  return np.concatenate([batch, np.repeat(batch[-1:], batch_size - count, axis=0)]), count
+
+
+def unpad(outputs: Any, count: int) -> Any:
+  """outputs (a pytree of [B, ...] arrays) without the rows pad_batch added."""
+  return jax.tree.map(lambda v: v if v.shape[0] == count else v[:count], outputs)
+
+
 def preprocess(images: np.ndarray | Sequence[np.ndarray], config: Any) -> np.ndarray:
   """[B, H, W, 3] float32 backbone input of uint8 images, with a detector config's
   resize / crop / image_size (config.input_size = (H, W); ValueError with crop=None

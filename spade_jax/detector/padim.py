@@ -373,15 +373,18 @@ class Padim:
     Logs progress as "<what>: <done> i / N images, ..." (see host/progress.py).
     """
     cfg = self.config
+    total = len(images)
     for chunk in common.image_batches(images, what, done, cfg.batch_size):
       with progress.stage("backbone") as timed:  # Backbone and embedding.
-        batch = jnp.asarray(common.preprocess(chunk, cfg), jnp.float32)
+        batch, count = common.pad_batch(common.preprocess(chunk, cfg), cfg.batch_size, total)
+        batch = jnp.asarray(batch, jnp.float32)
         # A spade_jax Backbone computes only the levels asked for (no head, no pool).
         out = (self.backbone(batch, features=cfg.layers)
                if isinstance(self.backbone, Backbone) else self.backbone(batch))
         common.check_returned_levels(self.backbone, out, cfg.layers)
         channels = self._channels(sum(int(np.shape(out[l])[-1]) for l in cfg.layers))
-        feats = timed.ready(embedding_lib.padim_embedding(out, cfg.layers, channels))
+        feats = timed.ready(common.unpad(
+            embedding_lib.padim_embedding(out, cfg.layers, channels), count))
       yield feats
 
   def extract(self, images: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:

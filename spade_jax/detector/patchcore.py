@@ -375,16 +375,18 @@ class PatchCore:
     Logs progress as "<what>: <done> i / N images, ..." (see host/progress.py).
     """
     cfg = self.config
+    total = len(images)
     for chunk in common.image_batches(images, what, done, cfg.batch_size):
       with progress.stage("backbone") as timed:  # Backbone and patch features.
-        batch = jnp.asarray(common.preprocess(chunk, cfg), jnp.float32)
+        batch, count = common.pad_batch(common.preprocess(chunk, cfg), cfg.batch_size, total)
+        batch = jnp.asarray(batch, jnp.float32)
         # A spade_jax Backbone computes only the levels asked for (no head, no pool).
         out = (self.backbone(batch, features=cfg.layers)
                if isinstance(self.backbone, Backbone) else self.backbone(batch))
         common.check_returned_levels(self.backbone, out, cfg.layers)
-        feats = timed.ready(patches_lib.patch_features(
+        feats = timed.ready(common.unpad(patches_lib.patch_features(
             out, cfg.layers, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
-            reduction=cfg.reduction, seed=cfg.reduction_seed))
+            reduction=cfg.reduction, seed=cfg.reduction_seed), count))
       yield feats
 
   def extract(self, images: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:

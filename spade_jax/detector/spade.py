@@ -288,10 +288,11 @@ class Spade:
     Logs progress as "<what>: <done> i / N images, ..." (see host/progress.py).
     """
     cfg = self.config
+    total = len(images)
     for chunk in common.image_batches(images, what, done, cfg.batch_size):
       with progress.stage("backbone") as timed:
-        batch = common.preprocess(chunk, cfg)
-        out = timed.ready(self.backbone(jnp.asarray(batch, jnp.float32)))
+        batch, count = common.pad_batch(common.preprocess(chunk, cfg), cfg.batch_size, total)
+        out = timed.ready(common.unpad(self.backbone(jnp.asarray(batch, jnp.float32)), count))
       common.check_returned_levels(self.backbone, out, (*cfg.layers, "pool"))
       yield out["pool"], {l: out[l] for l in cfg.layers}
 
