@@ -39,6 +39,7 @@ from absl import app, flags
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from bench import (
   memory,  # pylint: disable=g-import-not-at-top,wrong-import-position
+  pipeline,  # pylint: disable=g-import-not-at-top,wrong-import-position
   suite,  # pylint: disable=g-import-not-at-top,wrong-import-position
 )
 import detector_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -141,7 +142,7 @@ _CORESET_PARTS = flags.DEFINE_list("coreset_parts", ["scaling", "scoring", "shar
 # pipeline
 _PIPELINE_BACKBONE = flags.DEFINE_string("pipeline_backbone", "wide_resnet50_2",
                                          "Backbone of the end-to-end runs (random weights).")
-_PIPELINE_METHODS = flags.DEFINE_list("pipeline_methods", ["spade", "patchcore"],
+_PIPELINE_METHODS = flags.DEFINE_list("pipeline_methods", list(pipeline.METHODS),
                                       "Detectors to run.")
 _PIPELINE_TRAIN = flags.DEFINE_integer("pipeline_train", 50, "Training images (>= K).")
 _PIPELINE_TEST = flags.DEFINE_integer("pipeline_test", 16, "Test images.")

@@ -15,6 +15,7 @@ comes from fit.py run without the cache, so the cold run finds nothing.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+import functools
 import pathlib
 import re
 import subprocess
@@ -23,6 +24,7 @@ import tempfile
 import time
 from typing import Any
 
+import jax
 import numpy as np
 import PIL.Image
 
@@ -42,18 +44,40 @@ def _spade(backbone, *, k_images: int, batch_size: int, resize: int, crop: int
   return detector.fit, detector.score
 
 
-def _patchcore(backbone, *, k_images: int, batch_size: int, resize: int, crop: int
+def _patchcore(backbone, *, k_images: int, batch_size: int, resize: int, crop: int,
+               metric: str = "l2"
                ) -> tuple[Callable[[np.ndarray], Any], Callable[[Any, np.ndarray], Any]]:
   del k_images  # PatchCore scores against its whole coreset memory bank.
-  config = spade_jax.PatchCoreConfig(batch_size=batch_size, resize=resize, crop=crop)
+  config = spade_jax.PatchCoreConfig(batch_size=batch_size, resize=resize, crop=crop,
+                                     metric=metric)
   detector = spade_jax.PatchCore(backbone, config)
   return detector.fit, detector.score
 
 
+def _padim(backbone, *, k_images: int, batch_size: int, resize: int, crop: int
+           ) -> tuple[Callable[[np.ndarray], Any], Callable[[Any, np.ndarray], Any]]:
+  del k_images  # One Gaussian per position over every training image.
+  config = spade_jax.PadimConfig(batch_size=batch_size, resize=resize, crop=crop)
+  detector = spade_jax.Padim(backbone, config)
+  return detector.fit, detector.score
+
+
 # method -> make(backbone, k_images=, batch_size=, resize=, crop=) -> (fit, score), with
-# fit(train_images) -> index and score(index, test_images) -> (scores, maps).
-METHODS: dict[str, Callable[..., tuple[Callable, Callable]]] = {"spade": _spade,
-                                                                 "patchcore": _patchcore}
+# fit(train_images) -> index and score(index, test_images) -> (scores, maps). The kernel
+# rows (issue 18) compare with PatchCore's L2 in the same run: the kernel is fitted on the
+# training patches and the coreset selected in its space, inside fit.
+METHODS: dict[str, Callable[..., tuple[Callable, Callable]]] = {
+    "spade": _spade, "patchcore": _patchcore,
+    "patchcore_mahalanobis": functools.partial(_patchcore, metric="mahalanobis"),
+    "patchcore_learned": functools.partial(_patchcore, metric="learned"),
+    "padim": _padim}
+
+
+def index_bytes(index: Any) -> int:
+  """Bytes of a fitted index's arrays (what the method keeps after fit: SPADE's
+  galleries, PatchCore's bank and kernel, PaDiM's means and precisions)."""
+  return int(sum(np.asarray(x).nbytes for x in jax.tree.leaves(index)
+                 if hasattr(x, "nbytes")))
 
 
 def _images(seed: int, count: int, size: int) -> np.ndarray:
@@ -86,7 +110,7 @@ def _method_row(method: str, backbone, train: np.ndarray, test: np.ndarray, *,
       "method": method, "num_train": len(train), "num_test": len(test),
       "fit_images_per_s": len(train) / fitted["median_s"],
       "score_images_per_s": len(test) / scored["median_s"],
-      "fit": fitted, "score": scored,
+      "fit": fitted, "score": scored, "index_bytes": index_bytes(index),
       "stage_s_per_image": {k: v / len(test) for k, v in stages.items()},
   }
 
@@ -182,10 +206,11 @@ def markdown(r: dict[str, Any]) -> list[str]:
   stage_names = ("backbone", "search", "maps")
   rows = [[x["method"], x["num_train"], f(x["fit_images_per_s"]), f(x["fit"]["first_call_s"]),
            x["num_test"], f(x["score_images_per_s"]), f(x["score"]["first_call_s"]),
-           *[f(x["stage_s_per_image"].get(s)) for s in stage_names]] for x in r["rows"]]
+           *[f(x["stage_s_per_image"].get(s)) for s in stage_names],
+           common.mib(x.get("index_bytes"))] for x in r["rows"]]
   lines += common.table(["method", "train images", "fit images/s", "fit first call s",
                          "test images", "score images/s", "score first call s",
-                         *[f"{s} s / test image" for s in stage_names]], rows)
+                         *[f"{s} s / test image" for s in stage_names], "index MiB"], rows)
   cache = r.get("cache")
   if cache:
     runs = cache["runs"]
