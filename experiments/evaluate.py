@@ -2,6 +2,7 @@ r"""Evaluates SPADE on data in the MVTec AD layout (default: the built-in benchm
 
   python experiments/evaluate.py                      # built-in benchmark, efficientnet_lite0
   python experiments/evaluate.py --benchmark=builtin_hard  # its hard variant: faint defects
+  python experiments/evaluate.py --benchmark=builtin_hard --benchmark_seed=1  # another draw
   python experiments/evaluate.py --data_dir=/data/mvtec_anomaly_detection \
       --backbone=wide_resnet50_2 --output_dir=results/mvtec_wrn50
 
@@ -72,6 +73,10 @@ _BENCHMARK = flags.DEFINE_string(
     "benchmark", None, "Without --data_dir: the built-in benchmark to use, builtin "
     "(default) or builtin_hard (the same images with smaller, fainter defects), each "
     "generated into its own folder of $SPADE_JAX_CACHE on first use.")
+_BENCHMARK_SEED = flags.DEFINE_integer(
+    "benchmark_seed", 0, "Without --data_dir: the built-in benchmark's seed (0: the "
+    "README's; another seed draws other views and defects into its own cache folder, "
+    "to see how much a figure owes to one draw).")
 _CATEGORIES = flags.DEFINE_list("categories", None, "Categories to evaluate (default: all found).")
 _DETECTOR = detector_flags.define_detector_flags()
 _CACHE_DIR = detector_flags.define_compilation_cache_flag()
@@ -109,10 +114,17 @@ def main(argv: Sequence[str]) -> None:
     if _BENCHMARK.value is not None and _DATA_DIR.value is not None:
       raise ValueError("--benchmark and --data_dir exclude each other (--benchmark picks "
                        "a built-in benchmark, used only without --data_dir)")
+    if _BENCHMARK_SEED.present and _DATA_DIR.value is not None:
+      raise ValueError("--benchmark_seed and --data_dir exclude each other (the seed is "
+                       "the built-in benchmark's)")
+    if _BENCHMARK_SEED.value < 0:
+      raise ValueError(f"--benchmark_seed must be >= 0, got {_BENCHMARK_SEED.value}")
     if benchmark not in _BENCHMARKS:
       raise ValueError(f"--benchmark must be one of {', '.join(_BENCHMARKS)}, got "
                        f"{benchmark!r}")
-    output_dir = _OUTPUT_DIR.value if _OUTPUT_DIR.present else f"results/{benchmark}"
+    seed_suffix = f"_seed{_BENCHMARK_SEED.value}" if _BENCHMARK_SEED.value else ""
+    output_dir = (_OUTPUT_DIR.value if _OUTPUT_DIR.present
+                  else f"results/{benchmark}{seed_suffix}")
     if batch_size < 1:
       raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
     ids = _LOCAL_DEVICE_IDS.value
@@ -134,7 +146,8 @@ def main(argv: Sequence[str]) -> None:
       if not dist.enabled or dist.process_id == 0:
         evaluation.check_output_dir(output_dir)  # Before generating the data.
       from spade_jax.data import builtin  # pylint: disable=import-outside-toplevel
-      data_dir = str(builtin.builtin_benchmark_dir(builtin.BENCHMARKS[benchmark]))
+      data_dir = str(builtin.builtin_benchmark_dir(builtin.BENCHMARKS[benchmark],
+                                                   seed=_BENCHMARK_SEED.value))
     config = evaluation.EvalConfig(data_dir=data_dir, **settings)
     results = evaluation.evaluate(
         config, output_dir=output_dir, categories=_CATEGORIES.value,

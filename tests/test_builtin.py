@@ -115,3 +115,29 @@ def test_builtin_benchmark_dir_generates_once(tmp_path, monkeypatch):
   assert root == tmp_path / "builtin_benchmark_v1"
   assert mvtec.list_categories(root) == ["brick"]
   assert builtin.builtin_benchmark_dir() == root and len(calls) == 1
+
+
+def test_builtin_benchmark_dir_per_seed(tmp_path, monkeypatch):
+  monkeypatch.setenv(paths.CACHE_ENV, str(tmp_path))
+  calls = []
+  real = builtin.generate_builtin_benchmark
+
+  def tiny_generate(root, **kwargs):
+    calls.append(kwargs)
+    return real(root, categories=["brick"], num_train=1, num_test=2, seed=kwargs["seed"],
+                variant=kwargs["variant"])
+
+  monkeypatch.setattr(builtin, "generate_builtin_benchmark", tiny_generate)
+  seed0, seed2 = builtin.builtin_benchmark_dir(), builtin.builtin_benchmark_dir(seed=2)
+  assert seed0 == tmp_path / "builtin_benchmark_v1"
+  assert seed2 == tmp_path / "builtin_benchmark_v1_seed2"
+  assert [c["seed"] for c in calls] == [0, 2]
+  hard2 = builtin.builtin_benchmark_dir("hard", seed=2)
+  assert hard2 == tmp_path / "builtin_hard_benchmark_v1_seed2" and calls[-1]["seed"] == 2
+  # Another seed draws other images; the same seed the same bytes.
+  a = (seed0 / "brick" / "train" / "good").iterdir()
+  b = (seed2 / "brick" / "train" / "good").iterdir()
+  assert [f.read_bytes() for f in sorted(a)] != [f.read_bytes() for f in sorted(b)]
+  for bad in (-1, 1.5, True, "1"):
+    with pytest.raises(ValueError, match="seed"):
+      builtin.builtin_benchmark_dir(seed=bad)

@@ -222,6 +222,8 @@ def _assert_clean_error(proc, *needles):
 @pytest.mark.parametrize("args, needles", [
     (["--benchmark=builtin_easy"], ["--benchmark", "builtin_hard", "'builtin_easy'"]),
     (["--benchmark=builtin", "--data_dir=/nonexistent"], ["--benchmark", "--data_dir"]),
+    (["--benchmark_seed=1", "--data_dir=/nonexistent"], ["--benchmark_seed", "--data_dir"]),
+    (["--benchmark_seed=-1"], ["--benchmark_seed", "-1"]),
 ])
 @pytest.mark.slow
 def test_evaluate_benchmark_flag_errors(tmp_path, args, needles):
@@ -231,7 +233,8 @@ def test_evaluate_benchmark_flag_errors(tmp_path, args, needles):
 
 
 @pytest.mark.parametrize("args, folder", [
-    ([], "'results/builtin'"), (["--benchmark=builtin_hard"], "'results/builtin_hard'")])
+    ([], "'results/builtin'"), (["--benchmark=builtin_hard"], "'results/builtin_hard'"),
+    (["--benchmark=builtin_hard", "--benchmark_seed=2"], "'results/builtin_hard_seed2'")])
 @pytest.mark.slow
 def test_evaluate_output_dir_default_follows_the_benchmark(tmp_path, args, folder):
   (tmp_path / "results").write_text("a file, so that the output folder cannot be made")

@@ -285,20 +285,29 @@ def generate_builtin_benchmark(root: str | os.PathLike, *, seed: int = 0,
   return root
 
 
-def builtin_benchmark_dir(variant: str = "standard") -> pathlib.Path:
-  """The benchmark's cache folder, generated (seed 0, full size) on first use.
+def builtin_benchmark_dir(variant: str = "standard", seed: int = 0) -> pathlib.Path:
+  """The benchmark's cache folder, generated (full size) on first use.
 
   cache_dir()/builtin_benchmark_v1 for the standard benchmark and
-  cache_dir()/builtin_hard_benchmark_v1 for the hard variant: never the same folder.
+  cache_dir()/builtin_hard_benchmark_v1 for the hard variant (seed 0), never the same
+  folder; another seed (other views, defects and noise; a spread over seeds shows how
+  much a figure owes to one draw) gets its own folder, ..._v1_seed<seed>.
+
+  Raises:
+    ValueError: an unknown variant, or a seed that is not an int >= 0.
   """
   _defect_kinds(variant)  # Checks it.
+  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+    raise ValueError(f"seed must be an int >= 0, got {seed!r}")
   name = "builtin" if variant == "standard" else f"builtin_{variant}"
-  root = paths.cache_dir() / f"{name}_benchmark_{VERSION}"
+  suffix = f"_seed{int(seed)}" if seed else ""
+  root = paths.cache_dir() / f"{name}_benchmark_{VERSION}{suffix}"
   if (root / INFO_FILE).is_file():
     return root
-  logging.info("generating the built-in %s benchmark into %s (first use)", variant, root)
+  logging.info("generating the built-in %s benchmark (seed %d) into %s (first use)", variant,
+               seed, root)
   try:
-    generate_builtin_benchmark(root, variant=variant)
+    generate_builtin_benchmark(root, seed=int(seed), variant=variant)
   except FileExistsError:
     if not (root / INFO_FILE).is_file():  # Not another process's finished benchmark.
       raise
