@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 import dataclasses
+import functools
 import hashlib
 from typing import Any
 
@@ -138,9 +139,17 @@ def pad_batch(batch: np.ndarray, batch_size: int, total: int) -> tuple[np.ndarra
   return np.concatenate([batch, np.repeat(batch[-1:], batch_size - count, axis=0)]), count
 
 
+@functools.partial(jax.jit, static_argnums=1)
+def _first_rows(outputs: Any, count: int) -> Any:
+  return jax.tree.map(lambda v: v[:count], outputs)
+
+
 def unpad(outputs: Any, count: int) -> Any:
-  """outputs (a pytree of [B, ...] arrays) without the rows pad_batch added."""
-  return jax.tree.map(lambda v: v if v.shape[0] == count else v[:count], outputs)
+  """outputs (a pytree of [B, ...] arrays) without the rows pad_batch added (one compiled
+  slice for the whole tree, not one per array)."""
+  if all(v.shape[0] == count for v in jax.tree.leaves(outputs)):
+    return outputs
+  return _first_rows(outputs, count)
 
 
 def preprocess(images: np.ndarray | Sequence[np.ndarray], config: Any) -> np.ndarray:
