@@ -28,6 +28,7 @@ resolution as predict.py does, stitches the maps and takes the largest tile scor
 """
 
 from collections.abc import Sequence
+import pathlib
 import sys
 import time
 
@@ -68,6 +69,10 @@ def main(argv: Sequence[str]) -> None:
     fixed_image_size = export.check_image_size(_image_size(_FIXED_IMAGE_SIZE.value),
                                                "--fixed_image_size")
     artifact.check_output_dir(_OUTPUT_DIR.value)
+    if pathlib.Path(_INDEX.value).is_dir():
+      raise ValueError(f"--index={_INDEX.value} is a folder: an ensemble index (fit.py "
+                       "--method=ensemble)? export.py does not export ensembles yet; score "
+                       "it with predict.py")
     contents = load_index_file(_INDEX.value)
     settings = detector_flags.settings_from_index(
         _DETECTOR.settings(), _DETECTOR.given(), contents, _INDEX.value)

@@ -63,8 +63,8 @@ import numpy as np
 
 _TRAIN_DIR = flags.DEFINE_string("train_dir", None, "Folder of normal images (any depth).",
                                  required=True)
-_INDEX = flags.DEFINE_string("index", None, "Index file to write (its folder must exist).",
-                             required=True)
+_INDEX = flags.DEFINE_string("index", None, "Index file to write (its folder must exist); "
+                             "--method=ensemble: the index folder to write.", required=True)
 _CALIBRATE = flags.DEFINE_bool("calibrate", False,
                                "Also store a decision threshold on the image score, "
                                "calibrated on the training images by cross-validation.")
@@ -87,14 +87,23 @@ def main(argv: Sequence[str]) -> None:
   from spade_jax.detector import calibration  # pylint: disable=import-outside-toplevel
   from spade_jax.evaluation import folders  # pylint: disable=import-outside-toplevel
   settings = _DETECTOR.settings()
+  ensemble = _DETECTOR.method.value == "ensemble"
   try:  # Everything checkable before the backbone loads.
     detector_flags.check_method_flags(_DETECTOR.method.value, _DETECTOR.given())
     detector_flags.detector_config(_DETECTOR.method.value, settings,
                                    _DETECTOR.batch_size.value)
-    tiles = _DETECTOR.tiles()
+    if ensemble:
+      _DETECTOR.check_no_tiles("--method=ensemble")
+      if _FOLDS.present and _FOLDS.value != settings["ensemble_folds"]:
+        raise ValueError(
+            f"--calibration_folds={_FOLDS.value}: an ensemble's threshold is calibrated on "
+            f"the held-out scores of its --ensemble_folds={settings['ensemble_folds']} "
+            "folds (those of its standardisation); drop --calibration_folds or set "
+            "--ensemble_folds")
+    tiles = None if ensemble else _DETECTOR.tiles()
     if _CALIBRATE.value:
       calibration.check_calibration_args(2, _QUANTILE.value, _FOLDS.value, 0)
-    folders.check_index_path(_INDEX.value)
+    folders.check_index_path(_INDEX.value, folder=ensemble)
   except ValueError as e:
     sys.exit(f"fit.py: error: {e}")
   detector_flags.enable_compilation_cache(_CACHE_DIR, "fit.py")
@@ -108,14 +117,20 @@ def main(argv: Sequence[str]) -> None:
   except (ValueError, OSError) as e:  # Bad input: a message, not a traceback.
     sys.exit(f"fit.py: error: {e}")
   h, w = report.input_size
-  print(f"index: {report.index_path} ({report.num_images} images at {h}x{w}, backbone "
-        f"{settings['backbone']}, {report.seconds:.1f} s)")
+  if ensemble:
+    print(f"ensemble index: {report.index_path} ({report.num_images} images at {h}x{w}, "
+          f"members {', '.join(spade.names)}, {report.seconds:.1f} s)")
+  else:
+    print(f"index: {report.index_path} ({report.num_images} images at {h}x{w}, backbone "
+          f"{settings['backbone']}, {report.seconds:.1f} s)")
   if report.skipped:
     print(f"skipped {len(report.skipped)} files that are not readable images: "
           f"{', '.join(s.relative for s in report.skipped)}")
   if report.threshold is not None:
     t, scores = report.threshold, report.held_out_scores
     folds = "leave-one-out" if t.folds == t.num_images else f"{t.folds}-fold"
+    if ensemble:
+      folds = f"ensemble's combined {folds}"
     print(f"threshold: {t.value:.6g} (quantile {t.quantile} of the {folds} held-out scores "
           f"of {t.num_images} normal images: min {scores.min():.6g}, median "
           f"{np.median(scores):.6g}, max {scores.max():.6g})")

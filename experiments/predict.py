@@ -57,12 +57,14 @@ it off): a second run with the same index and image size skips compiling. Progre
 """
 
 from collections.abc import Sequence
+import pathlib
 import sys
 
 from absl import app, flags, logging
 import detector_flags
 
-_INDEX = flags.DEFINE_string("index", None, "Index file written by fit.py.", required=True)
+_INDEX = flags.DEFINE_string("index", None, "Index file (or ensemble index folder) written "
+                             "by fit.py.", required=True)
 _IMAGES = flags.DEFINE_string("images", None, "Folder of images to score (any depth).",
                               required=True)
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where scores.csv, heatmaps/ and "
@@ -81,17 +83,25 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   from spade_jax.detector import load_index_file  # pylint: disable=import-outside-toplevel
+  from spade_jax.detector.index_ensemble import load_ensemble_index_file  # pylint: disable=import-outside-toplevel
   from spade_jax.evaluation import folders, predictions  # pylint: disable=import-outside-toplevel
   detector_flags.enable_compilation_cache(_CACHE_DIR, "predict.py")
   try:  # Everything checkable before the backbone loads.
     if _NUM_SUMMARY.value < 0:
       raise ValueError(f"--num_summary must be >= 0, got {_NUM_SUMMARY.value}")
-    contents = load_index_file(_INDEX.value)
+    if pathlib.Path(_INDEX.value).is_dir():  # An ensemble index (fit.py --method=ensemble).
+      contents = load_ensemble_index_file(_INDEX.value)
+      settings = detector_flags.ensemble_settings_from_index(
+          _DETECTOR.settings(), _DETECTOR.given(), contents, _INDEX.value)
+      _DETECTOR.check_no_tiles("an ensemble index")
+      tiles = None
+    else:
+      contents = load_index_file(_INDEX.value)
+      settings = detector_flags.settings_from_index(
+          _DETECTOR.settings(), _DETECTOR.given(), contents, _INDEX.value)
+      tiles = _DETECTOR.tiles(contents, _INDEX.value)
     index, threshold = contents.index, contents.threshold
-    settings = detector_flags.settings_from_index(
-        _DETECTOR.settings(), _DETECTOR.given(), contents, _INDEX.value)
     detector_flags.detector_config(settings["method"], settings, _DETECTOR.batch_size.value)
-    tiles = _DETECTOR.tiles(contents, _INDEX.value)
     predictions.check_output_dir(_OUTPUT_DIR.value)
     spade = detector_flags.make_detector(settings["method"], settings,
                                          _DETECTOR.batch_size.value)
