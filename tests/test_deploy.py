@@ -390,11 +390,12 @@ def test_other_jax_version_is_named(cpu_export):
     runner.load_program(b"\x00" * 64, {"jax_version": "99.1.0"})
 
 
-@pytest.mark.parametrize("case", ["patchcore", "tiled-spade-mean", "ensemble-patchcore+padim"])
+@pytest.mark.parametrize("case", ["patchcore", "tiled-spade-mean", "ensemble-mean"])
 def test_accelerator_export_is_checked_and_refused_on_cpu(case, fitted, tiled_fitted,
                                                           stats_ensemble, tmp_path):
   """Exports for cuda and tpu, made on this CPU (a whole-image PatchCore, a SPADE index
-  fitted on tiles: its program of tiles, and an ensemble of a PatchCore and a PaDiM),
+  fitted on tiles: its program of tiles, and an ensemble of a SPADE, a PatchCore and a
+  PaDiM),
   checked as test_export.py checks the library's."""
   if case.startswith("tiled-"):
     detector, index, _ = tiled_fitted(case.removeprefix("tiled-"))
@@ -793,15 +794,15 @@ def _statistics_index(ensemble, indices, member_scores, member_maps):
 
 @pytest.fixture(name="stats_ensemble", scope="module")
 def fixture_stats_ensemble(fitted, scored):
-  """combine -> (Ensemble of the fitted "patchcore" and "padim" (one backbone), an
-  EnsembleIndex of their indices with _statistics_index's statistics, tolerances)."""
+  """combine -> (Ensemble of the fitted "spade", "patchcore" and "padim" (one backbone),
+  an EnsembleIndex of their indices with _statistics_index's statistics, tolerances)."""
+  names = ("spade", "patchcore", "padim")
 
   def get(combine):
-    (patchcore, pc_index), (padim, pd_index) = fitted("patchcore"), fitted("padim")
-    ensemble = spade_jax.Ensemble([patchcore, padim], spade_jax.EnsembleConfig(combine=combine))
-    raw = [scored("patchcore")[1:], scored("padim")[1:]]
-    scores, maps = [r[0] for r in raw], [r[1] for r in raw]
-    index = _statistics_index(ensemble, [pc_index, pd_index], scores, maps)
+    ensemble = spade_jax.Ensemble([fitted(n)[0] for n in names],
+                                  spade_jax.EnsembleConfig(combine=combine))
+    scores, maps = [scored(n)[1] for n in names], [scored(n)[2] for n in names]
+    index = _statistics_index(ensemble, [fitted(n)[1] for n in names], scores, maps)
     return ensemble, index, ensemble_tolerances(index, scores, maps)
 
   return get
@@ -829,10 +830,11 @@ def test_exported_ensemble_program_is_ensemble_score(combine, stats_ensemble, da
   manifest = runner.read_manifest(folder)
   assert manifest["method"] == "ensemble" and manifest["settings"]["combine"] == combine
   assert [m["name"] for m in manifest["settings"]["members"]] == list(ensemble.names)
-  assert [m["method"] for m in manifest["settings"]["members"]] == ["patchcore", "padim"]
+  assert [m["method"] for m in manifest["settings"]["members"]] == ["spade", "patchcore",
+                                                                    "padim"]
   assert manifest["index"]["ensemble_members"] == list(ensemble.names)
   assert manifest["input"]["shape"] == [BATCH, SIZE, SIZE, 3] and manifest["custom_calls"] == []
-  # One backbone shared by both members: its variables are carried once.
+  # One backbone shared by the three members: its variables are carried once.
   backbones = {n.split("/")[2] for n in manifest["array_shapes"]
                if n.startswith("program/backbones/")}
   assert backbones == {"0"} and not any("/backbone/" in n for n in manifest["array_shapes"])
