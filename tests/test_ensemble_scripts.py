@@ -193,8 +193,6 @@ def test_fit_never_replaces_what_is_not_an_ensemble_index(ws, tmp_path):
                     f"--index={keep}", *SETTINGS)
   assert_clean_error(proc, "fit.py", "exists and is not an ensemble index", "--index")
   assert (keep / "a.txt").read_text() == "mine"
-  export = run_script("export.py", f"--index={ws.index}", f"--output_dir={tmp_path / 'e'}")
-  assert_clean_error(export, "export.py", "ensemble", "predict.py")
 
 
 def test_an_uncalibrated_index_with_another_combine(ws, members, tmp_path):
