@@ -28,7 +28,6 @@ resolution as predict.py does, stitches the maps and takes the largest tile scor
 """
 
 from collections.abc import Sequence
-import pathlib
 import sys
 import time
 
@@ -63,15 +62,16 @@ def main(argv: Sequence[str]) -> None:
   import spade_jax  # pylint: disable=import-outside-toplevel
   from spade_jax.deploy import artifact, export  # pylint: disable=import-outside-toplevel
   from spade_jax.detector import load_index_file, tiling  # pylint: disable=import-outside-toplevel
+  from spade_jax.detector.index_ensemble import is_ensemble_index  # pylint: disable=import-outside-toplevel
   start = time.perf_counter()
   try:  # Everything checkable before the backbone loads.
     platforms = export.check_platforms(_PLATFORMS.value)
     fixed_image_size = export.check_image_size(_image_size(_FIXED_IMAGE_SIZE.value),
                                                "--fixed_image_size")
     artifact.check_output_dir(_OUTPUT_DIR.value)
-    if pathlib.Path(_INDEX.value).is_dir():
-      raise ValueError(f"--index={_INDEX.value} is a folder: an ensemble index (fit.py "
-                       "--method=ensemble)? export.py does not export ensembles yet; score "
+    if is_ensemble_index(_INDEX.value):
+      raise ValueError(f"--index={_INDEX.value} is an ensemble index (fit.py "
+                       "--method=ensemble); export.py does not export ensembles yet: score "
                        "it with predict.py")
     contents = load_index_file(_INDEX.value)
     settings = detector_flags.settings_from_index(

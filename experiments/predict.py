@@ -57,7 +57,6 @@ it off): a second run with the same index and image size skips compiling. Progre
 """
 
 from collections.abc import Sequence
-import pathlib
 import sys
 
 from absl import app, flags, logging
@@ -82,15 +81,14 @@ flags.adopt_module_key_flags(detector_flags)
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  from spade_jax.detector import load_index_file  # pylint: disable=import-outside-toplevel
-  from spade_jax.detector.index_ensemble import load_ensemble_index_file  # pylint: disable=import-outside-toplevel
+  from spade_jax.detector import index_ensemble, load_index_file  # pylint: disable=import-outside-toplevel
   from spade_jax.evaluation import folders, predictions  # pylint: disable=import-outside-toplevel
   detector_flags.enable_compilation_cache(_CACHE_DIR, "predict.py")
   try:  # Everything checkable before the backbone loads.
     if _NUM_SUMMARY.value < 0:
       raise ValueError(f"--num_summary must be >= 0, got {_NUM_SUMMARY.value}")
-    if pathlib.Path(_INDEX.value).is_dir():  # An ensemble index (fit.py --method=ensemble).
-      contents = load_ensemble_index_file(_INDEX.value)
+    if index_ensemble.is_ensemble_index(_INDEX.value):  # fit.py --method=ensemble's folder.
+      contents = index_ensemble.load_ensemble_index_file(_INDEX.value)
       settings = detector_flags.ensemble_settings_from_index(
           _DETECTOR.settings(), _DETECTOR.given(), contents, _INDEX.value)
       _DETECTOR.check_no_tiles("an ensemble index")

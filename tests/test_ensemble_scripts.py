@@ -140,7 +140,8 @@ def test_a_damaged_edited_or_partial_index_is_refused(ws, tmp_path):
   assert_clean_error(_predict(ws, copy, tmp_path), "predict.py", "member_1.safetensors is "
                      "missing")
   (copy / "manifest.json").unlink()
-  assert_clean_error(_predict(ws, copy, tmp_path), "predict.py", "cannot read manifest.json")
+  assert_clean_error(_predict(ws, copy, tmp_path), "predict.py", "no index file", "folder",
+                     "manifest.json")
   assert not (tmp_path / "out").exists()
 
 
