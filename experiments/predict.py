@@ -50,6 +50,13 @@ weights its features came from: other weights are refused, as are flags that the
 index's method does not read (e.g. --kappa with a PatchCore index), and a threshold
 is only applied with the scoring settings it was calibrated with.
 
+An ensemble index (a folder, fit.py --method=ensemble) is recognised by its
+manifest.json and scored with spade_jax.Ensemble.score; the outputs are the same. Its
+members, --ensemble_statistics, --ensemble_folds, --sigma (the statistics were
+computed with it), --backbone and the geometry are the index's (a flag given that
+differs is an error naming it), as is --ensemble_combine when it holds a threshold;
+other methods' flags, --layers and the --tile_* flags are errors.
+
 Compiled programs are kept in JAX's persistent compilation cache
 (--compilation_cache_dir, default $SPADE_JAX_CACHE/jax_compilation_cache; 'none' turns
 it off): a second run with the same index and image size skips compiling. Progress
