@@ -35,7 +35,6 @@ resolution as predict.py does, stitches the maps and takes the largest tile scor
 """
 
 from collections.abc import Sequence
-import pathlib
 import sys
 import time
 
@@ -71,15 +70,15 @@ def main(argv: Sequence[str]) -> None:
   import spade_jax  # pylint: disable=import-outside-toplevel
   from spade_jax.deploy import artifact, export  # pylint: disable=import-outside-toplevel
   from spade_jax.detector import load_index_file, tiling  # pylint: disable=import-outside-toplevel
-  from spade_jax.detector.index_ensemble import load_ensemble_index_file  # pylint: disable=import-outside-toplevel
+  from spade_jax.detector import index_ensemble  # pylint: disable=import-outside-toplevel
   start = time.perf_counter()
   try:  # Everything checkable before the backbone loads.
     platforms = export.check_platforms(_PLATFORMS.value)
     fixed_image_size = export.check_image_size(_image_size(_FIXED_IMAGE_SIZE.value),
                                                "--fixed_image_size")
     artifact.check_output_dir(_OUTPUT_DIR.value)
-    if pathlib.Path(_INDEX.value).is_dir():  # An ensemble index, as predict.py reads it.
-      contents = load_ensemble_index_file(_INDEX.value)
+    if index_ensemble.is_ensemble_index(_INDEX.value):  # As predict.py reads it.
+      contents = index_ensemble.load_ensemble_index_file(_INDEX.value)
       settings = detector_flags.ensemble_settings_from_index(
           _DETECTOR.settings(), _DETECTOR.given(), contents, _INDEX.value)
       _DETECTOR.check_no_tiles("an ensemble index")

@@ -44,6 +44,18 @@ bandwidths: the index stores them (checksummed with the features). With
 --method=patchcore it fits one kernel on all training patches and selects the memory
 bank in the kernel's space; the index stores the kernel with the bank.
 
+--method=ensemble (--ensemble_members, --ensemble_combine, --ensemble_statistics,
+--ensemble_folds; README "Ensembles") fits every member, standardised by its held-out
+scores over --ensemble_folds folds of whole images, and writes --index as an ensemble
+index folder (save_ensemble_index: atomic, checksummed); an existing ensemble index
+there is replaced, anything else is refused. With --calibrate the threshold is the
+--calibration_quantile quantile of the ensemble's combined held-out scores, from those
+same folds (--calibration_folds, if given, must equal --ensemble_folds); it records
+the combine, statistics and folds it holds for. Tiles are not supported with it.
+
+  python experiments/fit.py --method=ensemble --train_dir=images/good \
+      --index=part.ensemble --calibrate
+
 The detector's flags are evaluate.py's (detector_flags.py); a flag that --method does
 not read (e.g. --kappa with --method=patchcore) is an error. The index also records the
 identity (SHA-256) of the backbone's weights: predict.py refuses other weights.

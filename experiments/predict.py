@@ -50,6 +50,13 @@ weights its features came from: other weights are refused, as are flags that the
 index's method does not read (e.g. --kappa with a PatchCore index), and a threshold
 is only applied with the scoring settings it was calibrated with.
 
+An ensemble index (a folder, fit.py --method=ensemble) is recognised by its
+manifest.json and scored with spade_jax.Ensemble.score; the outputs are the same. Its
+members, --ensemble_statistics, --ensemble_folds, --sigma (the statistics were
+computed with it), --backbone and the geometry are the index's (a flag given that
+differs is an error naming it), as is --ensemble_combine when it holds a threshold;
+other methods' flags, --layers and the --tile_* flags are errors.
+
 Compiled programs are kept in JAX's persistent compilation cache
 (--compilation_cache_dir, default $SPADE_JAX_CACHE/jax_compilation_cache; 'none' turns
 it off): a second run with the same index and image size skips compiling. Progress
@@ -57,7 +64,6 @@ it off): a second run with the same index and image size skips compiling. Progre
 """
 
 from collections.abc import Sequence
-import pathlib
 import sys
 
 from absl import app, flags, logging
@@ -82,15 +88,14 @@ flags.adopt_module_key_flags(detector_flags)
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  from spade_jax.detector import load_index_file  # pylint: disable=import-outside-toplevel
-  from spade_jax.detector.index_ensemble import load_ensemble_index_file  # pylint: disable=import-outside-toplevel
+  from spade_jax.detector import index_ensemble, load_index_file  # pylint: disable=import-outside-toplevel
   from spade_jax.evaluation import folders, predictions  # pylint: disable=import-outside-toplevel
   detector_flags.enable_compilation_cache(_CACHE_DIR, "predict.py")
   try:  # Everything checkable before the backbone loads.
     if _NUM_SUMMARY.value < 0:
       raise ValueError(f"--num_summary must be >= 0, got {_NUM_SUMMARY.value}")
-    if pathlib.Path(_INDEX.value).is_dir():  # An ensemble index (fit.py --method=ensemble).
-      contents = load_ensemble_index_file(_INDEX.value)
+    if index_ensemble.is_ensemble_index(_INDEX.value):  # fit.py --method=ensemble's folder.
+      contents = index_ensemble.load_ensemble_index_file(_INDEX.value)
       settings = detector_flags.ensemble_settings_from_index(
           _DETECTOR.settings(), _DETECTOR.given(), contents, _INDEX.value)
       _DETECTOR.check_no_tiles("an ensemble index")

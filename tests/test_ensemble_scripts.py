@@ -12,12 +12,10 @@ in MVTec layout (mvtec_fixtures). One module fixture runs fit.py and predict.py 
 
 import json
 import shutil
-import types
 
-from mvtec_fixtures import write_category
 import numpy as np
 import pytest
-from test_fit_predict import assert_clean_error, read_scores, run_script
+from test_fit_predict import assert_clean_error, fit_then_predict, read_scores, run_script
 
 import spade_jax
 from spade_jax.data import mvtec
@@ -34,21 +32,9 @@ SETTINGS = ("--method=ensemble", f"--resize={RESIZE}", f"--ensemble_members={','
 @pytest.fixture(name="ws", scope="module")
 def fixture_workspace(tmp_path_factory):
   """fit.py --method=ensemble --calibrate on alpha/train/good, predict.py on alpha/test."""
-  root = tmp_path_factory.mktemp("ensemble_scripts")
-  data = root / "data"
-  write_category(data, "alpha", n_train=6, n_good=3, defects={"crack": 2, "hole": 2}, seed=7)
-  index = root / "alpha.ensemble"
-  fit = run_script("fit.py", f"--train_dir={data / 'alpha' / 'train' / 'good'}",
-                   f"--index={index}", *SETTINGS, "--calibrate",
-                   f"--calibration_quantile={QUANTILE}")
-  assert fit.returncode == 0, fit.stderr[-3000:]
-  out = root / "out"
-  predict = run_script("predict.py", f"--index={index}", f"--images={data / 'alpha' / 'test'}",
-                       f"--output_dir={out}", "--save_maps", "--num_summary=2")
-  assert predict.returncode == 0, predict.stderr[-3000:]
-  return types.SimpleNamespace(root=root, data=data, index=index, out=out, fit=fit,
-                               predict=predict)
-
+  return fit_then_predict(tmp_path_factory.mktemp("ensemble_scripts"), "alpha.ensemble",
+                          (*SETTINGS, "--calibrate", f"--calibration_quantile={QUANTILE}"),
+                          ("--save_maps", "--num_summary=2"), seed=7)
 
 @pytest.fixture(name="members", scope="module")
 def fixture_members():
@@ -140,7 +126,8 @@ def test_a_damaged_edited_or_partial_index_is_refused(ws, tmp_path):
   assert_clean_error(_predict(ws, copy, tmp_path), "predict.py", "member_1.safetensors is "
                      "missing")
   (copy / "manifest.json").unlink()
-  assert_clean_error(_predict(ws, copy, tmp_path), "predict.py", "cannot read manifest.json")
+  assert_clean_error(_predict(ws, copy, tmp_path), "predict.py", "no index file", "folder",
+                     "manifest.json")
   assert not (tmp_path / "out").exists()
 
 

@@ -454,12 +454,14 @@ class Ensemble:
     return self.fit_held_out(features, mesh=mesh, axis=axis)[0]
 
   def fit_held_out(self, features: Sequence[Any], *, mesh: Mesh | None = None,
-                   axis: str = "data") -> tuple[EnsembleIndex, np.ndarray]:
+                   axis: str = "data", log: Callable[[str], None] | None = None
+                   ) -> tuple[EnsembleIndex, np.ndarray]:
     """fit_features, also returning the members' held-out image scores (threshold's input).
 
     Args:
       features: extract()'s output for the N training images, in file order.
       mesh, axis: as in fit.
+      log: a line per member as its fits start (None: quiet).
 
     Returns:
       (EnsembleIndex, [M, N] float64: member m's score of training image n from the
@@ -471,8 +473,11 @@ class Ensemble:
                                                         strict=True)):
       try:
         num = int(np.shape(jax.tree.leaves(member_features)[0])[0])
-        scores, maps = held_out_outputs(detector, member_features, self.check_folds(num),
-                                        **kwargs)
+        folds = self.check_folds(num)
+        if log is not None:
+          log(f"ensemble member {m + 1}/{len(self.members)} ({self.names[m]}): {folds} "
+              "held-out fits, then the fit on all images")
+        scores, maps = held_out_outputs(detector, member_features, folds, **kwargs)
         stats.append(statistics(scores, self.config.statistics)
                      + statistics(maps, self.config.statistics))
         held_out.append(scores)

@@ -314,7 +314,7 @@ def fit_folder(spade, train_dir: str | os.PathLike[str], index_path: str | os.Pa
         f"images{what}, quantile {quantile}")
   features = jax.tree.map(lambda *parts: np.concatenate(parts), *chunks)
   if ensemble:
-    index, held_out = spade.fit_held_out(features)
+    index, held_out = spade.fit_held_out(features, log=log)
     threshold, held_out = (spade.threshold(index, held_out, quantile) if calibrate
                            else (None, None))
     index_ensemble.save_ensemble_index(index_path, index, threshold=threshold,
