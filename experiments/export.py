@@ -69,8 +69,7 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   import spade_jax  # pylint: disable=import-outside-toplevel
   from spade_jax.deploy import artifact, export  # pylint: disable=import-outside-toplevel
-  from spade_jax.detector import load_index_file, tiling  # pylint: disable=import-outside-toplevel
-  from spade_jax.detector import index_ensemble  # pylint: disable=import-outside-toplevel
+  from spade_jax.detector import index_ensemble, load_index_file, tiling  # pylint: disable=import-outside-toplevel
   start = time.perf_counter()
   try:  # Everything checkable before the backbone loads.
     platforms = export.check_platforms(_PLATFORMS.value)
