@@ -33,9 +33,15 @@ from spade_jax.detector import (
   SpadeIndex,
   tiling,
 )
+from spade_jax.detector import ensemble as ensemble_lib
 from spade_jax.detector.ensemble import DEFAULT_MEMBERS as ENSEMBLE_DEFAULT
 from spade_jax.detector.patchcore import IMAGE_SCORES
-from spade_jax.evaluation.config import METHODS, check_padim_scoring, check_patchcore_scoring
+from spade_jax.evaluation.config import (
+  METHODS,
+  EvalConfig,
+  check_padim_scoring,
+  check_patchcore_scoring,
+)
 from spade_jax.features import geometry
 from spade_jax.features.backbones import BACKBONES
 from spade_jax.features.patches import REDUCTIONS
@@ -118,6 +124,14 @@ class DetectorFlags:
     """Names of the detector flags set on the command line (not left at their default)."""
     return {f.name for f in dataclasses.fields(self) if getattr(self, f.name).present
             and f.name not in TILE_FLAGS}
+
+  def check_no_tiles(self, what: str) -> None:
+    """Raises a ValueError naming the first tile flag given: `what` (e.g. an ensemble)
+    is not tiled."""
+    present = [n for n in TILE_FLAGS if getattr(self, n).present]
+    if present:
+      raise ValueError(f"--{present[0]}: tiles are not supported with {what} yet; drop "
+                       "the --tile_* flags")
 
   def tiles(self, contents=None, where: str = "") -> tiling.TileConfig | None:
     """The tiling the flags ask for (None: no --tile_size), or with `contents` (an index
@@ -203,8 +217,8 @@ def define_detector_flags(crop_default: str = str(_DEFAULT.crop)) -> DetectorFla
           "Detector: spade (SPADE, Cohen & Hoshen 2020), patchcore (PatchCore, Roth et "
           "al. 2022: a coreset memory bank of locally aware patch features), padim "
           "(PaDiM, Defard et al. 2020: a Gaussian per position of random-subset "
-          "embeddings, Mahalanobis distances) or ensemble (evaluate.py: several of them, "
-          "see --ensemble_members)."),
+          "embeddings, Mahalanobis distances) or ensemble (several of them, standardised "
+          "and combined, see --ensemble_members; fit.py writes an ensemble index folder)."),
       backbone=flags.DEFINE_enum(
           "backbone", "efficientnet_lite0", list(BACKBONES),
           "Feature extractor; wide_resnet50_2 reproduces the paper."),
@@ -384,8 +398,7 @@ def own_settings(method: str, settings: dict[str, Any]) -> dict[str, Any]:
 
 def spade_config(settings: dict[str, Any], batch_size: int) -> SpadeConfig:
   """SpadeConfig of settings() (checked: ValueError naming a bad setting)."""
-  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-    raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
+  _checked_batch(batch_size)
   keys = ("k_images", "k_image_score", "kappa", "layers", "combine", "sigma", "metric",
           "aggregate", "bandwidth", "resize", "crop", "image_size")
   return SpadeConfig(**{k: settings[k] for k in keys}, batch_size=batch_size)
@@ -393,8 +406,7 @@ def spade_config(settings: dict[str, Any], batch_size: int) -> SpadeConfig:
 
 def patchcore_config(settings: dict[str, Any], batch_size: int) -> PatchCoreConfig:
   """PatchCoreConfig of settings() (checked: ValueError naming a bad setting)."""
-  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-    raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
+  _checked_batch(batch_size)
   check_patchcore_scoring(settings["metric"], settings.get("aggregate", "mean"),
                           settings.get("bandwidth"))
   keys = ("layers", "patch_size", "coreset_ratio", "reweight", "metric", "sigma", "resize",
@@ -409,8 +421,7 @@ def patchcore_config(settings: dict[str, Any], batch_size: int) -> PatchCoreConf
 
 def padim_config(settings: dict[str, Any], batch_size: int) -> PadimConfig:
   """PadimConfig of settings() (checked: ValueError naming a bad setting)."""
-  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-    raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
+  _checked_batch(batch_size)
   check_padim_scoring(settings.get("metric", _DEFAULT.metric),
                       settings.get("aggregate", "mean"), settings.get("bandwidth"))
   keys = ("layers", "num_features", "feature_seed", "regularization", "epsilon", "sigma",
@@ -426,11 +437,25 @@ def detector_config(method: str, settings: dict[str, Any], batch_size: int):
     return patchcore_config(settings, batch_size)
   if method == "padim":
     return padim_config(settings, batch_size)
-  if method == "ensemble":
-    raise ValueError("--method=ensemble is evaluate.py's (and spade_jax.Ensemble's): "
-                     "fit.py and predict.py cannot save or load an ensemble index yet; "
-                     "fit its members one by one (--method=spade|patchcore|padim)")
+  if method == "ensemble":  # The members' configs are checked (naming the member).
+    folds = settings["ensemble_folds"]
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+      raise ValueError(f"--ensemble_folds must be >= 2 (held-out folds of the training "
+                       f"images), got {folds}")
+    return _ensemble_eval_config(settings).ensemble_config(_checked_batch(batch_size))
   raise ValueError(f"--method must be one of {METHODS}, got {method!r}")
+
+
+def _checked_batch(batch_size: int) -> int:
+  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
+  return batch_size
+
+
+def _ensemble_eval_config(settings: dict[str, Any]) -> EvalConfig:
+  """evaluate.py's config of an ensemble with `settings` (it builds the ensemble)."""
+  keys = {f.name for f in dataclasses.fields(EvalConfig)} - {"data_dir"}
+  return EvalConfig(data_dir="", **{k: v for k, v in settings.items() if k in keys})
 
 
 def make_detector(method: str, settings: dict[str, Any], batch_size: int):
@@ -441,6 +466,8 @@ def make_detector(method: str, settings: dict[str, Any], batch_size: int):
   """
   import spade_jax  # pylint: disable=import-outside-toplevel
   config = detector_config(method, settings, batch_size)  # Before the backbone load.
+  if method == "ensemble":  # Each member's backbone, loaded once (spade_jax.Ensemble).
+    return _ensemble_eval_config(settings).make_detector(batch_size)
   backbone = spade_jax.load_backbone(settings["backbone"], weights=settings["weights"])
   detector = {"spade": spade_jax.Spade, "patchcore": spade_jax.PatchCore,
               "padim": spade_jax.Padim}[method]
@@ -482,11 +509,7 @@ def settings_from_index(settings: dict[str, Any], given: set[str], contents,
   recorded = contents.settings or {}
   # PatchCore's image score is chosen by these together: one given, none is recorded's.
   image_score = {"reweight", "image_score", "topk"}
-  for key in out:
-    if key not in given and key in recorded and not (key in image_score
-                                                     and image_score & set(given)):
-      value = recorded[key]
-      out[key] = None if key == "weights" and value == "none" else _tuple_if_list(value)
+  _recorded(out, recorded, given, image_score if image_score & set(given) else set())
   is_spade = isinstance(contents.index, SpadeIndex)
   # An index saved from Python without settings: the metric its kernel was fitted for.
   fitted_metric = getattr(contents.index, "fitted_metric", None)
@@ -507,13 +530,7 @@ def settings_from_index(settings: dict[str, Any], given: set[str], contents,
           f"--metric={settings['metric']} is a kernel, but the index {where} holds none "
           f"(its memory bank was selected for a fixed metric); drop --metric or refit the "
           f"index with fit.py --metric={settings['metric']}")
-  for key, value in fixed.items():
-    if key in given and _tuple_if_list(settings[key]) != value:
-      raise ValueError(
-          f"--{key}={_flag_text(settings[key])} does not match the index {where}, which was "
-          f"fitted with {key}={_flag_text(value)}; drop --{key} (predict.py takes it from "
-          f"the index) or refit the index with fit.py --{key}={_flag_text(settings[key])}")
-    out[key] = value
+  _take_fixed(out, fixed, settings, given, where)
   check_method_flags(fixed["method"], given)
   if contents.threshold is not None:
     calibrated = dict(contents.threshold.settings)
@@ -521,13 +538,91 @@ def settings_from_index(settings: dict[str, Any], given: set[str], contents,
       calibrated = {"aggregate": "mean", "bandwidth": None, **calibrated}
     elif fixed["method"] == "patchcore":  # Those without topk: on no top-k mean.
       calibrated = {"topk": None, **calibrated}
-    for key, value in calibrated.items():
-      if key in given and settings.get(key) != value:
-        raise ValueError(
-            f"--{key}={_flag_text(settings[key])} differs from the {key}={_flag_text(value)} "
-            f"the threshold in {where} was calibrated with, so the threshold would not hold; "
-            f"drop --{key} or refit with fit.py --calibrate --{key}={_flag_text(settings[key])}")
-      out[key] = value
+    _take_calibrated(out, calibrated, settings, given, where)
+  return out
+
+
+def _take_fixed(out: dict[str, Any], fixed: dict[str, Any], settings: dict[str, Any],
+                given: set[str], where: str) -> None:
+  """out[key] = value for the settings the index fixes; a flag given that differs is
+  an error naming it."""
+  for key, value in fixed.items():
+    if key in given and _tuple_if_list(settings[key]) != value:
+      raise ValueError(
+          f"--{key}={_flag_text(settings[key])} does not match the index {where}, which was "
+          f"fitted with {key}={_flag_text(value)}; drop --{key} (predict.py takes it from "
+          f"the index) or refit the index with fit.py --{key}={_flag_text(settings[key])}")
+    out[key] = value
+
+
+def _take_calibrated(out: dict[str, Any], calibrated: dict[str, Any],
+                     settings: dict[str, Any], given: set[str], where: str) -> None:
+  """out[key] = value for the settings (flag names) a threshold holds for; a flag given
+  that differs is an error naming it."""
+  for key, value in calibrated.items():
+    if key in given and settings.get(key) != value:
+      raise ValueError(
+          f"--{key}={_flag_text(settings[key])} differs from the {key}={_flag_text(value)} "
+          f"the threshold in {where} was calibrated with, so the threshold would not hold; "
+          f"drop --{key} or refit with fit.py --calibrate --{key}={_flag_text(settings[key])}")
+    out[key] = value
+
+
+def _recorded(out: dict[str, Any], recorded: dict[str, Any], given: set[str],
+              skip: set[str] = frozenset()) -> None:
+  """out[key] = the value fit.py recorded, for the settings not given (nor in skip)."""
+  for key in out:
+    if key not in given and key in recorded and key not in skip:
+      value = recorded[key]
+      out[key] = None if key == "weights" and value == "none" else _tuple_if_list(value)
+
+
+def ensemble_settings_from_index(settings: dict[str, Any], given: set[str], contents,
+                                 where: str) -> dict[str, Any]:
+  """settings_from_index for an ensemble index folder (predict.py).
+
+  A flag not given is the value fit.py recorded (--weights, --ensemble_combine, ...),
+  else its default. Fixed by the index (a flag given that differs is an error naming
+  it): the method, the members (--ensemble_members, compared after their defaults are
+  filled in), --ensemble_statistics and --ensemble_folds (the statistics), --sigma (the
+  held-out maps and scores they were computed from were blurred with it), --backbone,
+  and the feature settings --resize, --crop and --image_size (the members' index
+  files'). A stored threshold also fixes --ensemble_combine. Other methods' flags and
+  --layers are errors (check_method_flags).
+
+  Args:
+    settings: DetectorFlags.settings().
+    given: DetectorFlags.given().
+    contents: index_ensemble.EnsembleIndexFile (index, threshold, settings).
+    where: the index folder, for messages.
+
+  Raises:
+    ValueError: as described, naming the flag, both values and the fix.
+  """
+  out = dict(settings)
+  recorded = contents.settings or {}
+  _recorded(out, recorded, given)
+  index = contents.index
+  feature = json.loads(index.indices[0].feature_config)
+  fixed = {"method": "ensemble", "ensemble_statistics": index.statistics,
+           "resize": feature["resize"], "crop": feature["crop"],
+           "image_size": _tuple_if_list(feature.get("image_size")),
+           **{k: _tuple_if_list(recorded[k]) for k in ("backbone", "sigma", "ensemble_folds")
+              if k in recorded}}
+  _take_fixed(out, fixed, settings, given, where)
+  check_method_flags("ensemble", given)
+  if "ensemble_members" in given:
+    names = ensemble_lib.resolved_names(settings["ensemble_members"], out["backbone"])
+    if names != tuple(index.members):
+      raise ValueError(
+          f"--ensemble_members={_flag_text(settings['ensemble_members'])} does not match "
+          f"the index {where}, whose members are {_flag_text(index.members)}; drop "
+          "--ensemble_members (predict.py takes them from the index) or refit")
+  out["ensemble_members"] = tuple(index.members)
+  if contents.threshold is not None:  # EnsembleConfig.score_settings, as flag names.
+    _take_calibrated(out, {f"ensemble_{k}": _tuple_if_list(v)
+                           for k, v in contents.threshold.settings.items()},
+                     settings, given, where)
   return out
 
 
@@ -535,8 +630,12 @@ def recorded_settings(method: str, settings: dict[str, Any]) -> dict[str, Any]:
   """What fit.py records in the index (JSON values): the method and its own settings()
   (own_settings: not the other methods')."""
   settings = own_settings(method, settings)
-  return {"method": method, **settings, "layers": list(settings["layers"]),
-          "weights": "none" if settings["weights"] is None else settings["weights"]}
+  out = {"method": method, **settings, "layers": list(settings["layers"]),
+         "weights": "none" if settings["weights"] is None else settings["weights"]}
+  if method == "ensemble":  # No layers (each member has its own); canonical members.
+    del out["layers"]
+    out["ensemble_members"] = list(_ensemble_eval_config(settings).ensemble_members)
+  return out
 
 
 def _tuple_if_list(value: Any) -> Any:

@@ -3,6 +3,13 @@ r"""Exports an index written by fit.py as a folder that runs without spade_jax.
   python experiments/export.py --index=part.spade --output_dir=part_export
   python part_export/run.py --images=incoming --output_dir=out
 
+An ensemble index folder (fit.py --method=ensemble) exports the same way
+(--index=part.ensemble): one program runs every member on the same input, standardises
+their outputs by the index's statistics and combines them as predict.py does
+(spade_jax.Ensemble.score), with the threshold's decision when the index holds one.
+Its settings come from the index as predict.py takes them
+(detector_flags.ensemble_settings_from_index); tiles are refused.
+
 The folder (spade_jax.export_detector) holds the jax.export program (normalisation,
 backbone, the streamed search in XLA alone, scoring, maps, and the threshold's decision
 when the index holds one), its arrays in one safetensors file, manifest.json (versions,
@@ -34,7 +41,8 @@ import time
 from absl import app, flags
 import detector_flags
 
-_INDEX = flags.DEFINE_string("index", None, "Index file written by fit.py.", required=True)
+_INDEX = flags.DEFINE_string("index", None, "Index file (or ensemble index folder) written "
+                             "by fit.py.", required=True)
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "The folder to write (new or empty).",
                                   required=True)
 _PLATFORMS = flags.DEFINE_list("platforms", ["cpu"], "Where the program may run: cpu, "
@@ -61,18 +69,25 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   import spade_jax  # pylint: disable=import-outside-toplevel
   from spade_jax.deploy import artifact, export  # pylint: disable=import-outside-toplevel
-  from spade_jax.detector import load_index_file, tiling  # pylint: disable=import-outside-toplevel
+  from spade_jax.detector import index_ensemble, load_index_file, tiling  # pylint: disable=import-outside-toplevel
   start = time.perf_counter()
   try:  # Everything checkable before the backbone loads.
     platforms = export.check_platforms(_PLATFORMS.value)
     fixed_image_size = export.check_image_size(_image_size(_FIXED_IMAGE_SIZE.value),
                                                "--fixed_image_size")
     artifact.check_output_dir(_OUTPUT_DIR.value)
-    contents = load_index_file(_INDEX.value)
-    settings = detector_flags.settings_from_index(
-        _DETECTOR.settings(), _DETECTOR.given(), contents, _INDEX.value)
+    if index_ensemble.is_ensemble_index(_INDEX.value):  # As predict.py reads it.
+      contents = index_ensemble.load_ensemble_index_file(_INDEX.value)
+      settings = detector_flags.ensemble_settings_from_index(
+          _DETECTOR.settings(), _DETECTOR.given(), contents, _INDEX.value)
+      _DETECTOR.check_no_tiles("an ensemble index")
+      tiles = None
+    else:
+      contents = load_index_file(_INDEX.value)
+      settings = detector_flags.settings_from_index(
+          _DETECTOR.settings(), _DETECTOR.given(), contents, _INDEX.value)
+      tiles = _DETECTOR.tiles(contents, _INDEX.value)  # predict.py's: the index's tile_size.
     detector_flags.detector_config(settings["method"], settings, _DETECTOR.batch_size.value)
-    tiles = _DETECTOR.tiles(contents, _INDEX.value)  # predict.py's: the index's tile_size.
     detector = detector_flags.make_detector(settings["method"], settings,
                                             _DETECTOR.batch_size.value)
     if tiles is not None:
@@ -85,6 +100,8 @@ def main(argv: Sequence[str]) -> None:
   size = sum(p.stat().st_size for p in out.iterdir())
   tiled = "" if tiles is None else f" (tiles of {tiles.tile_size}, overlap " \
       f"{tiles.tile_overlap}, merge {tiles.merge})"
+  if settings["method"] == "ensemble":
+    tiled = f" of {len(settings['ensemble_members'])} members ({settings['ensemble_combine']})"
   print(f"exported {settings['method']}{tiled} for {','.join(platforms)} in "
         f"{time.perf_counter() - start:.1f} s: {out} ({size / 2**20:.1f} MiB)")
   print(f"run it with: python {out / 'run.py'} --images=FOLDER --output_dir=OUT")

@@ -44,6 +44,18 @@ bandwidths: the index stores them (checksummed with the features). With
 --method=patchcore it fits one kernel on all training patches and selects the memory
 bank in the kernel's space; the index stores the kernel with the bank.
 
+--method=ensemble (--ensemble_members, --ensemble_combine, --ensemble_statistics,
+--ensemble_folds; README "Ensembles") fits every member, standardised by its held-out
+scores over --ensemble_folds folds of whole images, and writes --index as an ensemble
+index folder (save_ensemble_index: atomic, checksummed); an existing ensemble index
+there is replaced, anything else is refused. With --calibrate the threshold is the
+--calibration_quantile quantile of the ensemble's combined held-out scores, from those
+same folds (--calibration_folds, if given, must equal --ensemble_folds); it records
+the combine, statistics and folds it holds for. Tiles are not supported with it.
+
+  python experiments/fit.py --method=ensemble --train_dir=images/good \
+      --index=part.ensemble --calibrate
+
 The detector's flags are evaluate.py's (detector_flags.py); a flag that --method does
 not read (e.g. --kappa with --method=patchcore) is an error. The index also records the
 identity (SHA-256) of the backbone's weights: predict.py refuses other weights.
@@ -63,8 +75,8 @@ import numpy as np
 
 _TRAIN_DIR = flags.DEFINE_string("train_dir", None, "Folder of normal images (any depth).",
                                  required=True)
-_INDEX = flags.DEFINE_string("index", None, "Index file to write (its folder must exist).",
-                             required=True)
+_INDEX = flags.DEFINE_string("index", None, "Index file to write (its folder must exist); "
+                             "--method=ensemble: the index folder to write.", required=True)
 _CALIBRATE = flags.DEFINE_bool("calibrate", False,
                                "Also store a decision threshold on the image score, "
                                "calibrated on the training images by cross-validation.")
@@ -87,14 +99,23 @@ def main(argv: Sequence[str]) -> None:
   from spade_jax.detector import calibration  # pylint: disable=import-outside-toplevel
   from spade_jax.evaluation import folders  # pylint: disable=import-outside-toplevel
   settings = _DETECTOR.settings()
+  ensemble = _DETECTOR.method.value == "ensemble"
   try:  # Everything checkable before the backbone loads.
     detector_flags.check_method_flags(_DETECTOR.method.value, _DETECTOR.given())
     detector_flags.detector_config(_DETECTOR.method.value, settings,
                                    _DETECTOR.batch_size.value)
-    tiles = _DETECTOR.tiles()
+    if ensemble:
+      _DETECTOR.check_no_tiles("--method=ensemble")
+      if _FOLDS.present and _FOLDS.value != settings["ensemble_folds"]:
+        raise ValueError(
+            f"--calibration_folds={_FOLDS.value}: an ensemble's threshold is calibrated on "
+            f"the held-out scores of its --ensemble_folds={settings['ensemble_folds']} "
+            "folds (those of its standardisation); drop --calibration_folds or set "
+            "--ensemble_folds")
+    tiles = None if ensemble else _DETECTOR.tiles()
     if _CALIBRATE.value:
       calibration.check_calibration_args(2, _QUANTILE.value, _FOLDS.value, 0)
-    folders.check_index_path(_INDEX.value)
+    folders.check_index_path(_INDEX.value, folder=ensemble)
   except ValueError as e:
     sys.exit(f"fit.py: error: {e}")
   detector_flags.enable_compilation_cache(_CACHE_DIR, "fit.py")
@@ -108,14 +129,20 @@ def main(argv: Sequence[str]) -> None:
   except (ValueError, OSError) as e:  # Bad input: a message, not a traceback.
     sys.exit(f"fit.py: error: {e}")
   h, w = report.input_size
-  print(f"index: {report.index_path} ({report.num_images} images at {h}x{w}, backbone "
-        f"{settings['backbone']}, {report.seconds:.1f} s)")
+  if ensemble:
+    print(f"ensemble index: {report.index_path} ({report.num_images} images at {h}x{w}, "
+          f"members {', '.join(spade.names)}, {report.seconds:.1f} s)")
+  else:
+    print(f"index: {report.index_path} ({report.num_images} images at {h}x{w}, backbone "
+          f"{settings['backbone']}, {report.seconds:.1f} s)")
   if report.skipped:
     print(f"skipped {len(report.skipped)} files that are not readable images: "
           f"{', '.join(s.relative for s in report.skipped)}")
   if report.threshold is not None:
     t, scores = report.threshold, report.held_out_scores
     folds = "leave-one-out" if t.folds == t.num_images else f"{t.folds}-fold"
+    if ensemble:
+      folds = f"ensemble's combined {folds}"
     print(f"threshold: {t.value:.6g} (quantile {t.quantile} of the {folds} held-out scores "
           f"of {t.num_images} normal images: min {scores.min():.6g}, median "
           f"{np.median(scores):.6g}, max {scores.max():.6g})")

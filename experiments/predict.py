@@ -50,6 +50,13 @@ weights its features came from: other weights are refused, as are flags that the
 index's method does not read (e.g. --kappa with a PatchCore index), and a threshold
 is only applied with the scoring settings it was calibrated with.
 
+An ensemble index (a folder, fit.py --method=ensemble) is recognised by its
+manifest.json and scored with spade_jax.Ensemble.score; the outputs are the same. Its
+members, --ensemble_statistics, --ensemble_folds, --sigma (the statistics were
+computed with it), --backbone and the geometry are the index's (a flag given that
+differs is an error naming it), as is --ensemble_combine when it holds a threshold;
+other methods' flags, --layers and the --tile_* flags are errors.
+
 Compiled programs are kept in JAX's persistent compilation cache
 (--compilation_cache_dir, default $SPADE_JAX_CACHE/jax_compilation_cache; 'none' turns
 it off): a second run with the same index and image size skips compiling. Progress
@@ -62,7 +69,8 @@ import sys
 from absl import app, flags, logging
 import detector_flags
 
-_INDEX = flags.DEFINE_string("index", None, "Index file written by fit.py.", required=True)
+_INDEX = flags.DEFINE_string("index", None, "Index file (or ensemble index folder) written "
+                             "by fit.py.", required=True)
 _IMAGES = flags.DEFINE_string("images", None, "Folder of images to score (any depth).",
                               required=True)
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where scores.csv, heatmaps/ and "
@@ -80,18 +88,25 @@ flags.adopt_module_key_flags(detector_flags)
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  from spade_jax.detector import load_index_file  # pylint: disable=import-outside-toplevel
+  from spade_jax.detector import index_ensemble, load_index_file  # pylint: disable=import-outside-toplevel
   from spade_jax.evaluation import folders, predictions  # pylint: disable=import-outside-toplevel
   detector_flags.enable_compilation_cache(_CACHE_DIR, "predict.py")
   try:  # Everything checkable before the backbone loads.
     if _NUM_SUMMARY.value < 0:
       raise ValueError(f"--num_summary must be >= 0, got {_NUM_SUMMARY.value}")
-    contents = load_index_file(_INDEX.value)
+    if index_ensemble.is_ensemble_index(_INDEX.value):  # fit.py --method=ensemble's folder.
+      contents = index_ensemble.load_ensemble_index_file(_INDEX.value)
+      settings = detector_flags.ensemble_settings_from_index(
+          _DETECTOR.settings(), _DETECTOR.given(), contents, _INDEX.value)
+      _DETECTOR.check_no_tiles("an ensemble index")
+      tiles = None
+    else:
+      contents = load_index_file(_INDEX.value)
+      settings = detector_flags.settings_from_index(
+          _DETECTOR.settings(), _DETECTOR.given(), contents, _INDEX.value)
+      tiles = _DETECTOR.tiles(contents, _INDEX.value)
     index, threshold = contents.index, contents.threshold
-    settings = detector_flags.settings_from_index(
-        _DETECTOR.settings(), _DETECTOR.given(), contents, _INDEX.value)
     detector_flags.detector_config(settings["method"], settings, _DETECTOR.batch_size.value)
-    tiles = _DETECTOR.tiles(contents, _INDEX.value)
     predictions.check_output_dir(_OUTPUT_DIR.value)
     spade = detector_flags.make_detector(settings["method"], settings,
                                          _DETECTOR.batch_size.value)

@@ -73,6 +73,7 @@ _EXPORTS = {
     "EnsembleIndex": "spade_jax.detector.ensemble",
     "save_ensemble_index": "spade_jax.detector.index_ensemble",
     "load_ensemble_index": "spade_jax.detector.index_ensemble",
+    "load_ensemble_index_file": "spade_jax.detector.index_ensemble",
     "save_index": "spade_jax.detector.index_file",
     "load_index": "spade_jax.detector.index_file",
     # Deployment: a fitted detector as a standalone folder.
@@ -145,7 +146,11 @@ sys.meta_path.insert(0, _SubmoduleAliases())
 # importing this package, must not reach; see pyproject.toml's layers.)
 if TYPE_CHECKING:  # Static type checkers see the real imports.
   from spade_jax.detector.ensemble import Ensemble, EnsembleConfig, EnsembleIndex
-  from spade_jax.detector.index_ensemble import load_ensemble_index, save_ensemble_index
+  from spade_jax.detector.index_ensemble import (
+    load_ensemble_index,
+    load_ensemble_index_file,
+    save_ensemble_index,
+  )
   from spade_jax.detector.index_file import load_index, save_index
   from spade_jax.detector.padim import Padim, PadimConfig, PadimIndex
   from spade_jax.detector.patchcore import PatchCore, PatchCoreConfig, PatchCoreIndex

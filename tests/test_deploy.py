@@ -11,7 +11,10 @@ efficientnet_lite0 with its packaged ImageNet weights (no network), as fit.py wo
 run.py's maps are compared with predict.py's --save_maps, at each image's own size.
 Tiled exports (an index fitted on 64 x 64 tiles, overlap 16 or 0, mean or max merge) are
 compared with predict_folder(tiles=) on test images of five sizes, and end to end
-through fit.py, export.py, predict.py and run.py (efficientnet_lite0).
+through fit.py, export.py, predict.py and run.py (efficientnet_lite0). Ensembles
+(spade_jax.Ensemble of two members on the tiny backbone; end to end: fit.py
+--method=ensemble with efficientnet_lite0) are compared with Ensemble.score and
+predict.py, their tolerance propagated through the standardisation (ensemble_tolerances).
 
 Tolerance of run.py against predict.py: relative 2e-5 on the image scores (about 170
 float32 ulps) and 2e-5 of the largest map value on the maps. Both compute the same
@@ -86,13 +89,14 @@ class TinyPyramid(nn.Module):
     return out
 
 
-def tiny_backbone() -> spade_jax.Backbone:
+def tiny_backbone(seed: int = 0, name: str = "tiny_pyramid") -> spade_jax.Backbone:
+  """TinyPyramid with variables initialised from `seed`."""
   from spade_jax.features.backbones.backbone import FeatureInfo  # pylint: disable=import-outside-toplevel
   module = TinyPyramid()
-  variables = module.init(jax.random.PRNGKey(0), np.zeros((1, SIZE, SIZE, 3), np.float32))
+  variables = module.init(jax.random.PRNGKey(seed), np.zeros((1, SIZE, SIZE, 3), np.float32))
   features = {level: FeatureInfo(c, 4 * 2 ** i)
               for i, (level, c) in enumerate(TINY_CHANNELS.items())}
-  return spade_jax.Backbone("tiny_pyramid", module, variables,
+  return spade_jax.Backbone(name, module, variables,
                             {**features, "pool": FeatureInfo(12, None)})
 
 
@@ -215,12 +219,12 @@ def predict(detector, index, data, threshold, out: pathlib.Path, save_maps: bool
   return read_scores(out / "scores.csv")
 
 
-def assert_same_scores(expected, actual):
+def assert_same_scores(expected, actual, atol: float = 0.0):
   (header, rows), (run_header, run_rows) = expected, actual
   assert run_header == header
   assert [r[0] for r in run_rows] == [r[0] for r in rows]
   for row, run_row in zip(rows, run_rows):
-    assert float(run_row[1]) == pytest.approx(float(row[1]), rel=RTOL), row[0]
+    assert float(run_row[1]) == pytest.approx(float(row[1]), rel=RTOL, abs=atol), row[0]
     assert run_row[2:] == row[2:], row[0]  # The decision, exactly.
 
 
@@ -386,13 +390,17 @@ def test_other_jax_version_is_named(cpu_export):
     runner.load_program(b"\x00" * 64, {"jax_version": "99.1.0"})
 
 
-@pytest.mark.parametrize("case", ["patchcore", "tiled-spade-mean"])
-def test_accelerator_export_is_checked_and_refused_on_cpu(case, fitted, tiled_fitted, tmp_path):
-  """Exports for cuda and tpu, made on this CPU (a whole-image PatchCore, and a SPADE
-  index fitted on tiles: its program of tiles), checked as test_export.py checks the
-  library's."""
+@pytest.mark.parametrize("case", ["patchcore", "tiled-spade-mean", "ensemble-mean"])
+def test_accelerator_export_is_checked_and_refused_on_cpu(case, fitted, tiled_fitted,
+                                                          stats_ensemble, tmp_path):
+  """Exports for cuda and tpu, made on this CPU (a whole-image PatchCore, a SPADE index
+  fitted on tiles: its program of tiles, and an ensemble of a SPADE, a PatchCore and a
+  PaDiM),
+  checked as test_export.py checks the library's."""
   if case.startswith("tiled-"):
     detector, index, _ = tiled_fitted(case.removeprefix("tiled-"))
+  elif case.startswith("ensemble-"):
+    detector, index, _ = stats_ensemble("mean")
   else:
     detector, index = fitted(case)
   folder = spade_jax.export_detector(detector, index, tmp_path / "export",
@@ -411,6 +419,8 @@ def test_accelerator_export_is_checked_and_refused_on_cpu(case, fitted, tiled_fi
   if case.startswith("tiled-"):
     assert manifest["input"]["tiles"]["tile_size"] == 64
     assert manifest["input"]["shape"] == [BATCH, 64, 64, 3]
+  if case.startswith("ensemble-"):
+    assert manifest["method"] == "ensemble" and manifest["input"]["tiles"] is None
   with pytest.raises(runner.ArtifactError, match=r"exported for \['cuda', 'tpu'\], and jax "
                      r"runs on cpu here.*--platforms=cuda,tpu,cpu"):
     runner.Artifact(folder)
@@ -729,3 +739,282 @@ def test_tiled_index_from_fit_py_exports_and_runs_without_spade_jax(tiled_data, 
                       cwd=tmp_path)
   assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
   assert "image 'thin.png': tile_size=64 is larger than the image (40x300)" in proc.stderr
+
+
+# ----------------------------------------------------------------------------------
+# Ensembles (spade_jax.Ensemble): one program runs the members' programs on the same
+# input, standardises their outputs by the index's statistics and combines them as
+# Ensemble.score does (programs.ensemble_program).
+
+# case -> (its two members (DETECTORS names), the second on a backbone of its own (else
+# both share one, carried once), EnsembleConfig, with a threshold).
+ENSEMBLES = {
+    "patchcore+padim-mean": (("patchcore", "padim"), False,
+                             spade_jax.EnsembleConfig(folds=2), False),
+    "patchcore-l2+mahalanobis-max": (
+        ("patchcore", "patchcore-mahalanobis"), True,
+        spade_jax.EnsembleConfig(combine="max", statistics="median_mad", folds=2), True),
+}
+
+
+def make_ensemble(case: str) -> spade_jax.Ensemble:
+  names, own_backbone, config, _ = ENSEMBLES[case]
+  tiny = tiny_backbone()
+  second = tiny_backbone(1, "tiny_pyramid_b") if own_backbone else tiny
+  return spade_jax.Ensemble([DETECTORS[names[0]](tiny), DETECTORS[names[1]](second)], config)
+
+
+def ensemble_tolerances(index, member_scores, member_maps) -> tuple[float, float]:
+  """(score, map) absolute tolerances of an exported ensemble against Ensemble.score.
+
+  Each member's raw outputs are within RTOL (relative; of the largest map value for
+  maps) of the library's, as a single detector's export is (module docstring); the
+  standardisation divides them by the member's scale, so a standardised output is within
+  RTOL x max|raw| / scale, and a mean or max over members stays within the largest
+  member's bound. (The library computes the image z-scores in float64, the program in
+  float32: a few ulps more, far below this.)"""
+  score_tol = max(RTOL * float(np.abs(s).max()) / float(index.image_scale[m])
+                  for m, s in enumerate(member_scores))
+  map_tol = max(RTOL * float(np.abs(a).max()) / float(index.pixel_scale[m])
+                for m, a in enumerate(member_maps))
+  return score_tol, map_tol
+
+
+def _statistics_index(ensemble, indices, member_scores, member_maps):
+  """An EnsembleIndex of fitted member indices with statistics chosen here (the test
+  images' mean and standard deviation, so that z-scores are of order 1): Ensemble.score
+  and the export read whatever statistics the index holds."""
+  stats = {"image_center": [np.mean(s) for s in member_scores],
+           "image_scale": [np.std(s) + 0.1 for s in member_scores],
+           "pixel_center": [np.mean(a) for a in member_maps],
+           "pixel_scale": [np.std(a) + 0.1 for a in member_maps]}
+  return spade_jax.EnsembleIndex(indices=tuple(indices), members=ensemble.names,
+                                 **{k: np.asarray(v, np.float32) for k, v in stats.items()})
+
+
+@pytest.fixture(name="stats_ensemble", scope="module")
+def fixture_stats_ensemble(fitted, scored):
+  """combine -> (Ensemble of the fitted "spade", "patchcore" and "padim" (one backbone),
+  an EnsembleIndex of their indices with _statistics_index's statistics, tolerances)."""
+  names = ("spade", "patchcore", "padim")
+
+  def get(combine):
+    ensemble = spade_jax.Ensemble([fitted(n)[0] for n in names],
+                                  spade_jax.EnsembleConfig(combine=combine))
+    scores, maps = [scored(n)[1] for n in names], [scored(n)[2] for n in names]
+    index = _statistics_index(ensemble, [fitted(n)[1] for n in names], scores, maps)
+    return ensemble, index, ensemble_tolerances(index, scores, maps)
+
+  return get
+
+
+@pytest.mark.parametrize("combine", ["mean", "max"])
+def test_exported_ensemble_program_is_ensemble_score(combine, stats_ensemble, data, tmp_path):
+  """The exported program (through jax.export and run.py's Artifact, batches of 4 with
+  the last padded) on the images run.py prepares, against Ensemble.score on the same
+  images: scores and maps."""
+  ensemble, index, (score_tol, map_tol) = stats_ensemble(combine)
+  images = mvtec.load_category(data.root / "data", "alpha").test_images
+  scores, maps = ensemble.score(index, images)
+  assert np.abs(scores).max() < 20  # z-scores of order 1 (not a degenerate comparison).
+  folder = spade_jax.export_detector(ensemble, index, tmp_path / "export", batch_size=BATCH)
+  runner = load_runner(folder)
+  exported = runner.Artifact(folder)
+  inputs = np.stack([exported.to_input(image) for image in images])
+  out = [exported(inputs[i:i + BATCH]) for i in range(0, len(inputs), BATCH)]
+  np.testing.assert_allclose(np.concatenate([o["scores"] for o in out]), scores, rtol=0,
+                             atol=score_tol)
+  got_maps = np.concatenate([o["maps"] for o in out])
+  assert got_maps.shape == maps.shape == (len(images), SIZE, SIZE)
+  np.testing.assert_allclose(got_maps, maps, rtol=0, atol=map_tol)
+  manifest = runner.read_manifest(folder)
+  assert manifest["method"] == "ensemble" and manifest["settings"]["combine"] == combine
+  assert [m["name"] for m in manifest["settings"]["members"]] == list(ensemble.names)
+  assert [m["method"] for m in manifest["settings"]["members"]] == ["spade", "patchcore",
+                                                                    "padim"]
+  assert manifest["index"]["ensemble_members"] == list(ensemble.names)
+  assert manifest["input"]["shape"] == [BATCH, SIZE, SIZE, 3] and manifest["custom_calls"] == []
+  # One backbone shared by the three members: its variables are carried once.
+  backbones = {n.split("/")[2] for n in manifest["array_shapes"]
+               if n.startswith("program/backbones/")}
+  assert backbones == {"0"} and not any("/backbone/" in n for n in manifest["array_shapes"])
+  np.testing.assert_array_equal(
+      exported.arrays["program/image_scale"], np.asarray(index.image_scale, np.float32))
+
+
+def test_ensemble_export_refusals(tmp_path):
+  """Each refusal comes before any member index is used, or from the member's own check
+  (named): unfitted detectors and placeholder member indices suffice."""
+  tiny = tiny_backbone()
+  patchcore, padim = DETECTORS["patchcore"](tiny), DETECTORS["padim"](tiny)
+  ensemble = spade_jax.Ensemble([patchcore, padim])
+
+  def index_of(ensemble, indices=("not an index", "not an index")):
+    ones = np.ones(len(indices), np.float32)
+    return spade_jax.EnsembleIndex(indices=tuple(indices), image_center=ones,
+                                   image_scale=ones, pixel_center=ones, pixel_scale=ones,
+                                   members=ensemble.names)
+
+  index, out = index_of(ensemble), tmp_path / "out"
+  # Members whose inputs differ (a crop, the whole image): named with their inputs.
+  whole = spade_jax.Padim(tiny, spade_jax.PadimConfig(
+      resize=SIZE, crop=None, image_size=(SIZE, SIZE * 5 // 4)))
+  mixed = spade_jax.Ensemble([patchcore, whole])
+  with pytest.raises(ValueError, match=r"members bring images to different inputs \("
+                     r"patchcore:l2:tiny_pyramid:layer2\+layer3: resize 64, centre crop 64; "
+                     r"padim::tiny_pyramid:layer1\+layer2\+layer3: the whole image resized "
+                     r"to 64x80\)"):
+    spade_jax.export_detector(mixed, index_of(mixed), out)
+  # Tiles: refused when the tiled detector is made, and by the export.
+  with pytest.raises(ValueError, match="tiles .* not supported with an ensemble"):
+    tiling.Tiled(ensemble, tiling.TileConfig(SIZE))
+  tiled = tiling.Tiled.__new__(tiling.Tiled)
+  tiled.detector, tiled.tiles = ensemble, tiling.TileConfig(SIZE)
+  with pytest.raises(ValueError, match="an ensemble cannot be exported with tiles"):
+    spade_jax.export_detector(tiled, index, out)
+  # Indices of other members, or not an ensemble's.
+  with pytest.raises(ValueError, match="the index was fitted for members"):
+    spade_jax.export_detector(spade_jax.Ensemble([padim, patchcore]), index, out)
+  with pytest.raises(ValueError, match="index must be an EnsembleIndex, got str"):
+    spade_jax.export_detector(ensemble, "not an index", out)
+  # A member's index that does not fit it: the member's own check, naming the member.
+  with pytest.raises(ValueError, match=r"ensemble member 0 \(patchcore:l2:.*index must be a "
+                     "PatchCoreIndex, got str"):
+    spade_jax.export_detector(ensemble, index, out)
+  # Thresholds: one of a single detector, one calibrated with another combine.
+  single = calibration.Threshold(1.0, 0.5, 2, 6, patchcore.config.score_settings())
+  with pytest.raises(ValueError, match="calibrated for another detector"):
+    spade_jax.export_detector(ensemble, index, out, threshold=single)
+  other_combine = calibration.Threshold(1.0, 0.5, 2, 6, {
+      **ensemble.config.score_settings(), "combine": "max"})
+  with pytest.raises(ValueError, match="export_detector.*combine"):
+    spade_jax.export_detector(ensemble, index, out, threshold=other_combine)
+  with pytest.raises(ValueError, match=r"not the detector's input size \(64, 64\)"):
+    spade_jax.export_detector(ensemble, index, out, image_size=32)
+  # A member whose backbone is not a spade_jax Backbone (nothing to carry): named.
+  from spade_fake_backbone import FakeBackbone  # pylint: disable=import-outside-toplevel
+  fake = spade_jax.Padim(FakeBackbone(), spade_jax.PadimConfig(resize=SIZE, crop=SIZE))
+  fake_ensemble = spade_jax.Ensemble([fake, patchcore])
+  with pytest.raises(ValueError, match=r"ensemble member 0 \(padim::.*needs a spade_jax "
+                     "Backbone"):
+    spade_jax.export_detector(fake_ensemble, index_of(fake_ensemble), out)
+  assert not out.exists()
+
+
+@pytest.fixture(name="ensemble_fitted", scope="module")
+def fixture_ensemble_fitted(data):
+  """case -> namespace(ensemble, index (Ensemble.fit on the training images), paths,
+  scores [7] and maps [7, 64, 64] of Ensemble.score on the test images, tolerances),
+  once per case."""
+  category = mvtec.load_category(data.root / "data", "alpha")
+  cache = {}
+
+  def get(case):
+    if case not in cache:
+      ensemble = make_ensemble(case)
+      index = ensemble.fit(data.train)
+      scores, maps = ensemble.score(index, category.test_images)
+      raw = ensemble.member_outputs(index, category.test_images)
+      cache[case] = types.SimpleNamespace(
+          ensemble=ensemble, index=index, scores=scores, maps=maps,
+          paths=[p.removeprefix("test/") for p in category.test_paths],
+          tolerances=ensemble_tolerances(index, *raw))
+    return cache[case]
+
+  return get
+
+
+@pytest.mark.slow  # Ensemble.fit: each member refitted over the folds.
+@pytest.mark.parametrize("case", list(ENSEMBLES))
+def test_ensemble_run_py_gives_predict_py_scores_and_maps(case, ensemble_fitted, data,
+                                                          tmp_path):
+  """An ensemble fitted by Ensemble.fit, exported (the threshold's decision too, for the
+  max case), run by run.py on the test folder: predict.py's scores.csv (folders.
+  predict_folder, which scores with Ensemble.score) and its maps at each image's size."""
+  fitted_ = ensemble_fitted(case)
+  ensemble, index = fitted_.ensemble, fitted_.index
+  score_tol, map_tol = fitted_.tolerances
+  threshold = (between_scores(fitted_.scores, ensemble.config) if ENSEMBLES[case][3]
+               else None)
+  expected = predict(ensemble, index, data, threshold, tmp_path / "predict", save_maps=True)
+  if threshold is not None:
+    assert {r[2] for r in expected[1]} == {"0", "1"}
+  folder = spade_jax.export_detector(ensemble, index, tmp_path / "export", batch_size=BATCH,
+                                     threshold=threshold)
+  runner = load_runner(folder)
+  run_paths, run_scores, skipped = runner.score_folder(
+      runner.Artifact(folder), data.test_dir, tmp_path / "run", write_maps=True)
+  assert not skipped and run_paths == sorted(fitted_.paths)
+  assert_same_scores(expected, read_scores(tmp_path / "run" / "scores.csv"), atol=score_tol)
+  order = [fitted_.paths.index(p) for p in run_paths]
+  np.testing.assert_allclose(run_scores, fitted_.scores[order], rtol=0, atol=score_tol)
+  for path in fitted_.paths:
+    run_map = np.load(tmp_path / "run" / "maps" / f"{path}.npy")
+    predict_map = np.load(tmp_path / "predict" / "maps" / f"{path}.npy")
+    assert run_map.shape == predict_map.shape == IMAGE_HW and run_map.dtype == np.float32
+    np.testing.assert_allclose(run_map, predict_map, rtol=0, atol=map_tol, err_msg=path)
+  manifest = json.loads((folder / "manifest.json").read_text())
+  assert manifest["method"] == "ensemble"
+  assert manifest["settings"]["statistics"] == ensemble.config.statistics
+  assert (manifest["threshold"] is not None) == (threshold is not None)
+  backbones = {n.split("/")[2] for n in manifest["array_shapes"]
+               if n.startswith("program/backbones/")}
+  assert backbones == ({"0", "1"} if ENSEMBLES[case][1] else {"0"})
+
+
+ENSEMBLE_MEMBERS = ("patchcore:l2:efficientnet_lite0", "padim::efficientnet_lite0:layer1+layer2")
+ENSEMBLE_RESIZE = 48
+
+
+@pytest.mark.slow
+def test_ensemble_index_from_fit_py_exports_and_runs_without_spade_jax(data, tmp_path):
+  """The commands end to end: fit.py --method=ensemble --calibrate (a PatchCore and a
+  PaDiM on efficientnet_lite0 with its packaged weights, whole 32 x 40 images at 48 x 60),
+  export.py --index=FOLDER (a tile flag is refused, naming it), predict.py, and run.py
+  where spade_jax cannot be imported: predict.py's scores.csv (the threshold's decisions
+  exactly) and maps, within ensemble_tolerances of the members' outputs."""
+  index_path = tmp_path / "alpha.ensemble"
+  proc = run_script("fit.py", f"--train_dir={data.root / 'data' / 'alpha' / 'train' / 'good'}",
+                    f"--index={index_path}", "--method=ensemble", f"--resize={ENSEMBLE_RESIZE}",
+                    f"--ensemble_members={','.join(ENSEMBLE_MEMBERS)}", "--ensemble_folds=3",
+                    "--calibrate", "--calibration_quantile=0.5")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  proc = run_script("export.py", f"--index={index_path}", f"--output_dir={tmp_path / 'refused'}",
+                    "--tile_size=32")
+  assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  lines = [l for l in proc.stderr.splitlines() if "export.py: error:" in l]
+  assert len(lines) == 1 and "--tile_size: tiles are not supported with an ensemble" in lines[0]
+  assert not (tmp_path / "refused").exists()
+  proc = run_script("export.py", f"--index={index_path}", f"--output_dir={tmp_path / 'export'}",
+                    f"--batch_size={BATCH}", "--platforms=cpu,cuda,tpu")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "exported ensemble of 2 members (mean) for cpu,cuda,tpu" in proc.stdout, proc.stdout
+  proc = run_script("predict.py", f"--index={index_path}", f"--images={data.test_dir}",
+                    f"--output_dir={tmp_path / 'predict'}", "--save_maps", "--noheatmaps",
+                    "--num_summary=0", "--compilation_cache_dir=none")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  expected = read_scores(tmp_path / "predict" / "scores.csv")
+  assert expected[0] == ["path", "score", "anomalous"]
+
+  site = isolated_site(tmp_path)
+  proc = run_isolated(site, str(tmp_path / "export" / "run.py"), f"--images={data.test_dir}",
+                      f"--output_dir={tmp_path / 'run'}", "--maps", cwd=tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  # The tolerances, from the members' own outputs (built in process as fit.py builds them).
+  contents = spade_jax.load_ensemble_index_file(index_path)
+  ensemble = spade_jax.Ensemble(
+      spade_jax.Ensemble.from_specs(ENSEMBLE_MEMBERS, resize=ENSEMBLE_RESIZE, crop=None)
+      .with_whole_image_size(*IMAGE_HW).members, spade_jax.EnsembleConfig(folds=3))
+  images = mvtec.load_category(data.root / "data", "alpha").test_images
+  score_tol, map_tol = ensemble_tolerances(
+      contents.index, *ensemble.member_outputs(contents.index, images))
+  assert_same_scores(expected, read_scores(tmp_path / "run" / "scores.csv"), atol=score_tol)
+  manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
+  assert manifest["method"] == "ensemble" and manifest["platforms"] == ["cpu", "cuda", "tpu"]
+  assert manifest["threshold"] == json.loads(contents.threshold.to_json())
+  assert manifest["input"]["image_size"] == [ENSEMBLE_RESIZE, ENSEMBLE_RESIZE * 5 // 4]
+  for (path, *_) in expected[1]:
+    run_map = np.load(tmp_path / "run" / "maps" / f"{path}.npy")
+    predict_map = np.load(tmp_path / "predict" / "maps" / f"{path}.npy")
+    assert run_map.shape == predict_map.shape == IMAGE_HW, path
+    np.testing.assert_allclose(run_map, predict_map, rtol=0, atol=map_tol, err_msg=path)

@@ -256,8 +256,9 @@ def test_scripts_refuse_bad_ensemble_flags(tmp_path):
                        "--ensemble_combine=max", f"--output_dir={tmp_path / 'o3'}")
   assert_clean_error(foreign, "evaluate.py", "--ensemble_combine")
   fit = run_script("fit.py", f"--train_dir={data / 'alpha' / 'train' / 'good'}",
-                   f"--index={tmp_path / 'x.index'}", "--method=ensemble")
-  assert_clean_error(fit, "fit.py", "--method=ensemble", "cannot save or load an ensemble")
+                   f"--index={tmp_path / 'x.index'}", "--method=ensemble", "--layers=layer1")
+  assert_clean_error(fit, "fit.py", "--layers is not used by --method=ensemble")
+  # (fit.py and predict.py with ensemble indexes: test_ensemble_scripts.py.)
 
 
 @pytest.mark.slow  # Uses the fitted ensemble.
@@ -286,3 +287,32 @@ def test_index_folder_round_trip_and_checks(data, tmp_path):
   (path / "manifest.json").write_text(json.dumps(manifest))
   with pytest.raises(ValueError, match="image_scale"):
     spade_jax.load_ensemble_index(path)
+  manifest["image_scale"][0] = 2.0  # Valid, but not what was saved.
+  (path / "manifest.json").write_text(json.dumps(manifest))
+  with pytest.raises(ValueError, match="does not match its checksum"):
+    spade_jax.load_ensemble_index(path)
+
+
+@pytest.mark.slow  # Uses the fitted ensemble.
+def test_index_folder_threshold_settings_and_version_1(data, tmp_path):
+  ensemble, index, _, _ = data
+  threshold = spade_jax.detector.Threshold(value=0.5, quantile=0.9, folds=FOLDS, num_images=9,
+                                           settings=ensemble.config.score_settings())
+  path = tmp_path / "part.ensemble"
+  spade_jax.save_ensemble_index(path, index, threshold=threshold, settings={"sigma": 4.0})
+  contents = spade_jax.load_ensemble_index_file(path, expect=ensemble)
+  assert contents.threshold == threshold and contents.settings == {"sigma": 4.0}
+  manifest = json.loads((path / "manifest.json").read_text())
+  for name in ("threshold", "settings", "checksum"):  # What version 1 wrote.
+    del manifest[name]
+  manifest["version"] = 1
+  (path / "manifest.json").write_text(json.dumps(manifest))
+  old = spade_jax.load_ensemble_index_file(path)
+  assert old.threshold is None and old.settings is None
+  np.testing.assert_array_equal(old.index.pixel_scale, index.pixel_scale)
+  other = tmp_path / "photos"
+  other.mkdir()
+  (other / "a.txt").write_text("mine")
+  with pytest.raises(ValueError, match="not an ensemble index"):
+    spade_jax.save_ensemble_index(other, index)
+  assert (other / "a.txt").read_text() == "mine"

@@ -57,6 +57,30 @@ def assert_clean_error(proc: subprocess.CompletedProcess, script: str, *needles:
     assert needle in proc.stderr, proc.stderr[-3000:]
 
 
+def fit_then_predict(root: pathlib.Path, index_name: str, fit_flags: tuple[str, ...],
+                     predict_flags: tuple[str, ...], seed: int = 5) -> types.SimpleNamespace:
+  """The script tests' workspace: a category "alpha" under root/data (6 training images;
+  3 good, 2 crack and 2 hole test images), fit.py on its train/good writing
+  root/index_name, then predict.py on its test folder into root/out, both in their
+  script servers and asserted to succeed.
+
+  Returns:
+    SimpleNamespace(root, data, index, out, fit, predict): paths and the two runs.
+  """
+  data = root / "data"
+  write_category(data, "alpha", n_train=6, n_good=3, defects={"crack": 2, "hole": 2},
+                 seed=seed)
+  index, out = root / index_name, root / "out"
+  fit = run_script("fit.py", f"--train_dir={data / 'alpha' / 'train' / 'good'}",
+                   f"--index={index}", *fit_flags)
+  assert fit.returncode == 0, fit.stderr[-3000:]
+  predict = run_script("predict.py", f"--index={index}", f"--images={data / 'alpha' / 'test'}",
+                       f"--output_dir={out}", *predict_flags)
+  assert predict.returncode == 0, predict.stderr[-3000:]
+  return types.SimpleNamespace(root=root, data=data, index=index, out=out, fit=fit,
+                               predict=predict)
+
+
 def read_scores(path: pathlib.Path) -> tuple[list[str], list[list[str]]]:
   with open(path, newline="", encoding="utf-8") as f:
     rows = list(csv.reader(f))

@@ -12,11 +12,10 @@ import pathlib
 import sys
 import types
 
-from mvtec_fixtures import write_category
 import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
-from test_fit_predict import assert_clean_error, read_scores, run_script
+from test_fit_predict import assert_clean_error, fit_then_predict, read_scores, run_script
 
 import spade_jax
 from spade_jax.data import mvtec
@@ -34,17 +33,10 @@ SETTINGS = ("--method=patchcore", f"--resize={SIZE}", f"--crop={SIZE}", "--cores
 @pytest.fixture(name="ws", scope="module")
 def fixture_workspace(tmp_path_factory):
   root = tmp_path_factory.mktemp("patchcore_scripts")
-  data = root / "data"
-  write_category(data, "alpha", n_train=6, n_good=3, defects={"crack": 2, "hole": 2}, seed=5)
-  index = root / "alpha.patchcore"
-  fit = run_script("fit.py", f"--train_dir={data / 'alpha' / 'train' / 'good'}",
-                   f"--index={index}", *SETTINGS, "--calibrate", "--calibration_folds=3",
-                   "--calibration_quantile=0.5")
-  assert fit.returncode == 0, fit.stderr[-3000:]
-  out = root / "out"
-  predict = run_script("predict.py", f"--index={index}", f"--images={data / 'alpha' / 'test'}",
-                       f"--output_dir={out}", "--noheatmaps")
-  assert predict.returncode == 0, predict.stderr[-3000:]
+  ws = fit_then_predict(root, "alpha.patchcore",
+                        (*SETTINGS, "--calibrate", "--calibration_folds=3",
+                         "--calibration_quantile=0.5"), ("--noheatmaps",))
+  data, index, out = ws.data, ws.index, ws.out
   evaluate = run_script("evaluate.py", f"--data_dir={data}", *SETTINGS, "--num_heatmaps=0",
                         f"--output_dir={root / 'evaluate'}")
   assert evaluate.returncode == 0, evaluate.stderr[-3000:]

@@ -20,10 +20,13 @@ The folder (artifact.py writes it):
 run.py brings each image to the input size as the library does (features/geometry.py:
 with a crop, shorter side to resize and centre crop; with crop=None, a resize to
 image_size) and maps each anomaly map back to the image's own size (geometry.to_original),
-as predict.py's --save_maps. A tiled detector (fit.py / predict.py --tile_size;
-detector.tiling.Tiled) exports a program of T x T tiles: run.py cuts every image into
-tiles at its native resolution as tiling.py does, stitches their maps at the image's
-size (mean or max) and takes the largest tile score.
+as predict.py's --save_maps. An Ensemble exports one program: its members' programs on
+the same input, standardised and combined as Ensemble.score (programs.ensemble_program);
+its members must share resize / crop / image_size, and it cannot be tiled. A tiled
+detector (fit.py / predict.py --tile_size; detector.tiling.Tiled) exports a program of
+T x T tiles: run.py cuts every image into tiles at its native resolution as tiling.py
+does, stitches their maps at the image's size (mean or max) and takes the largest tile
+score.
 
 The program is traced from the detector's own scoring functions (programs.py), at the
 batch size given (static: the search's blocking is chosen from the query count, so a
@@ -46,6 +49,7 @@ import numpy as np
 
 from spade_jax.deploy import artifact, programs
 from spade_jax.detector import calibration, tiling
+from spade_jax.detector.ensemble import Ensemble, EnsembleIndex
 from spade_jax.search import cpu_kernel
 
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
@@ -100,6 +104,22 @@ def split_tiles(detector: Any) -> tuple[Any, tiling.TileConfig | None]:
   return detector, None
 
 
+def input_size_of(detector: Any) -> tuple[int, int]:
+  """The (H, W) a detector's program takes: config.input_size, or an Ensemble's
+  output_size (its first member's input size, which every member must share)."""
+  if isinstance(detector, Ensemble):
+    return tuple(detector.output_size)
+  return tuple(detector.config.input_size)
+
+
+def default_batch_size(detector: Any) -> int:
+  """config.batch_size, or an Ensemble's first member's (the members share it when fit.py
+  builds them)."""
+  if isinstance(detector, Ensemble):
+    return detector.members[0].config.batch_size
+  return detector.config.batch_size
+
+
 def threshold_below(value: float) -> np.float32:
   """The largest float32 t <= value: a float32 score s has s > value exactly when s > t
   (predict.py compares the float32 score with the threshold in float64)."""
@@ -118,30 +138,34 @@ def export_detector(detector: Any, index: Any, output_dir: str | os.PathLike[str
 
   Args:
     detector: a Spade, PatchCore or Padim with a spade_jax Backbone (or any detector with
-      a builder in programs.py), or one of them tiled (detector.tiling.Tiled, as
-      fit.py / predict.py --tile_size use it): the program then scores batches of
-      T x T tiles, and run.py cuts each image into tiles at its native resolution as
-      tiling.py does (same positions), stitches the tile maps (the TileConfig's merge)
-      and takes the largest tile score as the image's.
-    index: its fitted index (from fit / load_index), checked as score checks it.
+      a builder in programs.py), an Ensemble of them (one program: each member's on the
+      same input, standardised and combined as Ensemble.score; the members must share
+      resize, crop and image_size; not tiled), or one of them tiled
+      (detector.tiling.Tiled, as fit.py / predict.py --tile_size use it): the program
+      then scores batches of T x T tiles, and run.py cuts each image into tiles at its
+      native resolution as tiling.py does (same positions), stitches the tile maps (the
+      TileConfig's merge) and takes the largest tile score as the image's.
+    index: its fitted index (from fit / load_index; an Ensemble's EnsembleIndex, from
+      fit / load_ensemble_index), checked as score checks it.
     output_dir: the folder to write; it must not exist, or be empty.
     platforms: where the program may run: any of PLATFORMS (one multi-platform export).
     batch_size: images (tiles, when tiled) per program call; default
-      detector.config.batch_size. The batch dimension is static: run.py pads the last
-      batch (the search's blocking is chosen from the static query count,
-      search.blocking.default_blocks, so the program cannot be traced with a symbolic
-      batch).
+      detector.config.batch_size (an Ensemble: its first member's). The batch dimension
+      is static: run.py pads the last batch (the search's blocking is chosen from the
+      static query count, search.blocking.default_blocks, so the program cannot be traced
+      with a symbolic batch).
     image_size: the program's input (height, width) or an int (square): the detector's
       input size (config.input_size: its crop, or its image_size without one; (T, T)
-      when tiled), which is also the default (None). Another size is refused: the
-      index's features were extracted at that size.
+      when tiled; an Ensemble's output_size), which is also the default (None). Another
+      size is refused: the index's features were extracted at that size.
     fixed_image_size: None: images of any size are brought to the detector's input size
       as it does (its resize, crop or image_size); (height, width) or an int: run.py
       refuses images of another size (e.g. a fixed camera whose frames must all be
       alike).
-    threshold: the index's calibrated threshold (load_index_file(...).threshold); adds
+    threshold: the index's calibrated threshold (load_index_file(...).threshold; an
+      ensemble's: load_ensemble_index_file(...).threshold, on its combined scores); adds
       the decision "anomalous" (score > threshold). Checked against the detector's
-      scoring settings.
+      scoring settings (an Ensemble's: EnsembleConfig.score_settings()).
 
   Returns:
     The folder written.
@@ -149,18 +173,22 @@ def export_detector(detector: Any, index: Any, output_dir: str | os.PathLike[str
   Raises:
     ValueError: a bad argument, a detector that cannot be exported, an index that does
       not fit it, a threshold calibrated under other settings, a fixed image size smaller
-      than the tiles, or an output folder that is not empty.
+      than the tiles, a tiled Ensemble or one whose members' inputs differ, or an output
+      folder that is not empty.
   """
   start = time.perf_counter()
   platforms = check_platforms(platforms)
   detector, tiles = split_tiles(detector)
-  batch_size = detector.config.batch_size if batch_size is None else batch_size
+  if tiles is not None and isinstance(detector, Ensemble):
+    raise ValueError("an ensemble cannot be exported with tiles (tiles are not supported "
+                     "with an ensemble); export it untiled")
+  batch_size = default_batch_size(detector) if batch_size is None else batch_size
   if not _is_int(batch_size) or batch_size < 1:
     raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
   input_size = check_image_size(image_size, "image_size")
-  if input_size is not None and input_size != tuple(detector.config.input_size):
+  if input_size is not None and input_size != input_size_of(detector):
     raise ValueError(f"image_size={image_size!r} is not the detector's input size "
-                     f"{tuple(detector.config.input_size)} (its index was fitted at that size; "
+                     f"{input_size_of(detector)} (its index was fitted at that size; "
                      f"fit again at the other size to export it)")
   fixed_image_size = check_image_size(fixed_image_size)
   if tiles is not None and fixed_image_size is not None \
@@ -207,5 +235,10 @@ def export_detector(detector: Any, index: Any, output_dir: str | os.PathLike[str
 
 
 def _index_info(index: Any) -> dict[str, Any]:
+  """The manifest's "index": the backbone, feature settings and fingerprint it was
+  fitted with (an ensemble's: its members' names, statistics kind and each member's)."""
+  if isinstance(index, EnsembleIndex):
+    return {"ensemble_members": list(index.members), "statistics": index.statistics,
+            "members": [_index_info(member) for member in index.indices]}
   return {"backbone": index.backbone_name, "feature_config": index.feature_config,
           "weights_id": getattr(index, "weights_id", None), "fingerprint": index.fingerprint}

@@ -10,6 +10,11 @@ search, scoring, maps), built from the detector's own scoring functions, so an e
 computes what `detector.score` computes. One builder per detector class, registered
 with `register_program`: a detector added later plugs in with one function.
 
+An Ensemble (detector/ensemble.py) is the programs of its members (each built by its
+own builder above) run on the same input, their outputs standardised by the index's
+statistics and combined as Ensemble.score does (ensemble_program). Its members must
+bring images to one input (the same resize, crop and input size).
+
 Only the arrays are traced arguments; what stays in the function is what the
 detector's config fixes (layers, k, kappa, the metric's name, PaDiM's channel subset,
 PatchCore's random projection of reduction="random_projection").
@@ -27,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spade_jax import scoring
-from spade_jax.detector import padim, patchcore, spade
+from spade_jax.detector import ensemble, padim, patchcore, spade
 from spade_jax.features import embedding, patches
 from spade_jax.scoring import anomaly_map, gaussian, memory_bank
 
@@ -43,7 +48,7 @@ class Program:
   """A fitted detector as arrays + a pure scoring function.
 
   Attributes:
-    method: "spade", "patchcore", "padim", ... (the index file's method name).
+    method: "spade", "patchcore", "padim", "ensemble", ... (the index's method name).
     arrays: pytree of the arrays the function reads (jax or NumPy arrays, Python
       floats); strings in it are settings, not arrays, and stay in the function.
     score: (arrays, images [B, H, W, 3] float32, ImageNet-normalised) ->
@@ -84,7 +89,8 @@ def build(detector: Any, index: Any) -> Program:
   Raises:
     ValueError: a detector with no registered builder, a backbone that is not a
       spade_jax Backbone (its variables must be arrays to carry), an index that does not
-      fit the detector (the detector's own checks), or a sharded index.
+      fit the detector (the detector's own checks), or a sharded index; for an
+      Ensemble, any of these for a member (naming it), or members whose inputs differ.
   """
   entry = _BUILDERS.get(type(detector))
   if entry is None:
@@ -92,6 +98,8 @@ def build(detector: Any, index: Any) -> Program:
     raise ValueError(f"cannot export a {type(detector).__name__}: exportable detectors are "
                      f"{known} (register a builder with "
                      "spade_jax.deploy.programs.register_program)")
+  if isinstance(detector, ensemble.Ensemble):  # Each member's backbone: build(member).
+    return entry[1](detector, index)
   backbone = detector.backbone
   if not (callable(getattr(backbone, "apply", None)) and hasattr(backbone, "variables")):
     raise ValueError(f"cannot export backbone {getattr(backbone, 'name', backbone)!r}: an "
@@ -212,6 +220,94 @@ def padim_program(detector: padim.Padim, index: padim.PadimIndex) -> Program:
     return maps.max(axis=(1, 2)), maps
 
   return _program("padim", arrays, score, cfg)
+
+
+def _geometry(config: Any) -> tuple[Any, ...]:
+  """What a detector's input (its Program's input_size, resize and crop) depends on: the
+  input size, the crop and, with a crop, resize (crop=None resizes to image_size)."""
+  return tuple(config.input_size), config.crop, config.resize if config.crop is not None \
+      else None
+
+
+def _describe_geometry(config: Any) -> str:
+  height, width = config.input_size
+  if config.crop is None:
+    return f"the whole image resized to {height}x{width}"
+  return f"resize {config.resize}, centre crop {config.crop}"
+
+
+@register_program(ensemble.Ensemble, "ensemble")
+def ensemble_program(detector: ensemble.Ensemble, index: ensemble.EnsembleIndex) -> Program:
+  """An ensemble: every member's program (built by its own builder) on the same input,
+  each output standardised by the index's statistics and combined as Ensemble.score
+  does (ensemble.combine_outputs):
+
+    z_m = (score_m - image_center[m]) / image_scale[m],
+    Z_m = (map_m - pixel_center[m]) / pixel_scale[m],
+
+  then their mean or max over the M members (EnsembleConfig.combine). Arrays: each
+  member's (a backbone shared by several members carried once) and the four [M] float32
+  statistics. Ensemble.score preprocesses the images once per member, with the member's
+  own resize / crop / image_size: one program input stands for all of them only when
+  they agree, so members with different inputs are refused. Ensemble.score computes the
+  image z-scores in float64; the program in float32.
+
+  Raises:
+    ValueError: an index of other members, a member that cannot be exported (naming
+      it), or members whose inputs differ (naming them and their inputs).
+  """
+  detector.check_index(index)
+  configs = [member.config for member in detector.members]
+  if len({_geometry(c) for c in configs}) > 1:
+    inputs = "; ".join(f"{name}: {_describe_geometry(c)}"
+                       for name, c in zip(detector.names, configs))
+    raise ValueError(f"cannot export this ensemble: its members bring images to different "
+                     f"inputs ({inputs}), and one program takes one input; fit the members "
+                     f"with the same resize, crop and image_size (fit.py --method=ensemble "
+                     f"does)")
+  members = []
+  for m, (member, member_index) in enumerate(zip(detector.members, index.indices)):
+    try:
+      members.append(build(member, member_index))
+    except ValueError as e:
+      raise ValueError(f"ensemble member {m} ({detector.names[m]}): {e}") from None
+  # A backbone shared by several members (Ensemble.from_specs loads each once): its
+  # variables once, under "backbones", and not in those members' arrays.
+  # (A builder without a "backbone" entry keeps its arrays whole: key None.)
+  shared: dict[int, str] = {}
+  backbones, member_arrays, backbone_keys = {}, [], []
+  for member, program in zip(detector.members, members):
+    arrays, key = program.arrays, None
+    if isinstance(arrays, dict) and "backbone" in arrays:
+      arrays = dict(arrays)
+      key = shared.setdefault(id(member.backbone), str(len(shared)))
+      backbones.setdefault(key, arrays.pop("backbone"))
+    member_arrays.append(arrays)
+    backbone_keys.append(key)
+  arrays = {"backbones": backbones, "members": member_arrays,
+            **{name: np.asarray(getattr(index, name), np.float32)
+               for name in ("image_center", "image_scale", "pixel_center", "pixel_scale")}}
+  combine = detector.config.combine
+
+  def score(arrays, images):
+    z_scores, z_maps = [], []
+    for m, (program, key) in enumerate(zip(members, backbone_keys)):
+      member_arrays = arrays["members"][m] if key is None else {
+          **arrays["members"][m], "backbone": arrays["backbones"][key]}
+      scores, maps = program.score(member_arrays, images)
+      z_scores.append((scores.astype(jnp.float32) - arrays["image_center"][m])
+                      / arrays["image_scale"][m])
+      z_maps.append((maps.astype(jnp.float32) - arrays["pixel_center"][m])
+                    / arrays["pixel_scale"][m])
+    reduce = jnp.mean if combine == "mean" else jnp.max
+    return reduce(jnp.stack(z_scores), axis=0), reduce(jnp.stack(z_maps), axis=0)
+
+  first = members[0]
+  settings = {**_config_settings(detector.config),
+              "members": [{"name": name, "method": p.method, "settings": p.settings}
+                          for name, p in zip(detector.names, members)]}
+  return Program("ensemble", arrays, score, first.input_size, first.resize, first.crop,
+                 settings)
 
 
 def as_numpy_tree(tree: Any) -> Any:

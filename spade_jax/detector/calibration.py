@@ -425,10 +425,7 @@ def spade_threshold(spade: Spade, train_pool: np.ndarray, *, quantile: float = 0
     return np.asarray(scores)
 
   scores = held_out_scores(score_fold, num_images, folds, groups)
-  settings = cfg.score_settings()
-  threshold = Threshold(value=float(np.quantile(scores, quantile)), quantile=float(quantile),
-                        folds=folds, num_images=num_images, settings=settings)
-  return threshold, scores
+  return quantile_threshold(scores, quantile, folds, cfg.score_settings()), scores
 
 
 def patchcore_threshold(patchcore, train_patches: np.ndarray, *, quantile: float = 0.99,
@@ -516,10 +513,18 @@ def refit_threshold(detector: Any, train_features: np.ndarray, name: str, layout
     return np.asarray(scores)
 
   scores = held_out_scores(score_fold, num_images, folds, groups)
-  threshold = Threshold(value=float(np.quantile(scores, quantile)), quantile=float(quantile),
-                        folds=folds, num_images=num_images,
-                        settings=detector.config.score_settings())
-  return threshold, scores
+  return quantile_threshold(scores, quantile, folds, detector.config.score_settings()), scores
+
+
+def quantile_threshold(scores: Any, quantile: float, folds: int,
+                       settings: Mapping[str, Any]) -> Threshold:
+  """The Threshold at numpy.quantile(scores, quantile) (linear interpolation) of the
+  held-out image scores of len(scores) normal images, from `folds` folds, recorded with
+  the scoring `settings` it holds for (every calibration ends here: spade_threshold,
+  refit_threshold, Ensemble.threshold)."""
+  scores = np.asarray(scores, np.float64)
+  return Threshold(value=float(np.quantile(scores, quantile)), quantile=float(quantile),
+                   folds=int(folds), num_images=int(scores.shape[0]), settings=dict(settings))
 
 
 def _num_images(rows: int, groups: Any) -> int:

@@ -179,6 +179,12 @@ class EnsembleConfig:
     if isinstance(self.folds, bool) or not isinstance(self.folds, int) or self.folds < 2:
       raise ValueError(f"EnsembleConfig.folds must be an int >= 2, got {self.folds!r}")
 
+  def score_settings(self) -> dict[str, Any]:
+    """The settings the ensemble's image score depends on besides its index: all three
+    (a calibrated threshold records them, calibration.Threshold; the members and their
+    statistics are the index's own)."""
+    return dataclasses.asdict(self)
+
 
 @struct.dataclass
 class EnsembleIndex:
@@ -205,9 +211,25 @@ class EnsembleIndex:
 
 def member_name(detector: Any) -> str:
   """METHOD:METRIC:BACKBONE:LAYERS of a member detector (its config's values)."""
-  method = _method_of(detector)
-  metric = "" if method == "padim" else detector.config.metric
-  return f"{method}:{metric}:{detector.backbone.name}:{'+'.join(detector.config.layers)}"
+  return _name(_method_of(detector), detector.config, detector.backbone.name)
+
+
+def _name(method: str, config: Any, backbone: str) -> str:
+  metric = "" if method == "padim" else config.metric
+  return f"{method}:{metric}:{backbone}:{'+'.join(config.layers)}"
+
+
+def resolved_names(members: str | Sequence[str], backbone: str, flag: str = FLAG
+                   ) -> tuple[str, ...]:
+  """The member_name of each member Ensemble.from_specs(members, backbone=backbone)
+  builds (defaults filled in), without loading a backbone: what an EnsembleIndex's
+  members are compared with.
+
+  Raises:
+    ValueError: a bad member (parse_members, member_config; names `flag`).
+  """
+  return tuple(_name(spec.method, member_config(spec), spec.backbone or backbone)
+               for spec in parse_members(members, flag))
 
 
 def _method_of(detector: Any) -> str:
@@ -250,18 +272,26 @@ def combine_outputs(scores: Sequence[np.ndarray], maps: Sequence[np.ndarray],
   Returns:
     (scores [N] float32, maps [N, H, W] float32), NumPy.
   """
-  z_scores, z_maps = [], []
-  for m, (score, amap) in enumerate(zip(scores, maps)):
+  z_maps = []
+  for m, amap in enumerate(maps):
     amap = np.asarray(amap, np.float32)
     if amap.shape[-2:] != tuple(size):
       amap = np.asarray(anomaly_map.upsample_bilinear(amap, tuple(size)))
-    z_scores.append((np.asarray(score, np.float64) - float(index.image_center[m]))
-                    / float(index.image_scale[m]))
     z_maps.append((amap - np.float32(index.pixel_center[m]))
                   / np.float32(index.pixel_scale[m]))
   reduce = np.mean if combine == "mean" else np.max
-  return (reduce(np.stack(z_scores), axis=0).astype(np.float32),
+  return (combine_scores(scores, index, combine),
           reduce(np.stack(z_maps), axis=0).astype(np.float32))
+
+
+def combine_scores(scores: Sequence[np.ndarray], index: EnsembleIndex, combine: str
+                   ) -> np.ndarray:
+  """The ensemble's image scores [N] float32 from its M members' raw ones (M arrays
+  [N]): the mean or max over members of (score_m - image_center[m]) / image_scale[m]."""
+  z_scores = [(np.asarray(score, np.float64) - float(index.image_center[m]))
+              / float(index.image_scale[m]) for m, score in enumerate(scores)]
+  reduce = np.mean if combine == "mean" else np.max
+  return reduce(np.stack(z_scores), axis=0).astype(np.float32)
 
 
 def _take(features: Any, rows: np.ndarray) -> Any:
@@ -381,6 +411,26 @@ class Ensemble:
     return ValueError(f"ensemble member {m} ({self.names[m]}) failed: "
                       f"{type(e).__name__}: {e}")
 
+  def check_folds(self, num_images: int, quantile: float = 0.5) -> int:
+    """The folds fit runs on num_images training images (config.folds, at most one per
+    image), checked before any work.
+
+    Raises:
+      ValueError: fewer than 2 images, or a quantile (of threshold) outside [0, 1].
+    """
+    return calibration.check_calibration_args(num_images, quantile, self.config.folds, 1,
+                                              what="one training image")
+
+  def extract(self, images: np.ndarray | Sequence[np.ndarray]) -> tuple[Any, ...]:
+    """Each member's extract() output for `images` (a tuple, in member order)."""
+    features = []
+    for m, detector in enumerate(self.members):
+      try:
+        features.append(detector.extract(images))
+      except Exception as e:  # pylint: disable=broad-exception-caught
+        raise self._member_error(m, e) from e
+    return tuple(features)
+
   def fit(self, train_images: np.ndarray | Sequence[np.ndarray], *, mesh: Mesh | None = None,
           axis: str = "data") -> EnsembleIndex:
     """Fits every member with its held-out statistics (module docstring).
@@ -395,27 +445,82 @@ class Ensemble:
     Raises:
       ValueError: too few images for the folds, or a member that fails (names it).
     """
-    num = len(train_images)
+    self.check_folds(len(train_images))
+    return self.fit_features(self.extract(train_images), mesh=mesh, axis=axis)
+
+  def fit_features(self, features: Sequence[Any], *, mesh: Mesh | None = None,
+                   axis: str = "data") -> EnsembleIndex:
+    """fit from extract()'s output (each member's features of the N training images)."""
+    return self.fit_held_out(features, mesh=mesh, axis=axis)[0]
+
+  def fit_held_out(self, features: Sequence[Any], *, mesh: Mesh | None = None,
+                   axis: str = "data", log: Callable[[str], None] | None = None
+                   ) -> tuple[EnsembleIndex, np.ndarray]:
+    """fit_features, also returning the members' held-out image scores (threshold's input).
+
+    Args:
+      features: extract()'s output for the N training images, in file order.
+      mesh, axis: as in fit.
+      log: a line per member as its fits start (None: quiet).
+
+    Returns:
+      (EnsembleIndex, [M, N] float64: member m's score of training image n from the
+      member refitted without n's fold).
+    """
     kwargs = {} if mesh is None else {"mesh": mesh, "axis": axis}
-    indices, stats = [], []
-    for m, detector in enumerate(self.members):
+    indices, stats, held_out = [], [], []
+    for m, (detector, member_features) in enumerate(zip(self.members, features,
+                                                        strict=True)):
       try:
-        folds = calibration.check_calibration_args(num, 0.5, self.config.folds, 1,
-                                                   what="one training image")
-        features = detector.extract(train_images)
-        scores, maps = held_out_outputs(detector, features, folds, **kwargs)
+        num = int(np.shape(jax.tree.leaves(member_features)[0])[0])
+        folds = self.check_folds(num)
+        if log is not None:
+          log(f"ensemble member {m + 1}/{len(self.members)} ({self.names[m]}): {folds} "
+              "held-out fits, then the fit on all images")
+        scores, maps = held_out_outputs(detector, member_features, folds, **kwargs)
         stats.append(statistics(scores, self.config.statistics)
                      + statistics(maps, self.config.statistics))
-        indices.append(detector.fit_features(*_args(features), **kwargs))
+        held_out.append(scores)
+        indices.append(detector.fit_features(*_args(member_features), **kwargs))
       except Exception as e:  # pylint: disable=broad-exception-caught
         raise self._member_error(m, e) from e
     stats = np.asarray(stats, np.float32)
-    return EnsembleIndex(indices=tuple(indices), image_center=stats[:, 0],
-                         image_scale=stats[:, 1], pixel_center=stats[:, 2],
-                         pixel_scale=stats[:, 3], members=self.names,
-                         statistics=self.config.statistics)
+    index = EnsembleIndex(indices=tuple(indices), image_center=stats[:, 0],
+                          image_scale=stats[:, 1], pixel_center=stats[:, 2],
+                          pixel_scale=stats[:, 3], members=self.names,
+                          statistics=self.config.statistics)
+    return index, np.stack(held_out)
 
-  def _check_index(self, index: EnsembleIndex) -> None:
+  def threshold(self, index: EnsembleIndex, held_out: np.ndarray, quantile: float = 0.99
+                ) -> tuple[calibration.Threshold, np.ndarray]:
+    """A decision threshold on the ensemble's image scores, from normal images alone.
+
+    Each training image's combined score (combine_scores, with the index's statistics)
+    of its members' held-out scores (fit_held_out: the members refitted without its
+    fold, the folds of the standardisation); the threshold is their `quantile`
+    (numpy.quantile, as calibration's), recorded with config.score_settings() and the
+    folds used.
+
+    Args:
+      index: fit_held_out's index.
+      held_out: fit_held_out's [M, N] held-out member scores.
+      quantile: in [0, 1].
+
+    Returns:
+      (calibration.Threshold, the N combined held-out scores [N] float32).
+    """
+    self.check_index(index)
+    held_out = np.asarray(held_out, np.float64)
+    if held_out.ndim != 2 or held_out.shape[0] != len(self.members):
+      raise ValueError(f"held_out must be [{len(self.members)}, N] (fit_held_out's), got "
+                       f"shape {held_out.shape}")
+    folds = self.check_folds(held_out.shape[1], quantile)
+    combined = combine_scores(held_out, index, self.config.combine)
+    return calibration.quantile_threshold(combined, quantile, folds,
+                                          self.config.score_settings()), combined
+
+  def check_index(self, index: EnsembleIndex) -> None:
+    """Raises a ValueError unless `index` is an EnsembleIndex fitted for these members."""
     if not isinstance(index, EnsembleIndex):
       raise ValueError(f"index must be an EnsembleIndex, got {type(index).__name__}")
     if tuple(index.members) != self.names:
@@ -426,7 +531,7 @@ class Ensemble:
                      mesh: Mesh | None = None, axis: str = "data"
                      ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Each member's raw (scores [N], maps [N, H_m, W_m]) of test images."""
-    self._check_index(index)
+    self.check_index(index)
     kwargs = {} if mesh is None else {"mesh": mesh, "axis": axis}
     scores, maps = [], []
     for m, (detector, member_index) in enumerate(zip(self.members, index.indices)):

@@ -543,6 +543,9 @@ def load_index_file(path: str | os.PathLike, expect: Expect | None = None) -> In
       config.
   """
   path = pathlib.Path(path)
+  if path.is_dir():
+    raise ValueError(f"no index file at {path}: it is a folder (an ensemble index folder, "
+                     "fit.py --method=ensemble, holds a manifest.json; this one has none)")
   if not path.is_file():
     raise ValueError(f"no index file at {path}")
   where = str(path)

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from spade_jax.detector.ensemble import Ensemble
 from spade_jax.detector.padim import Padim
 from spade_jax.features import geometry
 
@@ -247,6 +248,9 @@ class Tiled:
   def __init__(self, detector: Any, tiles: TileConfig):
     if not isinstance(tiles, TileConfig):
       raise ValueError(f"tiles must be a TileConfig, got {type(tiles).__name__}")
+    if isinstance(detector, Ensemble):
+      raise ValueError("tiles (--tile_size) are not supported with an ensemble yet: tile "
+                       "its members one by one, or score the ensemble untiled")
     if tiles.position_weight and isinstance(detector, Padim):
       raise ValueError("tile_position_weight is for SPADE and PatchCore: PaDiM's Gaussians "
                        "already model each position of a tile (drop it or use another "

@@ -12,6 +12,13 @@ logged (a warning naming it and why), left out and listed in the report, never f
 Chunks hold whole batches of readable images, so the detector sees the batches it
 would see for the same images passed at once: the numbers equal Spade.fit / score's.
 
+An Ensemble (detector/ensemble.py) goes through the same two functions: fit_folder
+extracts every member's features chunk by chunk, fits the ensemble (its held-out
+statistics) and writes an ensemble index folder (save_ensemble_index); with calibrate
+the threshold is the quantile of its combined held-out scores (Ensemble.threshold).
+predict_folder scores with Ensemble.score; the maps are at its first member's input
+size. Tiles are not supported with an ensemble.
+
 Whole images (a detector config with crop=None, fit.py's and predict.py's default):
 fit_folder takes the one input size from the first image unless the config's
 image_size gives it, and the index records it (spade_jax.features.geometry).
@@ -41,10 +48,11 @@ import numpy as np
 import PIL.Image
 
 from spade_jax.data import folder
-from spade_jax.detector import calibration, common, index_file, tiling
+from spade_jax.detector import calibration, common, index_ensemble, index_file, tiling
 from spade_jax.detector import padim as padim_lib
 from spade_jax.detector import patchcore as patchcore_lib
 from spade_jax.detector import spade as spade_lib
+from spade_jax.detector.ensemble import Ensemble
 from spade_jax.detector.padim import Padim
 from spade_jax.detector.spade import Spade
 from spade_jax.evaluation import heatmaps, predictions
@@ -143,15 +151,44 @@ def _check_learned(spade, count: int, where: str) -> None:
                      "--metric")
 
 
-def check_index_path(path: str | os.PathLike[str]) -> pathlib.Path:
+def _shape_config(detector) -> Any:
+  """The config holding the input geometry and batch size: the detector's, or an
+  Ensemble's first member's (the members share them; its maps are at that size)."""
+  return detector.members[0].config if isinstance(detector, Ensemble) else detector.config
+
+
+def _members(detector) -> tuple[Any, ...]:
+  """An Ensemble's member detectors, or (detector,)."""
+  return detector.members if isinstance(detector, Ensemble) else (detector,)
+
+
+def _check_members(detector, count: int, where: str) -> None:
+  """_check_k and _check_learned for the detector or each ensemble member (named)."""
+  for member, name in zip(_members(detector), getattr(detector, "names", [None])):
+    member_where = where if name is None else f"{where} (ensemble member {name!r})"
+    _check_k(member, count, member_where)
+    _check_learned(member, count, member_where)
+
+
+def check_index_path(path: str | os.PathLike[str], folder: bool = False) -> pathlib.Path:
   """Checks that an index can be written at `path` (before any work).
 
+  Args:
+    path: the index file, or with folder=True an ensemble index folder (new, or an
+      ensemble index to replace).
+    folder: an ensemble index (save_ensemble_index).
+
   Raises:
-    ValueError: `path` is a folder, or its folder does not exist or is not writable.
+    ValueError: `path` is a folder (folder=True: something other than an ensemble
+      index), or its folder does not exist or is not writable.
   """
   path = pathlib.Path(path)
   fix = "choose another index path (--index)"
-  if path.is_dir():
+  if folder:
+    if path.exists() and not index_ensemble.is_ensemble_index(path):
+      raise ValueError(f"index path {str(path)!r} exists and is not an ensemble index "
+                       f"folder (one it would replace); {fix}, e.g. a new folder name")
+  elif path.is_dir():
     raise ValueError(f"index path {str(path)!r} is a folder; name a file in it, e.g. "
                      f"{str(path / 'index.spade')!r}")
   if not path.parent.is_dir():
@@ -181,13 +218,16 @@ def fit_folder(spade, train_dir: str | os.PathLike[str], index_path: str | os.Pa
 
   Args:
     spade: a spade_jax.Spade, PatchCore or Padim (its config's batch_size sets the
-      chunking).
+      chunking), or an Ensemble of them (an ensemble index folder is written).
     train_dir: the folder of normal images.
-    index_path: the index file to write (atomically; its folder must exist).
+    index_path: the index file to write (atomically; its folder must exist); an
+      Ensemble's: the index folder (save_ensemble_index).
     calibrate: also store a decision threshold (calibration.spade_threshold,
-      patchcore_threshold or padim_threshold).
+      patchcore_threshold or padim_threshold; an Ensemble's: Ensemble.threshold, on
+      its combined held-out scores).
     quantile, folds: of the calibration (folds None: SPADE leave-one-out, PatchCore
-      calibration.PATCHCORE_FOLDS folds, PaDiM calibration.PADIM_FOLDS).
+      calibration.PATCHCORE_FOLDS folds, PaDiM calibration.PADIM_FOLDS; an Ensemble:
+      its config's folds, the standardisation's, and another folds is an error).
     settings: recorded in the index (save_index's `settings`), e.g. fit.py's flags.
     tiles: fit on the images' tiles at their native resolution (detector.tiling; every
       tile counts as a training image); recorded in the index's settings. With
@@ -200,17 +240,27 @@ def fit_folder(spade, train_dir: str | os.PathLike[str], index_path: str | os.Pa
       unwritable index path; the message names the folder or file and the fix.
   """
   start = time.perf_counter()
-  index_path = check_index_path(index_path)
+  ensemble = isinstance(spade, Ensemble)
+  if ensemble and tiles is not None:
+    raise ValueError("tiles (--tile_size) are not supported with an ensemble yet")
+  if ensemble and folds is not None and folds != spade.config.folds:
+    raise ValueError(f"an ensemble's threshold is calibrated on the held-out scores of "
+                     f"its own {spade.config.folds} folds (EnsembleConfig.folds, "
+                     f"--ensemble_folds), not {folds}")
+  index_path = check_index_path(index_path, folder=ensemble)
   files = _image_files(train_dir, "training images")
   if tiles is not None:
     tiled = tiling.Tiled(spade, tiles)  # Every tile one input of T x T.
     spade = tiled.detector
     settings = {**(settings or {}), **tiles.settings()}
   else:  # (Tiles are more than the images: counted after reading.)
-    _check_k(spade, len(files), f"training folder {str(train_dir)!r}")
+    _check_members(spade, len(files), f"training folder {str(train_dir)!r}")
   is_spade = isinstance(spade, Spade)
-  _check_learned(spade, len(files), f"training folder {str(train_dir)!r}")
-  if calibrate:  # Checked before any work; again below if files are skipped.
+  if tiles is not None:
+    _check_learned(spade, len(files), f"training folder {str(train_dir)!r}")
+  if ensemble:  # Its held-out statistics need the folds, calibrated or not.
+    spade.check_folds(len(files), quantile)
+  elif calibrate:  # Checked before any work; again below if files are skipped.
     if tiles is None:
       calibration.calibration_folds(spade, len(files), quantile, folds)
     else:  # Folds of whole images; the tiles each fold fits on are checked once cut.
@@ -220,22 +270,22 @@ def fit_folder(spade, train_dir: str | os.PathLike[str], index_path: str | os.Pa
   # extract() outputs: Spade's (pool, {level: ...}), PatchCore's patches, PaDiM's embeddings.
   chunks = []
   report = progress.Progress("fit: features of", len(files), log=log)
-  chunk = _CHUNK_BATCHES * spade.config.batch_size
+  chunk = _CHUNK_BATCHES * _shape_config(spade).batch_size
   count = stretched = 0
   tile_counts: list[int] = []  # Tiles: the tiles of each image read.
   for images, _ in folder.read_chunks(files, chunk, _warn_skip(skipped)):
     if not count:  # Whole images: one input size, the first image's unless given.
       spade = common.with_whole_image_size(spade, *images[0].shape[:2])
-      h, w = spade.config.input_size
+      h, w = _shape_config(spade).input_size
       if tiles is not None:
         log(f"fit: tiles of {h}x{w} at the images' native resolution")
-      elif spade.config.crop is None:
+      elif _shape_config(spade).crop is None:
         log(f"fit: whole images, resized to {h}x{w} (image_size)")
     if tiles is None:
       with progress.quiet():
         chunks.append(spade.extract(images))
       count += len(images)
-      stretched += _count_stretched(images, spade.config)
+      stretched += _count_stretched(images, _shape_config(spade))
     else:  # The tiles of these images (their positions appended if asked).
       with progress.quiet():
         features, counts = tiled.extract(images)
@@ -246,11 +296,16 @@ def fit_folder(spade, train_dir: str | os.PathLike[str], index_path: str | os.Pa
   if count == 0:
     raise ValueError(f"training images: none of the {len(files)} image files under "
                      f"{str(train_dir)!r} is readable (see the warnings above)")
-  _warn_stretched(stretched, count, spade.config, "fit")
-  _check_k(spade, count, f"training folder {str(train_dir)!r} (readable images)")
-  _check_learned(spade, count, f"training folder {str(train_dir)!r} (readable images)")
+  _warn_stretched(stretched, count, _shape_config(spade), "fit")
+  _check_members(spade, count, f"training folder {str(train_dir)!r} (readable images)")
   groups = None if tiles is None else calibration.image_groups(tile_counts)
-  if calibrate:  # The plan, checked and logged before the index is fitted.
+  if ensemble:
+    how = calibration.describe_folds(spade.check_folds(count, quantile), count)
+    log(f"fit: {len(spade.members)} ensemble members, each refitted per fold ({how}) for "
+        "its held-out statistics"
+        + (f"; threshold: quantile {quantile} of the combined held-out scores"
+           if calibrate else ""))
+  elif calibrate:  # The plan, checked and logged before the index is fitted.
     num_images = count if tiles is None else len(tile_counts)
     how = calibration.describe_folds(
         calibration.calibration_folds(spade, count, quantile, folds, groups), num_images)
@@ -258,6 +313,14 @@ def fit_folder(spade, train_dir: str | os.PathLike[str], index_path: str | os.Pa
     log(f"calibrate (after the fit): {how} image scores of the {num_images} training "
         f"images{what}, quantile {quantile}")
   features = jax.tree.map(lambda *parts: np.concatenate(parts), *chunks)
+  if ensemble:
+    index, held_out = spade.fit_held_out(features, log=log)
+    threshold, held_out = (spade.threshold(index, held_out, quantile) if calibrate
+                           else (None, None))
+    index_ensemble.save_ensemble_index(index_path, index, threshold=threshold,
+                                       settings=settings)
+    return FitReport(index_path, count, skipped, threshold, held_out,
+                     time.perf_counter() - start, _shape_config(spade).input_size)
   index = spade.fit_features(*(features if is_spade else (features,)))
   threshold = held_out = None
   if calibrate:
@@ -319,9 +382,10 @@ def predict_folder(spade, index, images_dir: str | os.PathLike[str],
 
   Args:
     spade: a spade_jax.Spade, PatchCore or Padim whose backbone and feature config
-      match the index (PaDiM: and its fit settings).
-    index: its SpadeIndex, PatchCoreIndex or PadimIndex (e.g.
-      load_index_file(...).index). A
+      match the index (PaDiM: and its fit settings), or an Ensemble of them whose
+      members match the index's.
+    index: its SpadeIndex, PatchCoreIndex, PadimIndex or EnsembleIndex (e.g.
+      load_index_file(...).index, load_ensemble_index(...)). A
       SpadeIndex without the kernels / bandwidths spade's config needs (fitted for
       another metric) gets them first, from its own training features (fit_kernels).
     images_dir: the folder of images to score (an output_dir inside it is left out).
@@ -346,26 +410,19 @@ def predict_folder(spade, index, images_dir: str | os.PathLike[str],
   if isinstance(num_summary, bool) or not isinstance(num_summary, int) or num_summary < 0:
     raise ValueError(f"num_summary must be an int >= 0, got {num_summary!r}")
   if tiles is not None:
+    if isinstance(spade, Ensemble):
+      raise ValueError("tiles (--tile_size) are not supported with an ensemble yet")
     spade = tiling.tiled_detector(spade, tiles)  # Every tile one input of T x T.
-  cfg = spade.config
   if threshold is not None:  # Before any work: a threshold applied under other settings.
-    threshold.check(cfg, "predict")
-  if isinstance(spade, Spade):
-    spade_lib.check_compatible(index, spade.backbone.name, cfg, "predict",
-                               weights=common.weights_id(spade.backbone))
-    _check_k(spade, index.num_images, "the index")
-    if index.missing_fits(cfg):  # Once here, not per chunk of images.
-      log(f"predict: fitting what metric={cfg.metric!r}, aggregate={cfg.aggregate!r} need "
-          f"on the index's {index.num_images} training images")
-      index = spade.fit_kernels(index)
-  elif isinstance(spade, Padim):
-    padim_lib.check_index(index, spade.backbone.name, cfg, "predict",
-                          weights=common.weights_id(spade.backbone),
-                          num_channels=spade.num_channels)
+    threshold.check(spade.config, "predict")
+  if isinstance(spade, Ensemble):
+    spade.check_index(index)
+    index = index.replace(indices=tuple(
+        _checked_index(member, member_index, log)
+        for member, member_index in zip(spade.members, index.indices)))
   else:
-    patchcore_lib.check_compatible(index, spade.backbone.name, cfg, "predict",
-                                   weights=common.weights_id(spade.backbone))
-    patchcore_lib.check_metric(index, cfg, "predict")
+    index = _checked_index(spade, index, log)
+  cfg = _shape_config(spade)
   # The images first: a run with nothing to score creates no output folder.
   files = _image_files(images_dir, "images", exclude=[output_dir])
   predictions.check_output_dir(output_dir)
@@ -452,6 +509,29 @@ def predict_folder(spade, index, images_dir: str | os.PathLike[str],
                        vmax, time.perf_counter() - start)
 
 
+def _checked_index(spade, index, log: Callable[[str], None]):
+  """`index`, checked against the detector's backbone, weights and config (a SPADE
+  index without the kernels its metric needs gets them first, fit_kernels)."""
+  cfg = spade.config
+  if isinstance(spade, Spade):
+    spade_lib.check_compatible(index, spade.backbone.name, cfg, "predict",
+                               weights=common.weights_id(spade.backbone))
+    _check_k(spade, index.num_images, "the index")
+    if index.missing_fits(cfg):  # Once here, not per chunk of images.
+      log(f"predict: fitting what metric={cfg.metric!r}, aggregate={cfg.aggregate!r} need "
+          f"on the index's {index.num_images} training images")
+      index = spade.fit_kernels(index)
+  elif isinstance(spade, Padim):
+    padim_lib.check_index(index, spade.backbone.name, cfg, "predict",
+                          weights=common.weights_id(spade.backbone),
+                          num_channels=spade.num_channels)
+  else:
+    patchcore_lib.check_compatible(index, spade.backbone.name, cfg, "predict",
+                                   weights=common.weights_id(spade.backbone))
+    patchcore_lib.check_metric(index, cfg, "predict")
+  return index
+
+
 def _run_record(spade, images_dir, num_images: int, num_skipped: int,
                 threshold: float | None) -> dict[str, Any]:
   """What <output_dir>/.predict-complete says about a predict run."""
@@ -459,5 +539,5 @@ def _run_record(spade, images_dir, num_images: int, num_skipped: int,
               timespec="seconds"),
           "images_dir": os.path.abspath(images_dir), "images": num_images,
           "skipped": num_skipped, "method": type(spade).__name__,
-          "backbone": spade.backbone.name,
+          "backbone": ",".join(dict.fromkeys(m.backbone.name for m in _members(spade))),
           "threshold": None if threshold is None else float(threshold)}
