@@ -33,6 +33,7 @@ import time
 
 from absl import app, flags
 import detector_flags
+import index_settings
 
 _INDEX = flags.DEFINE_string("index", None, "Index file written by fit.py.", required=True)
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "The folder to write (new or empty).",
@@ -74,7 +75,7 @@ def main(argv: Sequence[str]) -> None:
                        "--method=ensemble); export.py does not export ensembles yet: score "
                        "it with predict.py")
     contents = load_index_file(_INDEX.value)
-    settings = detector_flags.settings_from_index(
+    settings = index_settings.settings_from_index(
         _DETECTOR.settings(), _DETECTOR.given(), contents, _INDEX.value)
     detector_flags.detector_config(settings["method"], settings, _DETECTOR.batch_size.value)
     tiles = _DETECTOR.tiles(contents, _INDEX.value)  # predict.py's: the index's tile_size.
