@@ -40,6 +40,7 @@ import time
 
 from absl import app, flags
 import detector_flags
+import index_settings
 
 _INDEX = flags.DEFINE_string("index", None, "Index file (or ensemble index folder) written "
                              "by fit.py.", required=True)
@@ -78,13 +79,13 @@ def main(argv: Sequence[str]) -> None:
     artifact.check_output_dir(_OUTPUT_DIR.value)
     if index_ensemble.is_ensemble_index(_INDEX.value):  # As predict.py reads it.
       contents = index_ensemble.load_ensemble_index_file(_INDEX.value)
-      settings = detector_flags.ensemble_settings_from_index(
+      settings = index_settings.ensemble_settings_from_index(
           _DETECTOR.settings(), _DETECTOR.given(), contents, _INDEX.value)
       _DETECTOR.check_no_tiles("an ensemble index")
       tiles = None
     else:
       contents = load_index_file(_INDEX.value)
-      settings = detector_flags.settings_from_index(
+      settings = index_settings.settings_from_index(
           _DETECTOR.settings(), _DETECTOR.given(), contents, _INDEX.value)
       tiles = _DETECTOR.tiles(contents, _INDEX.value)  # predict.py's: the index's tile_size.
     detector_flags.detector_config(settings["method"], settings, _DETECTOR.batch_size.value)

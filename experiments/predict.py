@@ -68,6 +68,7 @@ import sys
 
 from absl import app, flags, logging
 import detector_flags
+import index_settings
 
 _INDEX = flags.DEFINE_string("index", None, "Index file (or ensemble index folder) written "
                              "by fit.py.", required=True)
@@ -96,13 +97,13 @@ def main(argv: Sequence[str]) -> None:
       raise ValueError(f"--num_summary must be >= 0, got {_NUM_SUMMARY.value}")
     if index_ensemble.is_ensemble_index(_INDEX.value):  # fit.py --method=ensemble's folder.
       contents = index_ensemble.load_ensemble_index_file(_INDEX.value)
-      settings = detector_flags.ensemble_settings_from_index(
+      settings = index_settings.ensemble_settings_from_index(
           _DETECTOR.settings(), _DETECTOR.given(), contents, _INDEX.value)
       _DETECTOR.check_no_tiles("an ensemble index")
       tiles = None
     else:
       contents = load_index_file(_INDEX.value)
-      settings = detector_flags.settings_from_index(
+      settings = index_settings.settings_from_index(
           _DETECTOR.settings(), _DETECTOR.given(), contents, _INDEX.value)
       tiles = _DETECTOR.tiles(contents, _INDEX.value)
     index, threshold = contents.index, contents.threshold

@@ -131,6 +131,43 @@ def test_statistics_floor_a_constant_scale():
       (values.mean(), values.std()))
 
 
+@pytest.mark.parametrize("combine", ["mean", "max"])
+def test_threshold_is_the_quantile_of_the_combined_held_out_scores(combine):
+  ensemble = spade_jax.Ensemble(_members(), spade_jax.EnsembleConfig(combine=combine,
+                                                                     folds=FOLDS))
+  rng = np.random.default_rng(4)
+  held = rng.normal(size=(2, NUM_TRAIN)) * [[0.5], [30.0]] + [[2.0], [700.0]]
+  index = ensemble_lib.EnsembleIndex(
+      indices=(), image_center=np.float32([2.1, 690.0]), image_scale=np.float32([0.4, 25.0]),
+      pixel_center=np.float32([0, 0]), pixel_scale=np.float32([1, 1]), members=ensemble.names)
+  threshold, combined = ensemble.threshold(index, held, quantile=0.8)
+  z = (held - np.float32([[2.1], [690.0]])) / np.float32([[0.4], [25.0]])
+  expected = z.mean(axis=0) if combine == "mean" else z.max(axis=0)
+  np.testing.assert_allclose(combined, expected, rtol=1e-5, atol=1e-6)
+  assert threshold.value == pytest.approx(np.quantile(expected, 0.8), rel=1e-5, abs=1e-6)
+  assert (threshold.quantile, threshold.folds, threshold.num_images) == (0.8, FOLDS, NUM_TRAIN)
+  assert threshold.settings == {"combine": combine, "statistics": "mean_std", "folds": FOLDS}
+  threshold.check(ensemble.config)
+  other = spade_jax.EnsembleConfig(combine="max" if combine == "mean" else "mean", folds=FOLDS)
+  with pytest.raises(ValueError, match="combine"):
+    threshold.check(other)
+  with pytest.raises(ValueError, match=r"held_out must be \[2, N\]"):
+    ensemble.threshold(index, held[:1])
+
+
+def test_resolved_names_fill_in_the_defaults():
+  assert ensemble_lib.resolved_names(
+      "patchcore:l2:,padim::efficientnet_lite1:layer1,spade:mahalanobis:", "resnet18") == (
+          "patchcore:l2:resnet18:layer2+layer3", "padim::efficientnet_lite1:layer1",
+          "spade:mahalanobis:resnet18:layer1+layer2+layer3")
+  fake = spade_jax.Ensemble(_members())
+  assert ensemble_lib.resolved_names([m.text() for m in ensemble_lib.parse_members(
+      ",".join(n.replace("fake_pyramid", "") for n in fake.names))], "fake_pyramid") == \
+      fake.names
+  with pytest.raises(ValueError, match="--ensemble_members"):
+    ensemble_lib.resolved_names("knn::", "resnet18")
+
+
 def test_maps_of_another_size_are_resized_to_the_first_members():
   rng = np.random.default_rng(2)
   big, small = rng.random((2, 8, 8)).astype(np.float32), rng.random((2, 4, 4)).astype(

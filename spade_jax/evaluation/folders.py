@@ -259,7 +259,7 @@ def fit_folder(spade, train_dir: str | os.PathLike[str], index_path: str | os.Pa
   if tiles is not None:
     _check_learned(spade, len(files), f"training folder {str(train_dir)!r}")
   if ensemble:  # Its held-out statistics need the folds, calibrated or not.
-    spade.check_folds(len(files), quantile)
+    spade.check_folds(len(files), quantile if calibrate else 0.5)
   elif calibrate:  # Checked before any work; again below if files are skipped.
     if tiles is None:
       calibration.calibration_folds(spade, len(files), quantile, folds)
@@ -300,7 +300,7 @@ def fit_folder(spade, train_dir: str | os.PathLike[str], index_path: str | os.Pa
   _check_members(spade, count, f"training folder {str(train_dir)!r} (readable images)")
   groups = None if tiles is None else calibration.image_groups(tile_counts)
   if ensemble:
-    how = calibration.describe_folds(spade.check_folds(count, quantile), count)
+    how = calibration.describe_folds(spade.check_folds(count), count)
     log(f"fit: {len(spade.members)} ensemble members, each refitted per fold ({how}) for "
         "its held-out statistics"
         + (f"; threshold: quantile {quantile} of the combined held-out scores"
