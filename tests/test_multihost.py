@@ -114,7 +114,8 @@ def _runs(tmp_path_factory):
   single = _serve([[*args, f"--output_dir={root / method / 'one'}"]
                    for method, args in runs.items()], root / "requests_single.jsonl")
   processes = []
-  for code, out, err in _finish([*multi, single], timeout=600):
+  # 240 s per method, as each method had in a pair of its own.
+  for code, out, err in _finish([*multi, single], timeout=240 * len(METHODS)):
     replies = _replies(out)
     assert code == 0 and len(replies) == len(METHODS), err[-3000:]
     processes.append({m: (r["returncode"], r["stderr"]) for m, r in zip(METHODS, replies)})
