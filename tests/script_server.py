@@ -16,6 +16,9 @@ What stays a real subprocess: runs with an environment the server was not starte
 with (each environment has its own server), and the tests that are about processes
 (the compilation cache across runs, several processes, isolation): they call
 subprocess themselves. A few end-to-end subprocess runs remain in each script's tests.
+Several processes joined by jax.distributed are each a server of their own, started by
+the test with its requests in a file (tests/test_multihost.py), so one process pair
+runs several evaluations.
 
 Protocol: one JSON line per request on the server's stdin ({"args": [...], "cwd": ...}),
 one JSON line per reply on its stdout, after the marker below; the script's own
@@ -38,7 +41,7 @@ import traceback
 import warnings
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-_REPLY = "SCRIPT_SERVER_REPLY "
+REPLY = "SCRIPT_SERVER_REPLY "  # Before each reply line (the protocol below).
 _servers: dict[tuple, subprocess.Popen] = {}
 _lock = threading.Lock()
 
@@ -88,8 +91,8 @@ def run_script(script: str, *args: str, env: dict[str, str] | None = None,
 
     def read():
       for line in proc.stdout:
-        if line.startswith(_REPLY):
-          reply.update(json.loads(line[len(_REPLY):]))
+        if line.startswith(REPLY):
+          reply.update(json.loads(line[len(REPLY):]))
           return
 
     reader = threading.Thread(target=read, daemon=True)
@@ -153,7 +156,7 @@ def _serve(path: str) -> None:
       except BaseException:  # pylint: disable=broad-except
         traceback.print_exc()
         code = 1
-    replies.write(_REPLY + json.dumps({"returncode": code, "stdout": out.getvalue(),
+    replies.write(REPLY + json.dumps({"returncode": code, "stdout": out.getvalue(),
                                        "stderr": err.getvalue()}) + "\n")
     replies.flush()
 

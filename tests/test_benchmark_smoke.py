@@ -28,12 +28,12 @@ TINY = {
     "memory": {**_TINY_QUERIES, **_TINY_PYRAMID, "kinds": ["knn"], "scales": [1, 2],
                "rows": 200, "k_images": 2, "train_images": 4,
                "tile_images": ["32x32", "64x64", "64x128"], "tile_size": 32,
-               "tile_overlap": 0, "tile_batch_size": 1},
+               "tile_overlap": 0, "tile_backbone": "resnet18", "tile_batch_size": 1},
     "precision": {**_TINY_QUERIES, "gallery": 301, "k": 3, "repeats": 1,
                   "recall_target": 0.95},
-    "pipeline": {"backbone": "efficientnet_lite0", "methods": ["spade", "patchcore"],
-                 "num_train": 2, "num_test": 2, "image_size": 32, "k_images": 2, "batch_size": 2,
-                 "repeats": 1, "cache_images": 2},
+    "pipeline": {"backbone": "resnet18", "methods": ["spade", "patchcore"],
+                 "num_train": 2, "num_test": 1, "image_size": 32, "k_images": 2, "batch_size": 2,
+                 "repeats": 1, "cache_images": 1},
     "coreset": {"ns": [300, 600], "dim": 8, "size": 5, "projection_dim": None,
                 "profiles": ["efficientnet_lite0"], "train_images": 4, "k_images": 2,
                 "num_test": 1, "repeats": 1, "sharded_devices": 2, "sharded_n": 50,
@@ -49,7 +49,8 @@ def _results(tmp_path_factory):
   write_category(data, "alpha", n_train=4, n_good=2, defects={"crack": 2}, seed=5)
   sizes = {**TINY, "end_to_end": {
       "category": "alpha", "methods": ["spade"], "data_dir": str(data),
-      "evaluate_flags": ["--resize=64", "--crop=64", "--k_images=2", "--k_image_score=1"]}}
+      "evaluate_flags": ["--backbone=resnet18", "--weights=none", "--resize=64", "--crop=64",
+                         "--k_images=2", "--k_image_score=1"]}}
   with pytest.MonkeyPatch.context() as mp:
     # The precision section registers two bf16 metrics; keep the registry as it was.
     mp.setattr(distances, "METRICS", dict(distances.METRICS))

@@ -47,6 +47,7 @@ import jax
 from mvtec_fixtures import write_category
 import numpy as np
 import pytest
+import script_server
 from test_export import ACCELERATOR_TARGETS, custom_call_targets, low_precision_dots
 
 import spade_jax
@@ -308,11 +309,8 @@ def test_run_py_runs_without_spade_jax(fitted, scored, data, tmp_path):
       "method": "spade", "backbone": "efficientnet_lite0", "k_images": 3,
       "k_image_score": 2, "resize": SIZE, "crop": None,
       "image_size": list(detector.config.image_size)})
-  proc = subprocess.run(
-      [sys.executable, str(REPO / "experiments" / "export.py"), f"--index={index_path}",
-       f"--output_dir={tmp_path / 'export'}", f"--batch_size={BATCH}"],
-      capture_output=True, text=True, timeout=300, check=False,
-      env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+  proc = run_script("export.py", f"--index={index_path}", f"--output_dir={tmp_path / 'export'}",
+                    f"--batch_size={BATCH}")
   assert proc.returncode == 0, proc.stderr[-3000:]
   expected = predict(detector, index, data, threshold, tmp_path / "predict", save_maps=True)
 
@@ -503,10 +501,8 @@ def test_export_refuses_bad_arguments(fitted, tmp_path):
 
 @pytest.mark.slow
 def test_export_py_reports_bad_flags(tmp_path):
-  proc = subprocess.run(
-      [sys.executable, str(REPO / "experiments" / "export.py"),
-       f"--index={tmp_path / 'missing.spade'}", f"--output_dir={tmp_path / 'out'}",
-       "--platforms=cpu,gpu"], capture_output=True, text=True, timeout=300, check=False)
+  proc = run_script("export.py", f"--index={tmp_path / 'missing.spade'}",
+                    f"--output_dir={tmp_path / 'out'}", "--platforms=cpu,gpu")
   assert proc.returncode != 0 and "Traceback" not in proc.stderr
   assert "export.py: error: platforms must be among" in proc.stderr, proc.stderr[-2000:]
 
@@ -683,9 +679,11 @@ def load_runner_source() -> types.ModuleType:
 
 
 def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, str(REPO / "experiments" / name), *args],
-                        capture_output=True, text=True, timeout=600, check=False,
-                        env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+  """experiments/<name> as a user runs it (without the tests' fake devices: no
+  XLA_FLAGS), in a script server (tests/script_server.py): one process per script for
+  this module's runs, not one per run."""
+  return script_server.run_script(
+      name, *args, env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, timeout=600)
 
 
 @pytest.mark.slow

@@ -8,7 +8,15 @@ shares of 3 fill 2 devices per process as 2 + 1 rows, so padding sits inside the
 gallery (end of process 0's block), not only at its end; 5 test images make uneven
 shares (3 + 2). The metrics must agree to 1e-6: an image's features do not depend on
 which process computed them and the sharded search returns the single-device
-neighbours. The same holds for PatchCore and for SPADE with a kernel metric (METHODS).
+neighbours. The same holds for PatchCore, for SPADE with a kernel metric and on tiles
+(METHODS).
+
+One pair of processes (and one single process) evaluates every method in turn: each
+process is a script server (tests/script_server.py) that runs evaluate.py's main() once
+per method, as a fresh run would (flags parsed afresh), so the processes, their
+jax.distributed start-up and backbone load are paid once, not once per method. The
+first method's run joins the processes (jax.distributed.initialize); the others find
+them joined (spade_jax.host.distributed.initialize).
 """
 
 import json
@@ -19,6 +27,7 @@ import subprocess
 import sys
 
 import pytest
+import script_server
 
 from spade_jax import evaluation
 from spade_jax.data import builtin
@@ -35,11 +44,27 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _start(*args: str) -> subprocess.Popen:
+def _env() -> dict[str, str]:
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)  # Device counts come from --num_cpu_devices.
-  return subprocess.Popen([sys.executable, str(SCRIPT), *args], stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, env=env)
+  return env
+
+
+def _serve(runs: list[list[str]], requests: pathlib.Path) -> subprocess.Popen:
+  """One process running evaluate.py's main() once per argument list of `runs`, in turn
+  (a script server reading its requests from a file; tests/script_server.py)."""
+  requests.write_text("".join(json.dumps({"args": args, "cwd": os.getcwd()}) + "\n"
+                              for args in runs))
+  with open(requests, encoding="utf-8") as stdin:
+    return subprocess.Popen([sys.executable, "-u", script_server.__file__, str(SCRIPT)],
+                            stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=_env())
+
+
+def _replies(out: str) -> list[dict]:
+  """The script server's replies: per run, its returncode, stdout and stderr."""
+  return [json.loads(line[len(script_server.REPLY):]) for line in out.splitlines()
+          if line.startswith(script_server.REPLY)]
 
 
 def _finish(procs: list[subprocess.Popen], timeout: float) -> list[tuple[int, str, str]]:
@@ -66,38 +91,60 @@ METHODS = {"spade": [], "patchcore": ["--method=patchcore", "--coreset_ratio=0.2
            "spade-tiles": ["--crop=none", "--tile_size=128", "--tile_overlap=32"]}
 
 
-@pytest.mark.parametrize("method", list(METHODS))
-def test_two_processes_match_one(tmp_path, method):
-  data = builtin.generate_builtin_benchmark(tmp_path / "data", categories=["brick"],
+@pytest.fixture(name="runs", scope="module")
+def _runs(tmp_path_factory):
+  """Every method evaluated by two processes and by one: the output folder root, and
+  per process (0, 1, single) the per-method replies {method: (code, stderr)}."""
+  root = tmp_path_factory.mktemp("multihost")
+  data = builtin.generate_builtin_benchmark(root / "data", categories=["brick"],
                                             num_train=6, num_test=5)
-  geometry = [] if "tiles" in method else ["--resize=96", "--crop=96"]
-  common = [f"--data_dir={data}", "--categories=brick", *geometry,
-            "--num_heatmaps=1", "--batch_size=4", *METHODS[method]]
-  if method != "patchcore":
-    common += ["--k_images=3", "--k_image_score=2"]
+  runs = {}
+  for method, flags in METHODS.items():
+    geometry = [] if "tiles" in method else ["--resize=96", "--crop=96"]
+    runs[method] = [f"--data_dir={data}", "--categories=brick", *geometry,
+                    "--num_heatmaps=1", "--batch_size=4", *flags]
+    if method != "patchcore":
+      runs[method] += ["--k_images=3", "--k_image_score=2"]
   port = _free_port()
-  multi = [_start(*common, f"--output_dir={tmp_path / 'two'}",
-                  f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                  f"--process_id={i}", "--num_cpu_devices=2") for i in (0, 1)]
-  single = _start(*common, f"--output_dir={tmp_path / 'one'}")
-  for code, _, err in _finish([*multi, single], timeout=240):
+  multi = [_serve([[*args, f"--output_dir={root / method / 'two'}",
+                    f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                    f"--process_id={i}", "--num_cpu_devices=2"]
+                   for method, args in runs.items()], root / f"requests_{i}.jsonl")
+           for i in (0, 1)]
+  single = _serve([[*args, f"--output_dir={root / method / 'one'}"]
+                   for method, args in runs.items()], root / "requests_single.jsonl")
+  processes = []
+  # 240 s per method, as each method had in a pair of its own.
+  for code, out, err in _finish([*multi, single], timeout=240 * len(METHODS)):
+    replies = _replies(out)
+    assert code == 0 and len(replies) == len(METHODS), err[-3000:]
+    processes.append({m: (r["returncode"], r["stderr"]) for m, r in zip(METHODS, replies)})
+  return root, processes
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_two_processes_match_one(runs, method):
+  root, processes = runs
+  for process in processes:  # Process 0, process 1, the single process.
+    code, err = process[method]
     assert code == 0, err[-3000:]
-  one = json.loads((tmp_path / "one" / "results.json").read_text())
-  two = json.loads((tmp_path / "two" / "results.json").read_text())
+  one = json.loads((root / method / "one" / "results.json").read_text())
+  two = json.loads((root / method / "two" / "results.json").read_text())
   assert one["config"] == two["config"]
   a, b = one["categories"]["brick"], two["categories"]["brick"]
   assert (a["n_train"], a["n_test"]) == (b["n_train"], b["n_test"]) == (6, 5)
   for metric in evaluation.METRIC_NAMES:
     assert b[metric] == pytest.approx(a[metric], abs=1e-6), metric
     assert two["mean"][metric] == pytest.approx(one["mean"][metric], abs=1e-6)
-  assert len(list((tmp_path / "two" / "heatmaps" / "brick").glob("*.png"))) == 1
+  assert len(list((root / method / "two" / "heatmaps" / "brick").glob("*.png"))) == 1
 
 
 def test_script_rejects_inconsistent_process_flags(tmp_path):
+  """Refused before any process starts (in a script server: no process is the point)."""
   for flags, match in ((["--num_processes=2", "--process_id=2",
                          "--coordinator_address=127.0.0.1:1"], "process_id=2"),
                        (["--coordinator_address=127.0.0.1:1"], "without num_processes")):
-    proc = _start(*flags, f"--output_dir={tmp_path}")
-    (code, _, err), = _finish([proc], timeout=120)
-    assert code != 0 and match in err, err[-2000:]
+    proc = script_server.run_script("evaluate.py", *flags, f"--output_dir={tmp_path}",
+                                    env=_env(), timeout=120)
+    assert proc.returncode != 0 and match in proc.stderr, proc.stderr[-2000:]
   assert not (tmp_path / "results.json").exists()

@@ -12,6 +12,8 @@ integer features every sum is exact in any order: there the tests demand bit equ
 ties ordered by the lower index included.
 """
 
+import dataclasses
+
 import jax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -293,3 +295,23 @@ def test_consistent_process_flags():
                                      process_id=1, num_cpu_devices=2)
   assert cfg.enabled
   assert not distributed.DistributedConfig().enabled
+
+
+def test_initialize_joins_one_run(monkeypatch):
+  """A second initialize with the same config (main() run again in one process) joins
+  nothing more; another config is refused. jax's side is recorded, not run."""
+  calls = []
+  monkeypatch.setattr(distributed, "_joined", None)
+  monkeypatch.setattr(jax.config, "update", lambda name, value: calls.append((name, value)))
+  monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+  cfg = distributed.DistributedConfig(coordinator_address="127.0.0.1:1234", num_processes=2,
+                                      process_id=1, num_cpu_devices=2)
+  distributed.initialize(cfg)
+  assert calls == [("jax_num_cpu_devices", 2), ("jax_cpu_collectives_implementation", "gloo"),
+                   dict(coordinator_address="127.0.0.1:1234", num_processes=2, process_id=1,
+                        local_device_ids=None)]
+  distributed.initialize(distributed.DistributedConfig(**dataclasses.asdict(cfg)))
+  assert len(calls) == 3
+  with pytest.raises(ValueError, match="already joined"):
+    distributed.initialize(dataclasses.replace(cfg, process_id=0))
+  assert len(calls) == 3

@@ -81,12 +81,24 @@ class DistributedConfig:
     return self.coordinator_address is not None
 
 
+_joined: DistributedConfig | None = None  # The run this process joined, if any.
+
+
 def initialize(config: DistributedConfig) -> None:
   """Applies `config` before JAX starts its backends (call first thing in a script).
 
-  CPU processes talk over gloo (TCP); GPUs / TPUs use their own collectives.
+  CPU processes talk over gloo (TCP); GPUs / TPUs use their own collectives. A process
+  joins one run: calling again with the config it joined with does nothing (a script's
+  main() run again in one process, as tests/script_server.py runs it), with another
+  config raises ValueError.
   """
+  global _joined  # pylint: disable=global-statement
   import jax  # pylint: disable=import-outside-toplevel
+  if _joined is not None:
+    if config != _joined:
+      raise ValueError(f"this process already joined the multi-process run {_joined}; "
+                       f"it cannot join {config}")
+    return
   if config.num_cpu_devices is not None:
     jax.config.update("jax_num_cpu_devices", config.num_cpu_devices)
   if not config.enabled:
@@ -96,6 +108,7 @@ def initialize(config: DistributedConfig) -> None:
                              num_processes=config.num_processes,
                              process_id=config.process_id,
                              local_device_ids=config.local_device_ids)
+  _joined = config
 
 
 def process_index_and_count() -> tuple[int, int]:
