@@ -116,13 +116,21 @@ def _prune_factors(d: int) -> tuple[np.float32, np.float32]:
   (> 300 e for d <= 100k) exceed B by 20 g m + floor / 2 at least, more than the
   rounding of evaluating scale m + floor in float32 (2 roundings, relative u, and 2^-125
   at most below normal numbers), so the float32 test C~ >= fl(scale m + floor) implies
-  C~ >= B. Overflow: the caller caps C~ at the largest float32 (C~ = inf still means C
+  C~ >= B. Overflow: _prune_open caps C~ at the largest float32 (C~ = inf still means C
   >= (max - e) / (1 + g)), so a row whose m, or scale m, is inf is always open. Rows at
   -inf (selected, padding) are never open: -inf * scale + floor = -inf.
   """
   assert d <= _PRUNE_MAX_DIM, d  # coreset() refuses more.
   gamma = (d + 2) * 2.0 ** -24
   return np.float32(4 * (1 + 8 * gamma)), np.float32(2.0 ** -100)
+
+
+def _prune_open(between: Array, mins: Array, d: int) -> Array:
+  """[R] bool: the rows whose minimum `mins` [R] (from their selected row a) may drop
+  at a new center c, between [R] = fl|a - c|^2 of each row's a, on rows of d values
+  (_prune_factors: the other rows keep their minimum)."""
+  scale, floor = _prune_factors(d)
+  return jnp.minimum(between, np.float32(np.finfo(np.float32).max)) < mins * scale + floor
 
 
 def _capacity(num: int) -> int:
@@ -208,8 +216,6 @@ def _greedy(x: Array, valid: Array | None, start: Array, size: int, first_row: A
                     lambda m: jnp.minimum(m, _distances(x, center, None)), mins)
 
   if prune:
-    scale, floor = _prune_factors(dim)
-    big = np.float32(np.finfo(np.float32).max)
     centers = jnp.zeros((size, dim), jnp.float32).at[0].set(center)
     assign = jnp.zeros((num,), jnp.int32)  # Every row's minimum comes from centers[0].
 
@@ -219,8 +225,8 @@ def _greedy(x: Array, valid: Array | None, start: Array, size: int, first_row: A
       return update_mins(mins, center), assign, jnp.int32(0)
     k = i - 1
     # |a - c|^2 for every selected row a (the rows beyond k are zeros, never assigned).
-    between = jnp.minimum(_distances(centers, center, None), big)
-    open_rows = between[assign] < mins * scale + floor
+    between = _distances(centers, center, None)
+    open_rows = _prune_open(between[assign], mins, dim)
     count = jnp.sum(open_rows.astype(jnp.int32))
 
     def few(mins, assign):
