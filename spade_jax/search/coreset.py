@@ -104,9 +104,9 @@ def _prune_factors(d: int) -> tuple[np.float32, np.float32]:
 
   Why (fl: float32 as _distances computes it, in any order of its d additions; u =
   2^-24; g = (d + 2) u <= 1e-5 for d <= 100k). A float32 sum of the squares of d float32
-  differences is within g S (2 roundings of each square, at most d - 1 of the
-  additions) plus e = 2 d 2^-126 (results below the smallest normal float32, which XLA
-  may flush to 0) of the real sum S: (1 - g) S - e <= fl S <= (1 + g) S + e. Let M, C, D
+  differences is within g S (3 u from each square of a rounded difference, (d - 1) u
+  from the additions) plus e = 2 d 2^-126 (results below the smallest normal float32,
+  which XLA may flush to 0) of the real sum S: (1 - g) S - e <= fl S <= (1 + g) S + e. Let M, C, D
   be the real |x - a|^2, |a - c|^2, |x - c|^2 and m, C~, D~ their float32 values. If
   C >= 4 M+ with M+ = (m + e) / (1 - g) >= M, the triangle inequality |x - c| >=
   |a - c| - |x - a| gives sqrt(D) >= 2 sqrt(M+) - sqrt(M) >= sqrt(M+), so D~ >=
