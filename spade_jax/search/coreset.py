@@ -32,12 +32,18 @@ distance matrix the exact variant of the reference code builds (patchcore-inspec
   kernel such as the polynomial, whose distance is not L2 of any rows it computes)
   selects on its exact kernel-induced distance d_k(x_i, c), without projection.
 
+* Pruning (prune=True, squared L2 search spaces only): a row keeps its minimum
+  without a distance when the triangle inequality proves that the new point cannot
+  lower it (_prune_factors); the selection is the plain greedy's, bit for bit. Off by
+  default: on patch features and Gaussian rows most rows stay open (BENCHMARKS.md).
+
 On a sharded bank (spade_jax.shard_gallery) the loop runs inside one shard_map: each
 device keeps the minima of its own rows, finds its best candidate (value, lowest
 global index, row), and one all_gather over the mesh axis per step lets every device
 pick the global winner: the largest value, and on ties the lowest shard, whose rows
 have the lowest indices. Per row the arithmetic is the single-device one, so the
-selection is the same. Padding rows start at -inf and are never selected.
+selection is the same. Padding rows start at -inf and are never selected. Pruned, each
+device tests and gathers its own rows against the (all-gathered) selected rows.
 """
 
 from __future__ import annotations
