@@ -137,8 +137,17 @@ _CORESET_PRECISION_SIZE = flags.DEFINE_integer(
     "coreset_precision_size", None, "Greedy steps of the float32 vs bf16 comparison "
     "(default --coreset_size; 100000 at N = 1M is a 10% coreset).")
 _CORESET_PARTS = flags.DEFINE_list("coreset_parts", ["scaling", "scoring", "sharded",
-                                                     "precision"],
+                                                     "precision", "prune"],
                                    "Parts of the coreset section to run.")
+_CORESET_PRUNE_SOURCES = flags.DEFINE_list(
+    "coreset_prune_sources", ["gaussian:200000", "gaussian:1000000", "brick", "grass",
+                              "gravel", "cup", "cat"],
+    "Rows of the plain vs pruned coreset comparison (one process each): gaussian:N "
+    "(N x --coreset_dim N(0, 1) rows, --coreset_precision_size steps) or a built-in "
+    "category (its PatchCore patch features, efficientnet_lite0, a 10% coreset).")
+_CORESET_PRUNE_TRAIN = flags.DEFINE_integer(
+    "coreset_prune_train_images", 60, "Training images of a category's patch features "
+    "in the pruning comparison (the built-in benchmark has 60).")
 # pipeline
 _PIPELINE_BACKBONE = flags.DEFINE_string("pipeline_backbone", "wide_resnet50_2",
                                          "Backbone of the end-to-end runs (random weights).")
@@ -229,7 +238,9 @@ def section_kwargs() -> dict[str, dict]:
       "sharded_devices": _CORESET_DEVICES.value, "sharded_n": _CORESET_SHARDED_N.value,
       "grid": _PIXEL_GRID.value, "image_size": _IMAGE_SIZE.value,
       "precision_ns": _ints(_CORESET_PRECISION_NS.value),
-      "precision_size": _CORESET_PRECISION_SIZE.value, "parts": _CORESET_PARTS.value}
+      "precision_size": _CORESET_PRECISION_SIZE.value, "parts": _CORESET_PARTS.value,
+      "prune_sources": _CORESET_PRUNE_SOURCES.value,
+      "prune_train_images": _CORESET_PRUNE_TRAIN.value}
   every["kernels"] = {"names": _KERNELS.value, "grid": _PIXEL_GRID.value,
                       "channels": _ints(_KERNELS_CHANNELS.value), "k_images": _KERNELS_K.value,
                       "num_test": 1, "knn_level": 0, "repeats": repeats,

@@ -37,7 +37,8 @@ TINY = {
     "coreset": {"ns": [300, 600], "dim": 8, "size": 5, "projection_dim": None,
                 "profiles": ["efficientnet_lite0"], "train_images": 4, "k_images": 2,
                 "num_test": 1, "repeats": 1, "sharded_devices": 2, "sharded_n": 50,
-                "grid": 8, "image_size": 16, "precision_ns": [300]},
+                "grid": 8, "image_size": 16, "precision_ns": [300],
+                "prune_sources": ["gaussian:300", "gravel"], "prune_train_images": 1},
     "kernels": {**_TINY_PYRAMID, "names": ["l2", "mahalanobis", "polynomial"], "k_images": 3,
                 "num_test": 1, "knn_level": 1, "repeats": 1, "image_size": 16},
 }
@@ -103,6 +104,8 @@ def test_section_keys(results):
   assert {"patchcore_s_per_image", "spade_s_per_image"} <= set(coreset["scoring"][0])
   assert coreset["sharded"]["status"] == "ok" and coreset["sharded"]["coreset_same"]
   assert coreset["precision"][0]["same_selection"] == {"float32": True, "bf16": True}
+  assert [p["same_selection"] for p in coreset["prune"]] == [True, True]
+  assert coreset["prune"][1]["n"] == 28 * 28 and coreset["prune"][1]["size"] == 78
   kernels = {r["kernel"]: r for r in sections["kernels"]["rows"]}
   assert set(kernels) == {"l2", "mahalanobis", "polynomial"} and kernels["l2"]["knn_vs_l2"] == 1
   end_to_end = sections["end_to_end"]  # No reference Python here: spade_jax alone.

@@ -192,25 +192,6 @@ def test_bf16_lower_bounds_hold():
     assert float(jnp.max(jnp.where(far, 1 - bound / exact, 0))) < 0.05
 
 
-@pytest.mark.slow  # 8 fake devices: ~3 s.
-@pytest.mark.parametrize("rows,projection_dim", [(2203, None), (517, 8)])
-def test_bf16_sharded_equals_single_device(rows, projection_dim):
-  # 2203 rows: 276 per device, over the 256 rows gathered, so the first steps take the
-  # every-row branch on each device.
-  rng = np.random.default_rng(3)
-  x = rng.normal(size=(rows, 20)).astype(np.float32)
-  single = np.asarray(spade_jax.coreset(x, 90, projection_dim=projection_dim, start=rows // 2))
-  gallery = spade_jax.shard_gallery(x, _mesh(), MESH_AXIS)
-  sharded = spade_jax.coreset(gallery, 90, projection_dim=projection_dim, start=rows // 2,
-                              precision="bf16")
-  np.testing.assert_array_equal(np.asarray(sharded), single)
-  ints = rng.integers(-2, 3, (rows, 6)).astype(np.float32)  # Ties across shards.
-  np.testing.assert_array_equal(
-      np.asarray(spade_jax.coreset(spade_jax.shard_gallery(ints, _mesh(), MESH_AXIS), 90,
-                                   projection_dim=None, precision="bf16")),
-      greedy_reference(ints, 90)[0])
-
-
 def test_bf16_validation():
   x = np.zeros((40, 4), np.float32)
   with pytest.raises(ValueError, match="precision"):
@@ -218,3 +199,139 @@ def test_bf16_validation():
   poly = spade_jax.kernels.from_features("polynomial", np.eye(8, 4, dtype=np.float32))
   with pytest.raises(ValueError, match="bf16"):
     spade_jax.coreset(x, 3, metric=poly, precision="bf16")
+
+
+# prune=True: a row keeps its minimum without a distance when the new point is at least
+# twice as far from the selected row of that minimum (triangle inequality, float32
+# margins); the other rows get the plain pass's float32 distance (gathered: at most
+# max(256, N / 32) of them, else every row), so the selection is the plain greedy's.
+
+
+def _counted(x, size, **kwargs):
+  """(selection, open rows per step) of the pruned greedy on one device."""
+  key = jax.random.key(kwargs.pop("key", 0))
+  out, counts = coreset_lib._coreset_jit(  # pylint: disable=protected-access
+      jnp.asarray(x), jax.random.key_data(key), jnp.int32(kwargs.pop("start", 0)), size=size,
+      impl=str(jax.random.key_impl(key)), prune=True, with_counts=True, **kwargs)
+  return np.asarray(out), np.asarray(counts)[1:]
+
+
+def _prune_case(name):
+  """(features, size, coreset kwargs, whether the NumPy greedy is the reference)."""
+  rng = np.random.default_rng(7)
+  if name == "integer_ties":  # 601 > 256 rows: both branches.
+    return rng.integers(-3, 4, (601, 12)).astype(np.float32), 150, {"start": 17}, True
+  if name == "gaussian":
+    return rng.normal(size=(700, 24)).astype(np.float32), 200, {}, True
+  if name == "low_dim":  # 3 dims: the bound closes most rows, gathers dominate.
+    return rng.normal(size=(3000, 3)).astype(np.float32), 300, {"start": 5}, True
+  if name == "projected":  # Offset rows: larger norms; projected as PatchCore does.
+    return (rng.normal(size=(900, 64)).astype(np.float32) + 3.0, 120,
+            {"projection_dim": 16, "key": 5}, False)
+  # Each row 3 times: after the distinct rows all minima are 0 (then the lowest index).
+  x = np.repeat(rng.integers(-2, 3, (150, 4)).astype(np.float32), 3, axis=0)
+  return x, 450, {}, True
+
+
+_SLOW = pytest.mark.slow  # Each ~2-3 s on the 2 busy cores (two selections compiled).
+
+
+@pytest.mark.parametrize("name", ["integer_ties"] + [
+    pytest.param(n, marks=_SLOW) for n in ("gaussian", "low_dim", "projected", "duplicated")])
+def test_pruned_selection_equals_plain(name):
+  x, size, kwargs, numpy_reference = _prune_case(name)
+  kwargs = {"projection_dim": None, **kwargs}
+  plain = np.asarray(spade_jax.coreset(x, size, **kwargs))
+  pruned, counts = _counted(x, size, **kwargs)
+  np.testing.assert_array_equal(pruned, plain)
+  if numpy_reference:
+    ref, margin = greedy_reference(x, size, kwargs.get("start", 0))
+    assert margin == 0 or margin > 1e-5  # Exact ties, or no near-ties for float32.
+    np.testing.assert_array_equal(pruned, ref)
+  capacity = coreset_lib._capacity(len(x))  # pylint: disable=protected-access
+  assert counts[0] == len(x) - 1  # The first step: every row but the start is open.
+  if name in ("integer_ties", "low_dim", "duplicated"):  # Both branches taken.
+    assert (counts <= capacity).any() and (counts > capacity).any(), counts
+  if name == "low_dim":
+    assert np.mean(counts <= capacity) > 0.5  # Mostly gathers.
+
+
+@pytest.mark.slow  # 8 fake devices, 3 selections each: ~5 s.
+@pytest.mark.parametrize("precision,prune", [("bf16", False), ("float32", True),
+                                             ("bf16", True)])
+@pytest.mark.parametrize("rows,projection_dim", [(2203, None), (517, 8)])
+def test_sharded_options_equal_single_device(rows, projection_dim, precision, prune):
+  # 2203 rows: 276 per device, over the 256 rows gathered, so the first steps take the
+  # every-row branch on each device; the 3-d rows then let the pruned steps gather.
+  rng = np.random.default_rng(3)
+  options = {"precision": precision, "prune": prune}
+  for dim in (20, 3):
+    x = rng.normal(size=(rows, dim)).astype(np.float32)
+    single = np.asarray(spade_jax.coreset(x, 90, projection_dim=projection_dim,
+                                          start=rows // 2))
+    gallery = spade_jax.shard_gallery(x, _mesh(), MESH_AXIS)
+    sharded = spade_jax.coreset(gallery, 90, projection_dim=projection_dim, start=rows // 2,
+                                **options)
+    np.testing.assert_array_equal(np.asarray(sharded), single)
+  ints = rng.integers(-2, 3, (rows, 6)).astype(np.float32)  # Ties across shards.
+  np.testing.assert_array_equal(
+      np.asarray(spade_jax.coreset(spade_jax.shard_gallery(ints, _mesh(), MESH_AXIS), 90,
+                                   projection_dim=None, **options)),
+      greedy_reference(ints, 90)[0])
+
+
+def _bound_cases(rng, n, d):
+  """Rows x, their selected rows a and new centers c [n, d] float32: random, and
+  collinear near-ties |a - c| = 2 |x - a| (1 + eps), over scales 1e-30 to 1e15."""
+  scale = 10.0 ** rng.uniform(-30, 15, (n, 1))
+  a = rng.normal(size=(n, d)) * scale
+  u = rng.normal(size=(n, d))
+  u /= np.linalg.norm(u, axis=1, keepdims=True)
+  t = scale * rng.uniform(0.1, 10, (n, 1))
+  eps = np.concatenate([np.sign(rng.normal(size=n // 2)) * 10.0 ** rng.uniform(-9, -2, n // 2),
+                        np.zeros(n - n // 2)])[:, None]
+  x = a + t * u
+  c = np.where(rng.uniform(size=(n, 1)) < 0.7, a + 2 * t * (1 + eps) * u,
+               a + rng.normal(size=(n, d)) * t * rng.uniform(0.5, 4, (n, 1)))
+  return [np.asarray(v, np.float32) for v in (x, a, c)]
+
+
+@pytest.mark.parametrize("d", [3, 128])
+def test_prune_bound_never_closes_a_row_whose_minimum_drops(d):
+  # A closed row (the bound rules out a new minimum) must have a float32 distance to the
+  # new center at least its float32 minimum, however the d squares are summed: that of
+  # the greedy (_distances), NumPy's pairwise sum, and a sequential sum.
+  rng = np.random.default_rng(d)
+  x, a, c = _bound_cases(rng, 4000, d)
+  # The greedy's expression (_distances), with a center per row.
+  dist = lambda p, q: np.asarray(jnp.sum(jnp.square(jnp.asarray(p) - jnp.asarray(q)), axis=1))
+  mins, between, new = dist(x, a), dist(a, c), dist(x, c)
+  closed = ~np.asarray(coreset_lib._prune_open(  # pylint: disable=protected-access
+      jnp.asarray(between), jnp.asarray(mins), d))
+  assert 0.1 < closed.mean() < 0.9  # Both kinds present, near-ties on either side.
+  diff = x - c
+  for other in (new, np.sum(diff * diff, axis=1, dtype=np.float32),
+                np.cumsum(diff * diff, axis=1, dtype=np.float32)[:, -1]):
+    assert not np.any(closed & (other < mins))
+  exact = lambda p, q: np.sum((p.astype(np.float64) - q) ** 2, axis=1)
+  assert not np.any(closed & (exact(x, c) < exact(x, a)))
+  # The margins matter: the bare test fl|a - c|^2 >= 4 m would close such rows here.
+  bare = (between >= 4 * mins) & (mins > 0)
+  assert np.any(bare & (new < mins))
+  # Tight: collinear rows with |a - c| >= 2.0001 |x - a| are closed.
+  far = np.sqrt(exact(a, c)) >= 2.0001 * np.sqrt(exact(x, a))
+  assert closed[far & (mins > 1e-25)].all()
+  # -inf (selected, padding) is never open; inf (no minimum yet) always, also at inf.
+  edge = np.asarray(coreset_lib._prune_open(  # pylint: disable=protected-access
+      jnp.array([0.0, np.inf, 0.0, np.inf]), jnp.array([-np.inf, -np.inf, np.inf, np.inf]),
+      d))
+  np.testing.assert_array_equal(edge, [False, False, True, True])
+
+
+def test_prune_validation():
+  x = np.zeros((40, 4), np.float32)
+  with pytest.raises(ValueError, match="prune"):
+    spade_jax.coreset(x, 3, prune="yes")
+  poly = spade_jax.kernels.from_features("polynomial", np.eye(8, 4, dtype=np.float32))
+  with pytest.raises(ValueError, match="prune=True"):
+    spade_jax.coreset(x, 3, metric=poly, prune=True)

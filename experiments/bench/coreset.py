@@ -13,7 +13,14 @@ and a sharded memory bank against one device (fake CPU devices).
 * sharded: in a process with `devices` fake CPU devices, coreset and PatchCore scoring
   on a bank sharded over all of them vs the same bank on one device, taking turns,
   with the results compared. Fake devices share this machine's cores: the figure is
-  the overhead of the sharded program, not a speedup.
+  the overhead of the sharded program, not a speedup;
+* precision: float32 vs bf16 greedy steps (coreset(precision=...));
+* prune: the plain vs the triangle-inequality-pruned greedy (coreset(prune=...)),
+  taking turns in one process per source: N(0, 1) rows ("gaussian:N"), or a built-in
+  category's PatchCore patch features (efficientnet_lite0 layer2 + layer3 of its
+  training images, generated offline, projected to 128 as PatchCore does, a 10%
+  coreset): ms per step, the same selection, and the open rows (those whose bound
+  allows a new minimum) over the steps.
 """
 
 from __future__ import annotations
@@ -36,8 +43,8 @@ from . import common, memory, pixel
 
 TITLE = "PatchCore: coreset, scoring, sharded bank"
 # The section's parts: coreset time / memory as N grows, PatchCore vs SPADE scoring,
-# sharded vs one device, float32 vs bf16 coreset steps.
-PARTS = ("scaling", "scoring", "sharded", "precision")
+# sharded vs one device, float32 vs bf16 coreset steps, plain vs pruned coreset steps.
+PARTS = ("scaling", "scoring", "sharded", "precision", "prune")
 # Channels of layer1..3 and of the pooled vector, at 224 x 224 input (56, 28, 14 grids).
 PROFILES = {"wide_resnet50_2": ([256, 512, 1024], 2048),
             "efficientnet_lite0": ([24, 40, 112], 1280)}
@@ -124,6 +131,64 @@ def precision_worker(n: int, dim: int, size: int, repeats: int,
           "features_bytes": int(x.nbytes)}
 
 
+def builtin_patch_features(category: str, train_images: int = 60) -> np.ndarray:
+  """[train_images * 28 * 28, 152] float32: PatchCore's patch features (default config,
+  efficientnet_lite0 with its packaged ImageNet weights: layer2 + layer3, p = 3) of a
+  built-in category's training images, rendered offline (the benchmark's PNGs hold the
+  same pixels)."""
+  # Imported here: the other parts need neither a backbone nor the data module.
+  from spade_jax.data import builtin  # pylint: disable=import-outside-toplevel
+  images = np.stack([builtin.render_example(0, category, "train", i, None)[1]
+                     for i in range(train_images)])
+  patchcore = spade_jax.PatchCore(spade_jax.load_backbone("efficientnet_lite0", "imagenet"),
+                                  spade_jax.PatchCoreConfig())
+  feats = patchcore.extract(images)
+  return feats.reshape(-1, feats.shape[-1])
+
+
+def prune_worker(source: str, size: int, dim: int, repeats: int, ratio: float = 0.1,
+                 train_images: int = 60) -> dict[str, Any]:
+  """Plain vs pruned greedy (coreset(prune=False | True)) in one process: both compiled
+  ahead of time, one untimed pruned run counting the open rows of every step, then
+  `repeats` timed calls each taking turns. source: "gaussian:N" ([N, dim] N(0, 1) rows,
+  `size` steps, no projection) or a built-in category (its patch features projected to
+  128, a `ratio` coreset, as PatchCore selects it)."""
+  if source.startswith("gaussian:"):
+    x, projection_dim = common.random_normal(0, (int(source.split(":")[1]), dim)), None
+  else:
+    x = jax.device_put(builtin_patch_features(source, train_images))
+    projection_dim = 128
+    size = spade_jax.PatchCoreConfig(coreset_ratio=ratio).coreset_size(int(x.shape[0]))
+  n = int(x.shape[0])
+  key = jax.random.key(0)
+  key_data, impl = jax.random.key_data(key), str(jax.random.key_impl(key))
+  start = jnp.int32(0)
+  projection_dim = projection_dim if projection_dim and projection_dim < x.shape[1] else None
+  lower = lambda **kw: coreset_lib._coreset_jit.lower(  # pylint: disable=protected-access
+      x, key_data, start, size=size, projection_dim=projection_dim, impl=impl, **kw).compile()
+  compiled = {"plain": lower(prune=False), "pruned": lower(prune=True)}
+  counted, counts = lower(prune=True, with_counts=True)(x, key_data, start)
+  counts = np.asarray(counts)[1:]
+  times: dict[str, list[float]] = {name: [] for name in compiled}
+  selected = {}
+  for _ in range(max(1, repeats)):
+    for name, fn in compiled.items():
+      t0 = time.perf_counter()
+      selected[name] = np.asarray(jax.block_until_ready(fn(x, key_data, start)))
+      times[name].append(time.perf_counter() - t0)
+  capacity = coreset_lib._capacity(n)  # pylint: disable=protected-access
+  quarters = np.array_split(counts, 4)
+  ms = {name: 1e3 * float(np.median(v)) / max(size - 1, 1) for name, v in times.items()}
+  return {"source": source, "n": n, "dim": int(x.shape[1]), "projection_dim": projection_dim,
+          "size": size, "repeats": max(1, repeats), "platform": jax.devices()[0].platform,
+          "ms_per_step": ms, "plain_over_pruned": ms["plain"] / ms["pruned"],
+          "same_selection": bool(np.array_equal(selected["plain"], selected["pruned"])
+                                 and np.array_equal(selected["plain"], np.asarray(counted))),
+          "capacity": capacity, "open_fraction_mean": float(counts.mean()) / n,
+          "open_fraction_quarters": [float(q.mean()) / n for q in quarters if len(q)],
+          "gathered_steps": float(np.mean(counts <= capacity))}
+
+
 def _scoring_fns(profile: str, grid: int, train_images: int, k_images: int, num_test: int,
                  coreset_ratio: float, embed_dim: int, sigma: float, image_size: int):
   """({"patchcore": fn, "spade": fn}: one scoring call of num_test images each, bank rows,
@@ -193,10 +258,13 @@ def section(ns: Sequence[int], dim: int, size: int, projection_dim: int | None,
             repeats: int, sharded_devices: int, sharded_n: int, grid: int = 56,
             coreset_ratio: float = 0.1, image_size: int = 224,
             precision_ns: Sequence[int] = (), precision_size: int | None = None,
-            parts: Sequence[str] = PARTS) -> dict[str, Any]:
+            parts: Sequence[str] = PARTS, prune_sources: Sequence[str] = (),
+            prune_train_images: int = 60) -> dict[str, Any]:
   """The parts (module docstring) named in `parts`; each coreset point in a fresh
   process. precision: float32 vs bf16 at each N of precision_ns (precision_size steps,
-  default `size`), one process per N."""
+  default `size`), one process per N. prune: plain vs pruned for each of prune_sources
+  (prune_worker; N(0, 1) sources take precision_size steps, default `size`; categories
+  use prune_train_images training images), one process each."""
   unknown = sorted(set(parts) - set(PARTS))
   if unknown:
     raise ValueError(f"unknown coreset parts {unknown}; valid: {', '.join(PARTS)}")
@@ -205,6 +273,12 @@ def section(ns: Sequence[int], dim: int, size: int, projection_dim: int | None,
                                   "repeats": repeats},
                                  extra_env={"MALLOC_MMAP_THRESHOLD_": "131072"}, timeout_s=3600)
                for n in (precision_ns if "precision" in parts else ())]
+  prune = [common.run_worker("coreset_prune",
+                             {"source": src, "size": precision_size or size, "dim": dim,
+                              "repeats": repeats, "ratio": coreset_ratio,
+                              "train_images": prune_train_images},
+                             extra_env={"MALLOC_MMAP_THRESHOLD_": "131072"}, timeout_s=3600)
+           for src in (prune_sources if "prune" in parts else ())]
   points = []
   for n in (ns if "scaling" in parts else ()):
     res = common.run_worker("coreset", {"n": n, "dim": dim, "size": size,
@@ -233,7 +307,7 @@ def section(ns: Sequence[int], dim: int, size: int, projection_dim: int | None,
           "n_by_n_limit": None if mem_total is None else math.isqrt(mem_total // 4),
           "coreset_ratio": coreset_ratio, "train_images": train_images, "k_images": k_images,
           "num_test": num_test, "grid": grid, "image_size": image_size,
-          "scoring": scoring, "sharded": sharded, "precision": precision}
+          "scoring": scoring, "sharded": sharded, "precision": precision, "prune": prune}
 
 
 def markdown(r: dict[str, Any]) -> list[str]:
@@ -249,7 +323,7 @@ def markdown(r: dict[str, Any]) -> list[str]:
                  mib(p["working_set_bytes"]), mib(p["xla_temp_bytes"]),
                  f(p["xla_temp_bytes"] / p["n"]), mib(p["n_by_n_bytes"])])
   first = next((p for p in r["coreset"] if "seconds" in p), {})
-  lines = _precision_lines(r.get("precision") or [])
+  lines = _precision_lines(r.get("precision") or []) + _prune_lines(r.get("prune") or [])
   if not rows:
     return lines + _scoring_and_sharded_lines(r)
   lines += [f"Coreset: spade_jax.coreset(N(0, 1) features [N, {first.get('dim')}], "
@@ -297,6 +371,33 @@ def _precision_lines(points: list[dict[str, Any]]) -> list[str]:
           f"(median), on {p0.get('platform')}."] + common.table(
               ["N", "steps", "float32 ms / step", "bf16 ms / step", "float32 / bf16",
                "same selection", "peak device MiB"], rows) + [""]
+
+
+def _prune_lines(points: list[dict[str, Any]]) -> list[str]:
+  """The plain vs pruned coreset table (empty when not run)."""
+  if not points:
+    return []
+  f = common.fmt
+  rows = []
+  for p in points:
+    if "ms_per_step" not in p:
+      rows.append([p.get("source"), "-", "-", "-", "-", "-", "-", "-", "-", p.get("status")])
+      continue
+    ms = p["ms_per_step"]
+    rows.append([p["source"], f"{p['n']} x {p['dim']}", p["projection_dim"] or "-", p["size"],
+                 f(ms["plain"]), f(ms["pruned"]), f(p["plain_over_pruned"]),
+                 f(p["same_selection"]), f"{p['open_fraction_mean']:.1%}",
+                 " / ".join(f"{q:.1%}" for q in p["open_fraction_quarters"]),
+                 f"{p['gathered_steps']:.1%} (<= {p['capacity']})"])
+  p0 = next((p for p in points if "ms_per_step" in p), {})
+  return [f"Coreset pruning: spade_jax.coreset(..., prune=False | True) in one process per "
+          f"source, both compiled ahead of time, then {p0.get('repeats')} timed calls taking "
+          f"turns (median), on {p0.get('platform')}; open rows: those whose triangle bound "
+          f"allows a new minimum, per step, over the N rows."] + common.table(
+              ["source", "N x D", "projected to", "steps", "plain ms / step",
+               "pruned ms / step", "plain / pruned", "same selection", "open rows (mean)",
+               "open rows by quarter of the steps", "steps gathered (open <= capacity)"],
+              rows) + [""]
 
 
 def _scoring_and_sharded_lines(r: dict[str, Any]) -> list[str]:

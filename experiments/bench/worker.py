@@ -24,6 +24,7 @@ WORKERS: dict[str, Callable[..., dict[str, Any]]] = {
     "coreset": coreset.worker,
     "coreset_sharded": coreset.sharded_worker,
     "coreset_precision": coreset.precision_worker,
+    "coreset_prune": coreset.prune_worker,
 }
 
 SERVERS: dict[str, Callable[..., None]] = {"numpy_matmul": knn.numpy_matmul_server}

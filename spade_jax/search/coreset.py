@@ -32,12 +32,19 @@ distance matrix the exact variant of the reference code builds (patchcore-inspec
   kernel such as the polynomial, whose distance is not L2 of any rows it computes)
   selects on its exact kernel-induced distance d_k(x_i, c), without projection.
 
+* Pruning (prune=True, squared L2 search spaces only): a row keeps its minimum
+  without a distance when the triangle inequality proves that the new point cannot
+  lower it (_prune_factors); the selection is the plain greedy's, bit for bit. Off by
+  default: it pays on object images' patches, not on textures or Gaussian rows, where
+  most rows stay open (BENCHMARKS.md).
+
 On a sharded bank (spade_jax.shard_gallery) the loop runs inside one shard_map: each
 device keeps the minima of its own rows, finds its best candidate (value, lowest
 global index, row), and one all_gather over the mesh axis per step lets every device
 pick the global winner: the largest value, and on ties the lowest shard, whose rows
 have the lowest indices. Per row the arithmetic is the single-device one, so the
-selection is the same. Padding rows start at -inf and are never selected.
+selection is the same. Padding rows start at -inf and are never selected. Pruned, each
+device tests and gathers its own rows against the (all-gathered) selected rows.
 """
 
 from __future__ import annotations
@@ -94,8 +101,53 @@ def _lower_bounds(low: Array, error: Array, center: Array) -> Array:
   return jnp.square(jnp.maximum(root, 0.0)) * (1 - slack)
 
 
+_PRUNE_MAX_DIM = 100_000  # g = (d + 2) 2^-24 <= 1e-5 below (_prune_factors).
+
+
+def _prune_factors(d: int) -> tuple[np.float32, np.float32]:
+  """(scale, floor) of the triangle-inequality test of a pruned greedy step on rows of
+  d values: a row x, its minimum m = fl|x - a|^2 from the selected row a (`assign`),
+  keeps it when the new center c has fl|a - c|^2 >= scale * m + floor.
+
+  Why (fl: float32 as _distances computes it, in any order of its d additions; u =
+  2^-24; g = (d + 2) u <= 1e-5 for d <= 100k). A float32 sum of the squares of d float32
+  differences is within g S (3 u from each square of a rounded difference, (d - 1) u
+  from the additions) plus e = 2 d 2^-126 (results below the smallest normal float32,
+  which XLA may flush to 0) of the real sum S: (1 - g) S - e <= fl S <= (1 + g) S + e. Let M, C, D
+  be the real |x - a|^2, |a - c|^2, |x - c|^2 and m, C~, D~ their float32 values. If
+  C >= 4 M+ with M+ = (m + e) / (1 - g) >= M, the triangle inequality |x - c| >=
+  |a - c| - |x - a| gives sqrt(D) >= 2 sqrt(M+) - sqrt(M) >= sqrt(M+), so D~ >=
+  (1 - g) D - e >= (1 - g) M+ - e = m: the minimum min(m, D~) stays m, bit for bit, in
+  the plain pass too (whatever order it sums in). As C >= (C~ - e) / (1 + g), C~ >= B =
+  4 (1 + g) (m + e) / (1 - g) + e suffices. scale = 4 (1 + 8 g) and floor = 2^-100
+  (> 300 e for d <= 100k) exceed B by 20 g m + floor / 2 at least, more than the
+  rounding of evaluating scale m + floor in float32 (2 roundings, relative u, and 2^-125
+  at most below normal numbers), so the float32 test C~ >= fl(scale m + floor) implies
+  C~ >= B. Overflow: _prune_open caps C~ at the largest float32 (C~ = inf still means C
+  >= (max - e) / (1 + g)), so a row whose m, or scale m, is inf is always open. Rows at
+  -inf (selected, padding) are never open: -inf * scale + floor = -inf.
+  """
+  assert d <= _PRUNE_MAX_DIM, d  # coreset() refuses more.
+  gamma = (d + 2) * 2.0 ** -24
+  return np.float32(4 * (1 + 8 * gamma)), np.float32(2.0 ** -100)
+
+
+def _prune_open(between: Array, mins: Array, d: int) -> Array:
+  """[R] bool: the rows whose minimum `mins` [R] (from their selected row a) may drop
+  at a new center c, between [R] = fl|a - c|^2 of each row's a, on rows of d values
+  (_prune_factors: the other rows keep their minimum)."""
+  scale, floor = _prune_factors(d)
+  return jnp.minimum(between, np.float32(np.finfo(np.float32).max)) < mins * scale + floor
+
+
+def _capacity(num: int) -> int:
+  """Rows a pruned or bf16 step gathers at most (else it reads every row)."""
+  return min(num, max(256, num // 32))
+
+
 def _greedy(x: Array, valid: Array | None, start: Array, size: int, first_row: Array,
-            axis: str | None, metric=None, precision: str = "float32") -> Array:
+            axis: str | None, metric=None, precision: str = "float32", prune: bool = False,
+            with_counts: bool = False) -> Array | tuple[Array, Array]:
   """The selection loop on one device's rows (traced; inside shard_map when `axis`).
 
   Args:
@@ -109,15 +161,28 @@ def _greedy(x: Array, valid: Array | None, start: Array, size: int, first_row: A
       L2 kernel: those come as prepared rows x with metric None).
     precision: "float32", or "bf16" (metric None only): each step reads bfloat16 copies
       of the rows, which bound every row's float32 distance from below; only the rows
-      whose bound does not rule out a new minimum (at most max(256, R / 32) of them,
-      else all rows) get their float32 distance, so the running minima, and the
-      selection, are the float32 greedy's.
+      whose bound does not rule out a new minimum (at most _capacity(R) of them, else
+      all rows) get their float32 distance, so the running minima, and the selection,
+      are the float32 greedy's.
+    prune: (metric None only) triangle-inequality pruning: each row also keeps
+      `assign`, the selected row whose distance is its minimum, and the selected rows
+      themselves are kept ([size, d], filled step by step). A new center c first gets
+      its distances to the selected rows ([size]); a row x can only get a new minimum
+      if |a - c| < 2 |x - a| for a = assign(x) (_prune_factors, with float32 rounding
+      margins), so only those open rows (at most _capacity(R), gathered; else the
+      `precision` pass over every row) get their float32 distance, the same
+      _distances expression as the plain pass: the minima and the selection are the
+      plain greedy's, bit for bit.
+    with_counts: also return the open rows of each step (prune only).
 
   Returns:
-    [size] int32 global indices in selection order (the same on every device).
+    [size] int32 global indices in selection order (the same on every device); with
+    with_counts, also [size] int32: this device's open rows at each step (entry 0 is
+    0; at step i, those of the update by the (i - 1)-th selected row).
   """
-  num = x.shape[0]
+  num, dim = x.shape
   iota = lax.iota(jnp.int32, num)
+  capacity = _capacity(num)
 
   def mark_selected(mins, index):
     """mins with the (global) row `index` set to -inf where this device holds it."""
@@ -136,10 +201,17 @@ def _greedy(x: Array, valid: Array | None, start: Array, size: int, first_row: A
     center = rows.local_rows(x, start[None], first_row, axis)[0]
   mins = mark_selected(mins, start)
   selected = jnp.zeros((size,), jnp.int32).at[0].set(start)
+  counts = jnp.zeros((size,), jnp.int32)
 
   if precision == "bf16":
     low, error = _bf16_rows(x)
-    capacity = min(num, max(256, num // 32))
+
+  def gathered(mins, open_rows, center):
+    """(mins with the float32 distances of the open rows (at most `capacity`) taken in,
+    [capacity] those rows (num beyond their count), their distances)."""
+    at = jnp.nonzero(open_rows, size=capacity, fill_value=num)[0]
+    dist = _distances(x[jnp.minimum(at, num - 1)], center, None)
+    return mins.at[at].min(dist, mode="drop"), at, dist
 
   def update_mins(mins, center):
     if precision != "bf16":
@@ -147,20 +219,39 @@ def _greedy(x: Array, valid: Array | None, start: Array, size: int, first_row: A
     # Rows whose lower bound reaches their minimum keep it (d >= bound >= min).
     open_rows = _lower_bounds(low, error, center) < mins
     count = jnp.sum(open_rows.astype(jnp.int32))
+    return lax.cond(count <= capacity, lambda m: gathered(m, open_rows, center)[0],
+                    lambda m: jnp.minimum(m, _distances(x, center, None)), mins)
 
-    def few(mins):
-      rows = jnp.nonzero(open_rows, size=capacity, fill_value=num)[0]
-      dist = _distances(x[jnp.minimum(rows, num - 1)], center, None)
-      return mins.at[rows].min(dist, mode="drop")
+  if prune:
+    centers = jnp.zeros((size, dim), jnp.float32).at[0].set(center)
+    assign = jnp.zeros((num,), jnp.int32)  # Every row's minimum comes from centers[0].
 
-    def every(mins):
-      return jnp.minimum(mins, _distances(x, center, None))
+  def update(i, mins, assign, centers, center):
+    """(mins, assign, open rows) after taking in center = centers[i - 1]."""
+    if not prune:
+      return update_mins(mins, center), assign, jnp.int32(0)
+    k = i - 1
+    # |a - c|^2 for every selected row a (the rows beyond k are zeros, never assigned).
+    between = _distances(centers, center, None)
+    open_rows = _prune_open(between[assign], mins, dim)
+    count = jnp.sum(open_rows.astype(jnp.int32))
 
-    return lax.cond(count <= capacity, few, every, mins)
+    def few(mins, assign):
+      new, at, dist = gathered(mins, open_rows, center)
+      closer = dist < mins[jnp.minimum(at, num - 1)]
+      old = assign[jnp.minimum(at, num - 1)]
+      return new, assign.at[at].set(jnp.where(closer, k, old), mode="drop")
+
+    def every(mins, assign):
+      new = update_mins(mins, center)
+      return new, jnp.where(new < mins, k, assign)
+
+    mins, assign = lax.cond(count <= capacity, few, every, mins, assign)
+    return mins, assign, count
 
   def step(i, carry):
-    mins, selected, center = carry
-    mins = update_mins(mins, center)
+    mins, assign, selected, counts, center, centers = carry
+    mins, assign, count = update(i, mins, assign, centers, center)
     best = jnp.max(mins)
     local = jnp.min(jnp.where(mins == best, iota, num))  # Lowest row holding the max.
     local = jnp.minimum(local, num - 1)
@@ -168,12 +259,20 @@ def _greedy(x: Array, valid: Array | None, start: Array, size: int, first_row: A
     if axis is not None:
       bests = lax.all_gather(best, axis)
       indices = lax.all_gather(index, axis)
-      centers = lax.all_gather(center, axis)
+      centers_all = lax.all_gather(center, axis)
       winner = jnp.argmax(bests)  # First maximum: the lowest shard, so the lowest index.
-      index, center = indices[winner], centers[winner]
-    return mark_selected(mins, index), selected.at[i].set(index), center
+      index, center = indices[winner], centers_all[winner]
+    if prune:
+      centers = centers.at[i].set(center)
+    if with_counts:
+      counts = counts.at[i].set(count)
+    return (mark_selected(mins, index), assign, selected.at[i].set(index), counts, center,
+            centers)
 
-  return lax.fori_loop(1, size, step, (mins, selected, center))[1]
+  init = (mins, assign if prune else None, selected, counts if with_counts else None,
+          center, centers if prune else None)
+  out = lax.fori_loop(1, size, step, init)
+  return (out[2], out[3]) if with_counts else out[2]
 
 
 def projection_matrix(key: Array, dim_in: int, dim_out: int) -> Array:
@@ -220,19 +319,23 @@ def _projection(key_data: Array, impl: str, dim: int,
   return projection_matrix(jax.random.wrap_key_data(key_data, impl=impl), dim, projection_dim)
 
 
-@functools.partial(jax.jit, static_argnames=("size", "projection_dim", "impl", "precision"))
+_STATIC = ("size", "projection_dim", "impl", "precision", "prune", "with_counts")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def _coreset_jit(features: Array, key_data: Array, start: Array, metric=None, *, size: int,
-                 projection_dim: int | None, impl: str, precision: str = "float32") -> Array:
+                 projection_dim: int | None, impl: str, precision: str = "float32",
+                 prune: bool = False, with_counts: bool = False) -> Array:
   x, exact = _search_rows(features, metric)
   projection = _projection(key_data, impl, x.shape[1], projection_dim)
   return _greedy(_project(x, projection), None, start, size, jnp.int32(0), None, exact,
-                 precision)
+                 precision, prune, with_counts)
 
 
-@functools.partial(jax.jit, static_argnames=("size", "projection_dim", "impl", "precision"))
+@functools.partial(jax.jit, static_argnames=_STATIC[:5])
 def _sharded_coreset_jit(gallery: sharding.ShardedGallery, key_data: Array, start: Array,
                          metric=None, *, size: int, projection_dim: int | None,
-                         impl: str, precision: str = "float32") -> Array:
+                         impl: str, precision: str = "float32", prune: bool = False) -> Array:
   axis, shard_rows = gallery.axis, gallery.shard_rows
   dim = _search_dim(metric, gallery.data.shape[1])
   projection = _projection(key_data, impl, dim, projection_dim)
@@ -240,7 +343,8 @@ def _sharded_coreset_jit(gallery: sharding.ShardedGallery, key_data: Array, star
   def local(block, valid, metric, proj, first):
     first_row = (lax.axis_index(axis) * shard_rows).astype(jnp.int32)
     x, exact = _search_rows(block, metric)
-    return _greedy(_project(x, proj), valid, first, size, first_row, axis, exact, precision)
+    return _greedy(_project(x, proj), valid, first, size, first_row, axis, exact, precision,
+                   prune)
 
   # A kernel's parameters enter replicated (P()), as arguments (not closed over).
   return jax.shard_map(local, mesh=gallery.mesh, in_specs=(P(axis), P(axis), P(), P(), P()),
@@ -282,7 +386,7 @@ def _check_start(start, gallery: sharding.ShardedGallery | None, num_rows: int) 
 
 def coreset(features: Array | sharding.ShardedGallery, size: int, *,
             projection_dim: int | None = 128, start: int = 0, key=None,
-            metric=None, precision: str = "float32") -> Array:
+            metric=None, precision: str = "float32", prune: bool = False) -> Array:
   """PatchCore's greedy coreset: `size` rows of `features` that cover them (k-center).
 
   Args:
@@ -302,6 +406,16 @@ def coreset(features: Array | sharding.ShardedGallery, size: int, *,
       of the rows whose bound from the bfloat16 rows allows a new minimum (_greedy), so
       the selection is the float32 one; it costs a bfloat16 copy of the rows (2 bytes
       per value) besides them. Not with a kernel that is not searched as L2.
+    prune: triangle-inequality pruning (_greedy; as in accelerated k-means): a row
+      keeps its running minimum, without its distance being computed, when the new
+      point is at least twice as far from the selected point that gave that minimum
+      (with float32 rounding margins); only the other rows (at most max(256, N / 32)
+      per device, else every row) get their float32 distance, so the selection is the
+      plain greedy's, bit for bit. It costs an int32 per row and a [size, d] copy of
+      the selected (projected) rows. Off by default: 4.5-6x faster on PatchCore's
+      patch features of object images, but 0.87x on textures and Gaussian rows, where
+      most rows stay open (BENCHMARKS.md, "Coreset pruning"). Composes with
+      precision="bf16"; not with a kernel that is not searched as L2.
 
   Returns:
     [size] int32 row indices, distinct, in selection order (indices[0] == start); on
@@ -309,7 +423,7 @@ def coreset(features: Array | sharding.ShardedGallery, size: int, *,
 
   Raises:
     ValueError: features not [N, D] real numbers, empty, or holding NaN / Inf; size,
-      projection_dim, start, key or metric invalid.
+      projection_dim, start, key, metric, precision or prune invalid.
   """
   sharded = sharding.as_sharded(features, "features")
   if np.ndim(features) != 2:
@@ -327,6 +441,8 @@ def coreset(features: Array | sharding.ShardedGallery, size: int, *,
   _check_start(start, sharded, num_rows)
   if precision not in ("float32", "bf16"):
     raise ValueError(f"precision must be 'float32' or 'bf16', got {precision!r}")
+  if not isinstance(prune, (bool, np.bool_)):
+    raise ValueError(f"prune must be True or False, got {prune!r:.100}")
   key = _as_key(key)
   neighbors.check_finite("features", features if sharded is None else sharded.data)
   if metric is not None:
@@ -339,14 +455,20 @@ def coreset(features: Array | sharding.ShardedGallery, size: int, *,
       if precision == "bf16":
         raise ValueError(f"precision='bf16' needs squared L2 rows (no kernel, or an L2 "
                          f"kernel), got {metric!r:.100}")
+      if prune:
+        raise ValueError(f"prune=True needs squared L2 rows (no kernel, or an L2 kernel): "
+                         f"the triangle inequality, got {metric!r:.100}")
     dim = _search_dim(metric, dim)
   if projection_dim is not None and projection_dim >= dim:
     projection_dim = None  # Projecting up would not reduce the work.
   projection_dim = None if projection_dim is None else int(projection_dim)
+  if prune and (projection_dim or dim) > _PRUNE_MAX_DIM:
+    raise ValueError(f"prune=True selects on rows of at most {_PRUNE_MAX_DIM} values (its "
+                     f"rounding margins), got {projection_dim or dim}: set projection_dim")
   # The key travels as its raw data (a plain uint32 array, placeable on any mesh).
   key_data, impl = jax.random.key_data(key), str(jax.random.key_impl(key))
   static = {"size": int(size), "projection_dim": projection_dim, "impl": impl,
-            "precision": precision}
+            "precision": precision, "prune": bool(prune)}
   if sharded is None:
     return _coreset_jit(features, key_data, jnp.int32(start), metric, **static)
   mesh = sharded.mesh
