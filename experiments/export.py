@@ -70,24 +70,14 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   import spade_jax  # pylint: disable=import-outside-toplevel
   from spade_jax.deploy import artifact, export  # pylint: disable=import-outside-toplevel
-  from spade_jax.detector import index_ensemble, load_index_file, tiling  # pylint: disable=import-outside-toplevel
+  from spade_jax.detector import tiling  # pylint: disable=import-outside-toplevel
   start = time.perf_counter()
   try:  # Everything checkable before the backbone loads.
     platforms = export.check_platforms(_PLATFORMS.value)
     fixed_image_size = export.check_image_size(_image_size(_FIXED_IMAGE_SIZE.value),
                                                "--fixed_image_size")
     artifact.check_output_dir(_OUTPUT_DIR.value)
-    if index_ensemble.is_ensemble_index(_INDEX.value):  # As predict.py reads it.
-      contents = index_ensemble.load_ensemble_index_file(_INDEX.value)
-      settings = index_settings.ensemble_settings_from_index(
-          _DETECTOR.settings(), _DETECTOR.given(), contents, _INDEX.value)
-      _DETECTOR.check_no_tiles("an ensemble index")
-      tiles = None
-    else:
-      contents = load_index_file(_INDEX.value)
-      settings = index_settings.settings_from_index(
-          _DETECTOR.settings(), _DETECTOR.given(), contents, _INDEX.value)
-      tiles = _DETECTOR.tiles(contents, _INDEX.value)  # predict.py's: the index's tile_size.
+    contents, settings, tiles = index_settings.read_index(_DETECTOR, _INDEX.value)
     detector_flags.detector_config(settings["method"], settings, _DETECTOR.batch_size.value)
     detector = detector_flags.make_detector(settings["method"], settings,
                                             _DETECTOR.batch_size.value)

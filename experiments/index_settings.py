@@ -2,9 +2,7 @@
 completed and checked against what the index fixes (settings_from_index for an index
 file, ensemble_settings_from_index for an ensemble index folder).
 
-  contents = load_index_file(path)
-  settings = index_settings.settings_from_index(_DETECTOR.settings(), _DETECTOR.given(),
-                                                contents, path)
+  contents, settings, tiles = index_settings.read_index(_DETECTOR, path)
 
 detector_flags.settings_from_index (and ensemble_settings_from_index) are these.
 """
@@ -180,3 +178,23 @@ def _tuple_if_list(value: Any) -> Any:
 def _flag_text(value: Any) -> str:
   """A setting as it is written on the command line (lists comma-separated)."""
   return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def read_index(holder: detector_flags.DetectorFlags, path: str) -> tuple[Any, dict[str, Any], Any]:
+  """(contents, settings, tiles) of the index at `path`, as predict.py and export.py read it.
+
+  An ensemble index folder (fit.py --method=ensemble) gives load_ensemble_index_file's
+  contents and no tiles (a --tile_* flag is an error); an index file gives
+  load_index_file's contents and the index's tiles (TileConfig or None). The settings
+  are the flags given, completed and checked against the index (ValueError naming the
+  flag that contradicts it).
+  """
+  from spade_jax.detector import index_ensemble, load_index_file  # pylint: disable=import-outside-toplevel
+  if index_ensemble.is_ensemble_index(path):
+    contents = index_ensemble.load_ensemble_index_file(path)
+    settings = ensemble_settings_from_index(holder.settings(), holder.given(), contents, path)
+    holder.check_no_tiles("an ensemble index")
+    return contents, settings, None
+  contents = load_index_file(path)
+  settings = settings_from_index(holder.settings(), holder.given(), contents, path)
+  return contents, settings, holder.tiles(contents, path)

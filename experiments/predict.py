@@ -89,23 +89,12 @@ flags.adopt_module_key_flags(detector_flags)
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  from spade_jax.detector import index_ensemble, load_index_file  # pylint: disable=import-outside-toplevel
   from spade_jax.evaluation import folders, predictions  # pylint: disable=import-outside-toplevel
   detector_flags.enable_compilation_cache(_CACHE_DIR, "predict.py")
   try:  # Everything checkable before the backbone loads.
     if _NUM_SUMMARY.value < 0:
       raise ValueError(f"--num_summary must be >= 0, got {_NUM_SUMMARY.value}")
-    if index_ensemble.is_ensemble_index(_INDEX.value):  # fit.py --method=ensemble's folder.
-      contents = index_ensemble.load_ensemble_index_file(_INDEX.value)
-      settings = index_settings.ensemble_settings_from_index(
-          _DETECTOR.settings(), _DETECTOR.given(), contents, _INDEX.value)
-      _DETECTOR.check_no_tiles("an ensemble index")
-      tiles = None
-    else:
-      contents = load_index_file(_INDEX.value)
-      settings = index_settings.settings_from_index(
-          _DETECTOR.settings(), _DETECTOR.given(), contents, _INDEX.value)
-      tiles = _DETECTOR.tiles(contents, _INDEX.value)
+    contents, settings, tiles = index_settings.read_index(_DETECTOR, _INDEX.value)
     index, threshold = contents.index, contents.threshold
     detector_flags.detector_config(settings["method"], settings, _DETECTOR.batch_size.value)
     predictions.check_output_dir(_OUTPUT_DIR.value)
