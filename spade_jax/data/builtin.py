@@ -307,7 +307,8 @@ def builtin_benchmark_dir(variant: str = "standard", seed: int = 0) -> pathlib.P
   logging.info("generating the built-in %s benchmark (seed %d) into %s (first use)", variant,
                seed, root)
   try:
-    generate_builtin_benchmark(root, seed=int(seed), variant=variant)
+    extra = {"seed": int(seed)} if seed else {}  # Seed 0: the generator's default.
+    generate_builtin_benchmark(root, variant=variant, **extra)
   except FileExistsError:
     if not (root / INFO_FILE).is_file():  # Not another process's finished benchmark.
       raise
