@@ -101,38 +101,37 @@ def test_refuses_non_empty_root_and_bad_arguments(tmp_path):
     builtin.generate_builtin_benchmark(tmp_path / "b", num_train=0)
 
 
-def test_builtin_benchmark_dir_generates_once(tmp_path, monkeypatch):
+@pytest.fixture
+def tiny_builtin(tmp_path, monkeypatch):
+  """builtin_benchmark_dir generating one tiny category under tmp_path; the list of the
+  generator's (root, keyword arguments) calls."""
   monkeypatch.setenv(paths.CACHE_ENV, str(tmp_path))
   calls = []
   real = builtin.generate_builtin_benchmark
 
   def tiny_generate(root, **kwargs):
-    calls.append(root)
-    return real(root, categories=["brick"], num_train=1, num_test=2)
-
-  monkeypatch.setattr(builtin, "generate_builtin_benchmark", tiny_generate)
-  root = builtin.builtin_benchmark_dir()
-  assert root == tmp_path / "builtin_benchmark_v1"
-  assert mvtec.list_categories(root) == ["brick"]
-  assert builtin.builtin_benchmark_dir() == root and len(calls) == 1
-
-
-def test_builtin_benchmark_dir_per_seed(tmp_path, monkeypatch):
-  monkeypatch.setenv(paths.CACHE_ENV, str(tmp_path))
-  calls = []
-  real = builtin.generate_builtin_benchmark
-
-  def tiny_generate(root, **kwargs):
-    calls.append(kwargs)
+    calls.append((root, kwargs))
     return real(root, categories=["brick"], num_train=1, num_test=2, **kwargs)
 
   monkeypatch.setattr(builtin, "generate_builtin_benchmark", tiny_generate)
+  return calls
+
+
+def test_builtin_benchmark_dir_generates_once(tmp_path, tiny_builtin):
+  root = builtin.builtin_benchmark_dir()
+  assert root == tmp_path / "builtin_benchmark_v1"
+  assert mvtec.list_categories(root) == ["brick"]
+  assert builtin.builtin_benchmark_dir() == root and len(tiny_builtin) == 1
+
+
+def test_builtin_benchmark_dir_per_seed(tmp_path, tiny_builtin):
   seed0, seed2 = builtin.builtin_benchmark_dir(), builtin.builtin_benchmark_dir(seed=2)
   assert seed0 == tmp_path / "builtin_benchmark_v1"
   assert seed2 == tmp_path / "builtin_benchmark_v1_seed2"
-  assert [c.get("seed", 0) for c in calls] == [0, 2]
+  assert [kwargs.get("seed", 0) for _, kwargs in tiny_builtin] == [0, 2]
   hard2 = builtin.builtin_benchmark_dir("hard", seed=2)
-  assert hard2 == tmp_path / "builtin_hard_benchmark_v1_seed2" and calls[-1]["seed"] == 2
+  assert hard2 == tmp_path / "builtin_hard_benchmark_v1_seed2"
+  assert tiny_builtin[-1][1] == {"seed": 2, "variant": "hard"}
   # Another seed draws other images; the same seed the same bytes.
   a = (seed0 / "brick" / "train" / "good").iterdir()
   b = (seed2 / "brick" / "train" / "good").iterdir()
