@@ -496,7 +496,7 @@ def coreset(features: Array | sharding.ShardedGallery, size: int, *,
   if not (isinstance(prune, (bool, np.bool_)) or prune in ("auto", "pca", "triangle")):
     raise ValueError(f"prune must be 'auto', 'pca', 'triangle', True or False, got "
                      f"{prune!r:.100}")
-  auto = isinstance(prune, str) and prune == "auto"
+  auto, asked = isinstance(prune, str) and prune == "auto", prune
   if isinstance(prune, (bool, np.bool_)):
     prune = "triangle" if prune else None
   key = _as_key(key)
@@ -512,7 +512,7 @@ def coreset(features: Array | sharding.ShardedGallery, size: int, *,
         raise ValueError(f"precision='bf16' needs squared L2 rows (no kernel, or an L2 "
                          f"kernel), got {metric!r:.100}")
       if prune and not auto:
-        raise ValueError(f"prune={prune!r} needs squared L2 rows (no kernel, or an L2 "
+        raise ValueError(f"prune={asked!r} needs squared L2 rows (no kernel, or an L2 "
                          f"kernel): the bounds of L2 distances, got {metric!r:.100}")
       prune = None
     dim = _search_dim(metric, dim)
@@ -524,7 +524,7 @@ def coreset(features: Array | sharding.ShardedGallery, size: int, *,
     prune = "pca" if search_dim <= coreset_pca.MAX_DIM else None
   limit = coreset_pca.MAX_DIM if prune == "pca" else _PRUNE_MAX_DIM
   if prune and search_dim > limit:
-    raise ValueError(f"prune={prune!r} selects on rows of at most {limit} values (its "
+    raise ValueError(f"prune={asked!r} selects on rows of at most {limit} values (its "
                      f"rounding margins), got {search_dim}: set projection_dim")
   # The key travels as its raw data (a plain uint32 array, placeable on any mesh).
   key_data, impl = jax.random.key_data(key), str(jax.random.key_impl(key))
