@@ -45,7 +45,9 @@ global index, row), and one all_gather over the mesh axis per step lets every de
 pick the global winner: the largest value, and on ties the lowest shard, whose rows
 have the lowest indices. Per row the arithmetic is the single-device one, so the
 selection is the same. Padding rows start at -inf and are never selected. Pruned, each
-device tests and gathers its own rows against the (all-gathered) selected rows.
+device tests and gathers its own rows against the (all-gathered) selected rows; with
+prune="pca" every device computes the same basis from the covariance of all rows
+(summed over the mesh axis), though any basis would keep the selection exact.
 """
 
 from __future__ import annotations

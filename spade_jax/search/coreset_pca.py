@@ -116,11 +116,13 @@ def open_rows(b: Basis, w: Array, center: Array, mins: Array) -> Array:
      of v - mu moves z by <= u ||V||_2 |v - mu|, the d-term products by <= g (|V|^T
      |v - mu|) entrywise, a vector of norm <= g ||V||_F |v - mu| <= g sqrt(d N2) |v -
      mu|, and the norm of the rest by <= g |z~[r:]| <= g N2 |v - mu| (1 + g); and
-     ||a| - |b|| <= |a - b| moves the norm like the vector. With |v - mu| <= (1 + g)
-     rho~ + 2^-62 (rho~ = fl|v - mu|, flushing), |w~(v) - w(v)| <= error * rho~ +
-     2^-61 for error = 4 g (sqrt(d) + 2) N2 (2x the sum of the terms). So for a row y
-     and the center c, |w~(y) - w~(c) - (w(y) - w(c))| <= E = error (radius + rho~_c)
-     + 2^-60 (radius >= rho~_y, the largest over the rows; 2x covers the rounding of E).
+     ||a| - |b|| <= |a - b| moves the norm like the vector; flushing moves a norm by
+     at most sqrt(e_d) <= 2^-57 and the products by far less. With |v - mu| <= (1 +
+     g) rho~ + 2^-57 (rho~ = fl|v - mu|), |w~(v) - w(v)| <= error rho~ + 2^-55 for
+     error = 4 g (sqrt(d) + 2) N2 (2x the sum of the terms; error <= 2^-6). So for a
+     row y and the center c, |w~(y) - w~(c) - (w(y) - w(c))| <= E = error (radius +
+     rho~_c) + 2^-50 (radius >= rho~_y, the largest over the rows; the margins cover
+     the rounding of E).
   3. With D = |y - c|^2 (exact) and q = |w~(y) - w~(c)| (exact from the float32
      values): sqrt(D) >= |w(y) - w(c)| / ||V||_2 >= (q - E) / sqrt(N2). The bound's
      sum q~ = fl(sum of r + 1 squares of float32 differences) <= (1 + (r + 3) u) q^2
@@ -141,7 +143,7 @@ def open_rows(b: Basis, w: Array, center: Array, mins: Array) -> Array:
   d = center.shape[0]
   wc, rho_c = _project_rows(center[None, :], b.mean, b.vectors)
   sl = _slack(d)
-  e = b.error * (b.radius + rho_c[0]) + np.float32(2.0 ** -60)
+  e = b.error * (b.radius + rho_c[0]) + np.float32(2.0 ** -50)
   # A barrier keeps the row sums a reduction of their own (as in coreset._lower_bounds).
   q = lax.optimization_barrier(jnp.sum(jnp.square(w - wc), axis=1))
   root = jnp.maximum(jnp.sqrt(jnp.minimum(q, _CAP)) * (1 - sl) - e, 0.0)
