@@ -484,5 +484,9 @@ def test_pca_validation():
     spade_jax.coreset(x, 3, metric=poly, prune="pca")
   with pytest.raises(ValueError, match="at most 1024"):
     spade_jax.coreset(np.zeros((4, 1100), np.float32), 2, projection_dim=None, prune="pca")
-  assert len(spade_jax.coreset(x, 3, metric=poly)) == 3  # "auto": no pruning there.
+  # "auto" prunes neither a kernel not searched as L2 nor rows of over 1024 values.
+  rows = np.random.default_rng(2).normal(size=(300, 4)).astype(np.float32)
+  np.testing.assert_array_equal(np.asarray(spade_jax.coreset(rows, 60, metric=poly)),
+                                np.asarray(spade_jax.coreset(rows, 60, metric=poly,
+                                                             prune=False)))
   assert len(spade_jax.coreset(np.zeros((4, 1100), np.float32), 2, projection_dim=None)) == 2

@@ -516,7 +516,7 @@ def coreset(features: Array | sharding.ShardedGallery, size: int, *,
       if prune and not auto:
         raise ValueError(f"prune={asked!r} needs squared L2 rows (no kernel, or an L2 "
                          f"kernel): the bounds of L2 distances, got {metric!r:.100}")
-      prune = None
+      prune, auto = None, False
     dim = _search_dim(metric, dim)
   if projection_dim is not None and projection_dim >= dim:
     projection_dim = None  # Projecting up would not reduce the work.
