@@ -453,7 +453,8 @@ def coreset(features: Array | sharding.ShardedGallery, size: int, *,
       the selection is the plain greedy's, bit for bit ("Coreset pruning" and "Coreset
       pruning by principal components" in BENCHMARKS.md):
       "auto" (default): "pca" on rows searched as squared L2 (no kernel, or an L2
-        kernel) of at most 1024 values (projected, or prepared), else False.
+        kernel) of d <= 1024 values (projected, or prepared) when size >= 4 d (its
+        basis costs about 10-15 steps' time), else False.
       "pca": a lower bound of each row's distance to the new point from 32 values per
         row (its top 31 principal components, from the rows' covariance, and the norm
         of the rest; coreset_pca, with float32 rounding margins): a step reads these
@@ -461,8 +462,9 @@ def coreset(features: Array | sharding.ShardedGallery, size: int, *,
         distance only of the rows whose bound allows a new minimum (at most max(256,
         N / 32) per device, gathered, else every row). After a step with more open
         rows the next 1, 2, 4, .., 64 steps skip the bound. It costs the covariance and
-        its eigenvectors once and 32 float32 per row. 2.5x faster than False on
-        gravel's PatchCore features, 0.98x on N(0, 1) rows, which it cannot prune.
+        its eigenvectors once and 32 float32 per row. 2.6-4.6x faster than False on
+        the built-in benchmark's PatchCore features (textures and objects), 0.96-1.04x
+        on N(0, 1) rows, which it cannot prune.
       True or "triangle": the triangle inequality (_greedy; as in accelerated k-means):
         a row keeps its minimum when the new point is at least twice as far from the
         selected point that gave it (with float32 margins). It costs an int32 per row
@@ -522,8 +524,8 @@ def coreset(features: Array | sharding.ShardedGallery, size: int, *,
     projection_dim = None  # Projecting up would not reduce the work.
   projection_dim = None if projection_dim is None else int(projection_dim)
   search_dim = projection_dim or dim
-  if auto:
-    prune = "pca" if search_dim <= coreset_pca.MAX_DIM else None
+  if auto:  # The basis costs about 10-15 steps: worth it over 4 d steps.
+    prune = "pca" if search_dim <= coreset_pca.MAX_DIM and size >= 4 * search_dim else None
   limit = coreset_pca.MAX_DIM if prune == "pca" else _PRUNE_MAX_DIM
   if prune and search_dim > limit:
     raise ValueError(f"prune={asked!r} selects on rows of at most {limit} values (its "
