@@ -18,6 +18,7 @@ import pytest
 
 import spade_jax
 from spade_jax.search import coreset as coreset_lib
+from spade_jax.search import coreset_pca
 
 MESH_AXIS = "data"
 
@@ -258,7 +259,8 @@ def test_pruned_selection_equals_plain(name):
 
 @pytest.mark.slow  # 8 fake devices, 3 selections each: ~5 s.
 @pytest.mark.parametrize("precision,prune", [("bf16", False), ("float32", True),
-                                             ("bf16", True)])
+                                             ("bf16", True), ("float32", "pca"),
+                                             ("bf16", "pca")])
 @pytest.mark.parametrize("rows,projection_dim", [(2203, None), (517, 8)])
 def test_sharded_options_equal_single_device(rows, projection_dim, precision, prune):
   # 2203 rows: 276 per device, over the 256 rows gathered, so the first steps take the
@@ -335,3 +337,156 @@ def test_prune_validation():
   poly = spade_jax.kernels.from_features("polynomial", np.eye(8, 4, dtype=np.float32))
   with pytest.raises(ValueError, match="prune=True"):
     spade_jax.coreset(x, 3, metric=poly, prune=True)
+
+
+# prune="pca" (the default where it applies): a row's bound from its top 31 principal
+# components and the norm of the rest (coreset_pca.open_rows, float32 margins); open
+# rows get the plain pass's float32 distance, so the selection is the plain greedy's.
+
+
+def _pca_counted(x, size, **kwargs):
+  """(selection, open rows per step: -1 where a step skipped the bound) of prune="pca"."""
+  key = jax.random.key(kwargs.pop("key", 0))
+  out, counts = coreset_lib._coreset_jit(  # pylint: disable=protected-access
+      jnp.asarray(x), jax.random.key_data(key), jnp.int32(kwargs.pop("start", 0)), size=size,
+      impl=str(jax.random.key_impl(key)), prune="pca", with_counts=True, **kwargs)
+  return np.asarray(out), np.asarray(counts)[1:]
+
+
+def _pca_case(name):
+  """(features, size, coreset kwargs, whether the NumPy greedy is the reference)."""
+  rng = np.random.default_rng(11)
+  if name == "low_rank":  # Rank 6 + noise in 48 dims: the 31 components hold it.
+    x = rng.normal(size=(1500, 6)) @ rng.normal(size=(6, 48)) + 0.05 * rng.normal(
+        size=(1500, 48))
+    return x.astype(np.float32), 300, {"start": 3}, True
+  if name == "integer_ties":  # 12 < 32 values: the bound is the whole distance.
+    return rng.integers(-3, 4, (601, 12)).astype(np.float32), 150, {"start": 17}, True
+  if name == "gaussian":  # 40 > 32 values, isotropic: the bound prunes little.
+    return rng.normal(size=(700, 40)).astype(np.float32), 150, {}, True
+  if name == "projected":
+    return (rng.normal(size=(900, 64)).astype(np.float32) + 3.0, 120,
+            {"projection_dim": 40, "key": 5}, False)
+  x = np.repeat(rng.integers(-2, 3, (120, 36)).astype(np.float32), 3, axis=0)
+  return x, 360, {}, True  # "duplicated": all minima 0 after the distinct rows.
+
+
+@pytest.mark.parametrize("name", ["low_rank", "integer_ties"] + [
+    pytest.param(n, marks=_SLOW) for n in ("gaussian", "projected", "duplicated")])
+def test_pca_pruned_selection_equals_plain(name):
+  x, size, kwargs, numpy_reference = _pca_case(name)
+  kwargs = {"projection_dim": None, **kwargs}
+  plain = np.asarray(spade_jax.coreset(x, size, prune=False, **kwargs))
+  pruned, counts = _pca_counted(x, size, **kwargs)
+  np.testing.assert_array_equal(pruned, plain)
+  if numpy_reference:
+    ref, margin = greedy_reference(x, size, kwargs.get("start", 0))
+    assert margin == 0 or margin > 1e-5
+    np.testing.assert_array_equal(pruned, ref)
+  capacity = coreset_lib._capacity(len(x))  # pylint: disable=protected-access
+  assert counts[0] == len(x) - 1 and counts[1] == -1  # Every row open; then a skip.
+  gathered = (counts >= 0) & (counts <= capacity)
+  assert gathered.any() and (counts > capacity).any(), counts  # Both branches.
+  if name == "low_rank":  # The bound closes most rows: mostly gathers.
+    assert gathered.mean() > 0.8 and np.median(counts[counts >= 0]) < 0.05 * len(x)
+
+
+def test_pca_pruned_with_an_l2_kernel():
+  # On the Mahalanobis kernel's whitened rows, prune="auto" (the default: "pca" here)
+  # selects what the plain greedy does. (Sharded: test_sharded_options_equal_single_device.)
+  rng = np.random.default_rng(5)
+  x = (rng.normal(size=(1200, 5)) @ rng.normal(size=(5, 40))
+       + 0.1 * rng.normal(size=(1200, 40))).astype(np.float32)
+  maha = spade_jax.kernels.from_features("mahalanobis", x[:400])
+  np.testing.assert_array_equal(  # 170 >= 4 x 40 steps: "auto" is "pca".
+      np.asarray(spade_jax.coreset(x, 170, metric=maha, projection_dim=None, start=7)),
+      np.asarray(spade_jax.coreset(x, 170, metric=maha, projection_dim=None, start=7,
+                                   prune=False)))
+
+
+def _pca_bound_cases(rng, space, xs, centers, per):
+  """(rows y [centers, per, d], their float32 distances to each center): the centers
+  plus steps inside the top components' span (the bound is then nearly the distance),
+  or in any direction."""
+  vectors = np.asarray(space.vectors, np.float64)
+  d = xs.shape[1]
+  scale = np.sqrt(np.mean(np.sum((xs - xs.mean(0)) ** 2, 1)))
+  steps = rng.normal(size=(len(centers), per, d))
+  inside = rng.uniform(size=(len(centers), per, 1)) < 0.7
+  span = steps[..., :31] @ vectors[:, :31].T
+  steps = np.where(inside, span, steps)
+  steps *= scale * rng.uniform(0.05, 2, (len(centers), per, 1)) / np.linalg.norm(
+      steps, axis=-1, keepdims=True)
+  return (centers[:, None, :] + steps).astype(np.float32)
+
+
+@pytest.mark.parametrize("exponent", [0] + [pytest.param(e, marks=_SLOW) for e in (-12, 12)])
+def test_pca_bound_never_closes_a_row_whose_minimum_drops(exponent):
+  # A closed row must have a float32 distance to the center at least its minimum m, for
+  # the greedy's sum (_distances), NumPy's pairwise sum and a sequential one; minima are
+  # set at the distance times (1 + eps), near-ties on both sides.
+  rng = np.random.default_rng(exponent + 20)
+  d = 48
+  xs = ((rng.normal(size=(400, d)) * np.geomspace(4, 0.05, d)) * 10.0 ** exponent
+        ).astype(np.float32)
+  space = jax.jit(coreset_pca.basis, static_argnums=(1, 2))(jnp.asarray(xs), None, None)
+  centers = xs[rng.choice(400, 12, replace=False)]
+  ys = _pca_bound_cases(rng, space, xs, centers, 400)
+  test, project = jax.jit(coreset_pca.open_rows), jax.jit(coreset_pca.project)
+  dist = jax.jit(lambda y, c: jnp.sum(jnp.square(y - c[None, :]), axis=1))
+  closed_any = tight_rows = 0
+  for c, y in zip(centers, ys):
+    new = np.asarray(dist(jnp.asarray(y), jnp.asarray(c)))
+    eps = np.where(rng.uniform(size=len(y)) < 0.8,
+                   np.sign(rng.normal(size=len(y))) * 10.0 ** rng.uniform(-9, -0.5, len(y)),
+                   0.0)
+    mins = (new * (1 + eps)).astype(np.float32)
+    w = project(space, jnp.asarray(y))
+    closed = ~np.asarray(test(space, w, jnp.asarray(c), jnp.asarray(mins)))
+    diff = y - c
+    for other in (new, np.sum(diff * diff, axis=1, dtype=np.float32),
+                  np.cumsum(diff * diff, axis=1, dtype=np.float32)[:, -1]):
+      assert not np.any(closed & (other < mins))
+    closed_any += closed.sum()
+    # Tight: a row 2% above its bound is closed (steps within the top components).
+    w_c = project(space, jnp.asarray(c)[None, :])
+    bare = np.sum(np.square(np.asarray(w, np.float64) - np.asarray(w_c)), axis=1)
+    loose = (mins <= 0.98 * bare) & (mins > 2.0 ** -90)  # Beyond the floor 2^-100.
+    tight_rows += loose.sum()
+    assert closed[loose].all()
+  assert closed_any > 200 and tight_rows > 100, (closed_any, tight_rows)
+  # -inf (selected, padding) is never open; inf (no minimum yet) always.
+  edge = np.asarray(test(space, w[:2], jnp.asarray(centers[0]),
+                         jnp.array([-np.inf, np.inf], jnp.float32)))
+  np.testing.assert_array_equal(edge, [False, True])
+
+
+def test_pca_bound_margins_matter():
+  # Without the margins (the bare test: bound >= m) rows whose minimum drops would be
+  # closed: near-ties where the float32 bound exceeds the float32 distance.
+  rng = np.random.default_rng(1)
+  d = 20  # < 32: the bound rows hold every component.
+  xs = (rng.normal(size=(300, d)) * 1e3 + 5e3).astype(np.float32)
+  space = jax.jit(coreset_pca.basis, static_argnums=(1, 2))(jnp.asarray(xs), None, None)
+  w = np.asarray(jax.jit(coreset_pca.project)(space, jnp.asarray(xs)), np.float32)
+  dist = np.asarray(jnp.sum(jnp.square(jnp.asarray(xs) - jnp.asarray(xs[0])[None]), axis=1))
+  bare = np.sum(np.square(w - w[0]), axis=1, dtype=np.float32)
+  mins = np.nextafter(dist, np.float32(np.inf))  # Drops to dist: must stay open.
+  assert np.any(bare >= mins)
+  assert np.asarray(jax.jit(coreset_pca.open_rows)(space, jnp.asarray(w), jnp.asarray(xs[0]),
+                                                   jnp.asarray(mins)))[1:].all()
+
+
+def test_pca_validation():
+  x = np.zeros((40, 4), np.float32)
+  poly = spade_jax.kernels.from_features("polynomial", np.eye(8, 4, dtype=np.float32))
+  with pytest.raises(ValueError, match="prune='pca'"):
+    spade_jax.coreset(x, 3, metric=poly, prune="pca")
+  with pytest.raises(ValueError, match="at most 1024"):
+    spade_jax.coreset(np.zeros((4, 1100), np.float32), 2, projection_dim=None, prune="pca")
+  # "auto" prunes neither a kernel not searched as L2 nor rows of over 1024 values.
+  rows = np.random.default_rng(2).normal(size=(300, 4)).astype(np.float32)
+  np.testing.assert_array_equal(np.asarray(spade_jax.coreset(rows, 60, metric=poly)),
+                                np.asarray(spade_jax.coreset(rows, 60, metric=poly,
+                                                             prune=False)))
+  assert len(spade_jax.coreset(np.zeros((4, 1100), np.float32), 2, projection_dim=None)) == 2

@@ -206,7 +206,8 @@ PLATFORMS = (("cuda",), ("tpu",), ("cuda", "tpu"))
 # Observed with JAX 0.10.2: the functions of EXPORTS lower to no custom call at all on
 # cuda and tpu (with Shardy the sharding is carried by sdy ops; lax.top_k is
 # chlo.top_k), so this list is what jax may add, not what the library needs; the one
-# exception is fit_gaussians' QR factorisation, cuSOLVER's geqrf on cuda.
+# exceptions are fit_gaussians' QR factorisation, cuSOLVER's geqrf on cuda, and the
+# coreset's eigenvectors (prune="pca", the default), cuSOLVER's syevd on cuda.
 ACCELERATOR_TARGETS = frozenset({
     "Sharding",
     "SPMDFullToShardShape",
@@ -216,6 +217,7 @@ ACCELERATOR_TARGETS = frozenset({
     "shape_assertion",
     "tpu_custom_call",
     "cusolver_geqrf_ffi",  # QR on cuda (PaDiM's fit_gaussians).
+    "cusolver_syevd_ffi",  # eigh on cuda (coreset_pca.basis).
     "ApproxTopK",
     "Eigh",
     "Qr",

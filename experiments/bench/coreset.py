@@ -15,7 +15,8 @@ and a sharded memory bank against one device (fake CPU devices).
   with the results compared. Fake devices share this machine's cores: the figure is
   the overhead of the sharded program, not a speedup;
 * precision: float32 vs bf16 greedy steps (coreset(precision=...));
-* prune: the plain vs the triangle-inequality-pruned greedy (coreset(prune=...)),
+* prune: the plain greedy vs the pruned ones, by the triangle inequality and by the
+  principal-component bound (coreset(prune=False | "triangle" | "pca")),
   taking turns in one process per source: N(0, 1) rows ("gaussian:N"), or a built-in
   category's PatchCore patch features (efficientnet_lite0 layer2 + layer3 of its
   training images, generated offline, projected to 128 as PatchCore does, a 10%
@@ -148,11 +149,12 @@ def builtin_patch_features(category: str, train_images: int = 60) -> np.ndarray:
 
 def prune_worker(source: str, size: int, dim: int, repeats: int, ratio: float = 0.1,
                  train_images: int = 60) -> dict[str, Any]:
-  """Plain vs pruned greedy (coreset(prune=False | True)) in one process: both compiled
-  ahead of time, one untimed pruned run counting the open rows of every step, then
-  `repeats` timed calls each taking turns. source: "gaussian:N" ([N, dim] N(0, 1) rows,
-  `size` steps, no projection) or a built-in category (its patch features projected to
-  128, a `ratio` coreset, as PatchCore selects it)."""
+  """Plain vs pruned greedy (coreset(prune=False | "triangle" | "pca")) in one process:
+  each compiled ahead of time, one untimed run of each pruned form counting the open
+  rows of every step, then `repeats` timed calls each taking turns. source:
+  "gaussian:N" ([N, dim] N(0, 1) rows, `size` steps, no projection) or a built-in
+  category (its patch features projected to 128, a `ratio` coreset, as PatchCore
+  selects it)."""
   if source.startswith("gaussian:"):
     x, projection_dim = common.random_normal(0, (int(source.split(":")[1]), dim)), None
   else:
@@ -166,9 +168,13 @@ def prune_worker(source: str, size: int, dim: int, repeats: int, ratio: float = 
   projection_dim = projection_dim if projection_dim and projection_dim < x.shape[1] else None
   lower = lambda **kw: coreset_lib._coreset_jit.lower(  # pylint: disable=protected-access
       x, key_data, start, size=size, projection_dim=projection_dim, impl=impl, **kw).compile()
-  compiled = {"plain": lower(prune=False), "pruned": lower(prune=True)}
-  counted, counts = lower(prune=True, with_counts=True)(x, key_data, start)
-  counts = np.asarray(counts)[1:]
+  compiled = {"plain": lower(prune=False), "pruned": lower(prune="triangle"),
+              "pca": lower(prune="pca")}
+  counted, counts = {}, {}
+  for name in ("pruned", "pca"):
+    out, c = lower(prune="triangle" if name == "pruned" else "pca",
+                   with_counts=True)(x, key_data, start)
+    counted[name], counts[name] = np.asarray(out), np.asarray(c)[1:]
   times: dict[str, list[float]] = {name: [] for name in compiled}
   selected = {}
   for _ in range(max(1, repeats)):
@@ -177,16 +183,25 @@ def prune_worker(source: str, size: int, dim: int, repeats: int, ratio: float = 
       selected[name] = np.asarray(jax.block_until_ready(fn(x, key_data, start)))
       times[name].append(time.perf_counter() - t0)
   capacity = coreset_lib._capacity(n)  # pylint: disable=protected-access
-  quarters = np.array_split(counts, 4)
   ms = {name: 1e3 * float(np.median(v)) / max(size - 1, 1) for name, v in times.items()}
+
+  def stats(c):
+    bound = c[c >= 0]  # -1: a pca step that skipped its bound.
+    return {"open_fraction_mean": float(bound.mean()) / n if len(bound) else 0.0,
+            "open_fraction_quarters": [float(q[q >= 0].mean()) / n if (q >= 0).any() else None
+                                       for q in np.array_split(c, 4) if len(q)],
+            "gathered_steps": float(np.mean((c >= 0) & (c <= capacity))),
+            "skipped_steps": float(np.mean(c < 0))}
+
+  same = {name: bool(np.array_equal(selected["plain"], selected[name])
+                     and np.array_equal(selected["plain"], counted[name]))
+          for name in ("pruned", "pca")}
   return {"source": source, "n": n, "dim": int(x.shape[1]), "projection_dim": projection_dim,
           "size": size, "repeats": max(1, repeats), "platform": jax.devices()[0].platform,
           "ms_per_step": ms, "plain_over_pruned": ms["plain"] / ms["pruned"],
-          "same_selection": bool(np.array_equal(selected["plain"], selected["pruned"])
-                                 and np.array_equal(selected["plain"], np.asarray(counted))),
-          "capacity": capacity, "open_fraction_mean": float(counts.mean()) / n,
-          "open_fraction_quarters": [float(q.mean()) / n for q in quarters if len(q)],
-          "gathered_steps": float(np.mean(counts <= capacity))}
+          "plain_over_pca": ms["plain"] / ms["pca"], "same_selection": same["pruned"],
+          "same_selection_pca": same["pca"], "capacity": capacity,
+          **stats(counts["pruned"]), "pca": stats(counts["pca"])}
 
 
 def _scoring_fns(profile: str, grid: int, train_images: int, k_images: int, num_test: int,
@@ -374,29 +389,36 @@ def _precision_lines(points: list[dict[str, Any]]) -> list[str]:
 
 
 def _prune_lines(points: list[dict[str, Any]]) -> list[str]:
-  """The plain vs pruned coreset table (empty when not run)."""
+  """The plain vs pruned (triangle, pca) coreset table (empty when not run)."""
   if not points:
     return []
   f = common.fmt
+  quarters = lambda p: " / ".join("-" if q is None else f"{q:.1%}"
+                                  for q in p["open_fraction_quarters"])
   rows = []
   for p in points:
     if "ms_per_step" not in p:
-      rows.append([p.get("source"), "-", "-", "-", "-", "-", "-", "-", "-", p.get("status")])
+      rows.append([p.get("source")] + ["-"] * 12 + [p.get("status")])
       continue
-    ms = p["ms_per_step"]
+    ms, pca = p["ms_per_step"], p["pca"]
     rows.append([p["source"], f"{p['n']} x {p['dim']}", p["projection_dim"] or "-", p["size"],
-                 f(ms["plain"]), f(ms["pruned"]), f(p["plain_over_pruned"]),
-                 f(p["same_selection"]), f"{p['open_fraction_mean']:.1%}",
-                 " / ".join(f"{q:.1%}" for q in p["open_fraction_quarters"]),
-                 f"{p['gathered_steps']:.1%} (<= {p['capacity']})"])
+                 f(ms["plain"]), f(ms["pruned"]), f(ms["pca"]), f(p["plain_over_pruned"]),
+                 f(p["plain_over_pca"]),
+                 f(p["same_selection"] and p["same_selection_pca"]),
+                 f"{p['open_fraction_mean']:.1%} ({quarters(p)})",
+                 f"{pca['open_fraction_mean']:.2%} ({quarters(pca)})",
+                 f"{p['gathered_steps']:.1%} / {pca['gathered_steps']:.1%} / "
+                 f"{pca['skipped_steps']:.1%} (<= {p['capacity']})"])
   p0 = next((p for p in points if "ms_per_step" in p), {})
-  return [f"Coreset pruning: spade_jax.coreset(..., prune=False | True) in one process per "
-          f"source, both compiled ahead of time, then {p0.get('repeats')} timed calls taking "
-          f"turns (median), on {p0.get('platform')}; open rows: those whose triangle bound "
-          f"allows a new minimum, per step, over the N rows."] + common.table(
+  return [f"Coreset pruning: spade_jax.coreset(..., prune=False | 'triangle' | 'pca') in one "
+          f"process per source, each compiled ahead of time, then {p0.get('repeats')} timed "
+          f"calls taking turns (median), on {p0.get('platform')}; open rows: those whose "
+          f"bound allows a new minimum, per step that tests it, over the N rows (by "
+          f"quarter of the steps)."] + common.table(
               ["source", "N x D", "projected to", "steps", "plain ms / step",
-               "pruned ms / step", "plain / pruned", "same selection", "open rows (mean)",
-               "open rows by quarter of the steps", "steps gathered (open <= capacity)"],
+               "triangle ms / step", "pca ms / step", "plain / triangle", "plain / pca",
+               "same selection", "triangle open rows", "pca open rows",
+               "steps gathered: triangle / pca; pca steps skipping the bound"],
               rows) + [""]
 
 

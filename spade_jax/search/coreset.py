@@ -32,11 +32,12 @@ distance matrix the exact variant of the reference code builds (patchcore-inspec
   kernel such as the polynomial, whose distance is not L2 of any rows it computes)
   selects on its exact kernel-induced distance d_k(x_i, c), without projection.
 
-* Pruning (prune=True, squared L2 search spaces only): a row keeps its minimum
-  without a distance when the triangle inequality proves that the new point cannot
-  lower it (_prune_factors); the selection is the plain greedy's, bit for bit. Off by
-  default: it pays on object images' patches, not on textures or Gaussian rows, where
-  most rows stay open (BENCHMARKS.md).
+* Pruning (squared L2 search spaces only): a row keeps its minimum without a distance
+  when a lower bound of its distance to the new point proves that it cannot drop; the
+  selection is the plain greedy's, bit for bit. prune="pca" (the default, "auto",
+  where it applies) bounds from the rows' top 31 principal components and the norm of
+  the rest (coreset_pca); prune=True (or "triangle") by the triangle inequality from
+  the selected row of each minimum (_prune_factors). BENCHMARKS.md, "Coreset pruning".
 
 On a sharded bank (spade_jax.shard_gallery) the loop runs inside one shard_map: each
 device keeps the minima of its own rows, finds its best candidate (value, lowest
@@ -44,7 +45,9 @@ global index, row), and one all_gather over the mesh axis per step lets every de
 pick the global winner: the largest value, and on ties the lowest shard, whose rows
 have the lowest indices. Per row the arithmetic is the single-device one, so the
 selection is the same. Padding rows start at -inf and are never selected. Pruned, each
-device tests and gathers its own rows against the (all-gathered) selected rows.
+device tests and gathers its own rows against the (all-gathered) selected rows; with
+prune="pca" every device computes the same basis from the covariance of all rows
+(summed over the mesh axis), though any basis would keep the selection exact.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
-from spade_jax.search import neighbors, rows, sharding
+from spade_jax.search import coreset_pca, neighbors, rows, sharding
 from spade_jax.search.kernels import base
 
 Array = jax.Array
@@ -140,13 +143,17 @@ def _prune_open(between: Array, mins: Array, d: int) -> Array:
   return jnp.minimum(between, np.float32(np.finfo(np.float32).max)) < mins * scale + floor
 
 
+_PCA_BACKOFF = 64  # The most steps prune="pca" skips its bound after a step it did not pay.
+
+
 def _capacity(num: int) -> int:
   """Rows a pruned or bf16 step gathers at most (else it reads every row)."""
   return min(num, max(256, num // 32))
 
 
 def _greedy(x: Array, valid: Array | None, start: Array, size: int, first_row: Array,
-            axis: str | None, metric=None, precision: str = "float32", prune: bool = False,
+            axis: str | None, metric=None, precision: str = "float32",
+            prune: bool | str = False,
             with_counts: bool = False) -> Array | tuple[Array, Array]:
   """The selection loop on one device's rows (traced; inside shard_map when `axis`).
 
@@ -173,16 +180,26 @@ def _greedy(x: Array, valid: Array | None, start: Array, size: int, first_row: A
       `precision` pass over every row) get their float32 distance, the same
       _distances expression as the plain pass: the minima and the selection are the
       plain greedy's, bit for bit.
+      prune=True is prune="triangle". prune="pca" (metric None only): the rows' bound
+      rows w [R, 32] (coreset_pca: top principal components and the norm of the rest)
+      are computed once; a step reads them and gets the float32 distance of the rows
+      whose bound allows a new minimum (coreset_pca.open_rows, with float32 margins):
+      gathered when at most _capacity(R), else the `precision` pass over every row.
+      After a step that had too many open rows the next 1, 2, 4, .. _PCA_BACKOFF steps
+      (doubling while it repeats, reset by a step that gathers) skip the bound and take
+      the plain pass, so on rows the bound cannot prune (isotropic) few steps pay it.
     with_counts: also return the open rows of each step (prune only).
 
   Returns:
     [size] int32 global indices in selection order (the same on every device); with
     with_counts, also [size] int32: this device's open rows at each step (entry 0 is
-    0; at step i, those of the update by the (i - 1)-th selected row).
+    0; at step i, those of the update by the (i - 1)-th selected row; -1: a step of
+    prune="pca" that skipped the bound).
   """
   num, dim = x.shape
   iota = lax.iota(jnp.int32, num)
   capacity = _capacity(num)
+  prune = {False: None, True: "triangle"}.get(prune, prune)
 
   def mark_selected(mins, index):
     """mins with the (global) row `index` set to -inf where this device holds it."""
@@ -222,15 +239,42 @@ def _greedy(x: Array, valid: Array | None, start: Array, size: int, first_row: A
     return lax.cond(count <= capacity, lambda m: gathered(m, open_rows, center)[0],
                     lambda m: jnp.minimum(m, _distances(x, center, None)), mins)
 
-  if prune:
-    centers = jnp.zeros((size, dim), jnp.float32).at[0].set(center)
-    assign = jnp.zeros((num,), jnp.int32)  # Every row's minimum comes from centers[0].
+  if prune == "triangle":  # state: (the selected rows [size, d], assign [R]).
+    # Every row's minimum comes from centers[0].
+    state = (jnp.zeros((size, dim), jnp.float32).at[0].set(center),
+             jnp.zeros((num,), jnp.int32))
+  elif prune == "pca":  # state: (steps left that skip the bound, the next skip).
+    space = coreset_pca.basis(x, valid, axis)
+    bound_rows = coreset_pca.project(space, x)
+    state = (jnp.int32(0), jnp.int32(1))
+  else:
+    state = None
 
-  def update(i, mins, assign, centers, center):
-    """(mins, assign, open rows) after taking in center = centers[i - 1]."""
-    if not prune:
-      return update_mins(mins, center), assign, jnp.int32(0)
+  def update_pca(mins, state, center):
+    """(mins, state, open rows or -1) after taking in center (prune="pca")."""
+    def bound(mins, state):
+      open_rows = coreset_pca.open_rows(space, bound_rows, center, mins)
+      count = jnp.sum(open_rows.astype(jnp.int32))
+      few = count <= capacity
+      mins = lax.cond(few, lambda m: gathered(m, open_rows, center)[0],
+                      lambda m: update_mins(m, center), mins)
+      backoff = state[1]
+      return mins, (jnp.where(few, 0, backoff),
+                    jnp.where(few, 1, jnp.minimum(2 * backoff, _PCA_BACKOFF))), count
+
+    def plain(mins, state):
+      return update_mins(mins, center), (state[0] - 1, state[1]), jnp.int32(-1)
+
+    return lax.cond(state[0] > 0, plain, bound, mins, state)
+
+  def update(i, mins, state, center):
+    """(mins, state, open rows) after taking in center, the (i - 1)-th selected row."""
+    if prune is None:
+      return update_mins(mins, center), state, jnp.int32(0)
+    if prune == "pca":
+      return update_pca(mins, state, center)
     k = i - 1
+    centers, assign = state
     # |a - c|^2 for every selected row a (the rows beyond k are zeros, never assigned).
     between = _distances(centers, center, None)
     open_rows = _prune_open(between[assign], mins, dim)
@@ -247,11 +291,11 @@ def _greedy(x: Array, valid: Array | None, start: Array, size: int, first_row: A
       return new, jnp.where(new < mins, k, assign)
 
     mins, assign = lax.cond(count <= capacity, few, every, mins, assign)
-    return mins, assign, count
+    return mins, (centers, assign), count
 
   def step(i, carry):
-    mins, assign, selected, counts, center, centers = carry
-    mins, assign, count = update(i, mins, assign, centers, center)
+    mins, state, selected, counts, center = carry
+    mins, state, count = update(i, mins, state, center)
     best = jnp.max(mins)
     local = jnp.min(jnp.where(mins == best, iota, num))  # Lowest row holding the max.
     local = jnp.minimum(local, num - 1)
@@ -262,15 +306,13 @@ def _greedy(x: Array, valid: Array | None, start: Array, size: int, first_row: A
       centers_all = lax.all_gather(center, axis)
       winner = jnp.argmax(bests)  # First maximum: the lowest shard, so the lowest index.
       index, center = indices[winner], centers_all[winner]
-    if prune:
-      centers = centers.at[i].set(center)
+    if prune == "triangle":
+      state = (state[0].at[i].set(center), state[1])
     if with_counts:
       counts = counts.at[i].set(count)
-    return (mark_selected(mins, index), assign, selected.at[i].set(index), counts, center,
-            centers)
+    return mark_selected(mins, index), state, selected.at[i].set(index), counts, center
 
-  init = (mins, assign if prune else None, selected, counts if with_counts else None,
-          center, centers if prune else None)
+  init = (mins, state, selected, counts if with_counts else None, center)
   out = lax.fori_loop(1, size, step, init)
   return (out[2], out[3]) if with_counts else out[2]
 
@@ -325,7 +367,7 @@ _STATIC = ("size", "projection_dim", "impl", "precision", "prune", "with_counts"
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _coreset_jit(features: Array, key_data: Array, start: Array, metric=None, *, size: int,
                  projection_dim: int | None, impl: str, precision: str = "float32",
-                 prune: bool = False, with_counts: bool = False) -> Array:
+                 prune: bool | str = False, with_counts: bool = False) -> Array:
   x, exact = _search_rows(features, metric)
   projection = _projection(key_data, impl, x.shape[1], projection_dim)
   return _greedy(_project(x, projection), None, start, size, jnp.int32(0), None, exact,
@@ -335,7 +377,8 @@ def _coreset_jit(features: Array, key_data: Array, start: Array, metric=None, *,
 @functools.partial(jax.jit, static_argnames=_STATIC[:5])
 def _sharded_coreset_jit(gallery: sharding.ShardedGallery, key_data: Array, start: Array,
                          metric=None, *, size: int, projection_dim: int | None,
-                         impl: str, precision: str = "float32", prune: bool = False) -> Array:
+                         impl: str, precision: str = "float32",
+                         prune: bool | str = False) -> Array:
   axis, shard_rows = gallery.axis, gallery.shard_rows
   dim = _search_dim(metric, gallery.data.shape[1])
   projection = _projection(key_data, impl, dim, projection_dim)
@@ -386,7 +429,7 @@ def _check_start(start, gallery: sharding.ShardedGallery | None, num_rows: int) 
 
 def coreset(features: Array | sharding.ShardedGallery, size: int, *,
             projection_dim: int | None = 128, start: int = 0, key=None,
-            metric=None, precision: str = "float32", prune: bool = False) -> Array:
+            metric=None, precision: str = "float32", prune: bool | str = "auto") -> Array:
   """PatchCore's greedy coreset: `size` rows of `features` that cover them (k-center).
 
   Args:
@@ -406,16 +449,29 @@ def coreset(features: Array | sharding.ShardedGallery, size: int, *,
       of the rows whose bound from the bfloat16 rows allows a new minimum (_greedy), so
       the selection is the float32 one; it costs a bfloat16 copy of the rows (2 bytes
       per value) besides them. Not with a kernel that is not searched as L2.
-    prune: triangle-inequality pruning (_greedy; as in accelerated k-means): a row
-      keeps its running minimum, without its distance being computed, when the new
-      point is at least twice as far from the selected point that gave that minimum
-      (with float32 rounding margins); only the other rows (at most max(256, N / 32)
-      per device, else every row) get their float32 distance, so the selection is the
-      plain greedy's, bit for bit. It costs an int32 per row and a [size, d] copy of
-      the selected (projected) rows. Off by default: 4.5-6x faster on PatchCore's
-      patch features of object images, but 0.87x on textures and Gaussian rows, where
-      most rows stay open (BENCHMARKS.md, "Coreset pruning"). Composes with
-      precision="bf16"; not with a kernel that is not searched as L2.
+    prune: how a greedy step skips rows whose running minimum cannot drop; whichever,
+      the selection is the plain greedy's, bit for bit ("Coreset pruning" and "Coreset
+      pruning by principal components" in BENCHMARKS.md):
+      "auto" (default): "pca" on rows searched as squared L2 (no kernel, or an L2
+        kernel) of d <= 1024 values (projected, or prepared) when size >= 4 d (its
+        basis costs about 10-15 steps' time), else False.
+      "pca": a lower bound of each row's distance to the new point from 32 values per
+        row (its top 31 principal components, from the rows' covariance, and the norm
+        of the rest; coreset_pca, with float32 rounding margins): a step reads these
+        [N, 32] values, a quarter of 128 projected values, and gets the float32
+        distance only of the rows whose bound allows a new minimum (at most max(256,
+        N / 32) per device, gathered, else every row). After a step with more open
+        rows the next 1, 2, 4, .., 64 steps skip the bound. It costs the covariance and
+        its eigenvectors once and 32 float32 per row. 2.6-4.6x faster than False on
+        the built-in benchmark's PatchCore features (textures and objects), 0.96-1.04x
+        on N(0, 1) rows, which it cannot prune.
+      True or "triangle": the triangle inequality (_greedy; as in accelerated k-means):
+        a row keeps its minimum when the new point is at least twice as far from the
+        selected point that gave it (with float32 margins). It costs an int32 per row
+        and a [size, d] copy of the selected (projected) rows. 4.5-6x faster on object
+        images' patch features, 0.87x on textures and N(0, 1) rows.
+      False: every step computes every row's distance.
+      Each composes with precision="bf16"; none with a kernel not searched as L2.
 
   Returns:
     [size] int32 row indices, distinct, in selection order (indices[0] == start); on
@@ -441,8 +497,12 @@ def coreset(features: Array | sharding.ShardedGallery, size: int, *,
   _check_start(start, sharded, num_rows)
   if precision not in ("float32", "bf16"):
     raise ValueError(f"precision must be 'float32' or 'bf16', got {precision!r}")
-  if not isinstance(prune, (bool, np.bool_)):
-    raise ValueError(f"prune must be True or False, got {prune!r:.100}")
+  if not (isinstance(prune, (bool, np.bool_)) or prune in ("auto", "pca", "triangle")):
+    raise ValueError(f"prune must be 'auto', 'pca', 'triangle', True or False, got "
+                     f"{prune!r:.100}")
+  auto, asked = isinstance(prune, str) and prune == "auto", prune
+  if isinstance(prune, (bool, np.bool_)):
+    prune = "triangle" if prune else None
   key = _as_key(key)
   neighbors.check_finite("features", features if sharded is None else sharded.data)
   if metric is not None:
@@ -455,20 +515,25 @@ def coreset(features: Array | sharding.ShardedGallery, size: int, *,
       if precision == "bf16":
         raise ValueError(f"precision='bf16' needs squared L2 rows (no kernel, or an L2 "
                          f"kernel), got {metric!r:.100}")
-      if prune:
-        raise ValueError(f"prune=True needs squared L2 rows (no kernel, or an L2 kernel): "
-                         f"the triangle inequality, got {metric!r:.100}")
+      if prune and not auto:
+        raise ValueError(f"prune={asked!r} needs squared L2 rows (no kernel, or an L2 "
+                         f"kernel): the bounds of L2 distances, got {metric!r:.100}")
+      prune, auto = None, False
     dim = _search_dim(metric, dim)
   if projection_dim is not None and projection_dim >= dim:
     projection_dim = None  # Projecting up would not reduce the work.
   projection_dim = None if projection_dim is None else int(projection_dim)
-  if prune and (projection_dim or dim) > _PRUNE_MAX_DIM:
-    raise ValueError(f"prune=True selects on rows of at most {_PRUNE_MAX_DIM} values (its "
-                     f"rounding margins), got {projection_dim or dim}: set projection_dim")
+  search_dim = projection_dim or dim
+  if auto:  # The basis costs about 10-15 steps: worth it over 4 d steps.
+    prune = "pca" if search_dim <= coreset_pca.MAX_DIM and size >= 4 * search_dim else None
+  limit = coreset_pca.MAX_DIM if prune == "pca" else _PRUNE_MAX_DIM
+  if prune and search_dim > limit:
+    raise ValueError(f"prune={asked!r} selects on rows of at most {limit} values (its "
+                     f"rounding margins), got {search_dim}: set projection_dim")
   # The key travels as its raw data (a plain uint32 array, placeable on any mesh).
   key_data, impl = jax.random.key_data(key), str(jax.random.key_impl(key))
   static = {"size": int(size), "projection_dim": projection_dim, "impl": impl,
-            "precision": precision, "prune": bool(prune)}
+            "precision": precision, "prune": prune or False}
   if sharded is None:
     return _coreset_jit(features, key_data, jnp.int32(start), metric, **static)
   mesh = sharded.mesh
