@@ -127,10 +127,9 @@ def test_image_score_gradients(mode, search_path):
                                        bandwidth=None if h is None else bandwidth)
     return jnp.sum(scores)
 
-  if h is None:
-    check_grads(lambda t, g, k: f(t, g, k, h), (test, train, kernel), **FD)
-  else:  # The bandwidth's gradient too, checked jointly: one set of programs to compile.
-    check_grads(f, (test, train, kernel, jnp.float32(h)), **FD)
+  check_grads(lambda t, g, k: f(t, g, k, h), (test, train, kernel), **FD)
+  if h is not None:
+    check_grads(lambda b: f(test, train, kernel, b), (jnp.float32(h),), **FD)
 
 
 def _pyramid(seed, n):
