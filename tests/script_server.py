@@ -47,10 +47,13 @@ _lock = threading.Lock()
 
 
 _MAX_SERVERS = 4  # Per test process; the least recently used one is stopped beyond.
+# Not part of a server's key: pytest sets it to the current test's id in os.environ, so
+# with it each test would start servers of its own (no script reads it).
+_PER_TEST_VARIABLES = ("PYTEST_CURRENT_TEST",)
 
 
 def _server(script: str, env: dict[str, str]) -> subprocess.Popen:
-  key = (script, tuple(sorted(env.items())))
+  key = (script, tuple(sorted((k, v) for k, v in env.items() if k not in _PER_TEST_VARIABLES)))
   proc = _servers.pop(key, None)  # Re-inserted below: the dict's order is recency.
   if proc is None or proc.poll() is not None:
     while len(_servers) >= _MAX_SERVERS:

@@ -29,14 +29,17 @@ def test_fit_recovers_the_covariance_of_gaussian_data():
   # Likelihood cross-validation of a full learnable metric |(x - y) P| on Gaussian data:
   # the kernel covariance (P P^T)^-1 it finds is proportional to the data's covariance
   # (the normal-reference bandwidth matrix), up to the estimate's sampling error.
+  # 256 rows, 75 steps: the error below is 0.04-0.08 over seeds 0-2 (400 rows and 150
+  # steps gave 0.05-0.19), well inside the bound; the sample covariance's own error is
+  # 0.02-0.04 at this size.
   rng = np.random.default_rng(0)
   mix = np.array([[2.0, 0, 0], [0.8, 1.0, 0], [0.3, -0.4, 0.5]])
   sigma = mix @ mix.T
-  x = (rng.standard_normal((400, 3)) @ mix.T).astype(np.float32)
-  objective = kernels.LooLogLikelihood(k=None, batch_size=400)  # Exact, every row.
+  x = (rng.standard_normal((256, 3)) @ mix.T).astype(np.float32)
+  objective = kernels.LooLogLikelihood(k=None, batch_size=256)  # Exact, every row.
   fitted, losses = kernels.fit(kernels.linear(np.eye(3)), x, objective=objective,
-                               optimizer=optax.adam(optax.cosine_decay_schedule(0.1, 150)),
-                               steps=150)
+                               optimizer=optax.adam(optax.cosine_decay_schedule(0.1, 75)),
+                               steps=75)
   p = np.asarray(fitted.projection, np.float64)
   cov = np.linalg.inv(p @ p.T)
   error = np.linalg.norm(_normalised(cov) - _normalised(sigma)) / np.linalg.norm(
